@@ -1,0 +1,2 @@
+"""dmlcore: train models on data partitioned across a Dask cluster."""
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""Computation on one partition, run where the partition lives.
+
+These are pure functions of (model, parameters, local rows): they never mutate
+their inputs, so a Dask task or an executor on a worker can call them on the
+worker's own copy of the data. Every quantity returned is a SUM over rows,
+with the row count beside it, so any tree of additions combines them exactly.
+
+Mini-batches are contiguous row slices (a partition's rows are already
+shuffled by ``dml.partition``), so selecting one copies nothing; the ORDER of
+the slices is reshuffled every epoch from ``(seed, epoch, partition)``, which
+makes a run reproducible and resumable from the step number alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def n_batches(n_rows: int, batch_size: int | None) -> int:
+    """Number of mini-batches that cover ``n_rows`` once (1 for full batch)."""
+    if batch_size is None or batch_size >= n_rows:
+        return 1
+    return -(-n_rows // batch_size)
+
+
+def batch_slice(n_rows, batch_size, step, seed, partition):
+    """Rows of ``partition`` used at global ``step``: a slice of length <= batch_size.
+
+    Epoch ``e`` of this partition visits its ``n_batches`` slices in the order
+    ``permutation(seed, e, partition)``; ``step`` counts this partition's batches.
+    """
+    nb = n_batches(n_rows, batch_size)
+    if nb == 1:
+        return slice(0, n_rows)
+    epoch, j = divmod(int(step), nb)
+    order = np.random.default_rng((int(seed), epoch, int(partition))).permutation(nb)
+    start = int(order[j]) * batch_size
+    return slice(start, min(start + batch_size, n_rows))
+
+
+def trainable_index(model, trainable):
+    """Flat indices of the trainable entries, or None when every layer trains."""
+    if trainable is None:
+        return None
+    return np.flatnonzero(model.trainable_mask(trainable))
+
+
+def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=None):
+    """(loss sum, gradient sum over the trainable entries, row count) on ``X[rows]``.
+
+    ``trainable``: layer names (None = all); ``idx``: their flat indices
+    (``trainable_index``), passed by callers that cache it.
+    """
+    Xb, yb = X[rows], y[rows]
+    grad = np.empty_like(params)
+    loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable)
+    if trainable is not None:
+        grad = grad[trainable_index(model, trainable) if idx is None else idx]
+    return float(loss), grad, int(Xb.shape[0])
+
+
+def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, partition,
+              first_step=0, trainable=None, idx=None, proximal_mu=0.0):
+    """Run ``n_steps`` optimizer steps on local mini-batches, starting from ``params``.
+
+    Returns ``(new trainable values, loss sum, rows seen)``. The optimizer state
+    starts fresh (``optimizer.init``) at step ``first_step`` so schedules go on.
+    With ``proximal_mu`` (FedProx) each step's mean gradient gains
+    ``mu * (w - w_start)`` on the trainable entries.
+    """
+    if trainable is not None and idx is None:
+        idx = trainable_index(model, trainable)
+    params = params.copy()
+    values = params if trainable is None else params[idx]
+    anchor = values.copy() if proximal_mu else None
+    state = optimizer.init(values)._replace(step=int(first_step))
+    loss_total, rows_total = 0.0, 0
+    for k in range(n_steps):
+        rows = batch_slice(X.shape[0], batch_size, first_step + k, seed, partition)
+        if trainable is not None:
+            params[idx] = values
+        loss, grad, n = loss_grad_sum(model, params, X, y, rows, trainable, idx)
+        grad /= n
+        if proximal_mu:
+            grad += proximal_mu * (values - anchor)
+        state = optimizer.update(grad, state, values)
+        loss_total += loss
+        rows_total += n
+    return values, loss_total, rows_total

@@ -1,0 +1,244 @@
+"""Optimizers on one flat parameter vector, as (init, update) pairs.
+
+``state = opt.init(params, decay_mask=None)`` builds a small named tuple;
+``state = opt.update(grad, state, params)`` applies one step IN PLACE to
+``params`` (and to the state's arrays) with the compiled kernels of
+``dmlcore._ext.optim`` and returns the new state (its ``step`` advanced).
+``grad`` is the MEAN gradient of the loss (the driver divides the tree-summed
+gradient once by the row count).
+
+``decay_mask`` (bool, shape (n_params,)) marks the entries that weight decay
+(L2) applies to: weights of trainable layers, never intercepts.
+
+Learning rates may follow a schedule: ``lr * schedule(step)`` where a schedule
+is any callable ``step -> factor``; the classes below are picklable and carry
+their horizon (``total_steps``), which ``dml.fit`` fills in when left None.
+
+``LBFGS`` is not an (init, update) optimizer: it is a full-batch solver that
+drives a ``(loss, grad)`` function (one tree-reduced evaluation per call).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from ._ext import optim as _kernels
+
+
+# ---- learning-rate schedules ------------------------------------------------
+class Constant:
+    """Factor 1 at every step."""
+
+    total_steps = None
+
+    def __call__(self, step):
+        return 1.0
+
+
+class StepDecay:
+    """Factor ``gamma ** (step // every)``."""
+
+    total_steps = None
+
+    def __init__(self, every, gamma=0.1):
+        if every <= 0:
+            raise ValueError(f"StepDecay: every must be positive, got {every}")
+        self.every, self.gamma = int(every), float(gamma)
+
+    def __call__(self, step):
+        return self.gamma ** (step // self.every)
+
+
+class Cosine:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final`` at ``total_steps``."""
+
+    def __init__(self, total_steps=None, warmup=0, final=0.0):
+        self.total_steps, self.warmup, self.final = total_steps, int(warmup), float(final)
+
+    def __call__(self, step):
+        if self.total_steps is None:
+            raise ValueError("Cosine schedule: total_steps is not set")
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(self.total_steps - self.warmup, 1)
+        t = min((step - self.warmup) / span, 1.0)
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+SCHEDULES = {"constant": Constant, "step": StepDecay, "cosine": Cosine}
+
+
+def make_schedule(schedule):
+    """None, a callable, a name, or ``{"kind": name, **kwargs}`` -> a schedule callable."""
+    if schedule is None:
+        return Constant()
+    if callable(schedule):
+        return schedule
+    if isinstance(schedule, str):
+        schedule = {"kind": schedule}
+    if isinstance(schedule, dict):
+        kwargs = dict(schedule)
+        kind = kwargs.pop("kind", None)
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule kind {kind!r} is not one of {', '.join(SCHEDULES)}")
+        return SCHEDULES[kind](**kwargs)
+    raise ValueError(f"schedule: expected a name, a dict or a callable, got {schedule!r}")
+
+
+def _mask_bytes(decay_mask, n):
+    if decay_mask is None:
+        return None
+    mask = np.ascontiguousarray(decay_mask, dtype=np.uint8)
+    if mask.shape != (n,):
+        raise ValueError(f"decay_mask: expected shape ({n},), got {mask.shape}")
+    return mask
+
+
+class _Optimizer:
+    """Shared plumbing: the schedule and the learning rate at a step."""
+
+    def __init__(self, lr, schedule):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.lr = float(lr)
+        self.schedule = make_schedule(schedule)
+
+    def set_horizon(self, total_steps):
+        """Give a schedule without a horizon its total number of steps."""
+        if getattr(self.schedule, "total_steps", 0) is None and hasattr(self.schedule, "warmup"):
+            self.schedule.total_steps = int(total_steps)
+
+    def lr_at(self, step):
+        return self.lr * self.schedule(step)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "schedule")
+        return f"{type(self).__name__}({args})"
+
+
+# ---- SGD ---------------------------------------------------------------------
+class SGDState(NamedTuple):
+    step: int
+    velocity: np.ndarray        # (n_params,), empty when momentum == 0
+    decay_mask: np.ndarray | None
+
+
+class SGD(_Optimizer):
+    """SGD with optional (Nesterov) momentum and L2 weight decay (PyTorch semantics)."""
+
+    def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, schedule=None):
+        super().__init__(lr, schedule)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.weight_decay = float(weight_decay)
+
+    def init(self, params, decay_mask=None):
+        n = params.shape[0]
+        velocity = np.zeros(n if self.momentum else 0, dtype=params.dtype)
+        return SGDState(0, velocity, _mask_bytes(decay_mask, n))
+
+    def update(self, grad, state, params):
+        _kernels.sgd_update(params, grad, state.velocity, self.lr_at(state.step),
+                            self.momentum, self.nesterov, self.weight_decay, state.decay_mask)
+        return state._replace(step=state.step + 1)
+
+
+# ---- Adam --------------------------------------------------------------------
+class AdamState(NamedTuple):
+    step: int
+    m: np.ndarray
+    v: np.ndarray
+    decay_mask: np.ndarray | None
+
+
+class Adam(_Optimizer):
+    """Adam (Kingma & Ba) with bias correction; AdamW when ``decoupled=True``."""
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 decoupled=False, schedule=None):
+        super().__init__(lr, schedule)
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {beta}")
+        if eps <= 0 or weight_decay < 0:
+            raise ValueError("eps must be > 0 and weight_decay >= 0")
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.weight_decay, self.decoupled = float(weight_decay), bool(decoupled)
+
+    def init(self, params, decay_mask=None):
+        n = params.shape[0]
+        return AdamState(0, np.zeros(n, params.dtype), np.zeros(n, params.dtype),
+                         _mask_bytes(decay_mask, n))
+
+    def update(self, grad, state, params):
+        step = state.step + 1
+        _kernels.adam_update(params, grad, state.m, state.v, self.lr_at(state.step),
+                             self.beta1, self.beta2, self.eps, step, self.weight_decay,
+                             state.decay_mask, self.decoupled)
+        return state._replace(step=step)
+
+
+# ---- L-BFGS --------------------------------------------------------------------
+class LBFGS:
+    """Full-batch L-BFGS (scipy's L-BFGS-B) over a tree-reduced ``(loss, grad)``.
+
+    Every function evaluation, line-search trials included, is ONE call of the
+    ``(loss, grad)`` function, hence one scheduler round trip. The objective is
+    ``mean loss + weight_decay / 2 * ||params[decay_mask]||^2``.
+    ``max_iter`` counts L-BFGS iterations (one history step each); ``tol`` is
+    the projected-gradient tolerance (scikit-learn's meaning for lbfgs).
+    """
+
+    def __init__(self, max_iter=100, tol=1e-6, history=10, weight_decay=0.0, ftol=None):
+        if max_iter < 1 or history < 1 or tol < 0 or weight_decay < 0:
+            raise ValueError("LBFGS: need max_iter >= 1, history >= 1, tol >= 0, weight_decay >= 0")
+        self.max_iter, self.tol, self.history = int(max_iter), float(tol), int(history)
+        self.weight_decay = float(weight_decay)
+        self.ftol = 64 * np.finfo(float).eps if ftol is None else float(ftol)
+
+    def minimize(self, loss_grad, x0, decay_mask=None, callback=None):
+        """Minimise; ``loss_grad(x) -> (mean loss, mean grad)``; returns scipy's result.
+
+        ``callback(x, loss)`` is called after each iteration with the data loss.
+        """
+        from scipy.optimize import minimize
+
+        dtype = x0.dtype
+        mask = np.ones(x0.shape[0], bool) if decay_mask is None else np.asarray(decay_mask, bool)
+        lam = self.weight_decay
+        last = {}
+
+        def objective(x):
+            x_typed = x.astype(dtype, copy=False)
+            loss, grad = loss_grad(x_typed)
+            grad = grad.astype(np.float64)
+            last["loss"] = loss
+            if lam:
+                w = x * mask
+                loss = loss + 0.5 * lam * float(w @ w)
+                grad += lam * w
+            return float(loss), grad
+
+        def on_iteration(intermediate_result):
+            if callback is not None:
+                callback(intermediate_result.x.astype(dtype), last.get("loss"))
+
+        return minimize(objective, x0.astype(np.float64), jac=True, method="L-BFGS-B",
+                        callback=on_iteration,
+                        options={"maxiter": self.max_iter, "gtol": self.tol,
+                                 "ftol": self.ftol, "maxcor": self.history,
+                                 "maxfun": 20 * self.max_iter})
+
+    def __repr__(self):
+        return (f"LBFGS(max_iter={self.max_iter}, tol={self.tol}, history={self.history}, "
+                f"weight_decay={self.weight_decay})")
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "lbfgs": LBFGS}

@@ -1,0 +1,737 @@
+"""Balanced row partitions of a data set, persisted where they will be used.
+
+Design
+------
+``partition(X, y, ...)`` turns a source (numpy, memory-mapped ``.npy``, dask,
+xarray, zarr, netCDF) into a ``PartitionedData``: dask arrays ``X`` and ``y``
+with ONE row chunk per partition, each chunk held in memory on one worker.
+
+1. *Normalise.* X must be 2-D and y 1-D of the same length. X keeps float32
+   or float64, anything else becomes float64; integer/bool y become int64
+   class labels, float y take X's dtype (regression).
+2. *Plan.* A plan is one array of source row numbers per partition (kept as
+   ``source_rows``). It is computed on the client from the labels only
+   (8 bytes a row, the size of the plan itself): ``iid`` shuffles and cuts
+   into near-equal parts; ``shards`` sorts by label (ties in seeded random
+   order), cuts ``n_partitions * shards_per_partition`` shards and deals them;
+   ``dirichlet`` splits each class over the partitions with Dir(alpha)
+   proportions. Rows inside a non-iid partition are shuffled (seeded) so that
+   local mini-batches are not label-sorted.
+3. *Place.* Partition p goes to worker ``placement[p]``: longest-processing-
+   time greedy over the partitions' bytes (sorted workers, ties to the lowest
+   index), which is ``p mod W`` for equal-sized partitions and keeps the
+   bytes per worker balanced for unequal ones (dirichlet).
+4. *Materialise, validating in the same pass.*
+   - numpy source: each part is gathered on the client (one pass over the
+     rows: dtype conversion + NaN/inf check) and scattered straight to its
+     worker under the array's own key ``(name, p, 0)``.
+   - dask source: the source is persisted on the cluster; each source chunk
+     is split by one task into per-partition pieces (gather + conversion +
+     NaN/inf check), one small task per (chunk, partition) selects a piece, and
+     one assembly task per partition, pinned to its worker with
+     ``allow_other_workers=False``, writes the pieces into place. X never
+     travels through the client; unknown chunk sizes (after boolean
+     filtering) are measured on the workers. y (labels) is brought to the
+     client, where the plan needs it, and its parts are scattered.
+   - no client: the same gathers in this process; ``persist=False`` builds
+     the same computation lazily (validation happens when it is computed).
+   ``partition`` waits for the partitions, so a bad value raises here.
+
+The training strategies call ``partition_futures()`` and submit one task per
+partition with ``workers=[data.workers()[p]]``: each task receives that
+partition's numpy arrays without any transfer.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["partition", "PartitionedData", "SCHEMES", "make_plan"]
+
+SCHEMES = ("iid", "shards", "dirichlet")
+_DIRICHLET_TRIES = 100
+
+
+# --------------------------------------------------------------------------
+# Input normalisation
+# --------------------------------------------------------------------------
+def _is_dask(a) -> bool:
+    import dask.array as da
+    return isinstance(a, da.Array)
+
+
+def _source_arrays(X, y, x_name, y_name_default="y"):
+    """Return (X, y) as numpy or dask arrays (y may be None)."""
+    import xarray as xr
+    from .datasets import load_arrays
+
+    y_name = y if isinstance(y, str) else y_name_default
+    if isinstance(X, (str, os.PathLike)):
+        labels = y if isinstance(y, (str, os.PathLike)) else None
+        X, loaded_y = load_arrays(X, labels=labels, x=x_name, y=y_name)
+        y = loaded_y if (y is None or isinstance(y, (str, os.PathLike))) else y
+    elif isinstance(X, xr.Dataset):
+        if x_name not in X.data_vars:
+            raise ValueError(f"the Dataset has no variable {x_name!r} (pass x=...); "
+                             f"it holds {list(X.data_vars)}")
+        if isinstance(y, str) or y is None:
+            if y_name in X.data_vars:
+                y = X[y_name].data
+            elif isinstance(y, str):
+                raise ValueError(f"the Dataset has no variable {y!r}; it holds "
+                                 f"{list(X.data_vars)}")
+        X = X[x_name].data
+    elif isinstance(y, (str, os.PathLike)):
+        from .datasets import _open_container
+        kind, obj = _open_container(Path(y))
+        if kind != "array":
+            raise ValueError(f"labels file {y} holds several variables; load it with "
+                             f"dmlcore.datasets.load_arrays")
+        y = obj
+    if isinstance(X, xr.DataArray):
+        X = X.data
+    if isinstance(y, xr.DataArray):
+        y = y.data
+    if not _is_dask(X):
+        try:
+            import zarr
+            if isinstance(X, zarr.Array):
+                import dask.array as da
+                X = da.from_zarr(X)
+        except ImportError:  # pragma: no cover - zarr is a dependency
+            pass
+    if not _is_dask(X) and not isinstance(X, np.ndarray):
+        X = np.asarray(X)
+    if y is not None and not _is_dask(y) and not isinstance(y, np.ndarray):
+        y = np.asarray(y)
+    return X, y
+
+
+def _x_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return dtype if dtype in (np.dtype(np.float32), np.dtype(np.float64)) else np.dtype(np.float64)
+
+
+def _prepare_labels(y: np.ndarray, x_dtype: np.dtype, n: int, check_finite: bool):
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D, got shape {y.shape}")
+    if y.shape[0] != n:
+        raise ValueError(f"X has {n} rows but y has {y.shape[0]}")
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64, copy=False), True
+    if y.dtype.kind != "f":
+        raise ValueError(f"y must hold numbers (integer class labels or float targets), "
+                         f"got dtype {y.dtype}")
+    y = y.astype(x_dtype, copy=False)
+    if check_finite:
+        problem = _finite_problem(y)
+        if problem:
+            raise _bad_values("y", problem, problem[1])
+    return y, False
+
+
+def _finite_problem(a: np.ndarray):
+    """None if every value is finite, else (description, first bad row)."""
+    if a.dtype.kind not in "fc" or a.size == 0:
+        return None
+    ok = np.isfinite(a)
+    if ok.all():
+        return None
+    bad = ~ok if a.ndim == 1 else ~ok.all(axis=1)
+    n_nan = int(np.isnan(a).sum())
+    n_inf = int((~ok).sum()) - n_nan
+    parts = ([f"{n_nan} NaN"] if n_nan else []) + ([f"{n_inf} infinite"] if n_inf else [])
+    return " and ".join(parts) + " value(s)", int(np.flatnonzero(bad)[0])
+
+
+# --------------------------------------------------------------------------
+# Plans: which source rows go to which partition
+# --------------------------------------------------------------------------
+def _plan_iid(n, P, rng):
+    return np.array_split(rng.permutation(n), P)
+
+
+def _plan_shards(labels, P, S, rng):
+    n = labels.shape[0]
+    n_shards = P * S
+    if n < n_shards:
+        raise ValueError(f"cannot cut {n} rows into {n_shards} shards "
+                         f"({P} partitions x {S} shards_per_partition)")
+    shuffled = rng.permutation(n)                      # ties in random order ...
+    order = shuffled[np.argsort(labels[shuffled], kind="stable")]   # ... then a stable sort
+    shards = np.array_split(order, n_shards)            # sizes differ by at most one row
+    deal = rng.permutation(n_shards)
+    return [rng.permutation(np.concatenate([shards[s] for s in deal[p * S:(p + 1) * S]]))
+            for p in range(P)]
+
+
+def _plan_dirichlet(labels, P, alpha, rng):
+    """Per class, Dir(alpha) proportions over partitions.
+
+    Empty partitions: the draw is repeated (the same seeded stream, so the
+    result is deterministic) up to ``_DIRICHLET_TRIES`` times until every
+    partition holds at least one row, as in the NIID-Bench reference code;
+    if that still fails (tiny alpha, many partitions), each empty partition
+    takes one random row from the currently largest partition, which
+    guarantees a minimum of one row.
+    """
+    n = labels.shape[0]
+    if n < P:
+        raise ValueError(f"cannot cut {n} rows into {P} non-empty partitions")
+    classes = np.unique(labels)
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    for _ in range(_DIRICHLET_TRIES):
+        parts = [[] for _ in range(P)]
+        for rows in members:
+            props = rng.dirichlet(np.full(P, float(alpha)))
+            cuts = (np.cumsum(props)[:-1] * len(rows)).astype(np.int64)
+            for p, piece in enumerate(np.split(rows, cuts)):
+                parts[p].append(piece)
+        parts = [np.concatenate(pp) for pp in parts]
+        if min(len(p) for p in parts) > 0:
+            break
+    else:
+        for p in range(P):
+            if len(parts[p]) == 0:
+                big = int(np.argmax([len(q) for q in parts]))
+                k = int(rng.integers(len(parts[big])))
+                parts[p] = parts[big][k:k + 1]
+                parts[big] = np.delete(parts[big], k)
+    return [rng.permutation(p) for p in parts]
+
+
+def make_plan(n, labels, n_partitions, scheme="iid", seed=0, *, shards_per_partition=2,
+              alpha=0.5):
+    """Source row numbers of each partition: a list of ``n_partitions`` int64 arrays."""
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        if n < n_partitions:
+            raise ValueError(f"cannot cut {n} rows into {n_partitions} partitions")
+        return _plan_iid(n, n_partitions, rng)
+    if labels is None:
+        raise ValueError(f"scheme {scheme!r} needs labels y")
+    if scheme == "shards":
+        if int(shards_per_partition) < 1:
+            raise ValueError(f"shards_per_partition must be >= 1, got {shards_per_partition}")
+        return _plan_shards(labels, n_partitions, int(shards_per_partition), rng)
+    if scheme == "dirichlet":
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        return _plan_dirichlet(labels, n_partitions, alpha, rng)
+    raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def _placement(nbytes, n_workers):
+    """Worker index per partition: greedy largest-first onto the least-loaded worker."""
+    load = np.zeros(n_workers)
+    out = np.empty(len(nbytes), dtype=np.int64)
+    for p in sorted(range(len(nbytes)), key=lambda i: (-nbytes[i], i)):
+        w = int(np.argmin(load))
+        out[p] = w
+        load[w] += nbytes[p]
+    return out
+
+
+# --------------------------------------------------------------------------
+# Task functions (run on the workers; they never mutate their inputs)
+# --------------------------------------------------------------------------
+def _bad_values(what, problem, row):
+    return ValueError(f"{what} contains {problem[0]} (first at source row {row}); remove or "
+                      f"impute them before partitioning, or pass check_finite=False")
+
+
+def _take_rows(X, rows, dtype, check_finite):
+    """Rows ``rows`` of X in ``dtype`` (one pass: gather, convert, NaN/inf check)."""
+    part = np.take(X, rows, axis=0).astype(dtype, copy=False)
+    if check_finite:
+        problem = _finite_problem(part)
+        if problem:
+            raise _bad_values("X", problem, int(rows[problem[1]]))
+    return part
+
+
+def _split_chunk(chunk, plan, dtype, check_finite, offset):
+    """Split one source chunk (rows ``offset...``) into per-partition ``(rows, positions)``."""
+    order, counts, positions = plan
+    if chunk.ndim != 2:
+        raise ValueError(f"X must be 2-D, got a chunk of shape {chunk.shape}")
+    rows = np.take(chunk, order, axis=0).astype(dtype, copy=False)
+    if check_finite:
+        problem = _finite_problem(rows)
+        if problem:
+            raise _bad_values("X", problem, offset + int(order[problem[1]]))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [(rows[bounds[p]:bounds[p + 1]], positions[bounds[p]:bounds[p + 1]])
+            for p in range(len(counts))]
+
+
+def _block_rows(block):
+    return np.array([len(block)])
+
+
+def _piece(pieces, p):
+    return pieces[p]
+
+
+def _assemble(n_rows, n_features, dtype, pieces):
+    out = np.empty((n_rows, n_features), dtype=dtype)
+    filled = 0
+    for rows, positions in pieces:
+        out[positions] = rows
+        filled += len(positions)
+    if filled != n_rows:  # a plan that does not cover the partition is a bug
+        raise RuntimeError(f"partition assembly got {filled} rows, expected {n_rows}")
+    return out
+
+
+def _chunk_plans(plan, lengths):
+    """Per source chunk: (order, counts per partition, positions in the partition)."""
+    n = int(sum(lengths))
+    P = len(plan)
+    dest = np.empty(n, dtype=np.int64)
+    pos = np.empty(n, dtype=np.int64)
+    for p, rows in enumerate(plan):
+        dest[rows] = p
+        pos[rows] = np.arange(len(rows))
+    out, lo = [], 0
+    for length in lengths:
+        d, q = dest[lo:lo + length], pos[lo:lo + length]
+        order = np.lexsort((q, d))
+        out.append((order, np.bincount(d, minlength=P), q[order]))
+        lo += length
+    return out
+
+
+# --------------------------------------------------------------------------
+# Building the dask arrays
+# --------------------------------------------------------------------------
+def _array_from_blocks(blocks, name, chunks, dtype, ndim):
+    """A dask array whose chunk p is ``blocks[p]`` (futures under the array's keys, or numpy)."""
+    import dask.array as da
+    keys = [(name, p, 0) if ndim == 2 else (name, p) for p in range(len(blocks))]
+    meta = np.empty((0,) * ndim, dtype=dtype)
+    return da.Array(dict(zip(keys, blocks)), name, chunks, meta=meta)
+
+
+def _scatter_parts(client, parts_iter, name, ndim, workers):
+    """Scatter parts (a generator, consumed one at a time) to their workers under array keys."""
+    futures = []
+    for p, part in enumerate(parts_iter):
+        key = (name, p, 0) if ndim == 2 else (name, p)
+        futures.append(client.scatter({key: part}, workers=[workers[p]])[key])
+    return futures
+
+
+def _raise_first_error(futures):
+    from distributed import wait
+    wait(futures)
+    for f in futures:
+        if f.status == "error":
+            f.result()  # re-raises the task's exception (a ValueError for bad data)
+
+
+def _list_workers(client):
+    workers = sorted(client.nthreads())
+    if not workers:
+        raise RuntimeError("the Dask cluster has no workers")
+    return workers
+
+
+def _default_client():
+    try:
+        from distributed import default_client
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------
+# PartitionedData
+# --------------------------------------------------------------------------
+class PartitionedData:
+    """Row partitions of (X, y) as dask arrays with one chunk per partition.
+
+    Attributes: ``X`` (n_rows, n_features) and ``y`` (n_rows,) dask arrays
+    (y is None without labels), ``n_partitions``, ``n_rows``, ``n_features``,
+    ``partition_sizes`` (int64 array), ``dtype`` (X's), ``classes`` (sorted
+    labels, None for regression), ``n_classes``, ``nbytes``, ``scheme``,
+    ``seed``, ``source_rows`` (the source row number of every row, one int64
+    array per partition), ``client`` (None if the data live in this process).
+    """
+
+    def __init__(self, X, y, *, source_rows, scheme, seed, classes, class_count,
+                 client=None, placement=None, x_futures=None, y_futures=None,
+                 params=None, persisted=True):
+        self.X = X
+        self.y = y
+        self.source_rows = source_rows
+        self.scheme = scheme
+        self.seed = seed
+        self.classes = classes
+        self._class_count = class_count
+        self.client = client
+        self._placement = placement          # worker address per partition (planned)
+        self._x_futures = x_futures
+        self._y_futures = y_futures
+        self.params = dict(params or {})
+        self.persisted = persisted
+        self.partition_sizes = np.array([len(r) for r in source_rows], dtype=np.int64)
+
+    # ---- shape -----------------------------------------------------------
+    @property
+    def n_partitions(self) -> int:
+        return len(self.partition_sizes)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.partition_sizes.sum())
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.X.dtype)
+
+    @property
+    def n_classes(self):
+        return None if self.classes is None else len(self.classes)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.classes is not None
+
+    def _partition_nbytes(self):
+        row = self.n_features * self.dtype.itemsize
+        if self.y is not None:
+            row += np.dtype(self.y.dtype).itemsize
+        return self.partition_sizes * row
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._partition_nbytes().sum())
+
+    # ---- blocks ----------------------------------------------------------
+    def x_blocks(self):
+        """One single-chunk dask array per partition."""
+        return [self.X.blocks[p] for p in range(self.n_partitions)]
+
+    def y_blocks(self):
+        if self.y is None:
+            return [None] * self.n_partitions
+        return [self.y.blocks[p] for p in range(self.n_partitions)]
+
+    def partition_futures(self):
+        """``[(X future, y future or None), ...]``, one pair per partition.
+
+        Pass them to ``client.submit(fn, xf, yf, workers=[data.workers()[p]])``:
+        the task receives the partition's numpy arrays where they already live.
+        """
+        if self._x_futures is None:
+            raise RuntimeError(
+                "these partitions are not held on a Dask cluster (made without a client "
+                "or with persist=False); call data.placed(client) first")
+        ys = self._y_futures if self._y_futures is not None else [None] * self.n_partitions
+        return list(zip(self._x_futures, ys))
+
+    def workers(self):
+        """Address of the worker holding each partition (None for in-process data)."""
+        if self._x_futures is None:
+            return [None] * self.n_partitions
+        who = self.client.who_has(self._x_futures)
+        out = []
+        for p, f in enumerate(self._x_futures):
+            holders = list(who.get(f.key, ()))
+            planned = self._placement[p]
+            out.append(planned if (planned in holders or not holders) else sorted(holders)[0])
+        return out
+
+    def placed(self, client):
+        """These partitions held on ``client``'s workers (``self`` if they already are)."""
+        if client is None or (self._x_futures is not None and self.client is client):
+            return self
+        workers = _list_workers(client)
+        placement = [workers[w] for w in _placement(self._partition_nbytes(), len(workers))]
+        xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
+        if self.persisted and self._x_futures is None:
+            # In-process numpy chunks: scatter them straight to their workers.
+            xs = (np.asarray(b.compute(scheduler="sync")) for b in self.x_blocks())
+            xf = _scatter_parts(client, xs, xname, 2, placement)
+        else:
+            # Lazy, or held by another client: compute there, then pin a copy.
+            Xp = client.persist(self.X)
+            from distributed import futures_of
+            by_key = {f.key: f for f in futures_of(Xp)}
+            src = [by_key[(Xp.name, p, 0)] for p in range(self.n_partitions)]
+            xf = [client.submit(_identity, f, key=(xname, p, 0), workers=[placement[p]],
+                                allow_other_workers=False) for p, f in enumerate(src)]
+        yf = None
+        if self.y is not None:
+            ys = (np.asarray(b.compute()) for b in self.y_blocks())
+            yf = _scatter_parts(client, ys, yname, 1, placement)
+        _raise_first_error(xf)
+        X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2)
+        y = None if yf is None else _array_from_blocks(yf, yname, self.y.chunks,
+                                                        self.y.dtype, 1)
+        return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
+                               seed=self.seed, classes=self.classes,
+                               class_count=self._class_count, client=client,
+                               placement=placement, x_futures=xf, y_futures=yf,
+                               params=self.params, persisted=True)
+
+    # ---- diagnostics -----------------------------------------------------
+    def skew_report(self):
+        """``xarray.Dataset`` over ``partition`` (and ``class``) describing the split.
+
+        Variables: ``rows``, ``bytes``, ``worker``; for classification
+        ``class_count`` (partition x class) and ``label_tv_distance`` (total
+        variation distance of each partition's label distribution from the
+        global one, 0 = identical, 1 = disjoint); for regression
+        ``label_mean`` and ``label_std``; scalars ``imbalance`` (max/mean rows)
+        and, for classification, ``max_label_tv_distance``. Attrs repeat the
+        scheme and its parameters.
+        """
+        import xarray as xr
+
+        rows = self.partition_sizes
+        imbalance = float(rows.max() / rows.mean())
+        workers = [w if w is not None else "in-process" for w in self.workers()]
+        data_vars = {
+            "rows": ("partition", rows),
+            "bytes": ("partition", self._partition_nbytes().astype(np.int64)),
+            "worker": ("partition", np.array(workers, dtype=object).astype(str)),
+            "imbalance": ((), imbalance),
+        }
+        coords = {"partition": np.arange(self.n_partitions)}
+        if self.classes is not None:
+            counts = self._class_count
+            global_p = counts.sum(axis=0) / counts.sum()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                local_p = counts / counts.sum(axis=1, keepdims=True)
+            tv = 0.5 * np.abs(local_p - global_p).sum(axis=1)
+            data_vars["class_count"] = (("partition", "class"), counts)
+            data_vars["label_tv_distance"] = ("partition", tv)
+            data_vars["max_label_tv_distance"] = ((), float(np.nanmax(tv)))
+            coords["class"] = self.classes
+        elif self._class_count is not None:
+            mean, std = self._class_count
+            data_vars["label_mean"] = ("partition", mean)
+            data_vars["label_std"] = ("partition", std)
+        attrs = {"scheme": self.scheme, "seed": int(self.seed),
+                 "n_rows": self.n_rows, "n_features": self.n_features,
+                 "imbalance": imbalance, **{k: v for k, v in self.params.items()
+                                            if isinstance(v, (int, float, str))}}
+        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    def __repr__(self):
+        sizes = self.partition_sizes
+        where = "in-process" if self._x_futures is None else None
+        if where is None:
+            counts = {}
+            for w in self._placement:
+                counts[w] = counts.get(w, 0) + 1
+            where = ", ".join(f"{w}: {c}" for w, c in sorted(counts.items()))
+        labels = ("regression" if self.classes is None and self.y is not None
+                  else "unlabelled" if self.y is None else f"{self.n_classes} classes")
+        lazy = "" if self.persisted else ", lazy"
+        return (f"PartitionedData(scheme={self.scheme!r}, seed={self.seed}, "
+                f"n_partitions={self.n_partitions}, n_rows={self.n_rows}, "
+                f"n_features={self.n_features}, dtype={self.dtype}, {labels}, "
+                f"rows/partition={sizes.min()}..{sizes.max()} "
+                f"(imbalance {sizes.max() / sizes.mean():.2f}), "
+                f"nbytes={_human_bytes(self.nbytes)}{lazy}, partitions per worker: {{{where}}})")
+
+
+def _identity(x):
+    return x
+
+
+def _human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+# --------------------------------------------------------------------------
+# partition()
+# --------------------------------------------------------------------------
+def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None,
+              shards_per_partition=2, alpha=0.5, persist=True, check_finite=True,
+              x="X"):
+    """Cut (X, y) into balanced row partitions held on the workers of a Dask cluster.
+
+    Parameters
+    ----------
+    X : numpy array, dask array, xarray DataArray or Dataset, zarr array, or a
+        path (``.npy`` memory-mapped, ``.npz``, zarr store, netCDF).
+    y : labels or targets (same kinds), a variable name for a Dataset / zarr
+        group / netCDF / npz source (default variable ``"y"`` when present),
+        or None.
+    n_partitions : default 2 x the number of workers (2 without a client).
+    scheme : ``"iid"`` | ``"shards"`` | ``"dirichlet"``.
+    seed : seeds the plan (every random choice of every scheme).
+    client : a ``distributed.Client``; default: the current default client,
+        else the partitions stay in this process.
+    shards_per_partition : shards dealt to each partition (``"shards"``).
+    alpha : Dirichlet concentration (``"dirichlet"``): small = skewed.
+    persist : materialise and place the partitions now (default). With
+        False, X is a lazy dask array (validated when computed).
+    check_finite : reject NaN/inf in X and y (checked in the same pass that
+        builds the partitions).
+    x : variable name of X in a Dataset / group source.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    Xs, ys = _source_arrays(X, y, x)
+    if Xs.ndim != 2:
+        raise ValueError(f"X must be 2-D (rows x features), got shape {Xs.shape}")
+    dtype = _x_dtype(Xs.dtype)
+    if client is None:
+        client = _default_client()
+    workers = _list_workers(client) if client is not None else None
+    if n_partitions is None:
+        n_partitions = 2 * len(workers) if workers else 2
+    n_partitions = int(n_partitions)
+    if n_partitions < 1:
+        raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
+    n_features = int(Xs.shape[1])
+
+    # --- source on the cluster, labels on the client ----------------------
+    x_chunk_futures = lengths = None
+    if _is_dask(Xs):
+        if Xs.numblocks[1] != 1:
+            Xs = Xs.rechunk({1: -1})
+        if client is not None and persist:
+            from distributed import futures_of
+            to_persist = [Xs] + ([ys] if _is_dask(ys) else [])
+            persisted = client.persist(to_persist)
+            Xs = persisted[0]
+            by_key = {f.key: f for f in futures_of(Xs)}
+            x_chunk_futures = [by_key[(Xs.name, b, 0)] for b in range(Xs.numblocks[0])]
+            if _is_dask(ys):
+                ys = persisted[1]
+            if any(np.isnan(c) for c in Xs.chunks[0]):
+                lengths = client.gather(client.map(len, x_chunk_futures))
+        elif persist:
+            import dask
+            Xs, ys = dask.compute(Xs, ys) if _is_dask(ys) else (Xs.compute(), ys)
+        if lengths is None and _is_dask(Xs):
+            lengths = (list(Xs.chunks[0]) if not any(np.isnan(c) for c in Xs.chunks[0])
+                       else list(Xs.map_blocks(_block_rows, chunks=(1,),
+                                               drop_axis=1, dtype=np.int64).compute()))
+    n = int(sum(lengths)) if lengths is not None else int(Xs.shape[0])
+    labels, is_class = None, False
+    if ys is not None:
+        if _is_dask(ys):
+            ys = ys.compute()
+        labels, is_class = _prepare_labels(ys, dtype, n, check_finite)
+
+    # --- plan and placement ------------------------------------------------
+    plan = make_plan(n, labels if is_class else None, n_partitions, scheme, seed,
+                     shards_per_partition=shards_per_partition, alpha=alpha)
+    sizes = np.array([len(r) for r in plan], dtype=np.int64)
+    row_bytes = n_features * dtype.itemsize + (labels.dtype.itemsize if labels is not None else 0)
+    placement = None
+    if workers is not None and persist:
+        placement = [workers[w] for w in _placement(sizes * row_bytes, len(workers))]
+    classes = class_count = None
+    if is_class:
+        classes = np.unique(labels)
+        class_count = np.stack([np.bincount(np.searchsorted(classes, labels[r]),
+                                            minlength=len(classes)) for r in plan])
+    elif labels is not None:
+        class_count = (np.array([labels[r].mean() for r in plan]),
+                       np.array([labels[r].std() for r in plan]))
+    y_parts = None if labels is None else (labels[r] for r in plan)
+    x_chunks = (tuple(int(s) for s in sizes), (n_features,))
+    y_chunks = (tuple(int(s) for s in sizes),)
+    xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
+    params = {"shards_per_partition": int(shards_per_partition)} if scheme == "shards" else (
+        {"alpha": float(alpha)} if scheme == "dirichlet" else {})
+    common = dict(source_rows=plan, scheme=scheme, seed=seed, classes=classes,
+                  class_count=class_count, params=params)
+
+    # --- materialise -------------------------------------------------------
+    if placement is not None:
+        if x_chunk_futures is None:      # numpy source: gather here, scatter to the workers
+            parts = (_take_rows(Xs, r, dtype, check_finite) for r in plan)
+            xf = _scatter_parts(client, parts, xname, 2, placement)
+        else:                            # dask source: shuffle on the cluster
+            xf = _cluster_shuffle(client, x_chunk_futures, lengths, plan, placement,
+                                  xname, n_features, dtype, check_finite)
+            del x_chunk_futures, Xs
+        yf = None if y_parts is None else _scatter_parts(client, y_parts, yname, 1, placement)
+        _raise_first_error(xf)
+        Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2)
+        yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype, 1)
+        return PartitionedData(Xd, yd, client=client, placement=placement, x_futures=xf,
+                               y_futures=yf, persisted=True, **common)
+
+    if persist:                          # no client: numpy partitions in this process
+        parts = [_take_rows(Xs, r, dtype, check_finite) for r in plan]
+        Xd = _array_from_blocks(parts, xname, x_chunks, dtype, 2)
+    else:
+        Xd = _lazy_partitions(Xs, lengths, plan, xname, n_features, dtype, check_finite)
+    yd = (None if y_parts is None
+          else _array_from_blocks(list(y_parts), yname, y_chunks, labels.dtype, 1))
+    return PartitionedData(Xd, yd, persisted=persist, **common)
+
+
+def _cluster_shuffle(client, chunk_futures, lengths, plan, placement, name, n_features,
+                     dtype, check_finite):
+    """Split every source chunk on its worker; assemble each partition on its own worker."""
+    P = len(plan)
+    chunk_plans = _chunk_plans(plan, lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+    plan_futures = client.scatter(chunk_plans, hash=False)
+    tag = uuid.uuid4().hex
+    split = client.map(_split_chunk, chunk_futures, plan_futures, [dtype.str] * len(lengths),
+                       [check_finite] * len(lengths), [int(o) for o in offsets],
+                       key=[f"dml-split-{tag}-{b}" for b in range(len(lengths))])
+    wanted = [(b, p) for b, (_, counts, _) in enumerate(chunk_plans) for p in range(P)
+              if counts[p]]
+    piece_futures = client.map(_piece, [split[b] for b, _ in wanted], [p for _, p in wanted],
+                               key=[f"dml-piece-{tag}-{b}-{p}" for b, p in wanted])
+    pieces = [[] for _ in range(P)]
+    for (b, p), f in zip(wanted, piece_futures):
+        pieces[p].append(f)
+    out = [None] * P
+    for worker in sorted(set(placement)):
+        mine = [p for p in range(P) if placement[p] == worker]
+        futs = client.map(_assemble, [len(plan[p]) for p in mine], [n_features] * len(mine),
+                          [dtype.str] * len(mine), [pieces[p] for p in mine],
+                          key=[(name, p, 0) for p in mine], workers=[worker],
+                          allow_other_workers=False)
+        for p, f in zip(mine, futs):
+            out[p] = f
+    return out
+
+
+def _lazy_partitions(Xs, lengths, plan, name, n_features, dtype, check_finite):
+    """The same computation as a lazy dask array (``persist=False``)."""
+    import dask
+    import dask.array as da
+
+    if not _is_dask(Xs):
+        src = dask.delayed(Xs, name=f"dml-source-{uuid.uuid4().hex}")
+        parts = [dask.delayed(_take_rows, pure=True)(src, r, dtype.str, check_finite)
+                 for r in plan]
+    else:
+        chunk_plans = _chunk_plans(plan, lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
+        blocks = Xs.to_delayed().ravel()
+        split = [dask.delayed(_split_chunk, pure=True)(blk, cp, dtype.str, check_finite, int(o))
+                 for blk, cp, o in zip(blocks, chunk_plans, offsets)]
+        parts = [dask.delayed(_assemble, pure=True)(
+                    len(plan[p]), n_features, dtype.str,
+                    [dask.delayed(_piece, pure=True)(split[b], p)
+                     for b, cp in enumerate(chunk_plans) if cp[1][p]])
+                 for p in range(len(plan))]
+    return da.concatenate([da.from_delayed(part, (len(r), n_features), dtype=dtype)
+                           for part, r in zip(parts, plan)], axis=0)

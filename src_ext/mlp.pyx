@@ -1,0 +1,568 @@
+# cython: language_level=3
+"""MLP dense forward and backward on BLAS gemm, float32 and float64, nogil.
+
+Design
+------
+Layout. Parameters are ONE flat vector. Layer l (0-based, L layers, widths
+``sizes[0..L]``) holds W_l, shape (sizes[l], sizes[l+1]) row-major, then b_l,
+shape (sizes[l+1],), back to back (see ``dmlcore.models.base``).
+
+Forward, on a block of B rows (everything row-major, X may have a row stride):
+
+    Z_l = A_{l-1} @ W_l              gemm (A_{-1} = X)
+    A_l = act(Z_l + b_l)             one fused pass: bias, activation, finiteness probe
+
+The last layer has no activation: Z_{L-1} + b is the logits (softmax) or the
+prediction (linear); its bias is fused into the loss pass.
+
+Loss and output delta, per row (sums over rows, never means):
+
+    softmax:  loss = logsumexp(z) - z_y        D = softmax(z) - onehot(y)
+    linear:   loss = 1/2 sum_k (z_k - y_k)^2    D = z - y
+
+Backward, accumulated over row blocks (gemm beta = 1 after the first block):
+
+    gW_l += A_{l-1}^T @ D_l          gb_l += sum over rows of D_l
+    D_{l-1} = (D_l @ W_l^T) * act'(A_{l-1})       act' read from the output A:
+                                                  relu 1[a > 0], tanh 1 - a^2
+
+Early stop: ``trainable[l]`` flags the layers whose gradient is wanted. Delta
+propagation stops at the lowest flagged layer (nothing below it is computed);
+the entries of unflagged layers are set to 0.
+
+Workspace for a block of B rows (see ``workspace_size``): the activations A_l
+of every layer (B x sizes[l+1] each, D_l overwrites A_l in place), one scratch
+block B x (widest hidden layer) for D_l @ W_l^T, and one row of the widest
+layer for the finiteness probe.
+
+Non-finite detection costs no second pass over X: every fused bias+activation
+pass adds (z - z) into a per-column accumulator (0 for finite z, NaN for NaN
+or +-inf, and vectorisable, unlike a scalar reduction); the accumulator sum is
+added to the returned loss (or returned as the probe by ``forward``). A NaN or
+inf anywhere in X, y or params therefore makes the returned sum non-finite.
+
+Naming: ``_gemm`` is the thin BLAS wrapper; ``_bias_act_*``, ``_softmax_*``,
+``_squared_*`` are the fused passes; ``_forward_block``/``_backward_block`` run
+one block; ``loss_grad_softmax``, ``loss_grad_squared`` and ``forward`` are the
+Python entry points (validate, then release the GIL).
+"""
+from cython cimport floating
+from libc.math cimport exp, expf, log, logf, tanh, tanhf
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+import numpy as np
+
+ACTIVATIONS = {"relu": 0, "tanh": 1}
+OUTPUTS = {"softmax": 0, "linear": 1}
+
+cdef enum:
+    ACT_RELU = 0
+    ACT_TANH = 1
+    OUT_SOFTMAX = 0
+    OUT_LINEAR = 1
+
+
+# ---- BLAS ------------------------------------------------------------------
+cdef inline void _gemm(bint trans_a, bint trans_b, int m, int n, int k,
+                       floating alpha, const floating *a, int lda,
+                       const floating *b, int ldb, floating beta,
+                       floating *c, int ldc) noexcept nogil:
+    """Row-major C (m x n) := alpha op(A) @ op(B) + beta C (col-major gemm on C^T = op(B)^T op(A)^T)."""
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'T' if trans_a else b'N'
+    if floating is float:
+        sgemm(&ta, &tb, &n, &m, &k, &alpha, <float *> b, &ldb,
+              <float *> a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&ta, &tb, &n, &m, &k, &alpha, <double *> b, &ldb,
+              <double *> a, &lda, &beta, c, &ldc)
+
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating _tanh(floating x) noexcept nogil:
+    if floating is float:
+        return tanhf(x)
+    else:
+        return tanh(x)
+
+
+# ---- fused elementwise passes ------------------------------------------------
+cdef void _bias_act(floating *z, const floating *b, Py_ssize_t rows,
+                    Py_ssize_t cols, int act, floating *probe) noexcept nogil:
+    """IN/OUT z (rows x cols): z := act(z + b); OUT probe[j] += (z - z)."""
+    cdef Py_ssize_t i, j
+    cdef floating t
+    cdef floating *row
+    for i in range(rows):
+        row = z + i * cols
+        if act == ACT_RELU:
+            for j in range(cols):
+                t = row[j] + b[j]
+                probe[j] += t - t
+                row[j] = 0 if t < 0 else t      # keeps NaN (NaN < 0 is false)
+        else:
+            for j in range(cols):
+                t = row[j] + b[j]
+                probe[j] += t - t
+                row[j] = _tanh(t)
+
+
+cdef void _act_backward(floating *a, const floating *s, Py_ssize_t count,
+                        int act) noexcept nogil:
+    """IN/OUT a: the activation output A, overwritten by D = s * act'(A)."""
+    cdef Py_ssize_t i
+    cdef floating t
+    if act == ACT_RELU:
+        for i in range(count):
+            a[i] = s[i] if a[i] > 0 else 0
+    else:
+        for i in range(count):
+            t = a[i]
+            a[i] = s[i] * (1 - t * t)
+
+
+cdef void _col_sum(const floating *d, Py_ssize_t rows, Py_ssize_t cols,
+                   floating *out) noexcept nogil:
+    """OUT out (cols,) += sum over rows of d (rows x cols)."""
+    cdef Py_ssize_t i, j
+    cdef const floating *row
+    for i in range(rows):
+        row = d + i * cols
+        for j in range(cols):
+            out[j] += row[j]
+
+
+cdef Py_ssize_t _softmax_xent(floating *z, const floating *b,
+                              const int64_t *labels, Py_ssize_t rows,
+                              Py_ssize_t k, double *loss) noexcept nogil:
+    """IN/OUT z: logits without bias -> D = softmax(z + b) - onehot(y).
+
+    Adds sum of (logsumexp(z) - z_y) to *loss. Returns -1, or the row (in this
+    block) of the first label outside [0, k).
+    """
+    cdef Py_ssize_t i, j
+    cdef int64_t y
+    cdef floating m, s, e, zy, inv
+    cdef floating *row
+    cdef double acc = 0
+    for i in range(rows):
+        y = labels[i]
+        if y < 0 or y >= k:
+            return i
+        row = z + i * k
+        for j in range(k):
+            row[j] += b[j]
+        m = row[0]
+        for j in range(1, k):
+            if row[j] > m:
+                m = row[j]
+        zy = row[y]
+        s = 0
+        for j in range(k):
+            e = _exp(row[j] - m)
+            row[j] = e
+            s += e
+        # NaN or inf logits make s or m non-finite, hence the loss.
+        acc += log(<double> s) + <double> m - <double> zy
+        inv = 1 / s
+        for j in range(k):
+            row[j] *= inv
+        row[y] -= 1
+    loss[0] += acc
+    return -1
+
+
+cdef void _squared(floating *z, const floating *b, const floating *y,
+                   Py_ssize_t ldy, Py_ssize_t rows, Py_ssize_t k,
+                   double *loss) noexcept nogil:
+    """IN/OUT z: prediction without bias -> D = z + b - y; *loss += 1/2 sum D^2."""
+    cdef Py_ssize_t i, j
+    cdef floating d
+    cdef floating *row
+    cdef double acc = 0
+    for i in range(rows):
+        row = z + i * k
+        for j in range(k):
+            d = row[j] + b[j] - y[i * ldy + j]
+            row[j] = d
+            acc += <double> d * d
+    loss[0] += 0.5 * acc
+
+
+cdef double _softmax_predict(floating *z, const floating *b, Py_ssize_t rows,
+                             Py_ssize_t k) noexcept nogil:
+    """IN/OUT z: logits without bias -> softmax(z + b). Returns sum(z - z) (0 if finite)."""
+    cdef Py_ssize_t i, j
+    cdef floating m, s, inv
+    cdef floating *row
+    cdef double probe = 0
+    for i in range(rows):
+        row = z + i * k
+        for j in range(k):
+            row[j] += b[j]
+            probe += row[j] - row[j]
+        m = row[0]
+        for j in range(1, k):
+            if row[j] > m:
+                m = row[j]
+        s = 0
+        for j in range(k):
+            row[j] = _exp(row[j] - m)
+            s += row[j]
+        inv = 1 / s
+        for j in range(k):
+            row[j] *= inv
+    return probe
+
+
+cdef double _linear_predict(floating *z, const floating *b, Py_ssize_t rows,
+                            Py_ssize_t k) noexcept nogil:
+    """IN/OUT z := z + b. Returns sum(z - z) (0 if finite)."""
+    cdef Py_ssize_t i, j
+    cdef double probe = 0
+    for i in range(rows):
+        for j in range(k):
+            z[i * k + j] += b[j]
+            probe += z[i * k + j] - z[i * k + j]
+    return probe
+
+
+# ---- one block of rows -------------------------------------------------------
+cdef void _forward_hidden(const floating *x, Py_ssize_t ldx, Py_ssize_t rows,
+                          const floating *params, const int64_t *sizes,
+                          const Py_ssize_t *offs, int n_layers, int act,
+                          floating **acts, floating *out_last,
+                          floating *probe) noexcept nogil:
+    """Forward through every layer; the last layer's X W (no bias) goes to out_last.
+
+    acts[l] (rows x sizes[l+1]) receives A_l for the hidden layers.
+    """
+    cdef int l
+    cdef const floating *inp = x
+    cdef int ld_in = <int> ldx
+    cdef int n_in, n_out
+    cdef floating *dst
+    for l in range(n_layers):
+        n_in = <int> sizes[l]
+        n_out = <int> sizes[l + 1]
+        dst = out_last if l == n_layers - 1 else acts[l]
+        _gemm(False, False, <int> rows, n_out, n_in, <floating> 1.0,
+              inp, ld_in, params + offs[l], n_out, <floating> 0.0, dst, n_out)
+        if l < n_layers - 1:
+            _bias_act(dst, params + offs[l] + sizes[l] * sizes[l + 1],
+                      rows, n_out, act, probe)
+            inp = dst
+            ld_in = n_out
+
+
+cdef void _backward_block(const floating *x, Py_ssize_t ldx, Py_ssize_t rows,
+                          const floating *params, const int64_t *sizes,
+                          const Py_ssize_t *offs, int n_layers, int act,
+                          const unsigned char *trainable, int lowest,
+                          bint first_block, floating **acts, floating *scratch,
+                          floating *grad) noexcept nogil:
+    """acts[L-1] holds D_{L-1}; accumulate gW_l, gb_l for flagged l >= lowest."""
+    cdef int l
+    cdef int n_in, n_out, ld_in
+    cdef const floating *inp
+    cdef floating *d
+    cdef Py_ssize_t n_w
+    for l in range(n_layers - 1, lowest - 1, -1):
+        n_in = <int> sizes[l]
+        n_out = <int> sizes[l + 1]
+        n_w = sizes[l] * sizes[l + 1]
+        d = acts[l]
+        if l == 0:
+            inp = x
+            ld_in = <int> ldx
+        else:
+            inp = acts[l - 1]
+            ld_in = n_in
+        if trainable[l]:
+            _gemm(True, False, n_in, n_out, <int> rows, <floating> 1.0,
+                  inp, ld_in, d, n_out,
+                  <floating> (0.0 if first_block else 1.0),
+                  grad + offs[l], n_out)
+            _col_sum(d, rows, n_out, grad + offs[l] + n_w)
+        if l > lowest:
+            _gemm(False, True, <int> rows, n_in, n_out, <floating> 1.0,
+                  d, n_out, params + offs[l], n_out, <floating> 0.0,
+                  scratch, n_in)
+            _act_backward(acts[l - 1], scratch, rows * n_in, act)
+
+
+# ---- Python layer ------------------------------------------------------------
+def _layout(sizes):
+    """Per-layer offsets into the flat vector, total length, widths."""
+    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.shape[0] < 2 or (sizes < 1).any():
+        raise ValueError(f"sizes: need at least 2 positive widths, got {sizes.tolist()}")
+    if (sizes > 2**31 - 1).any():
+        raise ValueError("sizes: widths must fit a BLAS int")
+    offs = np.zeros(sizes.shape[0], dtype=np.intp)
+    L = sizes.shape[0] - 1
+    offs[1:] = np.cumsum(sizes[:L] * sizes[1:] + sizes[1:])
+    return sizes, offs
+
+
+def workspace_size(sizes, Py_ssize_t block_rows, bint backward=True):
+    """Number of floats of the workspace for ``block_rows`` rows.
+
+    backward=True (loss_grad_*): every layer's activations + one scratch block
+    of the widest hidden layer + one probe row. backward=False (forward): the
+    hidden activations + one probe row (the output goes straight to ``out``).
+    """
+    sizes, _ = _layout(sizes)
+    widths = sizes[1:]
+    hidden = widths[:widths.shape[0] - 1]
+    widest_hidden = int(hidden.max()) if hidden.shape[0] else 0
+    if backward:
+        return int(block_rows * (int(widths.sum()) + widest_hidden) + widths.max())
+    return int(block_rows * int(hidden.sum()) + widths.max())
+
+
+cdef _check_common(const floating[:, :] X, const floating[::1] params,
+                   sizes, floating[::1] work, Py_ssize_t block_rows,
+                   bint backward):
+    sizes_arr, offs = _layout(sizes)
+    if X.shape[1] != sizes_arr[0]:
+        raise ValueError(f"X: expected {sizes_arr[0]} columns, got {X.shape[1]}")
+    if params.shape[0] != offs[len(offs) - 1]:
+        raise ValueError(f"params: expected {offs[len(offs) - 1]} entries, got {params.shape[0]}")
+    if X.shape[0] > 0 and X.shape[1] > 0 and X.strides[1] != sizeof(floating):
+        raise ValueError("X: rows must be contiguous (unit column stride)")
+    if X.shape[0] > 1 and (X.strides[0] % <Py_ssize_t> sizeof(floating) != 0
+                           or X.strides[0] < X.shape[1] * <Py_ssize_t> sizeof(floating)):
+        raise ValueError("X: unsupported row stride")
+    if block_rows < 1:
+        raise ValueError("block_rows must be >= 1")
+    need = workspace_size(sizes_arr, block_rows, backward)
+    if work.shape[0] < need:
+        raise ValueError(f"work: need {need} entries for block_rows={block_rows}, "
+                         f"got {work.shape[0]}")
+    return sizes_arr, offs
+
+
+cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
+                           const floating *Y, Py_ssize_t ldy,
+                           const floating[::1] params, sizes_arr, offs_arr,
+                           int act, trainable, floating[::1] grad,
+                           floating[::1] work, Py_ssize_t block_rows,
+                           Py_ssize_t *bad_row) except? -1:
+    cdef const int64_t[::1] sizes = sizes_arr
+    cdef const Py_ssize_t[::1] offs = offs_arr
+    cdef int n_layers = sizes.shape[0] - 1
+    cdef Py_ssize_t n = X.shape[0]
+    cdef Py_ssize_t ldx = X.strides[0] // sizeof(floating) if n > 1 else X.shape[1]
+    cdef const unsigned char[::1] flags
+    if trainable is None:
+        flags = np.ones(n_layers, dtype=np.uint8)
+    else:
+        flags = np.ascontiguousarray(trainable, dtype=np.uint8)
+        if flags.shape[0] != n_layers:
+            raise ValueError(f"trainable: expected {n_layers} flags, got {flags.shape[0]}")
+    if grad.shape[0] != params.shape[0]:
+        raise ValueError(f"grad: expected {params.shape[0]} entries, got {grad.shape[0]}")
+    cdef int lowest = n_layers
+    cdef int l
+    for l in range(n_layers - 1, -1, -1):
+        if flags[l]:
+            lowest = l
+    cdef Py_ssize_t k = sizes[n_layers]
+    cdef Py_ssize_t r0, rows, r, widths = 0, widest_hidden = 0
+    cdef double loss = 0.0
+    cdef floating *probe
+    cdef floating *scratch
+    cdef floating **acts = <floating **> malloc(n_layers * sizeof(floating *))
+    if acts == NULL:
+        raise MemoryError()
+    cdef double probe_sum = 0.0
+    cdef const floating *xp = &X[0, 0] if n > 0 and X.shape[1] > 0 else NULL
+    bad_row[0] = -1
+    try:
+        with nogil:
+            for l in range(n_layers):
+                widths += sizes[l + 1]
+                if l < n_layers - 1 and sizes[l + 1] > widest_hidden:
+                    widest_hidden = sizes[l + 1]
+            # layout of the workspace: acts[0..L-1], scratch, probe
+            r = 0
+            for l in range(n_layers):
+                acts[l] = &work[0] + r * block_rows
+                r += sizes[l + 1]
+            scratch = &work[0] + widths * block_rows
+            probe = scratch + widest_hidden * block_rows
+            r = 0
+            for l in range(n_layers):
+                if sizes[l + 1] > r:
+                    r = sizes[l + 1]
+            memset(probe, 0, r * sizeof(floating))
+            # frozen layers are 0; trainable biases accumulate from 0; with no
+            # rows at all nothing is accumulated, so everything is 0.
+            for l in range(n_layers):
+                if not flags[l] or n == 0:
+                    memset(&grad[0] + offs[l], 0,
+                           (offs[l + 1] - offs[l]) * sizeof(floating))
+                else:
+                    memset(&grad[0] + offs[l] + sizes[l] * sizes[l + 1], 0,
+                           sizes[l + 1] * sizeof(floating))
+            r0 = 0
+            while r0 < n:
+                rows = block_rows if n - r0 > block_rows else n - r0
+                _forward_hidden(xp + r0 * ldx, ldx, rows, &params[0], &sizes[0],
+                                &offs[0], n_layers, act, acts,
+                                acts[n_layers - 1], probe)
+                if labels != NULL:
+                    r = _softmax_xent(acts[n_layers - 1],
+                                      &params[0] + offs[n_layers - 1] + sizes[n_layers - 1] * k,
+                                      labels + r0, rows, k, &loss)
+                    if r >= 0:
+                        bad_row[0] = r0 + r
+                        break
+                else:
+                    _squared(acts[n_layers - 1],
+                             &params[0] + offs[n_layers - 1] + sizes[n_layers - 1] * k,
+                             Y + r0 * ldy, ldy, rows, k, &loss)
+                if lowest < n_layers:
+                    _backward_block(xp + r0 * ldx, ldx, rows, &params[0], &sizes[0],
+                                    &offs[0], n_layers, act, &flags[0], lowest,
+                                    r0 == 0, acts, scratch, &grad[0])
+                r0 += rows
+            r = 0
+            for l in range(n_layers):
+                if sizes[l + 1] > r:
+                    r = sizes[l + 1]
+            for l in range(r):
+                probe_sum += probe[l]
+    finally:
+        free(acts)
+    return loss + probe_sum
+
+
+def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
+                      const floating[::1] params, sizes, int activation,
+                      trainable, floating[::1] grad, floating[::1] work,
+                      Py_ssize_t block_rows):
+    """Softmax cross-entropy MLP: SUM loss and SUM gradient over the rows of X.
+
+    IN  X (n, sizes[0]), unit column stride (any row stride); y (n,) int64
+        labels in [0, sizes[-1]); params flat; sizes (L+1,) widths;
+        activation 0 relu / 1 tanh; trainable None or (L,) flags.
+    OUT grad (n_params,): overwritten (unflagged layers = 0).
+    work: at least ``workspace_size(sizes, block_rows)`` floats.
+    Returns (loss_sum, bad_row): bad_row = -1, or the first row whose label is
+    outside the classes (then loss and grad are meaningless). A non-finite
+    loss_sum means a NaN or inf in X or params.
+    """
+    sizes_arr, offs = _check_common(X, params, sizes, work, block_rows, True)
+    if y.shape[0] != X.shape[0]:
+        raise ValueError(f"y: expected {X.shape[0]} labels, got {y.shape[0]}")
+    if activation not in (ACT_RELU, ACT_TANH):
+        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
+    cdef Py_ssize_t bad_row = -1
+    cdef const int64_t *labels = &y[0] if y.shape[0] > 0 else NULL
+    cdef int64_t dummy = 0
+    if labels == NULL:
+        labels = &dummy
+    loss = _run_loss_grad(X, labels, NULL, 0, params, sizes_arr, offs,
+                          activation, trainable, grad, work, block_rows, &bad_row)
+    return loss, bad_row
+
+
+def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
+                      const floating[::1] params, sizes, int activation,
+                      trainable, floating[::1] grad, floating[::1] work,
+                      Py_ssize_t block_rows):
+    """Linear-output MLP with loss 1/2 sum (y_hat - y)^2: SUM loss and gradient.
+
+    IN  Y (n, sizes[-1]) targets, unit column stride; the rest as in
+        ``loss_grad_softmax``. OUT grad. Returns loss_sum (non-finite when X,
+        Y or params hold a NaN or inf).
+    """
+    sizes_arr, offs = _check_common(X, params, sizes, work, block_rows, True)
+    if Y.shape[0] != X.shape[0] or Y.shape[1] != sizes_arr[len(sizes_arr) - 1]:
+        raise ValueError(f"Y: expected shape ({X.shape[0]}, {sizes_arr[len(sizes_arr) - 1]}), "
+                         f"got ({Y.shape[0]}, {Y.shape[1]})")
+    if activation not in (ACT_RELU, ACT_TANH):
+        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
+    if Y.shape[0] > 0 and Y.strides[1] != sizeof(floating):
+        raise ValueError("Y: rows must be contiguous (unit column stride)")
+    cdef Py_ssize_t ldy = Y.strides[0] // sizeof(floating) if Y.shape[0] > 1 else Y.shape[1]
+    cdef Py_ssize_t bad_row = -1
+    cdef floating dummy = 0
+    cdef const floating *yp = &Y[0, 0] if Y.shape[0] > 0 else &dummy
+    return _run_loss_grad(X, NULL, yp, ldy, params, sizes_arr, offs,
+                          activation, trainable, grad, work, block_rows, &bad_row)
+
+
+def forward(const floating[:, :] X, const floating[::1] params, sizes,
+            int activation, int output, floating[:, ::1] out,
+            floating[::1] work, Py_ssize_t block_rows):
+    """Predictions, block by block: OUT out (n, sizes[-1]) := softmax probabilities
+    (output 0) or the linear output (output 1).
+
+    work: at least ``workspace_size(sizes, block_rows, backward=False)``.
+    Returns the finiteness probe: 0.0 when every activation is finite, else
+    NaN (a NaN or inf in X or params).
+    """
+    sizes_arr, offs_arr = _check_common(X, params, sizes, work, block_rows, False)
+    if activation not in (ACT_RELU, ACT_TANH):
+        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
+    if output not in (OUT_SOFTMAX, OUT_LINEAR):
+        raise ValueError(f"output code {output} is not 0 (softmax) or 1 (linear)")
+    if out.shape[0] != X.shape[0] or out.shape[1] != sizes_arr[len(sizes_arr) - 1]:
+        raise ValueError(f"out: expected shape ({X.shape[0]}, {sizes_arr[len(sizes_arr) - 1]})")
+    cdef const int64_t[::1] sz = sizes_arr
+    cdef const Py_ssize_t[::1] offs = offs_arr
+    cdef int n_layers = sz.shape[0] - 1
+    cdef Py_ssize_t n = X.shape[0], k = sz[n_layers]
+    cdef Py_ssize_t ldx = X.strides[0] // sizeof(floating) if n > 1 else X.shape[1]
+    cdef Py_ssize_t r0, rows, r, widest = 0
+    cdef int l
+    cdef double probe_sum = 0.0
+    cdef floating *probe
+    cdef const floating *b_last
+    cdef floating **acts = <floating **> malloc(n_layers * sizeof(floating *))
+    if acts == NULL:
+        raise MemoryError()
+    if n == 0:
+        free(acts)
+        return 0.0
+    try:
+        with nogil:
+            r = 0
+            for l in range(n_layers):
+                if l < n_layers - 1:
+                    acts[l] = &work[0] + r * block_rows
+                    r += sz[l + 1]
+                if sz[l + 1] > widest:
+                    widest = sz[l + 1]
+            acts[n_layers - 1] = NULL
+            probe = &work[0] + r * block_rows
+            memset(probe, 0, widest * sizeof(floating))
+            b_last = &params[0] + offs[n_layers - 1] + sz[n_layers - 1] * k
+            r0 = 0
+            while r0 < n:
+                rows = block_rows if n - r0 > block_rows else n - r0
+                _forward_hidden(&X[0, 0] + r0 * ldx, ldx, rows, &params[0],
+                                &sz[0], &offs[0], n_layers, activation,
+                                acts, &out[r0, 0], probe)
+                if output == OUT_SOFTMAX:
+                    probe_sum += _softmax_predict(&out[r0, 0], b_last, rows, k)
+                else:
+                    probe_sum += _linear_predict(&out[r0, 0], b_last, rows, k)
+                r0 += rows
+            for l in range(widest):
+                probe_sum += probe[l]
+    finally:
+        free(acts)
+    return probe_sum

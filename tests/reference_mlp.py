@@ -1,0 +1,74 @@
+"""Plain NumPy reference MLP: forward, loss and backward, written independently
+of the compiled kernels (its own parameter unpacking, textbook formulas).
+
+Layout: for each layer l, W_l (sizes[l], sizes[l+1]) row-major then b_l.
+Loss is the SUM over rows: softmax cross-entropy (integer labels) or
+1/2 sum (y_hat - y)^2; the gradient is the SUM over rows too.
+"""
+import numpy as np
+
+
+def unpack(params, sizes):
+    """List of (W, b) views into the flat vector."""
+    layers, start = [], 0
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        W = params[start:start + n_in * n_out].reshape(n_in, n_out)
+        start += n_in * n_out
+        b = params[start:start + n_out]
+        start += n_out
+        layers.append((W, b))
+    assert start == params.shape[0]
+    return layers
+
+
+def _act(z, activation):
+    return np.maximum(z, 0) if activation == "relu" else np.tanh(z)
+
+
+def _act_grad(a, activation):
+    return (a > 0).astype(a.dtype) if activation == "relu" else 1 - a * a
+
+
+def forward(params, sizes, X, activation="relu", output="softmax"):
+    """Returns (hidden activations [A_0 .. A_{L-2}], output z, prediction)."""
+    layers = unpack(params, sizes)
+    acts, a = [], X
+    for W, b in layers[:-1]:
+        a = _act(a @ W + b, activation)
+        acts.append(a)
+    W, b = layers[-1]
+    z = a @ W + b
+    if output == "softmax":
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        pred = e / e.sum(axis=1, keepdims=True)
+    else:
+        pred = z
+    return acts, z, pred
+
+
+def loss_grad(params, sizes, X, y, activation="relu", output="softmax"):
+    """(loss_sum, grad_sum) of the whole network, in the dtype of params."""
+    layers = unpack(params, sizes)
+    acts, z, pred = forward(params, sizes, X, activation, output)
+    n = X.shape[0]
+    if output == "softmax":
+        y = np.asarray(y, dtype=np.int64)
+        zmax = z.max(axis=1)
+        lse = zmax + np.log(np.exp(z - zmax[:, None]).sum(axis=1))
+        loss = float(np.sum(lse - z[np.arange(n), y]))
+        delta = pred.copy()
+        delta[np.arange(n), y] -= 1
+    else:
+        Y = np.asarray(y, dtype=params.dtype).reshape(n, -1)
+        delta = z - Y
+        loss = 0.5 * float(np.sum(delta.astype(np.float64) ** 2))
+    grads = []
+    inputs = [X] + acts
+    for l in range(len(layers) - 1, -1, -1):
+        W, _ = layers[l]
+        grads.append((inputs[l].T @ delta, delta.sum(axis=0)))
+        if l > 0:
+            delta = (delta @ W.T) * _act_grad(inputs[l], activation)
+    grads.reverse()
+    flat = np.concatenate([np.concatenate([gW.ravel(), gb]) for gW, gb in grads])
+    return loss, flat.astype(params.dtype)

@@ -1,0 +1,206 @@
+"""Generalised linear models: ``Linear``, ``Logistic``, ``Softmax``.
+
+Each is one layer named ``"linear"`` in the flat parameter vector (see
+``base.Model``): ``W`` then ``b``.  ``loss_grad`` calls the fused one-pass
+kernels of ``dmlcore._ext.loss`` (sums over rows, no regularisation); this
+module only converts the inputs where needed and checks the layout.
+
+``init(seed)`` draws the weights from N(0, 0.01^2) with ``numpy.random.
+default_rng(seed)`` (seed-dependent and small, so the losses start near their
+value at zero) and sets the biases to 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._ext import loss as _loss
+from .base import Model
+
+_INIT_SCALE = 0.01
+
+
+class _GLM(Model):
+    """Shared plumbing: one layer ``"linear"`` with W (n_features, k), b (k,)."""
+
+    kind = None
+
+    def __init__(self, n_features: int):
+        n_features = _check_positive_int("n_features", n_features)
+        self.n_features = n_features
+
+    # ---- parameters ------------------------------------------------------
+    def init(self, seed=0, dtype=np.float64) -> np.ndarray:
+        """Flat parameters: W ~ N(0, 0.01^2) from ``default_rng(seed)``, b = 0."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        rng = np.random.default_rng(seed)
+        params = np.zeros(self.n_params, dtype=dtype)
+        view = self.views(params)["linear"]
+        view["W"][...] = rng.normal(0.0, _INIT_SCALE, size=view["W"].shape)
+        return params
+
+    # ---- input conversion ------------------------------------------------
+    def _prepare(self, params, X, grad=None):
+        params = self._check_params(params)
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(
+                f"X: expected shape (n_samples, {self.n_features}), got {X.shape}")
+        if X.dtype != params.dtype:
+            raise ValueError(
+                f"dtype mix: X is {X.dtype} but params are {params.dtype} "
+                "(X, params and grad must share a dtype)")
+        if not X.flags.c_contiguous:
+            X = np.ascontiguousarray(X)
+        if not params.flags.c_contiguous:
+            params = np.ascontiguousarray(params)
+        if grad is not None:
+            if not isinstance(grad, np.ndarray):
+                raise ValueError("grad must be a numpy array (the output buffer)")
+            if grad.shape != (self.n_params,):
+                raise ValueError(f"grad: expected shape ({self.n_params},), got {grad.shape}")
+            if grad.dtype != X.dtype:
+                raise ValueError(
+                    f"dtype mix: X is {X.dtype} but grad is {grad.dtype} "
+                    "(X, params and grad must share a dtype)")
+            if not grad.flags.writeable or not grad.flags.c_contiguous:
+                raise ValueError("grad must be a writeable contiguous array")
+        return params, X
+
+    def _check_y_shape(self, X, y):
+        y = np.asarray(y)
+        if y.shape != (X.shape[0],):
+            raise ValueError(f"y: expected shape ({X.shape[0]},), got {y.shape}")
+        return y
+
+    def _compute_grad(self, trainable):
+        self.trainable_mask(trainable)              # validates the names
+        return trainable is None or "linear" in trainable
+
+    def decision_function(self, params, X) -> np.ndarray:
+        """Raw linear predictor X W + b (shape (n,) for k = 1, else (n, k))."""
+        params = self._check_params(params)
+        X = np.asarray(X, dtype=params.dtype)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(
+                f"X: expected shape (n_samples, {self.n_features}), got {X.shape}")
+        v = self.views(params)["linear"]
+        z = X @ v["W"] + v["b"]
+        return z
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind, "n_features": self.n_features}
+
+
+class Linear(_GLM):
+    """Linear regression: y-hat = X w + b, loss 1/2 sum (y-hat - y)^2."""
+
+    kind = "linear"
+    is_classifier = False
+    n_outputs = 1
+
+    def _layer_shapes(self):
+        return [("linear", (self.n_features,), (1,))]
+
+    def loss_grad(self, params, X, y, grad, trainable=None) -> float:
+        params, X = self._prepare(params, X, grad)
+        y = self._check_y_shape(X, y)
+        if y.dtype != X.dtype or not y.flags.c_contiguous:
+            y = np.ascontiguousarray(y, dtype=X.dtype)
+        return _loss.loss_grad_squared(X, y, params, grad,
+                                       compute_grad=self._compute_grad(trainable))
+
+    def predict(self, params, X) -> np.ndarray:
+        """y-hat, shape (n,)."""
+        return self.decision_function(params, X)
+
+
+class Logistic(_GLM):
+    """Binary logistic regression: P(y=1) = sigmoid(X w + b), log-loss."""
+
+    kind = "logistic"
+    is_classifier = True
+    n_outputs = 1
+    n_classes = 2
+
+    def _layer_shapes(self):
+        return [("linear", (self.n_features,), (1,))]
+
+    def loss_grad(self, params, X, y, grad, trainable=None) -> float:
+        params, X = self._prepare(params, X, grad)
+        y = self._check_y_shape(X, y)
+        if y.dtype != X.dtype or not y.flags.c_contiguous:
+            if not (y.dtype.kind in "biuf"):
+                raise ValueError(f"y: labels must be 0/1 numbers or booleans, got {y.dtype}")
+            y = np.ascontiguousarray(y, dtype=X.dtype)
+        return _loss.loss_grad_logistic(X, y, params, grad,
+                                        compute_grad=self._compute_grad(trainable))
+
+    def predict(self, params, X) -> np.ndarray:
+        """P(y = 1 | x), shape (n,)."""
+        z = self.decision_function(params, X)
+        out = np.empty_like(z)
+        pos = z >= 0
+        e = np.exp(-np.abs(z))
+        out[pos] = 1.0 / (1.0 + e[pos])
+        out[~pos] = e[~pos] / (1.0 + e[~pos])
+        return out
+
+
+class Softmax(_GLM):
+    """Multinomial logistic regression: softmax(X W + b), cross-entropy."""
+
+    kind = "softmax"
+    is_classifier = True
+
+    def __init__(self, n_features: int, n_classes: int):
+        super().__init__(n_features)
+        n_classes = _check_positive_int("n_classes", n_classes)
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2, got {n_classes}")
+        self.n_classes = n_classes
+
+    @property
+    def n_outputs(self) -> int:
+        return self.n_classes
+
+    def _layer_shapes(self):
+        return [("linear", (self.n_features, self.n_classes), (self.n_classes,))]
+
+    def loss_grad(self, params, X, y, grad, trainable=None) -> float:
+        params, X = self._prepare(params, X, grad)
+        y = self._check_y_shape(X, y)
+        if y.dtype != np.int64 or not y.flags.c_contiguous:
+            if y.dtype.kind in "biu":
+                y = np.ascontiguousarray(y, dtype=np.int64)
+            elif y.dtype.kind == "f":
+                yi = y.astype(np.int64)
+                if not np.array_equal(yi, y):
+                    raise ValueError("y: class labels must be integers, "
+                                     "got non-integer (or NaN) float values")
+                y = yi
+            else:
+                raise ValueError(f"y: class labels must be integers, got {y.dtype}")
+        return _loss.loss_grad_softmax(X, y, params, grad, self.n_classes,
+                                       compute_grad=self._compute_grad(trainable))
+
+    def predict(self, params, X) -> np.ndarray:
+        """Class probabilities, shape (n, n_classes)."""
+        z = self.decision_function(params, X)
+        z = z - z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+
+    def to_config(self) -> dict:
+        return {"kind": self.kind, "n_features": self.n_features,
+                "n_classes": self.n_classes}
+
+
+def _check_positive_int(name, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)

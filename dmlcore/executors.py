@@ -91,6 +91,52 @@ class PartitionExecutor:
         return weighted, weight, loss, rows, ids
 
 
+    def fedavg_clients(self, values, optimizer, *, round_, local_epochs, batch_size, seed,
+                       proximal_mu=0.0, partitions=(), fail=()):
+        """FedAvg's clients on this worker: train each selected partition, sum the results here.
+
+        Client k starts from ``values`` and runs ``local_epochs`` epochs of
+        ``batch_size``-row steps; its local step counter starts at
+        ``round_ * local_epochs * n_batches_k`` so every round visits fresh
+        mini-batch permutations. Clients are isolated: one that raises, or whose
+        weights are not finite, is reported in ``failed`` and left out of the sums.
+        ``fail``: ids that raise on purpose (the failure-policy testing hook).
+        Returns ``(sum_k n_k * w_k in float64 or None, sum_k n_k, loss sum, rows
+        seen, ids that counted, failed [(id, message)])``.
+        """
+        params = self._params(values)
+        wanted = set(int(p) for p in partitions)
+        fail = set(int(p) for p in fail)
+        weighted, weight, loss, rows, ids, failed = None, 0, 0.0, 0, [], []
+        for pid, X, y in self.parts:
+            if pid not in wanted:
+                continue
+            n_k = int(X.shape[0])
+            nb = local.n_batches(n_k, batch_size)
+            try:
+                if pid in fail:
+                    raise RuntimeError(f"injected failure of client {pid} in round {round_}")
+                new, loss_k, rows_k = local.local_sgd(
+                    self.model, optimizer, params, X, y, batch_size=batch_size,
+                    n_steps=local_epochs * nb, seed=seed, partition=pid,
+                    first_step=int(round_) * local_epochs * nb, trainable=self.trainable,
+                    idx=self.idx, proximal_mu=proximal_mu)
+                if not (np.isfinite(new).all() and np.isfinite(loss_k)):
+                    raise FloatingPointError(f"client {pid}: non-finite weights or loss")
+            except Exception as exc:  # noqa: BLE001 — the failure policy is the caller's
+                failed.append((pid, f"{type(exc).__name__}: {exc}"))
+                continue
+            contribution = n_k * new.astype(np.float64)     # exact: n_k * float32 in float64
+            if weighted is None:
+                weighted = contribution
+            else:
+                weighted += contribution
+            weight += n_k
+            loss += loss_k
+            rows += rows_k
+            ids.append(pid)
+        return weighted, weight, loss, rows, ids, failed
+
 class _Done:
     """A finished call, shaped like a future (``result()``)."""
 

@@ -1,0 +1,282 @@
+"""Federated Averaging (McMahan et al. 2017), FedProx and server optimizers (FedAvgM).
+
+Clients are the partitions of the data (K = ``data.n_partitions``). Round r:
+
+1. sample m = max(round(C * K), 1) clients without replacement with
+   ``numpy.random.default_rng((seed, r))`` — a pure function of (seed, round),
+   so a run is reproducible and resumes from the round number alone;
+2. send the current global (trainable) parameters once to every worker that
+   holds a sampled client; each client runs ``local_epochs`` epochs of
+   mini-batch SGD on its own rows (``batch_size`` rows a step, ``None`` = the
+   whole local set: ``local_epochs=1, batch_size=None`` is FedSGD) with the
+   fit's optimizer, fresh optimizer state every round, FedProx's proximal
+   term ``proximal_mu/2 ||w - w_global||^2`` when ``proximal_mu > 0``;
+3. each worker sums ``n_k * w_k`` and ``n_k`` over its clients in float64 (the
+   first level of the tree), the driver adds the workers' partials (the second
+   level) and divides once: the exact n_k-weighted average ``w_avg``;
+4. ``server_optimizer=None``: the global model becomes ``w_avg``; otherwise the
+   server treats ``delta = w_global - w_avg`` as a pseudo-gradient and applies
+   ``server_optimizer`` (any (init, update) optimizer of ``dml.optim``:
+   ``SGD(lr=1.0, momentum=0.9)`` is FedAvgM, ``Adam`` is FedAdam) — composition,
+   no subclasses. Its state persists across rounds (``ctx.extra``).
+
+A client's local steps continue at ``r * local_epochs * n_batches_k``, so each
+round visits fresh permutations of its mini-batches (``local.batch_slice``).
+The client optimizer's schedule is therefore evaluated at that local step
+counter; use a constant learning rate or a schedule meant in local steps.
+
+Failure policy (``accept_failures``): a client whose local computation raises,
+or whose weights come back non-finite (a diverged client), is dropped from
+that round's average when ``accept_failures=True``; when a whole worker's call
+fails, all of its sampled clients are dropped. With ``accept_failures=False``
+the first failure raises ``RuntimeError`` naming the client. A round in which
+no client counts leaves the model unchanged (``loss`` is NaN).
+``fail_clients={round: [client ids]}`` is a testing hook: those clients raise
+inside their worker-side computation in those rounds (rounds count from 0).
+
+Each round is one history step with ``loss`` (mean local training loss over
+the counted clients' local steps), ``bytes_sent`` (the trainable parameters
+sent to each involved worker plus the float64 partial sums coming back; 0
+in-process), ``participants`` (clients that counted), ``sampled`` and
+``failed``. Who took part is kept as ``strategy.participation_``: an int8
+``xarray.DataArray`` (step, client) with 1 = counted, -1 = failed,
+0 = not sampled, aligned with the history's ``step``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ..aggregate import add_partials
+from ..checkpoint import restore_state
+from ..executors import ExecutorPool
+from ..optim import LBFGS
+from .base import Strategy
+
+
+class _Done:
+    """An in-process result shaped like a future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def sample_clients(seed, round_, n_clients, n_sampled):
+    """Sorted ids of the ``n_sampled`` clients of round ``round_`` (no replacement)."""
+    rng = np.random.default_rng((int(seed), int(round_)))
+    return np.sort(rng.choice(int(n_clients), size=int(n_sampled), replace=False))
+
+
+def weighted_average(weighted, weight, dtype):
+    """``weighted / weight`` in float64, cast to ``dtype`` (the server's average)."""
+    return (np.asarray(weighted, dtype=np.float64) / float(weight)).astype(dtype)
+
+
+class FedAvg(Strategy):
+    """Federated Averaging over the partitions; see the module docstring."""
+
+    name = "fedavg"
+    uses_optimizer_state = False    # client optimizer state is fresh every round
+
+    def __init__(self, clients_per_round=0.1, local_epochs=1, batch_size=10, proximal_mu=0.0,
+                 server_optimizer=None, accept_failures=True, trainable=None,
+                 fail_clients=None):
+        super().__init__(trainable)
+        c = clients_per_round
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            raise ValueError(f"clients_per_round must be a float in (0, 1] or a positive int, "
+                             f"got {c!r}")
+        if isinstance(c, numbers.Integral):
+            if int(c) < 1:
+                raise ValueError(f"clients_per_round: a count must be >= 1, got {c}")
+            c = int(c)
+        else:
+            if not 0.0 < float(c) <= 1.0:
+                raise ValueError(f"clients_per_round: a fraction must be in (0, 1], got {c}")
+            c = float(c)
+        if isinstance(local_epochs, bool) or int(local_epochs) != local_epochs or local_epochs < 1:
+            raise ValueError(f"local_epochs must be a positive integer, got {local_epochs!r}")
+        if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if not float(proximal_mu) >= 0.0:
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
+        if server_optimizer is not None and (
+                isinstance(server_optimizer, LBFGS)
+                or not (hasattr(server_optimizer, "init") and hasattr(server_optimizer, "update"))):
+            raise ValueError(f"server_optimizer must be an (init, update) optimizer such as "
+                             f"dml.optim.SGD, got {server_optimizer!r}")
+        self.clients_per_round = c
+        self.local_epochs = int(local_epochs)
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.proximal_mu = float(proximal_mu)
+        self.server_optimizer = server_optimizer
+        self.accept_failures = bool(accept_failures)
+        self.fail_clients = {int(r): [int(i) for i in ids]
+                             for r, ids in (fail_clients or {}).items()}
+
+    # ---- accounting ----------------------------------------------------------
+    def clients_sampled(self, n_clients):
+        """m = max(round(C * K), 1) for a fraction, the count itself for an int."""
+        c = self.clients_per_round
+        if isinstance(c, int):
+            if c > n_clients:
+                raise ValueError(f"clients_per_round={c} exceeds the {n_clients} clients "
+                                 f"(partitions)")
+            return c
+        return max(int(round(c * n_clients)), 1)
+
+    def steps_per_epoch(self, data):
+        """Rounds in which, on average, every client participates once: ceil(K / m)."""
+        k = int(data.n_partitions)
+        return math.ceil(k / self.clients_sampled(k))
+
+    # ---- the loop --------------------------------------------------------------
+    def run(self, ctx):
+        if isinstance(ctx.optimizer, LBFGS) or not hasattr(ctx.optimizer, "update"):
+            raise ValueError("FedAvg needs an (init, update) client optimizer such as "
+                             "dml.optim.SGD, not L-BFGS")
+        n_clients = int(ctx.data.n_partitions)
+        n_sampled = self.clients_sampled(n_clients)
+        pool = ExecutorPool(ctx.model, ctx.data, ctx.client)
+        try:
+            if ctx.trainable is not None:
+                pool.call("configure", ctx.params, ctx.trainable)
+            where = {}                      # client id -> executor index
+            for e, ids in enumerate(pool.partition_ids):
+                for pid in ids:
+                    where[int(pid)] = e
+            server_state = self._server_state(ctx)
+            first, participation = self._participation(ctx, n_clients)
+            for round_ in range(ctx.start_step, ctx.total_steps):
+                values = ctx.trainable_values()
+                clients = sample_clients(ctx.seed, round_, n_clients, n_sampled)
+                by_executor: dict[int, list[int]] = {}
+                for pid in clients:
+                    by_executor.setdefault(where[int(pid)], []).append(int(pid))
+                fail = set(self.fail_clients.get(round_, ()))
+                futures = {e: self._submit(pool, e, values, ctx, round_, ids,
+                                           [i for i in ids if i in fail])
+                           for e, ids in sorted(by_executor.items())}
+                partials, failed, nbytes = [], {}, 0
+                for e, future in futures.items():
+                    if ctx.client is not None:
+                        nbytes += values.nbytes
+                    try:
+                        result = future.result()
+                    except Exception as exc:  # the whole worker call failed
+                        for pid in by_executor[e]:
+                            failed[pid] = f"{type(exc).__name__}: {exc}"
+                        if not self.accept_failures:
+                            raise RuntimeError(
+                                f"FedAvg round {round_}: the call for clients {by_executor[e]} "
+                                f"failed: {type(exc).__name__}: {exc}") from exc
+                        continue
+                    weighted, weight, loss, rows, ids, errors = result
+                    for pid, message in errors:
+                        failed[pid] = message
+                    if errors and not self.accept_failures:
+                        pid, message = errors[0]
+                        raise RuntimeError(f"FedAvg round {round_}: client {pid} failed: "
+                                           f"{message}")
+                    if weighted is not None:
+                        if ctx.client is not None:
+                            nbytes += weighted.nbytes
+                        partials.append((weighted, weight, loss, rows, ids))
+                counted = sorted(pid for p in partials for pid in p[4])
+                row = np.zeros(n_clients, dtype=np.int8)
+                row[counted] = 1
+                row[sorted(failed)] = -1
+                participation.append(row)
+                if partials:
+                    # second level of the tree: the workers' partial sums
+                    weighted, weight, loss, rows = add_partials(*[p[:4] for p in partials])
+                    average = weighted_average(weighted, weight, values.dtype)
+                    if self.server_optimizer is None:
+                        ctx.set_trainable_values(average)
+                    else:
+                        delta = values - average             # the pseudo-gradient
+                        server_state = self.server_optimizer.update(delta, server_state, values)
+                        ctx.set_trainable_values(values)
+                        self._save_server_state(ctx, server_state)
+                    mean_loss = loss / rows if rows else float("nan")
+                else:
+                    mean_loss = float("nan")
+                ctx.extra["participation"] = np.stack(participation)
+                ctx.extra["participation_first"] = np.int64(first)
+                self._publish(participation, first)
+                yield {"loss": mean_loss, "bytes_sent": nbytes,
+                       "participants": len(counted), "sampled": len(clients),
+                       "failed": len(failed)}
+        finally:
+            pool.close()
+
+    # ---- helpers ---------------------------------------------------------------
+    def _submit(self, pool, executor, values, ctx, round_, ids, fail):
+        kwargs = dict(round_=round_, local_epochs=self.local_epochs,
+                      batch_size=self.batch_size, seed=ctx.seed,
+                      proximal_mu=self.proximal_mu, partitions=ids, fail=fail)
+        target = pool.executors[executor]
+        if pool.client is None:
+            try:
+                return _Done(target.fedavg_clients(values, ctx.optimizer, **kwargs))
+            except Exception as exc:  # mirror a failed remote call
+                return _Failed(exc)
+        return target.fedavg_clients(values, ctx.optimizer, **kwargs)
+
+    def _server_state(self, ctx):
+        if self.server_optimizer is None:
+            return None
+        values = ctx.trainable_values()
+        mask = ctx.model.weight_mask()
+        mask = mask if ctx.trainable_idx is None else mask[ctx.trainable_idx]
+        state = self.server_optimizer.init(values, mask)
+        saved = {k[len("server/"):]: v for k, v in ctx.extra.items() if k.startswith("server/")}
+        if saved:
+            state = restore_state(state, saved)
+        return state
+
+    @staticmethod
+    def _save_server_state(ctx, state):
+        for name, value in state._asdict().items():
+            if value is not None:
+                ctx.extra[f"server/{name}"] = np.asarray(value)
+
+    @staticmethod
+    def _participation(ctx, n_clients):
+        """``(first round, rows)``: the participation table restored from ``ctx.extra``."""
+        saved = ctx.extra.get("participation")
+        if saved is None or ctx.start_step == 0:
+            return ctx.start_step, []
+        first = int(ctx.extra.get("participation_first", 0))
+        saved = np.asarray(saved, dtype=np.int8).reshape(-1, n_clients)
+        rows = list(saved[:max(ctx.start_step - first, 0)])
+        if first + len(rows) != ctx.start_step:     # a gap: start afresh
+            return ctx.start_step, []
+        return first, rows
+
+    def _publish(self, participation, first):
+        """``participation_``: (step, client) int8, step = round + 1 as in the history."""
+        import xarray as xr
+
+        table = np.stack(participation)
+        self.participation_ = xr.DataArray(
+            table, dims=("step", "client"),
+            coords={"step": np.arange(first + 1, first + 1 + table.shape[0]),
+                    "client": np.arange(table.shape[1])},
+            name="participation",
+            attrs={"meaning": "1 counted, -1 failed (dropped), 0 not sampled"})
+
+
+class _Failed:
+    """An in-process failed call, shaped like a future."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc

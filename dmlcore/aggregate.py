@@ -64,9 +64,8 @@ def tree_reduce(client, futures, fan_in=4, combine=add_partials, workers=None):
             if len(group) == 1:
                 next_level.append(group[0])
             else:
-                next_level.append(client.submit(
-                    combine, *group, pure=False,
-                    workers=[where] if where else None, allow_other_workers=True))
+                placement = {"workers": [where], "allow_other_workers": True} if where else {}
+                next_level.append(client.submit(combine, *group, pure=False, **placement))
             next_places.append(where)
         level, places = next_level, next_places
     return level[0]

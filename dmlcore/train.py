@@ -80,9 +80,9 @@ def _as_partitioned(data, client, seed):
     from .data import PartitionedData, partition
 
     if isinstance(data, PartitionedData):
-        return data.placed(client) if client is not None else data
+        return data.placed(client if client is not None else False)
     if isinstance(data, tuple) and len(data) == 2:
-        return partition(data[0], data[1], seed=seed, client=client)
+        return partition(data[0], data[1], seed=seed, client=client if client is not None else False)
     raise ValueError("data must be a PartitionedData (dml.partition) or a tuple (X, y)")
 
 

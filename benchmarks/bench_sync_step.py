@@ -1,0 +1,135 @@
+"""Cost of one synchronous step: dmlcore SyncSGD vs naive Dask, on LocalCluster(2 x 1 thread).
+
+1. Overhead: 16 tiny partitions (compute negligible); time per step of
+   dmlcore (actor transport; task transport) and of a naive Dask step
+   (one ``client.submit`` per partition with a NumPy gradient, gather, sum).
+2. Full gradient on ``rows x cols`` float64 (default 2,000,000 x 100 = 1.6 GB,
+   16 partitions): dmlcore's step time against the per-worker kernel time
+   (one worker's half of the rows through ``Logistic.loss_grad`` on one
+   thread in this process), and the naive Dask + NumPy step.
+3. ``local_steps``: synchronisations amortised over k local steps.
+
+``--rows 20000`` for a smoke run.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def _numpy_grad(w, X, y):
+    z = X @ w[:-1] + w[-1]
+    r = 1 / (1 + np.exp(-z)) - y
+    return np.concatenate([X.T @ r, [r.sum()]]), float((np.logaddexp(0, z) - y * z).sum())
+
+
+def naive_dask_step(client, parts, w):
+    futures = [client.submit(_numpy_grad, w, X, y, pure=False) for X, y in parts]
+    grads = client.gather(futures)
+    return sum(g for g, _ in grads)
+
+
+def time_steps(fn, n_steps):
+    fn()                                    # warm-up
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        fn()
+    return (time.perf_counter() - t) / n_steps
+
+
+def time_fit(dml, model, data, strategy, steps, client):
+    """Seconds per step of dml.fit (warm-up run first, then a timed run)."""
+    opt = dml.optim.SGD(lr=0.01)
+    dml.fit(model, data, strategy, opt, steps=2, client=client, progress=False)
+    t = time.perf_counter()
+    result = dml.fit(model, data, strategy, opt, steps=steps, client=client, progress=False)
+    total = time.perf_counter() - t
+    h = result.history
+    per_step = float(np.median(np.diff(h.wall_time.values))) if steps > 2 else total / steps
+    return per_step, total / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--cols", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    from dask.distributed import Client
+    from threadpoolctl import threadpool_limits
+
+    import dmlcore as dml
+    from dmlcore.cluster import local_cluster
+
+    out = {}
+    with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        # 1. overhead with negligible compute
+        rng = np.random.default_rng(0)
+        Xs = rng.normal(size=(1600, 10))
+        ys = (rng.random(1600) < 0.5).astype(np.float64)
+        small = dml.partition(Xs, ys, n_partitions=16, seed=0, client=client)
+        model = dml.models.Logistic(10)
+        print("1. step overhead, 16 partitions of 100 x 10 on 2 workers")
+        for name, strategy in (("dmlcore SyncSGD (actors)", dml.SyncSGD(batch_size=None)),
+                               ("dmlcore SyncSGD (tasks, fan_in=4)",
+                                dml.SyncSGD(batch_size=None, transport="tasks"))):
+            median, mean = time_fit(dml, model, small, strategy, args.steps, client)
+            out[name] = median
+            print(f"   {name:40s} {median * 1e3:7.2f} ms/step (median; mean {mean * 1e3:.2f})")
+        data_parts = small.partition_futures()
+        w = np.zeros(11)
+        naive = time_steps(lambda: naive_dask_step(client, data_parts, w), min(args.steps, 100))
+        out["naive"] = naive
+        print(f"   {'naive Dask (submit + gather + sum)':40s} {naive * 1e3:7.2f} ms/step")
+        print(f"   ratio naive / dmlcore: {naive / out['dmlcore SyncSGD (actors)']:.1f}x")
+
+        # 2. full gradient on the large data
+        n, d = args.rows, args.cols
+        X, y = dml.datasets.make_classification(n, d, chunks=-(-n // 16), seed=0)
+        big = dml.partition(X, y, n_partitions=16, seed=0, client=client)
+        model = dml.models.Logistic(d)
+        half = np.asarray(X[: n // 2].compute())
+        yhalf = np.asarray(y[: n // 2].compute()).astype(np.float64)
+        params, grad = np.zeros(d + 1), np.empty(d + 1)
+        with threadpool_limits(1):
+            kernel = min(_timed(lambda: model.loss_grad(params, half, yhalf, grad))
+                         for _ in range(5))
+        del half, yhalf
+        steps = max(5, min(args.steps // 10, 20))
+        median, _ = time_fit(dml, model, big, dml.SyncSGD(batch_size=None), steps, client)
+        big_parts = big.partition_futures()
+        wbig = np.zeros(d + 1)
+        naive_big = time_steps(lambda: naive_dask_step(client, big_parts, wbig), 5)
+        print(f"\n2. full-gradient step, {n} x {d} float64 ({big.nbytes / 1e9:.2f} GB), "
+              "16 partitions, 2 workers")
+        print(f"   per-worker kernel time (n/2 rows, 1 thread): {kernel * 1e3:8.1f} ms")
+        print(f"   dmlcore SyncSGD step:                        {median * 1e3:8.1f} ms "
+              f"= {median / kernel:.2f} x kernel")
+        print(f"   naive Dask + NumPy step:                     {naive_big * 1e3:8.1f} ms "
+              f"= {naive_big / kernel:.2f} x kernel; dmlcore is {naive_big / median:.1f}x faster")
+
+        # 3. local steps
+        print("\n3. local_steps: mini-batches of 32 rows per partition, 16 partitions")
+        base = None
+        for k in (1, 4, 16):
+            per_sync, _ = time_fit(dml, model, big, dml.SyncSGD(batch_size=32, local_steps=k),
+                                   max(10, args.steps // 4), client)
+            per_local = per_sync / k
+            base = base or per_local
+            print(f"   local_steps={k:3d}: {per_sync * 1e3:7.2f} ms per synchronisation, "
+                  f"{per_local * 1e3:6.3f} ms per local step ({base / per_local:.1f}x throughput)")
+    return out
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    main()

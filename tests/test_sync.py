@@ -1,0 +1,167 @@
+"""SyncSGD and dml.fit: against NumPy references, on a real cluster and in-process."""
+import numpy as np
+import pytest
+
+import dmlcore as dml
+from dmlcore import local
+
+
+def logistic_problem(n=600, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    w = rng.normal(size=d)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(X @ w + 0.3)))).astype(np.float64)
+    return X, y
+
+
+def numpy_mean_grad(params, X, y):
+    """Mean log-loss gradient of a Logistic model (params = w..., b)."""
+    z = X @ params[:-1] + params[-1]
+    r = 1 / (1 + np.exp(-z)) - y
+    return np.concatenate([X.T @ r, [r.sum()]]) / len(y)
+
+
+def numpy_gd(X, y, lr, steps):
+    params = np.zeros(X.shape[1] + 1)
+    for _ in range(steps):
+        params -= lr * numpy_mean_grad(params, X, y)
+    return params
+
+
+@pytest.mark.parametrize("where", ["in-process", "cluster"])
+def test_full_batch_gd_matches_numpy(where, request):
+    X, y = logistic_problem()
+    client = request.getfixturevalue("client") if where == "cluster" else False
+    data = dml.partition(X, y, n_partitions=4, seed=0, client=client or None)
+    model = dml.models.Logistic(X.shape[1])
+    result = dml.fit(model, data, dml.SyncSGD(batch_size=None), dml.optim.SGD(lr=0.5),
+                     steps=25, init_params=np.zeros(model.n_params), client=client,
+                     progress=False)
+    # The partitions hold a permutation of the rows; a full batch is order-free.
+    np.testing.assert_allclose(result.params, numpy_gd(X, y, 0.5, 25), rtol=1e-10, atol=1e-12)
+    assert list(result.history.step.values) == list(range(1, 26))
+    assert np.all(np.diff(result.history.loss.values) < 0)
+
+
+def test_minibatches_are_ddp_batches(client):
+    """Each step sums batch_size rows of every partition; the driver divides once."""
+    X, y = logistic_problem(n=203)
+    data = dml.partition(X, y, n_partitions=3, seed=1, client=client)
+    model = dml.models.Logistic(X.shape[1])
+    steps, lr, b = 7, 0.3, 16
+    result = dml.fit(model, data, dml.SyncSGD(batch_size=b), dml.optim.SGD(lr=lr),
+                     steps=steps, init_params=np.zeros(model.n_params), seed=5, progress=False)
+    blocks = [(xb.compute(), yb.compute()) for xb, yb in zip(data.x_blocks(), data.y_blocks())]
+    params = np.zeros(model.n_params)
+    for step in range(steps):
+        rows = [local.batch_slice(len(xb), b, step, 5, pid) for pid, (xb, _) in enumerate(blocks)]
+        Xs = np.concatenate([xb[r] for (xb, _), r in zip(blocks, rows)])
+        ys = np.concatenate([yb[r] for (_, yb), r in zip(blocks, rows)])
+        params -= lr * numpy_mean_grad(params, Xs, ys)
+    np.testing.assert_allclose(result.params, params, rtol=1e-10, atol=1e-12)
+
+
+def test_tasks_transport_equals_actors(client):
+    X, y = logistic_problem(n=300)
+    data = dml.partition(X, y, n_partitions=5, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+    runs = [dml.fit(model, data, dml.SyncSGD(batch_size=20, fan_in=2, transport=t),
+                    dml.optim.SGD(lr=0.2, momentum=0.9), steps=6, progress=False)
+            for t in ("actors", "tasks")]
+    np.testing.assert_allclose(runs[0].params, runs[1].params, rtol=1e-12, atol=1e-14)
+
+
+def test_lbfgs_is_partition_invariant(client):
+    X, y = logistic_problem(n=900, d=8)
+    model = dml.models.Logistic(X.shape[1])
+    solutions = []
+    for k in (1, 3, 16):
+        data = dml.partition(X, y, n_partitions=k, seed=0, client=client)
+        result = dml.fit(model, data, dml.SyncSGD(), dml.optim.LBFGS(max_iter=200, tol=1e-10),
+                         steps=200, progress=False)
+        solutions.append(result.params)
+    for other in solutions[1:]:
+        np.testing.assert_allclose(other, solutions[0], rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(numpy_mean_grad(solutions[0], X, y), 0, atol=1e-8)
+
+
+def test_bytes_per_step_scale_with_parameters_not_rows(client):
+    model = dml.models.Logistic(10)
+    sent = []
+    for n in (400, 4000):
+        X, y = logistic_problem(n=n, d=10)
+        data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
+        result = dml.fit(model, data, dml.SyncSGD(batch_size=None), dml.optim.SGD(lr=0.1),
+                         steps=2, progress=False)
+        sent.append(result.history.bytes_sent.values)
+    n_workers = len(set(data.workers()))
+    np.testing.assert_array_equal(sent[0], sent[1])
+    assert sent[0][0] == 2 * model.n_params * 8 * n_workers
+
+
+def test_local_steps_average_local_models(client):
+    X, y = logistic_problem(n=400)
+    data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+    strategy = dml.SyncSGD(batch_size=25, local_steps=4)
+    assert strategy.steps_per_epoch(data) == 1
+    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), epochs=8, progress=False,
+                     init_params=np.zeros(model.n_params))
+    # Reference: every partition runs 4 local SGD steps; the driver averages by rows.
+    blocks = [(xb.compute(), yb.compute()) for xb, yb in zip(data.x_blocks(), data.y_blocks())]
+    params = np.zeros(model.n_params)
+    for rnd in range(8):
+        new = np.zeros_like(params)
+        for pid, (xb, yb) in enumerate(blocks):
+            p = params.copy()
+            for k in range(4):
+                r = local.batch_slice(len(xb), 25, rnd * 4 + k, 0, pid)
+                p -= 0.2 * numpy_mean_grad(p, xb[r], yb[r])
+            new += len(xb) * p
+        params = new / len(X)
+    np.testing.assert_allclose(result.params, params, rtol=1e-10, atol=1e-12)
+
+
+def test_resume_continues_exactly(tmp_path, client):
+    X, y = logistic_problem(n=300)
+    data = dml.partition(X, y, n_partitions=3, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+
+    def run(**kw):
+        return dml.fit(model, data, dml.SyncSGD(batch_size=10), dml.optim.Adam(lr=0.05),
+                       steps=12, checkpoint_every=4, progress=False, **kw)
+
+    straight = run()
+    stop_at_6 = lambda step, record, params: step == 6  # noqa: E731
+    run(checkpoint_dir=tmp_path, callbacks=[stop_at_6])
+    resumed = run(checkpoint_dir=tmp_path, resume=True)
+    np.testing.assert_array_equal(resumed.params, straight.params)
+    assert list(resumed.history.step.values) == list(range(1, 13))
+    np.testing.assert_allclose(resumed.history.loss.values, straight.history.loss.values,
+                               rtol=1e-12)
+
+
+def test_eval_and_history_variables(client):
+    X, y = logistic_problem(n=300)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+    result = dml.fit(model, data, dml.SyncSGD(batch_size=50), dml.optim.SGD(lr=0.5),
+                     epochs=3, eval_data=(X, y), progress=False)
+    h = result.history
+    assert {"loss", "wall_time", "bytes_sent", "eval_loss", "eval_accuracy"} <= set(h.data_vars)
+    assert h.sizes["step"] == 9                     # 3 batches of 50 per 150-row partition
+    evaluated = h.eval_accuracy.dropna("step")
+    assert list(evaluated.step.values) == [3, 6, 9]
+    assert float(evaluated[-1]) > 0.7
+    assert np.all(np.diff(h.wall_time.values) > 0)
+
+
+def test_bad_arguments():
+    X, y = logistic_problem(n=50)
+    model = dml.models.Logistic(X.shape[1])
+    with pytest.raises(ValueError, match="exactly one of epochs, steps, rounds"):
+        dml.fit(model, (X, y), dml.SyncSGD(), client=False, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        dml.SyncSGD(batch_size=0)
+    with pytest.raises(ValueError, match="features"):
+        dml.fit(dml.models.Logistic(3), (X, y), dml.SyncSGD(), steps=1, client=False)

@@ -1,0 +1,771 @@
+"""scikit-learn compatible estimators on top of ``dml.fit``.
+
+    import dmlcore as dml
+    clf = dml.LogisticRegression(C=1.0).fit(X, y)       # numpy or dask X, y
+    clf.predict(X), clf.predict_proba(X), clf.score(X, y)
+
+Each estimator validates its input the scikit-learn way (``validate_data``),
+builds a dmlcore model, partitions the data and calls ``dml.fit`` with a
+strategy; the fitted parameters become the usual attributes (``coef_``,
+``intercept_``, ``classes_``, ``n_features_in_``, ``n_iter_``, ``history_``...).
+
+Where the work runs (``client=``):
+  * a ``distributed.Client``: on that cluster;
+  * ``False``: in this process (the same executors, no cluster);
+  * ``None`` (default): numpy input under 50 MB with no default client runs in
+    this process — shipping a tiny data set to a cluster costs more than
+    fitting it; otherwise the default client, or an embedded LocalCluster
+    started for the fit and closed after it.
+
+Objectives (identical to scikit-learn's, written in dmlcore's terms of a MEAN
+data loss over n rows plus ``weight_decay/2 ||W||^2`` on weights only — the
+intercepts are never penalised):
+  * ``LinearRegression(alpha)``: ||y - Xw - b||^2 + alpha ||w||^2
+    = 2n (mean 1/2 squared error + alpha/(2n) ||w||^2) -> weight_decay = alpha/n;
+  * ``LogisticRegression(C)``: C sum log-loss + 1/2 ||W||^2
+    = C n (mean log-loss + 1/(2Cn) ||W||^2) -> weight_decay = 1/(C n);
+    binary problems use ``models.Logistic`` (one coefficient vector), more
+    than two classes ``models.Softmax`` (multinomial, K coefficient vectors);
+  * MLPs: mean loss (+ ``alpha / batch`` weight decay per step, scikit-learn's
+    scaling of its L2 term on mini-batches).
+
+The GLMs' default solver is full-batch L-BFGS (``SyncSGD(batch_size=None)`` +
+``optim.LBFGS``): one tree-reduced (loss, gradient) per function evaluation.
+With another strategy (``"ps"``, ``"fedavg"``, a mini-batch SyncSGD) they fall
+back to Adam over ``max_iter`` epochs.
+
+``fit_intercept=False``: the dmlcore GLM layers always carry a bias block, so
+the model is wrapped in ``_NoIntercept``, which starts the bias at 0 and zeroes
+its gradient: L-BFGS, SGD and Adam then never move it (the intercept stays
+exactly 0 and the optimum is that of the model without intercept).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import numbers
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import optim
+from .models.base import Model
+
+__all__ = ["LinearRegression", "LogisticRegression", "MLPClassifier", "MLPRegressor"]
+
+# numpy input smaller than this (X bytes) runs in process when no client is around
+SMALL_BYTES = 50 * 2**20
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _is_dask(a) -> bool:
+    try:
+        import dask.array as da
+    except ImportError:        # pragma: no cover - dask is a dependency
+        return False
+    return isinstance(a, da.Array)
+
+
+def _default_client():
+    try:
+        from distributed import default_client
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+class _Placement:
+    """Where a fit runs: ``client`` (None = this process) and who closes what."""
+
+    def __init__(self, client, close=lambda: None):
+        self.client = client
+        self.close = close
+
+    @property
+    def n_workers(self):
+        return 1 if self.client is None else max(1, len(self.client.nthreads()))
+
+
+def _placement(client, X):
+    """Resolve the estimator's ``client`` parameter for input ``X`` (see module doc)."""
+    from .cluster import get_client, prepare
+
+    if client is False:
+        return _Placement(None)
+    if client is not None:
+        return _Placement(prepare(client))
+    if not _is_dask(X) and _default_client() is None and _nbytes(X) < SMALL_BYTES:
+        return _Placement(None)
+    found, close = get_client(None)
+    return _Placement(found, close)
+
+
+def _nbytes(X):
+    nbytes = getattr(X, "nbytes", None)
+    if nbytes is None:
+        nbytes = np.asarray(X).nbytes
+    return int(nbytes)
+
+
+def _validate_dask(estimator, X, y, *, reset, classifier):
+    """Light validation of dask input (the values are checked when partitioned)."""
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2-dimensional array, got shape {X.shape}; reshape "
+                         "your data.")
+    if X.dtype.kind not in "fiub":
+        raise ValueError(f"X must be numeric, got dtype {X.dtype}")
+    n_features = int(X.shape[1])
+    if reset:
+        estimator.n_features_in_ = n_features
+    elif n_features != estimator.n_features_in_:
+        raise ValueError(f"X has {n_features} features, but {type(estimator).__name__} is "
+                         f"expecting {estimator.n_features_in_} features as input.")
+    if y is None:
+        return X, None
+    y = np.asarray(y.compute() if _is_dask(y) else y)
+    from sklearn.utils.validation import column_or_1d
+
+    y = column_or_1d(y, warn=True)
+    if len(y) != X.shape[0]:
+        raise ValueError(f"Found input variables with inconsistent numbers of samples: "
+                         f"[{X.shape[0]}, {len(y)}]")
+    if not classifier:
+        y = y.astype(np.float64)
+        if not np.isfinite(y).all():
+            raise ValueError("Input y contains NaN or infinity.")
+    return X, y
+
+
+def _float_dtype(X):
+    return np.float32 if np.dtype(X.dtype) == np.float32 else np.float64
+
+
+def _check_positive(name, value, *, integer=False, allow_zero=False):
+    kinds = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {what} {bound}, got {value!r}")
+
+
+def _resolve_strategy(strategy, *, batch_size):
+    """A Strategy instance from the ``strategy`` parameter (a copy: fits never mutate it)."""
+    from .strategies import SyncSGD
+    from .strategies.base import Strategy
+
+    if isinstance(strategy, Strategy):
+        return copy.deepcopy(strategy)
+    if strategy == "sync":
+        return SyncSGD(batch_size=batch_size)
+    if strategy in ("ps", "fedavg"):
+        import dmlcore
+
+        name = "ParameterServer" if strategy == "ps" else "FedAvg"
+        cls = getattr(dmlcore, name, None)
+        if cls is None:
+            try:
+                from . import strategies
+                cls = getattr(strategies, name)
+            except AttributeError:
+                raise ValueError(f"strategy={strategy!r} needs dml.{name}, which this "
+                                 "installation does not provide") from None
+        kwargs = {}
+        params = inspect.signature(cls).parameters
+        if "batch_size" in params:
+            kwargs["batch_size"] = batch_size
+        if strategy == "fedavg" and "clients_per_round" in params:
+            kwargs["clients_per_round"] = 1.0
+        return cls(**kwargs)
+    raise ValueError(f"strategy must be 'sync', 'ps', 'fedavg' or a dmlcore Strategy, "
+                     f"got {strategy!r}")
+
+
+def _partition(X, y, placement, n_partitions, seed):
+    """PartitionedData for ``(X, y)`` where the fit runs."""
+    from .data import partition
+
+    if n_partitions is None:
+        n_partitions = placement.n_workers
+    n_partitions = max(1, min(int(n_partitions), int(X.shape[0])))
+    if placement.client is None:
+        # persist=False keeps the partitions in this process even when a default
+        # client exists (partition(client=None) would otherwise pick it up).
+        return partition(X, y, n_partitions=n_partitions, seed=seed, client=None,
+                         persist=False, check_finite=False)
+    return partition(X, y, n_partitions=n_partitions, seed=seed, client=placement.client,
+                     check_finite=_is_dask(X))
+
+
+def _seed(random_state):
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+class _NoIntercept(Model):
+    """A GLM with its bias pinned at 0: bias gradient zeroed, bias initialised to 0."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._bias = ~inner.weight_mask()
+
+    def _layer_shapes(self):
+        return self.inner._layer_shapes()
+
+    @property
+    def is_classifier(self):
+        return self.inner.is_classifier
+
+    @property
+    def n_features(self):
+        return self.inner.n_features
+
+    @property
+    def n_outputs(self):
+        return getattr(self.inner, "n_outputs", None)
+
+    def init(self, seed=0, dtype=np.float64):
+        params = self.inner.init(seed, dtype=dtype)
+        params[self._bias] = 0
+        return params
+
+    def loss_grad(self, params, X, y, grad, trainable=None):
+        loss = self.inner.loss_grad(params, X, y, grad, trainable=trainable)
+        grad[self._bias] = 0
+        return loss
+
+    def predict(self, params, X):
+        return self.inner.predict(params, X)
+
+    def to_config(self):
+        return self.inner.to_config()
+
+
+def _glm_params(model, params, n_features):
+    """``(coef (k, n_features), intercept (k,))`` from a one-layer model's parameters."""
+    (layer,) = model.views(params).values()
+    W = np.asarray(layer["W"])
+    b = np.asarray(layer["b"]).reshape(-1)
+    k = b.shape[0]
+    if W.shape == (n_features, k) or W.shape == (n_features,):
+        coef = W.reshape(n_features, k).T
+    else:                                   # a (k, n_features) layout
+        coef = W.reshape(k, n_features)
+    return np.ascontiguousarray(coef), b.copy()
+
+
+class _EpochMonitor:
+    """``dml.fit`` callback: per-epoch mean loss and scikit-learn's no-improvement stop."""
+
+    def __init__(self, steps_per_epoch, tol, n_iter_no_change, stop):
+        self.per_epoch = max(1, int(steps_per_epoch))
+        self.tol, self.patience, self.stop = float(tol), int(n_iter_no_change), bool(stop)
+        self.curve, self.best, self.bad = [], math.inf, 0
+        self._sum, self._count = 0.0, 0
+        self.stopped = False
+
+    def __call__(self, step, record, params):
+        self._sum += float(record["loss"])
+        self._count += 1
+        if step % self.per_epoch:
+            return False
+        return self._end_epoch()
+
+    def _end_epoch(self):
+        loss = self._sum / self._count
+        self._sum, self._count = 0.0, 0
+        if not np.isfinite(loss):
+            raise FloatingPointError(
+                "the training loss became non-finite; lower learning_rate_init")
+        self.curve.append(loss)
+        if loss > self.best - self.tol:
+            self.bad += 1
+        else:
+            self.bad = 0
+        self.best = min(self.best, loss)
+        if self.stop and self.bad > self.patience:
+            self.stopped = True
+            return True
+        return False
+
+    def finish(self):
+        if self._count:
+            self._end_epoch()
+
+
+# ---------------------------------------------------------------------------
+# base
+# ---------------------------------------------------------------------------
+class _DMLEstimator(BaseEstimator):
+    """Shared plumbing: validation, placement, partitioning and the call to ``dml.fit``."""
+
+    _is_classifier = False
+
+    def _validate(self, X, y=None, *, reset=True):
+        if _is_dask(X):
+            return _validate_dask(self, X, y, reset=reset, classifier=self._is_classifier)
+        return validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
+                             y_numeric=not self._is_classifier)
+
+    def _check_X(self, X):
+        """Prediction input: numpy (a dask array is computed), validated against the fit."""
+        check_is_fitted(self)
+        if _is_dask(X):
+            X = X.compute()
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _run(self, model, X, y, plan, *, seed):
+        """Place, partition and fit; ``plan(data) -> (strategy, optimizer, fit kwargs)``.
+
+        Returns the ``FitResult`` (and sets ``history_``).
+        """
+        from .train import fit
+
+        where = _placement(self.client, X)
+        try:
+            data = _partition(X, y, where, self.n_partitions, seed)
+            strategy, optimizer, kwargs = plan(data)
+            result = fit(model, data, strategy, optimizer, client=where.client or False,
+                         seed=seed, progress=False, **kwargs)
+        finally:
+            where.close()
+        self.history_ = result.history
+        return result
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags
+
+
+# ---------------------------------------------------------------------------
+# generalised linear models
+# ---------------------------------------------------------------------------
+class _GLM(_DMLEstimator):
+
+    def _solve(self, model, X, y, weight_decay, *, seed):
+        """Fit a GLM from zero; returns the flat parameters and sets ``n_iter_``."""
+        from .strategies import SyncSGD
+
+        dtype = _float_dtype(X)
+        init = np.zeros(model.n_params, dtype=dtype)
+        strategy = _resolve_strategy(self.strategy, batch_size=None)
+        full_batch = (isinstance(strategy, SyncSGD) and strategy.batch_size is None
+                      and strategy.local_steps == 1)
+        if full_batch:
+            solver = optim.LBFGS(max_iter=self.max_iter, tol=self.tol,
+                                 weight_decay=weight_decay)
+            result = self._run(model, X, y, lambda data: (
+                strategy, solver, {"steps": self.max_iter, "init_params": init}), seed=seed)
+            done = getattr(result.strategy, "lbfgs_result_", None)
+            self.n_iter_ = int(result.steps)
+            # In float32 the line search may stop at the precision of the sums
+            # (scipy's ABNORMAL...): that is convergence to float32 precision.
+            if done is None or (not done.success and dtype == np.float64):
+                why = "max_iter was reached" if done is None else done.message
+                warnings.warn(f"{type(self).__name__}: L-BFGS did not converge ({why}); "
+                              "increase max_iter or scale the data.", ConvergenceWarning)
+        else:
+            if isinstance(strategy, SyncSGD) and strategy.batch_size is None:
+                strategy.batch_size = 256
+            solver = optim.Adam(lr=0.01, weight_decay=weight_decay)
+            result = self._run(model, X, y, lambda data: (
+                strategy, solver, {"epochs": self.max_iter, "init_params": init}), seed=seed)
+            self.n_iter_ = int(self.max_iter)
+        params = np.asarray(result.params)
+        if not np.isfinite(params).all():
+            raise FloatingPointError(f"{type(self).__name__}: the solver diverged")
+        return params
+
+
+class LinearRegression(RegressorMixin, _GLM):
+    """Least squares (ridge when ``alpha > 0``) trained on a Dask cluster.
+
+    Minimises ``||y - X w - b||^2 + alpha ||w||^2`` (scikit-learn's ``Ridge``
+    objective; ``alpha=0`` is ordinary least squares; the intercept ``b`` is
+    never penalised) with full-batch L-BFGS by default. ``tol`` is L-BFGS's
+    gradient tolerance (on the objective divided by 2n), ``max_iter`` its
+    iteration limit. ``strategy``, ``n_partitions``, ``client``: see the
+    module docstring. Fitted: ``coef_`` (n_features,), ``intercept_``,
+    ``n_features_in_``, ``n_iter_``, ``history_``.
+    """
+
+    def __init__(self, alpha=0.0, fit_intercept=True, tol=1e-6, max_iter=200,
+                 strategy="sync", n_partitions=None, client=None, random_state=None):
+        self.alpha = alpha
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.strategy = strategy
+        self.n_partitions = n_partitions
+        self.client = client
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        from .models import Linear
+
+        _check_positive("alpha", self.alpha, allow_zero=True)
+        _check_positive("tol", self.tol, allow_zero=True)
+        _check_positive("max_iter", self.max_iter, integer=True)
+        X, y = self._validate(X, y, reset=True)
+        dtype = _float_dtype(X)
+        y = np.asarray(y, dtype=dtype)
+        n = X.shape[0]
+        model = Linear(self.n_features_in_)
+        if not self.fit_intercept:
+            model = _NoIntercept(model)
+        params = self._solve(model, X, y, float(self.alpha) / n, seed=_seed(self.random_state))
+        coef, intercept = _glm_params(model, params, self.n_features_in_)
+        self.coef_ = coef[0]
+        self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
+        return self
+
+    def predict(self, X):
+        X = self._check_X(X)
+        return X @ self.coef_.astype(X.dtype, copy=False) + self.intercept_
+
+
+class LogisticRegression(ClassifierMixin, _GLM):
+    """Logistic regression, binary and multinomial, trained on a Dask cluster.
+
+    Minimises scikit-learn's objective ``C sum_i loss_i + 1/2 ||W||^2``
+    (``penalty=None``: no penalty; intercepts never penalised) with full-batch
+    L-BFGS: two classes use one coefficient vector (log-loss), more classes
+    the multinomial (softmax) model. Labels may be any values; ``classes_``
+    maps them. ``tol``: L-BFGS's gradient tolerance on the objective divided
+    by ``C n`` (as scikit-learn's lbfgs); ``max_iter``: its iteration limit.
+    Fitted: ``coef_`` (1 or K, n_features), ``intercept_``, ``classes_``,
+    ``n_features_in_``, ``n_iter_``, ``history_``.
+    """
+
+    _is_classifier = True
+
+    def __init__(self, C=1.0, penalty="l2", fit_intercept=True, tol=1e-4, max_iter=100,
+                 strategy="sync", n_partitions=None, client=None, random_state=None):
+        self.C = C
+        self.penalty = penalty
+        self.fit_intercept = fit_intercept
+        self.tol = tol
+        self.max_iter = max_iter
+        self.strategy = strategy
+        self.n_partitions = n_partitions
+        self.client = client
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        from .models import Logistic, Softmax
+
+        _check_positive("C", self.C)
+        _check_positive("tol", self.tol, allow_zero=True)
+        _check_positive("max_iter", self.max_iter, integer=True)
+        if self.penalty not in ("l2", None):
+            raise ValueError(f"penalty must be 'l2' or None, got {self.penalty!r}")
+        X, y = self._validate(X, y, reset=True)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        k = len(self.classes_)
+        if k < 2:
+            raise ValueError("This solver needs samples of at least 2 classes in the data, "
+                             f"but the data contains only one class: {self.classes_[0]!r}")
+        n = X.shape[0]
+        model = Logistic(self.n_features_in_) if k == 2 else Softmax(self.n_features_in_, k)
+        if not self.fit_intercept:
+            model = _NoIntercept(model)
+        decay = 1.0 / (float(self.C) * n) if self.penalty == "l2" else 0.0
+        params = self._solve(model, X, codes.astype(np.int64), decay,
+                             seed=_seed(self.random_state))
+        self.coef_, intercept = _glm_params(model, params, self.n_features_in_)
+        self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
+        return self
+
+    def decision_function(self, X):
+        """Scores: (n,) for two classes (positive means ``classes_[1]``), else (n, K)."""
+        X = self._check_X(X)
+        scores = X @ self.coef_.T.astype(X.dtype, copy=False) + self.intercept_
+        return scores[:, 0] if scores.shape[1] == 1 else scores
+
+    def predict(self, X):
+        scores = self.decision_function(X)
+        idx = (scores > 0).astype(np.intp) if scores.ndim == 1 else scores.argmax(axis=1)
+        return self.classes_[idx]
+
+    def predict_proba(self, X):
+        from scipy.special import expit, softmax
+
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            p = expit(scores)
+            return np.column_stack([1 - p, p])
+        return softmax(scores, axis=1)
+
+    def predict_log_proba(self, X):
+        from scipy.special import log_expit, log_softmax
+
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            return np.column_stack([log_expit(-scores), log_expit(scores)])
+        return log_softmax(scores, axis=1)
+
+
+# ---------------------------------------------------------------------------
+# multi-layer perceptrons
+# ---------------------------------------------------------------------------
+# batch_size="auto": rows per partition per step. Capped at AUTO_BATCH; on small
+# partitions it shrinks so that an epoch still has about MIN_STEPS_PER_EPOCH steps.
+AUTO_BATCH = 128
+MIN_STEPS_PER_EPOCH = 16
+
+
+class _MLP(_DMLEstimator):
+    """Shared MLP logic; subclasses define the output layer and the targets."""
+
+    def _check_params(self):
+        sizes = self.hidden_layer_sizes
+        if isinstance(sizes, numbers.Integral):
+            sizes = (sizes,)
+        try:
+            sizes = [int(s) for s in sizes]
+        except (TypeError, ValueError):
+            raise ValueError(f"hidden_layer_sizes must be a tuple of positive integers, "
+                             f"got {self.hidden_layer_sizes!r}") from None
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must be positive, got {sizes}")
+        if self.activation not in ("relu", "tanh"):
+            raise ValueError(f"activation must be 'relu' or 'tanh', got {self.activation!r}")
+        if self.solver not in ("adam", "sgd", "lbfgs"):
+            raise ValueError(f"solver must be 'adam', 'sgd' or 'lbfgs', got {self.solver!r}")
+        if self.learning_rate not in ("constant", "cosine"):
+            raise ValueError(f"learning_rate must be 'constant' or 'cosine', "
+                             f"got {self.learning_rate!r}")
+        _check_positive("alpha", self.alpha, allow_zero=True)
+        _check_positive("learning_rate_init", self.learning_rate_init)
+        _check_positive("max_iter", self.max_iter, integer=True)
+        _check_positive("tol", self.tol, allow_zero=True)
+        _check_positive("n_iter_no_change", self.n_iter_no_change, integer=True)
+        if not (isinstance(self.momentum, numbers.Real) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.batch_size != "auto":
+            _check_positive("batch_size", self.batch_size, integer=True)
+        return sizes
+
+    def _batch_rows(self, data):
+        """Rows per partition per step for ``data``."""
+        per_partition = max(1, int(np.min(data.partition_sizes)))
+        if self.batch_size == "auto":
+            return int(max(1, min(AUTO_BATCH, math.ceil(per_partition / MIN_STEPS_PER_EPOCH))))
+        return int(self.batch_size)
+
+    def _optimizer(self, decay, partial):
+        schedule = None if (partial or self.learning_rate == "constant") else optim.Cosine()
+        if self.solver == "adam" or (self.solver == "lbfgs" and partial):
+            return optim.Adam(lr=self.learning_rate_init, weight_decay=decay, schedule=schedule)
+        return optim.SGD(lr=self.learning_rate_init, momentum=self.momentum,
+                         nesterov=bool(self.nesterov) and self.momentum > 0,
+                         weight_decay=decay, schedule=schedule)
+
+    def _train(self, X, y, n_out, *, partial):
+        """Fit (or continue, ``partial``: one epoch) the network; sets the fitted attributes."""
+        from .models import MLP
+        from .strategies import SyncSGD
+
+        sizes = self._check_params()
+        dtype = _float_dtype(X)
+        if not (partial and hasattr(self, "params_")):
+            self._seed_ = _seed(self.random_state)
+            self.model_ = MLP([self.n_features_in_, *sizes, n_out],
+                              activation=self.activation, output=self._output)
+            self.params_ = self.model_.init(self._seed_, dtype=dtype)
+            self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
+        init = self.params_.astype(dtype, copy=False)
+        seed = self._seed_ + self.n_iter_       # fresh batch orders for every partial_fit
+        n = X.shape[0]
+        lbfgs = self.solver == "lbfgs" and not partial
+        box = {}
+
+        def plan(data):
+            if lbfgs:
+                solver = optim.LBFGS(max_iter=self.max_iter, tol=self.tol,
+                                     weight_decay=float(self.alpha) / n)
+                return SyncSGD(batch_size=None), solver, {"steps": self.max_iter,
+                                                          "init_params": init}
+            batch = self._batch_rows(data)
+            strategy = _resolve_strategy(self.strategy, batch_size=batch)
+            rows_per_step = min(batch * data.n_partitions, n)
+            optimizer = self._optimizer(float(self.alpha) / rows_per_step, partial)
+            box["monitor"] = _EpochMonitor(strategy.steps_per_epoch(data), self.tol,
+                                           self.n_iter_no_change, stop=not partial)
+            return strategy, optimizer, {"epochs": 1 if partial else int(self.max_iter),
+                                         "init_params": init, "callbacks": (box["monitor"],)}
+
+        result = self._run(self.model_, X, y, plan, seed=seed)
+        if lbfgs:
+            self.loss_curve_ = [float(v) for v in result.history["loss"].values]
+            self.n_iter_ = int(result.steps)
+        else:
+            monitor = box["monitor"]
+            monitor.finish()
+            self.loss_curve_ = list(self.loss_curve_) + monitor.curve
+            self.n_iter_ += len(monitor.curve)
+            if not partial and not monitor.stopped and monitor.bad == 0 \
+                    and len(monitor.curve) >= self.max_iter and self.learning_rate == "constant":
+                warnings.warn(f"{type(self).__name__}: the loss was still improving after "
+                              f"max_iter={self.max_iter} epochs.", ConvergenceWarning)
+        self.t_ += int(n * (1 if partial else max(1, self.n_iter_)))
+        params = np.asarray(result.params)
+        if not np.isfinite(params).all():
+            raise FloatingPointError(f"{type(self).__name__}: training diverged (non-finite "
+                                     "parameters); lower learning_rate_init")
+        self.params_ = params
+        self.loss_ = float(self.loss_curve_[-1]) if self.loss_curve_ else float("nan")
+        views = self.model_.views(self.params_)
+        self.coefs_ = [views[name]["W"] for name in self.model_.layer_names]
+        self.intercepts_ = [views[name]["b"] for name in self.model_.layer_names]
+        return self
+
+    def _forward(self, X):
+        X = self._check_X(X)
+        return self.model_.predict(self.params_, np.ascontiguousarray(X, self.params_.dtype))
+
+
+_MLP_DOC_PARAMS = """
+    Parameters follow scikit-learn's ``MLPClassifier``/``MLPRegressor`` where they
+    make sense; dmlcore's defaults differ where that trains faster on a cluster:
+    ``solver="adam"`` with ``learning_rate="cosine"`` (the learning rate decays
+    from ``learning_rate_init`` to 0 over ``max_iter`` epochs; ``"constant"``
+    keeps it), ``batch_size="auto"`` = rows PER PARTITION per step (the
+    effective batch is that times the number of partitions, DDP semantics):
+    min(128, rows per partition / 16). ``max_iter``: epochs; training stops
+    early when the epoch's training loss has not improved by ``tol`` for
+    ``n_iter_no_change`` consecutive epochs. ``alpha``: L2 penalty on the
+    weights, divided by the batch rows as in scikit-learn. ``solver="sgd"``
+    uses ``momentum``/``nesterov``; ``solver="lbfgs"``: full-batch L-BFGS.
+    ``strategy``: "sync" (default), "ps", "fedavg" or a dmlcore Strategy.
+    ``partial_fit`` runs one epoch from the current weights with a constant
+    learning rate and a fresh optimizer state.
+"""
+
+
+class MLPClassifier(ClassifierMixin, _MLP):
+    __doc__ = ("Multi-layer perceptron classifier (softmax output, cross-entropy) trained "
+               "on a Dask cluster.\n" + _MLP_DOC_PARAMS)
+
+    _is_classifier = True
+    _output = "softmax"
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="cosine",
+                 learning_rate_init=0.002, max_iter=12, tol=1e-4, n_iter_no_change=10,
+                 momentum=0.9, nesterov=False, random_state=None, strategy="sync",
+                 n_partitions=None, client=None):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.random_state = random_state
+        self.strategy = strategy
+        self.n_partitions = n_partitions
+        self.client = client
+
+    def _encode(self, y, classes=None, first=True):
+        check_classification_targets(y)
+        if first:
+            self.classes_ = np.unique(y) if classes is None else np.unique(classes)
+            if len(self.classes_) < 2:
+                raise ValueError("MLPClassifier needs samples of at least 2 classes in the "
+                                 f"data, but the data contains only one class: "
+                                 f"{self.classes_[0]!r}")
+        unseen = np.setdiff1d(np.unique(y), self.classes_)
+        if unseen.size:
+            raise ValueError(f"y contains labels not in classes_: {unseen.tolist()}")
+        return np.searchsorted(self.classes_, y).astype(np.int64)
+
+    def fit(self, X, y):
+        X, y = self._validate(X, y, reset=True)
+        for name in ("params_", "model_"):
+            self.__dict__.pop(name, None)
+        codes = self._encode(y)
+        return self._train(X, codes, len(self.classes_), partial=False)
+
+    def partial_fit(self, X, y, classes=None):
+        """One epoch on ``(X, y)`` from the current weights; ``classes`` needed on the first call."""
+        first = not hasattr(self, "params_")
+        if first and classes is None:
+            raise ValueError("classes must be passed on the first call to partial_fit")
+        X, y = self._validate(X, y, reset=first)
+        if not first and classes is not None and not np.array_equal(
+                np.unique(classes), self.classes_):
+            raise ValueError(f"classes={classes!r} differs from the classes of the first "
+                             f"call, {self.classes_.tolist()}")
+        codes = self._encode(y, classes, first=first)
+        return self._train(X, codes, len(self.classes_), partial=True)
+
+    def predict_proba(self, X):
+        return np.asarray(self._forward(X), dtype=np.float64)
+
+    def predict_log_proba(self, X):
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X))
+
+    def predict(self, X):
+        proba = self._forward(X)
+        return self.classes_[proba.argmax(axis=1)]
+
+
+class MLPRegressor(RegressorMixin, _MLP):
+    __doc__ = ("Multi-layer perceptron regressor (linear output, squared error) trained on "
+               "a Dask cluster.\n" + _MLP_DOC_PARAMS)
+
+    _output = "linear"
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="cosine",
+                 learning_rate_init=0.002, max_iter=12, tol=1e-4, n_iter_no_change=10,
+                 momentum=0.9, nesterov=False, random_state=None, strategy="sync",
+                 n_partitions=None, client=None):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.random_state = random_state
+        self.strategy = strategy
+        self.n_partitions = n_partitions
+        self.client = client
+
+    def fit(self, X, y):
+        X, y = self._validate(X, y, reset=True)
+        for name in ("params_", "model_"):
+            self.__dict__.pop(name, None)
+        return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=False)
+
+    def partial_fit(self, X, y):
+        """One epoch on ``(X, y)`` from the current weights."""
+        first = not hasattr(self, "params_")
+        X, y = self._validate(X, y, reset=first)
+        return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=True)
+
+    def predict(self, X):
+        return np.asarray(self._forward(X), dtype=np.float64).reshape(-1)

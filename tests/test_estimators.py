@@ -1,0 +1,135 @@
+"""scikit-learn compatibility of the estimators, and their behaviour as estimators.
+
+``parametrize_with_checks`` runs every check of ``check_estimator`` on the
+four estimators; none is marked as an expected failure. The instances use
+``client=False`` (fit in this process): that is exactly the path a default
+instance takes on this small data when no Dask client exists, and it keeps the
+checks independent of the session's cluster fixture, which other test files
+may have made the default client.
+"""
+import pickle
+import warnings
+
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import make_blobs, make_classification
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import dmlcore as dml
+from dmlcore import estimators as est
+
+ESTIMATORS = [
+    est.LinearRegression(client=False),
+    est.LogisticRegression(client=False),
+    est.MLPClassifier(client=False),
+    est.MLPRegressor(client=False),
+]
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def test_public_names():
+    for name in ("LinearRegression", "LogisticRegression", "MLPClassifier", "MLPRegressor"):
+        assert getattr(dml, name) is getattr(est, name)
+
+
+def test_default_instance_runs_in_process_without_client():
+    from distributed import default_client
+
+    try:
+        default_client()
+        pytest.skip("a default Dask client exists in this session")
+    except ValueError:
+        pass
+    X, y = make_blobs(200, n_features=4, centers=3, random_state=0)
+    clf = est.LogisticRegression().fit(X, y)
+    assert clf.score(X, y) > 0.9
+    assert clf.history_.attrs["n_partitions"] == 1
+
+
+def test_multiclass_labels_are_mapped():
+    X, y = make_blobs(300, n_features=5, centers=4, random_state=1)
+    labels = np.array(["d", "b", "a", "c"])[y]
+    clf = est.LogisticRegression(client=False).fit(X, labels)
+    assert list(clf.classes_) == ["a", "b", "c", "d"]
+    assert clf.coef_.shape == (4, 5) and clf.intercept_.shape == (4,)
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert (clf.predict(X) == labels).mean() > 0.95
+
+
+def test_no_intercept_stays_zero():
+    X, y = make_classification(200, 6, random_state=0)
+    clf = est.LogisticRegression(fit_intercept=False, client=False).fit(X, y)
+    assert np.all(clf.intercept_ == 0)
+    reg = est.LinearRegression(fit_intercept=False, client=False).fit(X, 3 + X @ np.arange(6))
+    assert reg.intercept_ == 0.0
+    # without an intercept the constant offset cannot be fitted exactly
+    assert reg.score(X, 3 + X @ np.arange(6)) < 0.999
+
+
+def test_dask_input_matches_numpy(client):
+    X, y = make_classification(400, 8, random_state=2)
+    Xd, yd = da.from_array(X, chunks=100), da.from_array(y, chunks=100)
+    a = est.LogisticRegression(tol=1e-10, client=client).fit(Xd, yd)
+    b = est.LogisticRegression(tol=1e-10, client=False).fit(X, y)
+    np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-8)
+    assert a.history_.attrs["n_partitions"] == len(client.nthreads())
+    np.testing.assert_array_equal(a.predict(Xd), b.predict(X))
+
+
+def test_mlp_partial_fit_continues():
+    X, y = make_blobs(300, n_features=6, centers=3, random_state=0)
+    clf = est.MLPClassifier(hidden_layer_sizes=(16,), random_state=0, client=False)
+    with pytest.raises(ValueError, match="classes"):
+        clf.partial_fit(X, y)
+    clf.partial_fit(X[:150], y[:150], classes=[0, 1, 2])
+    first = clf.loss_curve_[-1]
+    for _ in range(5):
+        clf.partial_fit(X, y)
+    assert clf.n_iter_ == 6 and len(clf.loss_curve_) == 6
+    assert clf.loss_curve_[-1] < first
+    with pytest.raises(ValueError, match="not in classes_"):
+        clf.partial_fit(X, y + 5)
+
+
+def test_mlp_fit_is_reproducible_and_picklable():
+    X, y = make_blobs(200, n_features=3, centers=2, random_state=3)
+    a = est.MLPClassifier(hidden_layer_sizes=(8,), random_state=4, client=False).fit(X, y)
+    b = clone(a).fit(X, y)
+    np.testing.assert_array_equal(a.params_, b.params_)
+    c = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(c.predict_proba(X), a.predict_proba(X))
+    with pytest.raises(NotFittedError):
+        est.MLPClassifier().predict(X)
+
+
+def test_mlp_early_stopping_on_no_improvement():
+    X, y = make_blobs(100, n_features=2, centers=2, random_state=0, cluster_std=0.1)
+    clf = est.MLPClassifier(hidden_layer_sizes=(4,), learning_rate="constant", max_iter=500,
+                            tol=10.0, n_iter_no_change=2, client=False).fit(X, y)
+    # tol=10: every epoch after the first is "no improvement"; as in scikit-learn the
+    # run stops when the count exceeds n_iter_no_change: 1 + (2 + 1) epochs
+    assert clf.n_iter_ == 4
+
+
+def test_strategy_instance_and_errors():
+    X, y = make_blobs(120, n_features=3, centers=2, random_state=0)
+    strategy = dml.SyncSGD(batch_size=None)
+    clf = est.LogisticRegression(strategy=strategy, client=False).fit(X, y)
+    assert clf.score(X, y) > 0.9
+    assert not hasattr(strategy, "lbfgs_result_")      # the parameter is not mutated
+    with pytest.raises(ValueError, match="strategy"):
+        est.LogisticRegression(strategy="nope", client=False).fit(X, y)
+    with pytest.raises(ValueError, match="penalty"):
+        est.LogisticRegression(penalty="l1", client=False).fit(X, y)
+    # a mini-batch strategy: the GLM falls back to Adam over max_iter epochs
+    mb = est.LogisticRegression(strategy=dml.SyncSGD(batch_size=16), max_iter=30,
+                                client=False).fit(X, y)
+    assert mb.score(X, y) > 0.9

@@ -18,9 +18,9 @@ with ONE row chunk per partition, each chunk held in memory on one worker.
    proportions. Rows inside a non-iid partition are shuffled (seeded) so that
    local mini-batches are not label-sorted.
 3. *Place.* Partition p goes to worker ``placement[p]``: longest-processing-
-   time greedy over the partitions' bytes (sorted workers, ties to the lowest
-   index), which is ``p mod W`` for equal-sized partitions and keeps the
-   bytes per worker balanced for unequal ones (dirichlet).
+   time greedy over the partitions' rows (sorted workers, ties to the lowest
+   index) for unequal partitions (dirichlet), which keeps the bytes per worker
+   balanced; ``p mod W`` when the sizes are within one row (iid, shards).
 4. *Materialise, validating in the same pass.*
    - numpy source: each part is gathered on the client (one pass over the
      rows: dtype conversion + NaN/inf check) and scattered straight to its
@@ -225,14 +225,23 @@ def make_plan(n, labels, n_partitions, scheme="iid", seed=0, *, shards_per_parti
     raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def _placement(nbytes, n_workers):
-    """Worker index per partition: greedy largest-first onto the least-loaded worker."""
-    load = np.zeros(n_workers)
-    out = np.empty(len(nbytes), dtype=np.int64)
-    for p in sorted(range(len(nbytes)), key=lambda i: (-nbytes[i], i)):
+def _placement(sizes, n_workers):
+    """Worker index per partition, from the partitions' row counts.
+
+    Near-equal partitions (iid, shards: sizes within one row) go round robin,
+    partition p to worker ``p mod W``. Unequal ones (dirichlet) go greedy
+    largest-first onto the least-loaded worker (ties to the lowest index),
+    which keeps the bytes per worker balanced.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) == 0 or sizes.max() - sizes.min() <= 1:
+        return np.arange(len(sizes)) % n_workers
+    load = np.zeros(n_workers, dtype=np.int64)
+    out = np.empty(len(sizes), dtype=np.int64)
+    for p in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         w = int(np.argmin(load))
         out[p] = w
-        load[w] += nbytes[p]
+        load[w] += sizes[p]
     return out
 
 
@@ -246,7 +255,7 @@ def _bad_values(what, problem, row):
 
 def _take_rows(X, rows, dtype, check_finite):
     """Rows ``rows`` of X in ``dtype`` (one pass: gather, convert, NaN/inf check)."""
-    part = np.take(X, rows, axis=0).astype(dtype, copy=False)
+    part = np.asarray(np.take(X, rows, axis=0)).astype(dtype, copy=False)
     if check_finite:
         problem = _finite_problem(part)
         if problem:
@@ -317,12 +326,27 @@ def _array_from_blocks(blocks, name, chunks, dtype, ndim):
     return da.Array(dict(zip(keys, blocks)), name, chunks, meta=meta)
 
 
-def _scatter_parts(client, parts_iter, name, ndim, workers):
-    """Scatter parts (a generator, consumed one at a time) to their workers under array keys."""
-    futures = []
-    for p, part in enumerate(parts_iter):
-        key = (name, p, 0) if ndim == 2 else (name, p)
-        futures.append(client.scatter({key: part}, workers=[workers[p]])[key])
+def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=128 * 2**20):
+    """Scatter ``make_part(p)`` to ``workers[p]`` under the array key of chunk p.
+
+    Parts are built one at a time and sent in batches of about ``batch_bytes``
+    per worker, so the client holds at most one batch beyond its input.
+    """
+    futures = [None] * n_parts
+    for worker in sorted(set(workers)):
+        batch, size = {}, 0
+        for p in (q for q in range(n_parts) if workers[q] == worker):
+            key = (name, p, 0) if ndim == 2 else (name, p)
+            batch[key] = make_part(p)
+            size += batch[key].nbytes
+            if size >= batch_bytes:
+                futures_by_key = client.scatter(batch, workers=[worker])
+                for k, f in futures_by_key.items():
+                    futures[k[1]] = f
+                batch, size = {}, 0
+        if batch:
+            for k, f in client.scatter(batch, workers=[worker]).items():
+                futures[k[1]] = f
     return futures
 
 
@@ -452,16 +476,32 @@ class PartitionedData:
         return out
 
     def placed(self, client):
-        """These partitions held on ``client``'s workers (``self`` if they already are)."""
+        """These partitions held on ``client``'s workers (``self`` if they already are).
+
+        ``client=False``: an in-process copy (numpy chunks in the graph).
+        """
         if client is None or (self._x_futures is not None and self.client is client):
             return self
+        if client is False:
+            if self._x_futures is None and self.persisted:
+                return self
+            xs = [np.asarray(b) for b in self.client.gather(self._x_futures)] \
+                if self._x_futures is not None else [b.compute() for b in self.x_blocks()]
+            ys = None if self.y is None else [np.asarray(b.compute()) for b in self.y_blocks()]
+            X = _array_from_blocks(xs, f"dml-X-{uuid.uuid4().hex}", self.X.chunks, self.dtype, 2)
+            y = None if ys is None else _array_from_blocks(
+                ys, f"dml-y-{uuid.uuid4().hex}", self.y.chunks, self.y.dtype, 1)
+            return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
+                                   seed=self.seed, classes=self.classes,
+                                   class_count=self._class_count, params=self.params)
         workers = _list_workers(client)
-        placement = [workers[w] for w in _placement(self._partition_nbytes(), len(workers))]
+        placement = [workers[w] for w in _placement(self.partition_sizes, len(workers))]
         xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
         if self.persisted and self._x_futures is None:
             # In-process numpy chunks: scatter them straight to their workers.
-            xs = (np.asarray(b.compute(scheduler="sync")) for b in self.x_blocks())
-            xf = _scatter_parts(client, xs, xname, 2, placement)
+            blocks = self.x_blocks()
+            xf = _scatter_parts(client, lambda p: np.asarray(blocks[p].compute(scheduler="sync")),
+                                self.n_partitions, xname, 2, placement)
         else:
             # Lazy, or held by another client: compute there, then pin a copy.
             Xp = client.persist(self.X)
@@ -472,8 +512,9 @@ class PartitionedData:
                                 allow_other_workers=False) for p, f in enumerate(src)]
         yf = None
         if self.y is not None:
-            ys = (np.asarray(b.compute()) for b in self.y_blocks())
-            yf = _scatter_parts(client, ys, yname, 1, placement)
+            yblocks = self.y_blocks()
+            yf = _scatter_parts(client, lambda p: np.asarray(yblocks[p].compute()),
+                                self.n_partitions, yname, 1, placement)
         _raise_first_error(xf)
         X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2)
         y = None if yf is None else _array_from_blocks(yf, yname, self.y.chunks,
@@ -577,7 +618,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     scheme : ``"iid"`` | ``"shards"`` | ``"dirichlet"``.
     seed : seeds the plan (every random choice of every scheme).
     client : a ``distributed.Client``; default: the current default client,
-        else the partitions stay in this process.
+        else (or with ``client=False``) the partitions stay in this process.
     shards_per_partition : shards dealt to each partition (``"shards"``).
     alpha : Dirichlet concentration (``"dirichlet"``): small = skewed.
     persist : materialise and place the partitions now (default). With
@@ -594,6 +635,8 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     dtype = _x_dtype(Xs.dtype)
     if client is None:
         client = _default_client()
+    elif client is False:               # explicitly in this process
+        client = None
     workers = _list_workers(client) if client is not None else None
     if n_partitions is None:
         n_partitions = 2 * len(workers) if workers else 2
@@ -603,7 +646,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     n_features = int(Xs.shape[1])
 
     # --- source on the cluster, labels on the client ----------------------
-    x_chunk_futures = lengths = None
+    x_chunk_futures = lengths = persisted = None
     if _is_dask(Xs):
         if Xs.numblocks[1] != 1:
             Xs = Xs.rechunk({1: -1})
@@ -636,10 +679,9 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     plan = make_plan(n, labels if is_class else None, n_partitions, scheme, seed,
                      shards_per_partition=shards_per_partition, alpha=alpha)
     sizes = np.array([len(r) for r in plan], dtype=np.int64)
-    row_bytes = n_features * dtype.itemsize + (labels.dtype.itemsize if labels is not None else 0)
     placement = None
     if workers is not None and persist:
-        placement = [workers[w] for w in _placement(sizes * row_bytes, len(workers))]
+        placement = [workers[w] for w in _placement(sizes, len(workers))]
     classes = class_count = None
     if is_class:
         classes = np.unique(labels)
@@ -648,7 +690,6 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     elif labels is not None:
         class_count = (np.array([labels[r].mean() for r in plan]),
                        np.array([labels[r].std() for r in plan]))
-    y_parts = None if labels is None else (labels[r] for r in plan)
     x_chunks = (tuple(int(s) for s in sizes), (n_features,))
     y_chunks = (tuple(int(s) for s in sizes),)
     xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
@@ -660,13 +701,14 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     # --- materialise -------------------------------------------------------
     if placement is not None:
         if x_chunk_futures is None:      # numpy source: gather here, scatter to the workers
-            parts = (_take_rows(Xs, r, dtype, check_finite) for r in plan)
-            xf = _scatter_parts(client, parts, xname, 2, placement)
+            xf = _scatter_parts(client, lambda p: _take_rows(Xs, plan[p], dtype, check_finite),
+                                n_partitions, xname, 2, placement)
         else:                            # dask source: shuffle on the cluster
             xf = _cluster_shuffle(client, x_chunk_futures, lengths, plan, placement,
                                   xname, n_features, dtype, check_finite)
-            del x_chunk_futures, Xs
-        yf = None if y_parts is None else _scatter_parts(client, y_parts, yname, 1, placement)
+            del x_chunk_futures, Xs, persisted    # the scheduler keeps what the tasks need
+        yf = None if labels is None else _scatter_parts(
+            client, lambda p: labels[plan[p]], n_partitions, yname, 1, placement)
         _raise_first_error(xf)
         Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2)
         yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype, 1)
@@ -678,8 +720,8 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
         Xd = _array_from_blocks(parts, xname, x_chunks, dtype, 2)
     else:
         Xd = _lazy_partitions(Xs, lengths, plan, xname, n_features, dtype, check_finite)
-    yd = (None if y_parts is None
-          else _array_from_blocks(list(y_parts), yname, y_chunks, labels.dtype, 1))
+    yd = (None if labels is None
+          else _array_from_blocks([labels[r] for r in plan], yname, y_chunks, labels.dtype, 1))
     return PartitionedData(Xd, yd, persisted=persist, **common)
 
 

@@ -342,7 +342,7 @@ def _open_container(path: Path):
         return "group", obj
     if path.suffix in _NETCDF_SUFFIXES:
         import xarray as xr
-        return "group", xr.open_dataset(path, engine="h5netcdf", chunks={})
+        return "group", xr.open_dataset(path, chunks={})
     raise ValueError(f"unsupported data file {path}: expected .npy, .npz, a zarr store "
                      f"or netCDF ({', '.join(_NETCDF_SUFFIXES)})")
 
@@ -373,8 +373,8 @@ def load_arrays(path, labels=None, *, x="X", y="y"):
     """Open a data file as ``(X, y)`` arrays without reading it into memory where possible.
 
     ``path``: ``.npy`` (memory-mapped numpy), ``.npz``, a zarr array or group
-    (dask array reading the store on the workers), or netCDF (via xarray and
-    h5netcdf, dask-backed). For containers with several variables, X is the
+    (dask array reading the store on the workers), or netCDF (via xarray,
+    dask-backed). For containers with several variables, X is the
     variable ``x`` and y the variable ``y`` (None if absent). ``labels``: a
     second file (any of these formats), a variable name inside ``path``, or
     None. Returns numpy or dask arrays; ``y`` may be None.

@@ -1,0 +1,339 @@
+"""partition(): plans, placement on the workers, validation, input kinds, skew report."""
+import numpy as np
+import pytest
+
+import dask.array as da
+import xarray as xr
+from distributed import get_worker
+
+from dmlcore.data import PartitionedData, partition
+
+
+def _rows_xy(n=200, d=3, n_classes=10, seed=0, dtype=np.float64):
+    """X whose column 0 is the row number, so every row can be traced back."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)).astype(dtype)
+    X[:, 0] = np.arange(n)
+    y = rng.integers(0, n_classes, n)
+    return X, y
+
+
+def _blocks(data):
+    X = data.X.compute()
+    y = None if data.y is None else data.y.compute()
+    bounds = np.concatenate([[0], np.cumsum(data.partition_sizes)])
+    return ([X[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+            None if y is None else [y[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def _is_sum_of_shards(count, shard_counts, used, k):
+    """Can ``count`` be written as the sum of ``k`` unused shard count vectors?"""
+    if k == 0:
+        return not count.any()
+    for s, v in enumerate(shard_counts):
+        if not used[s] and (v <= count).all():
+            used[s] = True
+            if _is_sum_of_shards(count - v, shard_counts, used, k - 1):
+                return True
+            used[s] = False
+    return False
+
+
+# ---------------------------------------------------------------- iid
+def test_iid_sizes_and_permutation(client):
+    X, y = _rows_xy(n=203)
+    data = partition(X, y, n_partitions=6, seed=3, client=client)
+    assert isinstance(data, PartitionedData)
+    assert data.n_partitions == 6 and data.n_rows == 203 and data.n_features == 3
+    sizes = data.partition_sizes
+    assert sizes.sum() == 203 and sizes.max() - sizes.min() <= 1
+    assert data.X.chunks == (tuple(sizes), (3,)) and data.y.chunks == (tuple(sizes),)
+    xs, ys = _blocks(data)
+    ids = np.concatenate([b[:, 0] for b in xs]).astype(int)
+    assert sorted(ids) == list(range(203))           # union is a permutation of the rows
+    assert not np.array_equal(ids, np.arange(203))    # ... and actually shuffled
+    for p, (xb, yb) in enumerate(zip(xs, ys)):
+        np.testing.assert_array_equal(xb, X[data.source_rows[p]])
+        np.testing.assert_array_equal(yb, y[xb[:, 0].astype(int)])
+    np.testing.assert_array_equal(data.classes, np.arange(10))
+    assert data.n_classes == 10
+
+
+def test_same_seed_same_split(client):
+    X, y = _rows_xy(n=150)
+    a = partition(X, y, 4, seed=7, client=client)
+    b = partition(X, y, 4, seed=7, client=client)
+    c = partition(X, y, 4, seed=8, client=client)
+    np.testing.assert_array_equal(a.X.compute(), b.X.compute())
+    np.testing.assert_array_equal(a.y.compute(), b.y.compute())
+    assert not np.array_equal(a.X.compute(), c.X.compute())
+    for scheme in ("shards", "dirichlet"):
+        s1 = partition(X, y, 4, scheme=scheme, seed=1, client=False)
+        s2 = partition(X, y, 4, scheme=scheme, seed=1, client=False)
+        for r1, r2 in zip(s1.source_rows, s2.source_rows):
+            np.testing.assert_array_equal(r1, r2)
+
+
+def test_default_partition_count(client):
+    X, y = _rows_xy(n=40)
+    assert partition(X, y, client=client).n_partitions == 2 * len(client.nthreads())
+    assert partition(X, y, client=False).n_partitions == 2
+
+
+# ---------------------------------------------------------------- shards
+@pytest.mark.parametrize("balanced", [True, False])
+def test_shards_structure(client, balanced):
+    n, P, S = 2000, 10, 2
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(10), n // 10) if balanced else rng.integers(0, 10, n)
+    X = np.column_stack([np.arange(n), rng.standard_normal(n)])
+    data = partition(X, y, P, scheme="shards", shards_per_partition=S, seed=5, client=client)
+    assert (data.partition_sizes == n // P).all()
+    xs, ys = _blocks(data)
+    assert sorted(np.concatenate([b[:, 0] for b in xs]).astype(int)) == list(range(n))
+    # The shards are contiguous runs of the label-sorted sequence.
+    shard_counts = [np.bincount(s, minlength=10)
+                    for s in np.array_split(np.sort(y), P * S)]
+    used = [False] * len(shard_counts)
+    for yb in ys:
+        count = np.bincount(yb, minlength=10)
+        assert _is_sum_of_shards(count, shard_counts, used, S)
+        n_cls = np.count_nonzero(count)
+        assert 1 <= n_cls <= (2 if balanced else 2 * S)    # McMahan et al.: 2 shards, <= 2-4 classes
+    assert all(used)
+    report = data.skew_report()
+    assert float(report["label_tv_distance"].mean()) > 0.7   # strongly non-iid
+
+
+def test_shards_needs_labels_and_rows():
+    X, y = _rows_xy(n=10)
+    with pytest.raises(ValueError, match="needs labels"):
+        partition(X, None, 2, scheme="shards", client=False)
+    with pytest.raises(ValueError, match="shards"):
+        partition(X, y, 6, scheme="shards", client=False)
+
+
+# ---------------------------------------------------------------- dirichlet
+def test_dirichlet_alpha_controls_skew(client):
+    X, y = _rows_xy(n=3000)
+    skewed = partition(X, y, 8, scheme="dirichlet", alpha=0.05, seed=0, client=client)
+    near_iid = partition(X, y, 8, scheme="dirichlet", alpha=1000.0, seed=0, client=client)
+    tv_small = skewed.skew_report()["label_tv_distance"].values
+    tv_large = near_iid.skew_report()["label_tv_distance"].values
+    assert tv_small.mean() > 0.5
+    assert tv_large.max() < 0.1
+    for data in (skewed, near_iid):
+        assert (data.partition_sizes > 0).all() and data.n_rows == 3000
+        xs, _ = _blocks(data)
+        assert sorted(np.concatenate([b[:, 0] for b in xs]).astype(int)) == list(range(3000))
+
+
+def test_dirichlet_never_empty():
+    X, y = _rows_xy(n=40, n_classes=2)
+    for seed in range(5):
+        data = partition(X, y, 20, scheme="dirichlet", alpha=0.01, seed=seed, client=False)
+        assert (data.partition_sizes >= 1).all() and data.n_rows == 40
+
+
+# ---------------------------------------------------------------- skew report
+def test_skew_report_hand_computed(client):
+    # 6 rows of class 0 and 3 of class 1, 3 partitions of one shard each:
+    # sorted labels 000|000|111 -> two partitions [3, 0], one [0, 3].
+    X = np.arange(18, dtype=np.float32).reshape(9, 2)
+    y = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0])
+    data = partition(X, y, 3, scheme="shards", shards_per_partition=1, seed=2, client=client)
+    rep = data.skew_report()
+    assert set(rep.dims) == {"partition", "class"}
+    assert rep["rows"].values.tolist() == [3, 3, 3]
+    assert rep["bytes"].values.tolist() == [3 * (2 * 4 + 8)] * 3    # float32 X + int64 y
+    counts = rep["class_count"].values
+    assert sorted(map(tuple, counts)) == [(0, 3), (3, 0), (3, 0)]
+    # TV from global [2/3, 1/3]: [1, 0] -> 1/3, [0, 1] -> 2/3.
+    expected = [2 / 3 if c[1] == 3 else 1 / 3 for c in counts]
+    np.testing.assert_allclose(rep["label_tv_distance"].values, expected)
+    assert float(rep["imbalance"]) == 1.0
+    assert rep["worker"].values.tolist() == data.workers()
+    assert rep.attrs["scheme"] == "shards"
+    # iid, 10 rows in 3 partitions: 4, 3, 3 -> imbalance 4 / (10 / 3) = 1.2
+    iid = partition(np.ones((10, 2)), np.arange(10) % 2, 3, client=client)
+    assert float(iid.skew_report()["imbalance"]) == pytest.approx(1.2)
+    assert "imbalance 1.20" in repr(iid) and "n_partitions=3" in repr(iid)
+
+
+def test_regression_report_and_dtypes():
+    X = np.arange(40, dtype=np.int32).reshape(20, 2)
+    y = np.linspace(0, 1, 20)
+    data = partition(X, y, 2, client=False)
+    assert data.dtype == np.float64 and data.classes is None and data.n_classes is None
+    rep = data.skew_report()
+    assert "class_count" not in rep and "label_mean" in rep
+    yb = _blocks(data)[1]
+    np.testing.assert_allclose(rep["label_mean"].values, [b.mean() for b in yb])
+    d32 = partition(X.astype(np.float32), y, 2, client=False)
+    assert d32.dtype == np.float32 and d32.y.dtype == np.float32
+    dbool = partition(X.astype(np.float32), np.arange(20) % 2 == 0, 2, client=False)
+    assert dbool.y.dtype == np.int64 and dbool.classes.tolist() == [0, 1]
+    unlabelled = partition(X, None, 4, client=False)
+    assert unlabelled.y is None and unlabelled.y_blocks() == [None] * 4
+
+
+# ---------------------------------------------------------------- placement
+def _worker_address():
+    return get_worker().address
+
+
+def test_partitions_live_evenly_on_the_workers(client):
+    X, y = _rows_xy(n=800, d=4)
+    data = partition(X, y, 8, seed=0, client=client)
+    workers = sorted(client.nthreads())
+    placed = data.workers()
+    assert placed == [workers[p % len(workers)] for p in range(8)]
+    futures = data.partition_futures()
+    who = client.who_has([f for pair in futures for f in pair])
+    for p, (xf, yf) in enumerate(futures):
+        assert who[xf.key] == (placed[p],) and who[yf.key] == (placed[p],)
+    per_worker = {w: 0 for w in workers}
+    for p, w in enumerate(placed):
+        per_worker[w] += data.skew_report()["bytes"].values[p]
+    assert len(set(per_worker.values())) == 1                 # balanced bytes
+    # A task pinned to the partition's worker sees its numpy arrays without transfer.
+    out = client.gather([client.submit(lambda a, b: (type(a), a.shape, len(b), _worker_address()),
+                                       xf, yf, workers=[placed[p]], allow_other_workers=False)
+                         for p, (xf, yf) in enumerate(futures)])
+    for p, (kind, shape, ny, where) in enumerate(out):
+        assert kind is np.ndarray and shape == (data.partition_sizes[p], 4) and ny == shape[0]
+        assert where == placed[p]
+    assert len(data.x_blocks()) == 8 and data.x_blocks()[3].shape == (100, 4)
+    # Unequal partitions: bytes per worker differ by at most one partition.
+    skewed = partition(X, y, 6, scheme="dirichlet", alpha=0.3, client=client)
+    rep = skewed.skew_report()
+    loads = [int(rep["bytes"].values[rep["worker"].values == w].sum()) for w in workers]
+    assert max(loads) - min(loads) <= int(rep["bytes"].max())
+
+
+def test_dask_input_unknown_chunks_rebalanced(client):
+    X, y = _rows_xy(n=1000, d=3)
+    Xd = da.from_array(X, chunks=((50, 400, 150, 300, 100), (3,)))
+    yd = da.from_array(y, chunks=((50, 400, 150, 300, 100),))
+    keep = Xd[:, 1] > -0.3
+    Xf, yf = Xd[keep], yd[keep]
+    assert np.isnan(Xf.chunks[0][0])                          # unknown chunk sizes
+    data = partition(Xf, yf, 4, seed=1, client=client)
+    mask = X[:, 1] > -0.3
+    n = int(mask.sum())
+    assert data.n_rows == n and data.partition_sizes.max() - data.partition_sizes.min() <= 1
+    assert data.X.numblocks == (4, 1) and data.y.numblocks == (4,)
+    workers = sorted(client.nthreads())       # (checked before computing: a compute may copy)
+    who = client.who_has([f for f, _ in data.partition_futures()])
+    assert [who[f.key] for f, _ in data.partition_futures()] == \
+        [(workers[p % 2],) for p in range(4)]
+    xs, ys = _blocks(data)
+    ids = np.concatenate([b[:, 0] for b in xs]).astype(int)
+    assert sorted(ids) == sorted(np.flatnonzero(mask))
+    for xb, yb in zip(xs, ys):
+        np.testing.assert_array_equal(xb, X[xb[:, 0].astype(int)])
+        np.testing.assert_array_equal(yb, y[xb[:, 0].astype(int)])
+    # One big chunk in, several balanced partitions out; non-iid schemes too.
+    one = partition(da.from_array(X, chunks=(1000, 3)), y, 3, scheme="shards", client=client)
+    assert one.X.numblocks == (3, 1) and sorted(one.partition_sizes) == [333, 333, 334]
+
+
+def test_dask_input_without_client_and_lazy(client):
+    X, y = _rows_xy(n=300)
+    Xd = da.from_array(X, chunks=70)
+    keep = Xd[:, 1] > 0
+    lazy = partition(Xd[keep], y[X[:, 1] > 0], 3, persist=False, client=client)
+    assert not lazy.persisted and "lazy" in repr(lazy)
+    with pytest.raises(RuntimeError, match="placed"):
+        lazy.partition_futures()
+    xs, _ = _blocks(lazy)
+    for p, xb in enumerate(xs):
+        np.testing.assert_array_equal(xb, X[X[:, 1] > 0][lazy.source_rows[p]])
+    on_cluster = lazy.placed(client)
+    assert on_cluster.workers() == [sorted(client.nthreads())[p % 2] for p in (0, 1, 0)]
+    np.testing.assert_array_equal(on_cluster.X.compute(), lazy.X.compute())
+    local = partition(Xd, y, 3, client=False)
+    assert local.workers() == [None] * 3 and "in-process" in repr(local)
+    moved = local.placed(client)
+    np.testing.assert_array_equal(moved.y.compute(), local.y.compute())
+    assert len(moved.partition_futures()) == 3
+    back = moved.placed(False)
+    np.testing.assert_array_equal(back.X.compute(scheduler="sync"), local.X.compute())
+
+
+# ---------------------------------------------------------------- validation
+def test_nan_and_inf_rejected(client):
+    X, y = _rows_xy(n=100)
+    bad = X.copy()
+    bad[37, 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN.*row 37"):
+        partition(bad, y, 4, client=client)
+    with pytest.raises(ValueError, match=r"NaN.*row 37"):
+        partition(da.from_array(bad, chunks=30), y, 4, client=client)
+    bad[5, 1] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        partition(bad, y, 4, client=False)
+    yr = np.linspace(0, 1, 100)
+    yr[3] = np.nan
+    with pytest.raises(ValueError, match=r"y contains 1 NaN"):
+        partition(X, yr, 4, client=client)
+    ok = partition(bad, y, 4, client=False, check_finite=False)
+    assert np.isnan(ok.X.compute()).sum() == 1
+
+
+def test_shape_and_scheme_errors():
+    X, y = _rows_xy(n=20)
+    with pytest.raises(ValueError, match="2-D"):
+        partition(X[:, 0], y, client=False)
+    with pytest.raises(ValueError, match="20 rows but y has 19"):
+        partition(X, y[:-1], client=False)
+    with pytest.raises(ValueError, match="1-D"):
+        partition(X, np.c_[y, y], client=False)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        partition(X, y, scheme="noniid", client=False)
+    with pytest.raises(ValueError, match="cannot cut"):
+        partition(X, y, 21, client=False)
+
+
+# ---------------------------------------------------------------- input kinds
+def test_xarray_inputs(client):
+    X, y = _rows_xy(n=60, dtype=np.float32)
+    ds = xr.Dataset({"X": (("sample", "feature"), X), "y": ("sample", y)})
+    a = partition(ds, n_partitions=3, client=client)
+    b = partition(X, y, 3, client=client)
+    np.testing.assert_array_equal(a.X.compute(), b.X.compute())
+    np.testing.assert_array_equal(a.y.compute(), b.y.compute())
+    assert a.dtype == np.float32
+    named = ds.rename({"X": "pixels", "y": "label"}).chunk({"sample": 25})
+    c = partition(named, "label", 3, x="pixels", client=client)
+    np.testing.assert_array_equal(c.X.compute(), b.X.compute())
+    d = partition(named["pixels"], named["label"], 3, client=client)
+    np.testing.assert_array_equal(d.y.compute(), b.y.compute())
+    with pytest.raises(ValueError, match="no variable 'X'"):
+        partition(named, "label", client=client)
+
+
+def test_npy_zarr_netcdf_paths(client, tmp_path):
+    import zarr
+
+    X, y = _rows_xy(n=90)
+    ref = partition(X, y, 3, client=client)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    from_npy = partition(str(tmp_path / "X.npy"), str(tmp_path / "y.npy"), 3, client=client)
+    np.testing.assert_array_equal(from_npy.X.compute(), ref.X.compute())
+
+    group = zarr.open_group(str(tmp_path / "data.zarr"), mode="w")
+    group.create_array("X", data=X, chunks=(25, 3))
+    group.create_array("y", data=y, chunks=(25,))
+    from_zarr = partition(str(tmp_path / "data.zarr"), None, 3, client=client)
+    np.testing.assert_array_equal(from_zarr.X.compute(), ref.X.compute())
+    np.testing.assert_array_equal(from_zarr.y.compute(), ref.y.compute())
+    arr = zarr.open_array(str(tmp_path / "data.zarr" / "X"), mode="r")
+    from_zarr_array = partition(arr, y, 3, client=client)
+    np.testing.assert_array_equal(from_zarr_array.X.compute(), ref.X.compute())
+
+    xr.Dataset({"X": (("s", "f"), X), "label": ("s", y)}).to_netcdf(
+        tmp_path / "d.nc")
+    from_nc = partition(str(tmp_path / "d.nc"), "label", 3, client=client)
+    np.testing.assert_array_equal(from_nc.y.compute(), ref.y.compute())

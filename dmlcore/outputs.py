@@ -1,0 +1,280 @@
+"""What a workflow run leaves in its output directory, written atomically.
+
+Design
+------
+Every output is first rendered to bytes in memory (``config.yaml``,
+``history.nc``, ``model.npz``, ``metrics.json``, the PNG plots; for sweeps
+``sweep.nc`` and ``best.yaml``), so an error while producing any of them
+happens before a single file is touched. ``commit`` then writes each file
+with ``checkpoint.atomic_write`` (temporary name in the same directory +
+rename) and swaps the run's live checkpoints (``checkpoints.partial``) into
+``checkpoints``. A reader therefore sees either the previous run's file or
+the new one, never a half-written one, and a failed run leaves the previous
+run's files as they were.
+
+``model.npz`` holds ``params`` (the flat vector), ``config`` (the model's
+``to_config()`` as JSON, rebuilt by ``dml.models.from_config``), the layout
+(``layer_names``, ``layer_slices`` [start, stop) rows, ``layout`` JSON with
+the W/b shapes) and ``meta`` (JSON: dmlcore version, dtype, workflow).
+Everything is a plain array: ``np.load(path, allow_pickle=False)`` reads it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write
+
+__all__ = ["model_bytes", "load_model", "history_bytes", "run_files", "sweep_files", "commit",
+           "sweep_dataset"]
+
+# Files a run may write; a new run removes those of an earlier run it did not rewrite.
+_PLOT_SUFFIX = ".png"
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def json_bytes(obj):
+    return (json.dumps(_clean(obj), indent=2, default=_json_default) + "\n").encode()
+
+
+def yaml_bytes(config):
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None).encode()
+
+
+# ---- model file ----------------------------------------------------------------
+def model_bytes(model, params, meta=None):
+    """``model.npz`` contents (see the module docstring)."""
+    from . import __version__
+
+    params = np.ascontiguousarray(params)
+    views = model.views(params)
+    slices = model.layer_slices
+    layout = [{"name": name, "start": s.start, "stop": s.stop,
+               "W": list(views[name]["W"].shape), "b": list(views[name]["b"].shape)}
+              for name, s in slices.items()]
+    info = {"dmlcore": __version__, "dtype": str(params.dtype), "n_params": int(params.size)}
+    info.update(meta or {})
+    arrays = {
+        "params": params,
+        "config": np.array(json.dumps(model.to_config())),
+        "layer_names": np.array(list(slices), dtype=str),
+        "layer_slices": np.array([[s.start, s.stop] for s in slices.values()], dtype=np.int64)
+        .reshape(-1, 2),
+        "layout": np.array(json.dumps(layout)),
+        "meta": np.array(json.dumps(info, default=_json_default)),
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def load_model(path):
+    """``(model, params, meta)`` from a ``model.npz`` written by ``dmlcore run``."""
+    from .models import from_config
+
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("params", "config") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} is not a dmlcore model file (no {', '.join(missing)})")
+        params = np.array(z["params"])
+        config = json.loads(str(z["config"]))
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    model = from_config(config)
+    model._check_params(params)
+    return model, params, meta
+
+
+# ---- history -------------------------------------------------------------------
+def _netcdf_safe(ds):
+    """A copy of ``ds`` that netCDF3 (scipy engine) can hold: scalar attrs, no bools/int64 data."""
+    ds = ds.copy()
+    attrs = {}
+    for k, v in ds.attrs.items():
+        if isinstance(v, (bool, np.bool_)):
+            v = int(v)
+        if v is None:
+            continue
+        attrs[k] = v if isinstance(v, (str, int, float, np.integer, np.floating)) else str(v)
+    ds.attrs = attrs
+    for name in list(ds.variables):
+        var = ds[name]
+        var.attrs = {k: (v if isinstance(v, (str, int, float)) else str(v))
+                     for k, v in var.attrs.items() if v is not None}
+        if var.dtype == bool:
+            ds[name] = var.astype(np.int8)
+        elif var.dtype.kind in "iu" and var.dtype.itemsize == 8 and name not in ds.dims:
+            ds[name] = var.astype(np.float64)
+        elif var.dtype.kind == "O":
+            ds[name] = var.astype(str)
+    return ds
+
+
+def history_bytes(ds):
+    """A Dataset as netCDF bytes (netCDF3 via scipy: no HDF5 library needed)."""
+    return bytes(_netcdf_safe(ds).to_netcdf(engine="scipy"))
+
+
+# ---- a run's files ---------------------------------------------------------------
+def run_files(config, result, metrics, *, strategy_kind, plots=True, meta=None):
+    """{file name: bytes} of a single run."""
+    from . import plots as plotting
+
+    model_meta = dict(meta or {})
+    model_meta["workflow_name"] = config.get("name", "")
+    files = {
+        "config.yaml": yaml_bytes(config),
+        "history.nc": history_bytes(result.history),
+        "model.npz": model_bytes(result.model, result.params, model_meta),
+        "metrics.json": json_bytes(metrics),
+    }
+    if plots:
+        files.update(plotting.history_plots(result.history, strategy_kind=strategy_kind,
+                                            title=config.get("name", "")))
+    return files
+
+
+def _coord_values(values):
+    """Sweep values as a netCDF coordinate: numbers stay numbers, anything else a string."""
+    if all(isinstance(v, bool) for v in values):
+        return np.array([str(v).lower() for v in values])
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.int64)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return np.array(values, dtype=np.float64)
+    if all(isinstance(v, str) for v in values):
+        return np.array(values)
+    return np.array([json.dumps(v) for v in values])
+
+
+def sweep_dataset(plan, results):
+    """One dimension per swept key: final metrics and history curves (NaN-padded)."""
+    import xarray as xr
+
+    keys = plan.sweep_keys
+    shape = tuple(len(plan.sweep_values[k]) for k in keys)
+    coords = {k: _coord_values(plan.sweep_values[k]) for k in keys}
+    max_steps = max(int(r.fit.history.sizes.get("step", 0)) for r in results)
+    steps = np.arange(1, max_steps + 1)
+    finals = ("final_loss", "eval_loss", "eval_accuracy", "wall_time", "steps", "bytes_sent")
+    final_arrays = {name: np.full(shape, np.nan) for name in finals}
+    curve_names = []
+    for r in results:
+        for name in ("loss", "eval_loss", "eval_accuracy", "wall_time", "bytes_sent"):
+            if name in r.fit.history and name not in curve_names:
+                curve_names.append(name)
+    curves = {name: np.full(shape + (max_steps,), np.nan) for name in curve_names}
+    index_of = {k: {json.dumps(v): i for i, v in enumerate(plan.sweep_values[k])} for k in keys}
+    for r in results:
+        idx = tuple(index_of[k][json.dumps(r.spec.assignment[k])] for k in keys)
+        for name in finals:
+            value = r.metrics.get(name)
+            final_arrays[name][idx] = np.nan if value is None else float(value)
+        h = r.fit.history
+        pos = np.asarray(h["step"].values, dtype=np.int64) - 1
+        ok = (pos >= 0) & (pos < max_steps)
+        for name in curve_names:
+            if name in h:
+                curves[name][idx + (pos[ok],)] = np.asarray(h[name].values, np.float64)[ok]
+    data = {name: (keys, arr) for name, arr in final_arrays.items()}
+    data.update({f"{name}_curve": (keys + ["step"], arr) for name, arr in curves.items()})
+    coords["step"] = steps
+    ds = xr.Dataset(data, coords=coords,
+                    attrs={"swept_keys": ",".join(keys), "workflow": plan.workflow.name})
+    return ds
+
+
+def sweep_files(plan, results, best, best_config, *, plots=True):
+    """{file name: bytes} of a sweep: sweep.nc, best.yaml, the best run's model/history."""
+    from . import plots as plotting
+
+    best_run = results[best]
+    metrics = {"best": dict(best_run.spec.assignment), "best_metrics": best_run.metrics,
+               "runs": [r.metrics for r in results]}
+    files = {
+        "config.yaml": yaml_bytes(plan.base_config),
+        "sweep.nc": history_bytes(sweep_dataset(plan, results)),
+        "best.yaml": yaml_bytes(best_config),
+        "history.nc": history_bytes(best_run.fit.history),
+        "model.npz": model_bytes(best_run.fit.model, best_run.fit.params,
+                                 {"workflow": plan.workflow.name,
+                                  "sweep": dict(best_run.spec.assignment)}),
+        "metrics.json": json_bytes(metrics),
+    }
+    if plots:
+        curves = [(r.spec.label, r.fit.history) for r in results]
+        files.update(plotting.sweep_plots(curves, title=plan.base_config.get("name", "")))
+    return files
+
+
+# ---- committing ------------------------------------------------------------------
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_KNOWN = {"config.yaml", "history.nc", "model.npz", "metrics.json", "sweep.nc", "best.yaml"}
+
+
+def commit(out_dir, files, checkpoints=()):
+    """Write ``files`` atomically into ``out_dir``; swap live checkpoint dirs into place.
+
+    ``checkpoints``: ``[(live dir, final dir)]``: the final dir is replaced by
+    the live one. Outputs of an earlier run that this run did not produce
+    (known names and PNGs) are removed, so the directory describes one run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~_umask()
+    for name, content in files.items():
+        def write(f, c=content):
+            f.write(c)
+            os.fchmod(f.fileno(), mode)     # temporary files are created 0600
+        atomic_write(out_dir / name, write)
+    for path in out_dir.iterdir():
+        stale = path.name not in files and path.is_file() and (
+            path.name in _KNOWN or path.suffix == _PLOT_SUFFIX)
+        if stale:
+            path.unlink(missing_ok=True)
+    for live, final in checkpoints:
+        live, final = Path(live), Path(final)
+        if not live.exists():
+            continue
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            final.rename(old)
+        live.rename(final)
+        if old.exists():
+            shutil.rmtree(old)

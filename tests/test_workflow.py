@@ -1,0 +1,287 @@
+"""Workflow files: parsing with line numbers, --set, the schema, the registry.
+
+Most checks run in this process through ``dmlcore.cli.main`` (no cluster is
+started for anything caught before one would be): exit code 2, one line on
+stderr naming the file, the YAML line and the key path.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dmlcore import cli, workflow
+from dmlcore.workflow import REGISTRY, WorkflowError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ROOT / "workflows" / "quickstart.yaml"
+
+GOOD = """\
+name: t
+data:
+  source:
+    synthetic: {kind: classification, n_samples: 1000, n_features: 5, n_classes: 3}
+  partitions: 2
+model: {kind: mlp, hidden: [8]}
+strategy: {kind: sync, batch_size: 32}
+optimizer: {kind: sgd, lr: 0.1, momentum: 0.9}
+train: {epochs: 1}
+output: {dir: OUT}
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Small data files: good ones, and ones with each kind of defect."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "y_short.npy", y[:50])
+    np.save(tmp_path / "y_three.npy", np.where(y == 1, 2, 0))
+    np.save(tmp_path / "y_negative.npy", y - 1)
+    np.save(tmp_path / "y_fraction.npy", y + 0.5)
+    np.save(tmp_path / "X3d.npy", X.reshape(60, 5, 1))
+    return tmp_path
+
+
+def write(tmp_path, text, name="wf.yaml"):
+    path = tmp_path / name
+    path.write_text(text.replace("OUT", str(tmp_path / "out")))
+    return path
+
+
+def run_main(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+SYNTHETIC = ("  source:\n"
+             "    synthetic: {kind: classification, n_samples: 1000, n_features: 5, n_classes: 3}\n")
+
+
+def with_source(source, model="{kind: logistic}"):
+    """GOOD with ``data.source`` replaced (one line, so later line numbers shift by -1)."""
+    return GOOD.replace(SYNTHETIC, f"  source: {source}\n").replace("{kind: mlp, hidden: [8]}",
+                                                                   model)
+
+
+# Each case: (workflow text or None for GOOD, extra argv, expected fragment, expected line)
+CATALOGUE = {
+    "malformed yaml": ("data: [1, 2\nmodel: {kind: mlp}\n", [], "malformed YAML", None),
+    "empty file": ("", [], "the file is empty", None),
+    "only a comment": ("# nothing here\n", [], "the file is empty", None),
+    "top level is a list": ("- a\n- b\n", [], "top level must be a mapping", 1),
+    "unknown top-level key": (GOOD + "modle: {kind: mlp}\n", [],
+                              "modle: unknown key (did you mean 'model'?)", 11),
+    "unknown strategy kind": (GOOD.replace("kind: sync", "kind: spark"), [],
+                              "strategy.kind: 'spark' is not one of sync, ps, fedavg", 7),
+    "unknown model kind": (GOOD.replace("kind: mlp", "kind: cnn"), [],
+                           "model.kind: 'cnn' is not one of linear, logistic, softmax, mlp", 6),
+    "unknown optimizer key": (GOOD.replace("momentum: 0.9", "momentun: 0.9"), [],
+                              "optimizer.momentun: unknown key (did you mean 'momentum'?)", 8),
+    "wrong type": (GOOD.replace("lr: 0.1", "lr: fast"), [],
+                   "optimizer.lr: expected a number, got the string 'fast'", 8),
+    "wrong type int": (GOOD.replace("batch_size: 32", "batch_size: 3.5"), [],
+                       "strategy.batch_size: expected an integer", 7),
+    "out of range (constructor)": (GOOD.replace("momentum: 0.9", "momentum: 1.5"), [],
+                                   "optimizer.momentum: momentum must be in [0, 1)", 8),
+    "out of range (schema)": (GOOD.replace("partitions: 2", "partitions: 0"), [],
+                              "data.partitions: must be >= 1, got 0", 5),
+    "bool for a number": (GOOD.replace("epochs: 1", "epochs: yes"), [],
+                          "train.epochs: expected an integer, got the boolean true", 9),
+    "no training length": (GOOD.replace("train: {epochs: 1}", "train: {seed: 1}"), [],
+                           "train: give exactly one of epochs, steps, rounds", 9),
+    "two training lengths": (GOOD.replace("epochs: 1", "epochs: 1, steps: 5"), [],
+                             "give exactly one of epochs, steps, rounds (got epochs, steps)", 9),
+    "missing section": (GOOD.replace("strategy: {kind: sync, batch_size: 32}\n", ""), [],
+                        "missing key 'strategy'", None),
+    "duplicate key": (GOOD + "train: {steps: 3}\n", [], "train: duplicate key", 11),
+    "unknown scheme": (GOOD.replace("partitions: 2", "partitions: 2\n  scheme: random"), [],
+                       "data.scheme: 'random' is not one of iid, shards, dirichlet", 6),
+    "unknown data set": (with_source("mnist_digits", "{kind: mlp}"), [],
+                         "'mnist_digits' is not a known data set", 3),
+    "lbfgs with mini-batches": (GOOD.replace("{kind: sgd, lr: 0.1, momentum: 0.9}",
+                                             "{kind: lbfgs}"), [],
+                                "lbfgs is a full-batch solver", 8),
+    "rounds with sync": (GOOD.replace("epochs: 1", "rounds: 3"), [],
+                         "train.rounds: rounds are FedAvg rounds", 9),
+    "logistic on 3 classes": (GOOD.replace("{kind: mlp, hidden: [8]}", "{kind: logistic}"), [],
+                              "logistic is binary; the data have 3 classes", 6),
+    "unknown mlp activation": (GOOD.replace("hidden: [8]", "hidden: [8], activation: swish"),
+                               [], "model", 6),
+    "hidden not a list": (GOOD.replace("hidden: [8]", "hidden: 8"), [],
+                          "model.hidden: expected a list of integers", 6),
+    "bad sweep value": (GOOD + "sweep: {optimizer.lr: [0.1, -1]}\n", [],
+                        "sweep optimizer.lr=-1: optimizer.lr: lr must be positive", 11),
+    "sweep not a list": (GOOD + "sweep: {optimizer.lr: 0.1}\n", [],
+                         "sweep.optimizer.lr: expected a non-empty list", 11),
+    "--set without =": (None, ["--set", "optimizer.lr"], "expected key.path=value", None),
+    "--set into a scalar": (None, ["--set", "optimizer.lr.x=1"],
+                            "optimizer.lr is a float, not a mapping", None),
+    "--set unknown key": (None, ["--set", "train.epochz=2"],
+                          "--set train.epochz=2: train.epochz: unknown key", None),
+    "--set bad value": (None, ["--set", "optimizer.lr=[1, 2"], "the value is not valid YAML",
+                        None),
+    "--set bad kind": (None, ["--set", "strategy.kind=spark"],
+                       "--set strategy.kind=spark: strategy.kind: 'spark' is not one of", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CATALOGUE))
+def test_bad_workflow_exit_2_one_line(case, tmp_path, capsys):
+    text, argv, fragment, line = CATALOGUE[case]
+    path = write(tmp_path, GOOD if text is None else text)
+    rc, out, err = run_main(capsys, "validate", path, *argv)
+    assert rc == 2, (out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert fragment in err, err
+    if line is not None:
+        assert f"{path}:{line}: " in err, err
+    assert not (tmp_path / "out").exists()
+
+
+FILE_CASES = {
+    "missing data file": ("{path: NOPE.npy, labels: DIR/y.npy}", "{kind: logistic}",
+                          "data.source.path: data file not found"),
+    "missing labels file": ("{path: DIR/X.npy, labels: DIR/nope.npy}", "{kind: logistic}",
+                            "data.source.labels: labels file not found"),
+    "X and y of different lengths": ("{path: DIR/X.npy, labels: DIR/y_short.npy}",
+                                     "{kind: logistic}", "X has 60 rows but the labels have 50"),
+    "labels outside the classes": ("{path: DIR/X.npy, labels: DIR/y_three.npy}",
+                                   "{kind: logistic}", "outside the classes 0, 1"),
+    "negative labels": ("{path: DIR/X.npy, labels: DIR/y_negative.npy}", "{kind: softmax}",
+                        "negative values"),
+    "fractional labels": ("{path: DIR/X.npy, labels: DIR/y_fraction.npy}", "{kind: softmax}",
+                          "not integer class ids"),
+    "3-D X": ("{path: DIR/X3d.npy, labels: DIR/y.npy}", "{kind: logistic}",
+              "X must be 2-D"),
+    "not a data file": ("{path: DIR/wf.yaml, labels: DIR/y.npy}", "{kind: logistic}",
+                        "unsupported data file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILE_CASES))
+def test_bad_data_files_exit_2_before_any_cluster(case, files, capsys, monkeypatch):
+    source, model, fragment = FILE_CASES[case]
+    path = write(files, with_source(source.replace("DIR", str(files)), model))
+    started = []
+    monkeypatch.setattr(workflow, "open_client", lambda *a, **k: started.append(1))
+    rc, out, err = run_main(capsys, "run", path)
+    assert rc == 2, (out, err)
+    assert err.count("\n") == 1 and "Traceback" not in err and fragment in err, err
+    assert not started and not (files / "out").exists()
+
+
+def test_missing_workflow_and_model_files(tmp_path, capsys):
+    rc, _, err = run_main(capsys, "run", tmp_path / "nope.yaml")
+    assert rc == 2 and "no such workflow file" in err
+    rc, _, err = run_main(capsys, "predict", tmp_path / "m.npz", tmp_path / "X.npy", "-o",
+                          tmp_path / "o.npy")
+    assert rc == 2 and "no such model file" in err and err.count("\n") == 1
+    (tmp_path / "m.npz").write_bytes(b"not an npz file")
+    rc, _, err = run_main(capsys, "predict", tmp_path / "m.npz", tmp_path / "X.npy", "-o",
+                          tmp_path / "o.npy")
+    assert rc == 2 and "not a dmlcore model file" in err
+    rc, _, err = run_main(capsys, "run")
+    assert rc == 2 and err.count("\n") == 1 and "required" in err
+
+
+def test_predict_rejects_wrong_feature_count_and_nan(tmp_path, capsys):
+    from dmlcore.models import Softmax
+    from dmlcore.outputs import model_bytes
+
+    model = Softmax(4, 3)
+    (tmp_path / "m.npz").write_bytes(model_bytes(model, model.init(0)))
+    np.save(tmp_path / "X5.npy", np.zeros((10, 5)))
+    rc, _, err = run_main(capsys, "predict", tmp_path / "m.npz", tmp_path / "X5.npy", "-o",
+                          tmp_path / "o.npy")
+    assert rc == 2 and "5 features, the model expects 4" in err
+    X = np.zeros((10, 4))
+    X[7, 1] = np.nan
+    np.save(tmp_path / "Xnan.npy", X)
+    rc, _, err = run_main(capsys, "predict", tmp_path / "m.npz", tmp_path / "Xnan.npy", "-o",
+                          tmp_path / "o.npy")
+    assert rc == 2 and "NaN" in err and not (tmp_path / "o.npy").exists()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_unreachable_scheduler_is_bad_input(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    t0 = time.perf_counter()
+    rc, _, err = run_main(capsys, "run", path, "--scheduler", "tcp://127.0.0.1:9")
+    assert rc == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
+    assert time.perf_counter() - t0 < 20
+    assert not (tmp_path / "out").exists()
+
+
+# ---- parsing, lines, overrides ----------------------------------------------------------
+def test_lines_of_key_paths_and_overrides(tmp_path):
+    path = write(tmp_path, GOOD)
+    wf = workflow.load(path, ["optimizer.lr=3e-2", "sweep.strategy.batch_size=[16, 32]",
+                              "data.source.synthetic.n_samples=500"])
+    assert wf.lines[("strategy", "kind")] == 7
+    assert wf.lines[("data", "source", "synthetic")] == 4
+    assert wf.config["optimizer"]["lr"] == 0.03            # 3e-2 is a float, not a string
+    assert wf.config["sweep"] == {"strategy.batch_size": [16, 32]}
+    assert wf.where(("optimizer", "lr")) == f"{path}: --set optimizer.lr=3e-2"
+    assert wf.where(("optimizer", "momentum")) == f"{path}:8"
+    plan = workflow.validate(wf)
+    assert plan.sweep_keys == ["strategy.batch_size"]
+    assert [r.strategy_kwargs["batch_size"] for r in plan.runs] == [16, 32]
+    assert all(r.data["source"]["options"]["n_samples"] == 500 for r in plan.runs)
+
+
+def test_every_shipped_workflow_validates(capsys):
+    for path in sorted((ROOT / "workflows").glob("*.yaml")):
+        rc, out, err = run_main(capsys, "validate", path)
+        assert rc == 0, err
+        assert "valid" in out
+
+
+def test_registry_and_signatures_agree():
+    """Every registered kind resolves, and the keys allowed are its constructor's keywords."""
+    for section, kinds in REGISTRY.items():
+        for kind in kinds:
+            obj = workflow.resolve_kind(section, kind)
+            assert callable(obj)
+    from dmlcore import SyncSGD, optim
+
+    assert workflow.resolve_kind("strategy", "sync") is SyncSGD
+    assert workflow.resolve_kind("optimizer", "adam") is optim.Adam
+    # a keyword added to a constructor is accepted by the file without touching workflow.py
+    text = GOOD.replace("{kind: sync, batch_size: 32}", "{kind: sync, batch_size: 32, "
+                        + ", ".join(f"{k}: {v.default!r}" for k, v in inspect.signature(
+                            SyncSGD).parameters.items() if k in ("fan_in", "local_steps",
+                                                                 "transport"))
+                        .replace("'", "") + "}")
+    wf = workflow.Workflow(config=yaml.safe_load(text), name="x.yaml")
+    spec = workflow.validate(wf).runs[0]
+    assert spec.strategy_kwargs == {"batch_size": 32, "fan_in": 4, "local_steps": 1,
+                                    "transport": "actors"}
+
+
+def test_model_sizes_are_inferred_from_the_data():
+    wf = workflow.Workflow(config=yaml.safe_load(GOOD), name="x.yaml")
+    spec = workflow.validate(wf).runs[0]
+    prepared = workflow.PreparedData(data=None, eval_data=None, n_features=784, n_outputs=10)
+    model = workflow.build_model(spec, prepared)
+    assert model.sizes == [784, 8, 10]
+
+
+def test_fedavg_server_optimizer_is_built_from_the_registry():
+    text = GOOD.replace("{kind: sync, batch_size: 32}",
+                        "{kind: fedavg, clients_per_round: 0.5, server_optimizer: "
+                        "{kind: sgd, lr: 1.0, momentum: 0.9}}").replace("epochs: 1", "rounds: 2")
+    spec = workflow.validate(workflow.Workflow(config=yaml.safe_load(text), name="x")).runs[0]
+    strategy = workflow.build_strategy(spec.strategy_kind, spec.strategy_kwargs)
+    assert type(strategy.server_optimizer).__name__ == "SGD"
+    bad = text.replace("{kind: sgd, lr: 1.0", "{kind: sgd, lr: -1.0")
+    with pytest.raises(WorkflowError, match="strategy.server_optimizer.lr: lr must be positive"):
+        workflow.validate(workflow.Workflow(config=yaml.safe_load(bad), name="x"))

@@ -61,6 +61,8 @@ cdef extern from "loss_kernels.h" nogil:
     void dml_vlog_f(const float *x, float *out, int64_t n)
     void dml_vlog1p_d(const double *x, double *out, int64_t n)
     void dml_vlog1p_f(const float *x, float *out, int64_t n)
+    void dml_vlog1p_unit_d(const double *x, double *out, int64_t n)
+    void dml_vlog1p_unit_f(const float *x, float *out, int64_t n)
 
 DEF KIND_SQUARED = 0
 DEF KIND_LOGISTIC = 1
@@ -249,15 +251,19 @@ def _map(const floating[::1] x, floating[::1] out, int which):
                 dml_vexp_d(&x[0], &out[0], n)
             elif which == 1:
                 dml_vlog_d(&x[0], &out[0], n)
-            else:
+            elif which == 2:
                 dml_vlog1p_d(&x[0], &out[0], n)
+            else:
+                dml_vlog1p_unit_d(&x[0], &out[0], n)
         else:
             if which == 0:
                 dml_vexp_f(&x[0], &out[0], n)
             elif which == 1:
                 dml_vlog_f(&x[0], &out[0], n)
-            else:
+            elif which == 2:
                 dml_vlog1p_f(&x[0], &out[0], n)
+            else:
+                dml_vlog1p_unit_f(&x[0], &out[0], n)
 
 
 def _map_checked(name, x, out, int which):
@@ -285,6 +291,11 @@ def vlog(x, out=None):
 def vlog1p(x, out=None):
     """log1p(x), vectorised (~1 ulp).  IN x (n,) float; OUT out (n,) (allocated if None)."""
     return _map_checked("vlog1p", x, out, 2)
+
+
+def _vlog1p_unit(x, out=None):
+    """log1p(x) for x in [0, 1] only: the fast variant inside the logistic kernel."""
+    return _map_checked("_vlog1p_unit", x, out, 3)
 
 
 # ---- introspection and tuning ---------------------------------------------------

@@ -172,6 +172,38 @@ INL VEC FN(vlog1p)(VEC x) {
     return res;
 }
 
+/* log1p(e) for e in [0, 1] (and NaN): the range log1p(exp(-|z|)) needs.
+ * e <= sqrt(2) - 1: f = e exactly, k = 0; else 1 + e = 2 (1 + f) with
+ * f = (e - 1) / 2 (one rounding, <= 2^-54 absolute), k = 1.  No correction
+ * division and no special cases, unlike the general vlog1p. */
+INL VEC FN(vlog1p_unit)(VEC e) {
+#if IS_DOUBLE
+    const REAL ln2hi = 6.93147180369123816490e-01, ln2lo = 1.90821492927058770002e-10;
+    const REAL thr = 0.41421356237309503;
+#else
+    const REAL ln2hi = 6.9313812256e-01f, ln2lo = 9.0580006145e-06f;
+    const REAL thr = 0.41421356f;
+#endif
+    IVEC big = (IVEC)(e > thr);
+    VEC f = FN(sel)(big, (e - 1) * 0.5f, e);
+    VEC kf = FN(sel)(big, FN(splat)(1), FN(splat)(0));
+    VEC hfsq = 0.5f * f * f;
+    VEC s = f / (2 + f);
+    VEC z = s * s;
+    VEC w = z * z;
+#if IS_DOUBLE
+    VEC t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01
+                  + w * 1.531383769920937332e-01));
+    VEC t2 = z * (6.666666666666735130e-01 + w * (2.857142874366239149e-01
+                  + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+#else
+    VEC t1 = w * (0.40000972152f + w * 0.24279078841f);
+    VEC t2 = z * (0.66666662693f + w * 0.28498786688f);
+#endif
+    VEC R = t2 + t1;
+    return kf * ln2hi - ((hfsq - (s * (hfsq + R) + kf * ln2lo)) - f);
+}
+
 #define DML_ARRAY_MAP(fname, vfn)                                              \
 static ATTR void FN(fname)(const REAL *x, REAL *out, int64_t n) {              \
     int64_t i = 0;                                                             \
@@ -186,26 +218,25 @@ static ATTR void FN(fname)(const REAL *x, REAL *out, int64_t n) {              \
 DML_ARRAY_MAP(exp_array, vexp)
 DML_ARRAY_MAP(log_array, vlog)
 DML_ARRAY_MAP(log1p_array, vlog1p)
+DML_ARRAY_MAP(log1p_unit_array, vlog1p_unit)
 #undef DML_ARRAY_MAP
 
 /* ---- prefetch ----------------------------------------------------------- */
 INL void FN(prefetch)(const REAL *p, int64_t nbytes) {
     const char *c = (const char *)p;
-    for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+    for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
 /* ---- GLM block kernels -------------------------------------------------- */
 
 /* z[i] = X[i, :] . w + b for i < m.  IN X (m, p), w (p), b; OUT z (m).
- * pf: pointer of the rows to prefetch (same shape as X) or NULL. */
+ */
 static ATTR void FN(gemv_rows)(const REAL *X, int64_t m, int64_t p, const REAL *w,
-                               REAL b, REAL *z, const REAL *pf) {
+                               REAL b, REAL *z) {
     const int64_t pv = p - p % VL;
-    const int64_t rowb = p * (int64_t)sizeof(REAL);
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
         const REAL *x0 = X + i * p, *x1 = x0 + p, *x2 = x1 + p, *x3 = x2 + p;
-        if (pf) FN(prefetch)(pf + i * p, 4 * rowb);
         VEC a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         for (int64_t j = 0; j < pv; j += VL) {
             VEC wv = FN(ld)(w + j);
@@ -223,7 +254,6 @@ static ATTR void FN(gemv_rows)(const REAL *X, int64_t m, int64_t p, const REAL *
     }
     for (; i < m; i++) {
         const REAL *x0 = X + i * p;
-        if (pf) FN(prefetch)(pf + i * p, rowb);
         VEC a0 = {0};
         for (int64_t j = 0; j < pv; j += VL) a0 += FN(ld)(x0 + j) * FN(ld)(w + j);
         REAL s0 = FN(hsum)(a0);
@@ -232,15 +262,19 @@ static ATTR void FN(gemv_rows)(const REAL *X, int64_t m, int64_t p, const REAL *
     }
 }
 
-/* g[j] += sum_i r[i] X[i, j].  IN X (m, p) (in cache), r (m); IN/OUT g (p). */
+/* g[j] += sum_i r[i] X[i, j].  IN X (m, p) (in cache), r (m); IN/OUT g (p).
+ * pf: rows to prefetch into L2 meanwhile (the next block), or NULL: the
+ * memory bus would otherwise idle while this in-cache pass runs. */
 static ATTR void FN(gemvT_rows)(const REAL *X, int64_t m, int64_t p, const REAL *r,
-                                REAL *g) {
+                                REAL *g, const REAL *pf) {
     int64_t j = 0;
+    const int64_t rowb = p * (int64_t)sizeof(REAL);
     for (; j + 4 * VL <= p; j += 4 * VL) {
         VEC a0 = FN(ld)(g + j), a1 = FN(ld)(g + j + VL);
         VEC a2 = FN(ld)(g + j + 2 * VL), a3 = FN(ld)(g + j + 3 * VL);
         const REAL *x = X + j;
         for (int64_t i = 0; i < m; i++, x += p) {
+            if (pf) FN(prefetch)(pf + i * p, rowb);
             VEC rv = FN(splat)(r[i]);
             a0 += rv * FN(ld)(x);
             a1 += rv * FN(ld)(x + VL);
@@ -249,7 +283,9 @@ static ATTR void FN(gemvT_rows)(const REAL *X, int64_t m, int64_t p, const REAL 
         }
         FN(st)(g + j, a0); FN(st)(g + j + VL, a1);
         FN(st)(g + j + 2 * VL, a2); FN(st)(g + j + 3 * VL, a3);
+        pf = NULL;                               /* prefetched once, in the first sweep */
     }
+    if (pf) FN(prefetch)(pf, m * rowb);
     for (; j + VL <= p; j += VL) {
         VEC a0 = FN(ld)(g + j);
         const REAL *x = X + j;
@@ -280,7 +316,7 @@ INL VEC FN(pw_glm_vec)(int kind, VEC zv, VEC yv, VEC *rv, IVEC *badv) {
     VEC az = FN(sel)(neg, -zv, zv);
     VEC e = FN(vexp)(-az);
     VEC pos = FN(sel)(neg, FN(splat)(0), zv);          /* max(z, 0) */
-    VEC l = FN(vlog1p)(e) + pos - yv * zv;
+    VEC l = FN(vlog1p_unit)(e) + pos - yv * zv;
     VEC num = FN(sel)(neg, e, FN(splat)(1));
     *rv = num / (1 + e) - yv;
     *badv |= (IVEC)(yv != 0) & (IVEC)(yv != 1);
@@ -347,10 +383,10 @@ static ATTR int FN(glm_driver)(int kind, const REAL *X, const REAL *y, int64_t n
         const REAL *Xb = X + i0 * p;
         const REAL *pf = (dml_prefetch_blocks > 0 && i0 + B * (1 + dml_prefetch_blocks) <= n)
                              ? Xb + dml_prefetch_blocks * B * p : NULL;
-        FN(gemv_rows)(Xb, m, p, coef, b, z, pf);
+        FN(gemv_rows)(Xb, m, p, coef, b, z);
         loss += FN(pw_glm)(kind, z, y + i0, r, m, &rsum, &bad);
         if (compute_grad) {
-            FN(gemvT_rows)(Xb, m, p, r, gblk);
+            FN(gemvT_rows)(Xb, m, p, r, gblk, pf);
             if (++nb == DML_FLUSH_BLOCKS) {
                 for (int64_t j = 0; j < p; j++) { gacc[j] += gblk[j]; gblk[j] = 0; }
                 nb = 0;

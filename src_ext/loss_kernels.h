@@ -44,7 +44,7 @@ typedef int dml_vfi __attribute__((vector_size(32)));
 typedef unsigned int dml_vfu __attribute__((vector_size(32)));
 
 /* Tunables (module-level so the benchmark can explore them). */
-static int64_t dml_block_bytes = 24576;   /* bytes of X per block (L1-sized) */
+static int64_t dml_block_bytes = 16384;   /* bytes of X per block (L1-sized) */
 static int64_t dml_prefetch_blocks = 1;   /* prefetch this many blocks ahead (0 = off) */
 #define DML_FLUSH_BLOCKS 16
 
@@ -158,6 +158,9 @@ static void dml_vlog##sfx(const T *x, T *out, int64_t n) {                      
 }                                                                                  \
 static void dml_vlog1p##sfx(const T *x, T *out, int64_t n) {                       \
     DML_DISPATCH(log1p_array, sfx, (x, out, n));                                   \
+}                                                                                  \
+static void dml_vlog1p_unit##sfx(const T *x, T *out, int64_t n) {                  \
+    DML_DISPATCH(log1p_unit_array, sfx, (x, out, n));                              \
 }
 
 DML_DEFINE_PUBLIC(_d, double)

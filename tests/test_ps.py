@@ -1,0 +1,163 @@
+"""ParameterServer: BSP == SyncSGD, the SSP bound, async convergence, recovery, fp16, trainable."""
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import dmlcore as dml
+from dmlcore.strategies.ps import ParameterServer
+
+
+def logistic_problem(n=600, d=5, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(dtype)
+    w = rng.normal(size=d)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(X @ w + 0.3)))).astype(dtype)
+    return X, y
+
+
+def full_loss(model, params, X, y):
+    grad = np.empty_like(params)
+    return model.loss_grad(params, X, y, grad) / len(y)
+
+
+def test_bsp_equals_sync_sgd(client):
+    """Same batches, same seed, plain SGD: BSP applies exactly SyncSGD's updates."""
+    X, y = logistic_problem(n=301)
+    data = dml.partition(X, y, n_partitions=3, seed=1, client=client)   # 2 + 1 per worker
+    model = dml.models.Logistic(X.shape[1])
+    kw = dict(steps=12, seed=7, init_params=np.zeros(model.n_params), client=client,
+              progress=False)
+    sync = dml.fit(model, data, dml.SyncSGD(batch_size=16), dml.optim.SGD(lr=0.3), **kw)
+    ps = dml.fit(model, data, ParameterServer("bsp", batch_size=16), dml.optim.SGD(lr=0.3),
+                 **kw)
+    np.testing.assert_allclose(ps.params, sync.params, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ps.history.loss.values, sync.history.loss.values, rtol=1e-10)
+    assert list(ps.history.step.values) == list(range(1, 13))
+    assert np.all(ps.history.staleness.values == 0)
+    assert ps.strategy.partition_updates_.values.tolist() == [12, 12, 12]
+    assert ps.strategy.worker_updates_.sum() == 36
+    assert ParameterServer("bsp", batch_size=16).steps_per_epoch(data) == 7   # ceil(101/16)
+
+
+def test_ssp_bounds_staleness_under_a_slow_worker_and_async_does_not(client):
+    X, y = logistic_problem(n=400)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)    # one per worker
+    model = dml.models.Logistic(X.shape[1])
+    runs = {}
+    for consistency in ("ssp", "async"):
+        strategy = ParameterServer(consistency, staleness=2, batch_size=8,
+                                   slow_partitions={0: 0.05})
+        runs[consistency] = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.1), steps=40,
+                                    client=client, progress=False)
+    ssp, asy = runs["ssp"], runs["async"]
+    stale = ssp.history.staleness.values
+    assert stale.shape == (40,) and stale.max() <= 2
+    counts = ssp.strategy.partition_updates_.values
+    assert counts[1] - counts[0] <= 3                    # at most s + 1 clocks apart
+    per_partition = np.bincount(ssp.history.partition.values.astype(int), minlength=2)
+    assert per_partition.tolist() == counts.tolist()
+    # Without the bound the fast worker runs ahead of the slow one by more than s + 1.
+    counts = asy.strategy.partition_updates_.values
+    assert counts[1] - counts[0] > 3
+
+
+def test_async_converges_to_the_optimum(client):
+    from scipy.optimize import minimize
+
+    X, y = logistic_problem(n=2000, d=5, seed=3)
+    data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+    optimum = minimize(lambda p: (full_loss(model, p, X, y),
+                                  model_grad(model, p, X, y)),
+                       np.zeros(model.n_params), jac=True, method="L-BFGS-B").fun
+    result = dml.fit(model, data, ParameterServer("async", batch_size=32),
+                     dml.optim.SGD(lr=0.2, schedule="cosine"), epochs=4, client=client,
+                     progress=False)
+    assert result.steps == 4 * 64                       # 4 epochs of 4 x ceil(500 / 32)
+    assert full_loss(model, result.params, X, y) < optimum + 0.01
+
+
+def model_grad(model, params, X, y):
+    grad = np.empty_like(params)
+    model.loss_grad(params, X, y, grad)
+    return grad / len(y)
+
+
+def test_fp16_transfer_halves_bytes_and_still_trains(client):
+    X, y = logistic_problem(n=400, d=20, dtype=np.float32)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+    runs = [dml.fit(model, data, ParameterServer("bsp", batch_size=20, transfer_dtype=t),
+                    dml.optim.SGD(lr=0.3), steps=20, client=client, progress=False)
+            for t in (None, "float16")]
+    full, half = (r.history.bytes_sent.values for r in runs)
+    # One remote worker per clock: a pull and a push of 21 values.
+    assert np.all(full == 2 * 21 * 4) and np.all(half == 2 * 21 * 2)
+    np.testing.assert_allclose(runs[1].params, runs[0].params, rtol=0, atol=5e-3)
+    assert runs[1].history.loss.values[-5:].mean() < runs[1].history.loss.values[:5].mean()
+
+
+def test_trainable_layers_frozen_and_bytes_reduced(client):
+    X, y = logistic_problem(n=300, d=6)
+    y = (X[:, 0] > 0).astype(np.int64) + (X[:, 1] > 0)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)
+    model = dml.models.MLP([6, 8, 3])
+    init = model.init(0)
+    kw = dict(steps=10, init_params=init, client=client, progress=False)
+    part = dml.fit(model, data, ParameterServer("bsp", batch_size=16, trainable=["layer1"]),
+                   dml.optim.SGD(lr=0.1), **kw)
+    full = dml.fit(model, data, ParameterServer("bsp", batch_size=16),
+                   dml.optim.SGD(lr=0.1), **kw)
+    frozen, trained = model.layer_slices["layer0"], model.layer_slices["layer1"]
+    assert np.array_equal(part.params[frozen], init[frozen])
+    assert not np.array_equal(part.params[trained], init[trained])
+    # Per clock, the worker without the server pulls and pushes once: 2 vectors.
+    n_trained = trained.stop - trained.start
+    assert np.all(part.history.bytes_sent.values == 2 * n_trained * 8)
+    assert np.all(full.history.bytes_sent.values == 2 * model.n_params * 8)
+
+
+@pytest.fixture
+def three_workers():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
+                           dashboard_address=None)
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
+    client = three_workers
+    X, y = logistic_problem(n=1200, d=5, seed=2)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
+    model = dml.models.Logistic(X.shape[1])
+    strategy = ParameterServer("async", batch_size=16, checkpoint_every=25,
+                               checkpoint_dir=tmp_path / "server")
+    killed = {}
+
+    def kill_server(step, record, params):
+        if step == 60:
+            address = strategy._server_worker
+            pid = client.run(os.getpid, workers=[address])[address]
+            os.kill(pid, signal.SIGKILL)
+            killed["address"] = address
+
+    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=200, client=client,
+                     callbacks=[kill_server], progress=False)
+    assert result.steps == 200 and len(result.history.step) == 200
+    (recovery,) = strategy.recoveries_
+    assert recovery["dead_worker"] == killed["address"]
+    assert recovery["server_worker"] != killed["address"]
+    assert recovery["checkpoint_step"] % 25 == 0
+    assert 0 <= recovery["updates_lost"] < 25
+    assert result.history.updates_lost.sum() == recovery["updates_lost"]
+    assert recovery["partitions_dropped"] == []
+    assert full_loss(model, result.params, X, y) < 0.9 * np.log(2)
+    assert all(r["ended"] == "stopped" for r in strategy.loop_results_)

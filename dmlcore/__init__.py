@@ -9,8 +9,10 @@ __version__ = "0.1.0"
 
 from . import datasets, models, optim
 from .data import PartitionedData, partition
-from .strategies import SyncSGD
+from .estimators import LinearRegression, LogisticRegression, MLPClassifier, MLPRegressor
+from .strategies import FedAvg, ParameterServer, SyncSGD
 from .train import FitResult, fit
 
 __all__ = ["datasets", "models", "optim", "partition", "PartitionedData", "SyncSGD",
-           "fit", "FitResult"]
+           "ParameterServer", "FedAvg", "fit", "FitResult", "LinearRegression",
+           "LogisticRegression", "MLPClassifier", "MLPRegressor"]

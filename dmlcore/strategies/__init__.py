@@ -1,5 +1,9 @@
 """Training strategies: how the workers' computations are combined."""
 from .base import RunContext, Strategy
+from .fedavg import FedAvg
+from .ps import ParameterServer
 from .sync import SyncSGD
 
-__all__ = ["RunContext", "Strategy", "SyncSGD"]
+REGISTRY = {"sync": SyncSGD, "ps": ParameterServer, "fedavg": FedAvg}
+
+__all__ = ["RunContext", "Strategy", "SyncSGD", "ParameterServer", "FedAvg", "REGISTRY"]

@@ -304,7 +304,7 @@ static ATTR void FN(gemvT_rows)(const REAL *X, int64_t m, int64_t p, const REAL 
  * label is not 0/1 (logistic).  Returns the sum of the m losses.
  *   squared:  l = (z - y)^2 / 2,                 r = z - y
  *   logistic: l = log1p(exp(-|z|)) + max(z, 0) - y z,
- *             r = sigmoid(z) - y,  sigmoid = (z >= 0 ? 1 : e) / (1 + e), e = exp(-|z|)
+ *             r = sigmoid(z) - y,  e = exp(-|z|), written without cancellation
  */
 INL VEC FN(pw_glm_vec)(int kind, VEC zv, VEC yv, VEC *rv, IVEC *badv) {
     if (kind == 0) {
@@ -316,9 +316,12 @@ INL VEC FN(pw_glm_vec)(int kind, VEC zv, VEC yv, VEC *rv, IVEC *badv) {
     VEC az = FN(sel)(neg, -zv, zv);
     VEC e = FN(vexp)(-az);
     VEC pos = FN(sel)(neg, FN(splat)(0), zv);          /* max(z, 0) */
-    VEC l = FN(vlog1p_unit)(e) + pos - yv * zv;
-    VEC num = FN(sel)(neg, e, FN(splat)(1));
-    *rv = num / (1 + e) - yv;
+    VEC l = FN(vlog1p_unit)(e) + (pos - yv * zv);  /* exact bracket for y in {0,1} */
+    /* sigmoid(z) - y = (a (1 - y) - y c) / (1 + e) with (a, c) = (1, e) for
+     * z >= 0 and (e, 1) for z < 0: no cancellation for y in {0, 1}. */
+    VEC one = FN(splat)(1);
+    VEC a = FN(sel)(neg, e, one), c = FN(sel)(neg, one, e);
+    *rv = (a * (1 - yv) - yv * c) / (1 + e);
     *badv |= (IVEC)(yv != 0) & (IVEC)(yv != 1);
     return l;
 }

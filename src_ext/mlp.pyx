@@ -270,7 +270,8 @@ cdef void _backward_block(const floating *x, Py_ssize_t ldx, Py_ssize_t rows,
                           const unsigned char *trainable, int lowest,
                           bint first_block, floating **acts, floating *scratch,
                           floating *grad) noexcept nogil:
-    """acts[L-1] holds D_{L-1}; accumulate gW_l, gb_l for flagged l >= lowest."""
+    """acts[L-1] holds D_{L-1}; accumulate gW_l, gb_l for flagged l >= lowest
+    (trainable NULL: every layer)."""
     cdef int l
     cdef int n_in, n_out, ld_in
     cdef const floating *inp
@@ -287,7 +288,7 @@ cdef void _backward_block(const floating *x, Py_ssize_t ldx, Py_ssize_t rows,
         else:
             inp = acts[l - 1]
             ld_in = n_in
-        if trainable[l]:
+        if trainable == NULL or trainable[l]:
             _gemm(True, False, n_in, n_out, <int> rows, <floating> 1.0,
                   inp, ld_in, d, n_out,
                   <floating> (0.0 if first_block else 1.0),
@@ -301,17 +302,55 @@ cdef void _backward_block(const floating *x, Py_ssize_t ldx, Py_ssize_t rows,
 
 
 # ---- Python layer ------------------------------------------------------------
-def _layout(sizes):
-    """Per-layer offsets into the flat vector, total length, widths."""
-    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
-    if sizes.ndim != 1 or sizes.shape[0] < 2 or (sizes < 1).any():
-        raise ValueError(f"sizes: need at least 2 positive widths, got {sizes.tolist()}")
-    if (sizes > 2**31 - 1).any():
-        raise ValueError("sizes: widths must fit a BLAS int")
-    offs = np.zeros(sizes.shape[0], dtype=np.intp)
-    L = sizes.shape[0] - 1
-    offs[1:] = np.cumsum(sizes[:L] * sizes[1:] + sizes[1:])
-    return sizes, offs
+cdef struct Layout:
+    int n_layers
+    Py_ssize_t n_params
+    Py_ssize_t sum_widths       # sum of sizes[1..L]
+    Py_ssize_t sum_hidden       # sum of sizes[1..L-1]
+    Py_ssize_t widest           # max of sizes[1..L]
+    Py_ssize_t widest_hidden    # max of sizes[1..L-1] (0 without hidden layers)
+
+
+def _as_sizes(sizes):
+    """The widths as a contiguous 1-D int64 array (no copy when already one)."""
+    if not (isinstance(sizes, np.ndarray) and sizes.dtype == np.int64
+            and sizes.ndim == 1 and sizes.flags.c_contiguous):
+        sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.shape[0] < 2:
+        raise ValueError(f"sizes: need at least 2 widths, got {sizes.tolist()}")
+    return sizes
+
+
+cdef Layout _layout(const int64_t[::1] sizes, Py_ssize_t *offs) except *:
+    """Validate the widths; fill offs[0..L] (start of each layer; offs[L] = n_params)."""
+    cdef Layout lay
+    cdef int l
+    cdef Py_ssize_t start = 0
+    lay.n_layers = <int> sizes.shape[0] - 1
+    lay.sum_widths = lay.sum_hidden = lay.widest = lay.widest_hidden = 0
+    for l in range(lay.n_layers + 1):
+        if sizes[l] < 1 or sizes[l] > 2147483647:
+            raise ValueError(f"sizes: widths must be in [1, 2**31), got {np.asarray(sizes).tolist()}")
+    for l in range(lay.n_layers):
+        if offs != NULL:
+            offs[l] = start
+        start += sizes[l] * sizes[l + 1] + sizes[l + 1]
+        lay.sum_widths += sizes[l + 1]
+        lay.widest = max(lay.widest, sizes[l + 1])
+        if l < lay.n_layers - 1:
+            lay.sum_hidden += sizes[l + 1]
+            lay.widest_hidden = max(lay.widest_hidden, sizes[l + 1])
+    if offs != NULL:
+        offs[lay.n_layers] = start
+    lay.n_params = start
+    return lay
+
+
+cdef inline Py_ssize_t _workspace(const Layout *lay, Py_ssize_t block_rows,
+                                  bint backward) noexcept nogil:
+    if backward:
+        return block_rows * (lay.sum_widths + lay.widest_hidden) + lay.widest
+    return block_rows * lay.sum_hidden + lay.widest
 
 
 def workspace_size(sizes, Py_ssize_t block_rows, bint backward=True):
@@ -321,97 +360,89 @@ def workspace_size(sizes, Py_ssize_t block_rows, bint backward=True):
     of the widest hidden layer + one probe row. backward=False (forward): the
     hidden activations + one probe row (the output goes straight to ``out``).
     """
-    sizes, _ = _layout(sizes)
-    widths = sizes[1:]
-    hidden = widths[:widths.shape[0] - 1]
-    widest_hidden = int(hidden.max()) if hidden.shape[0] else 0
-    if backward:
-        return int(block_rows * (int(widths.sum()) + widest_hidden) + widths.max())
-    return int(block_rows * int(hidden.sum()) + widths.max())
+    cdef Layout lay = _layout(_as_sizes(sizes), NULL)
+    return _workspace(&lay, block_rows, backward)
 
 
-cdef _check_common(const floating[:, :] X, const floating[::1] params,
-                   sizes, floating[::1] work, Py_ssize_t block_rows,
-                   bint backward):
-    sizes_arr, offs = _layout(sizes)
-    if X.shape[1] != sizes_arr[0]:
-        raise ValueError(f"X: expected {sizes_arr[0]} columns, got {X.shape[1]}")
-    if params.shape[0] != offs[len(offs) - 1]:
-        raise ValueError(f"params: expected {offs[len(offs) - 1]} entries, got {params.shape[0]}")
-    if X.shape[0] > 0 and X.shape[1] > 0 and X.strides[1] != sizeof(floating):
+cdef Layout _check_common(const floating[:, :] X, const floating[::1] params,
+                          const int64_t[::1] sizes, floating[::1] work,
+                          Py_ssize_t block_rows, bint backward,
+                          Py_ssize_t *offs) except *:
+    cdef Layout lay = _layout(sizes, offs)
+    cdef Py_ssize_t need
+    if X.shape[1] != sizes[0]:
+        raise ValueError(f"X: expected {sizes[0]} columns, got {X.shape[1]}")
+    if params.shape[0] != lay.n_params:
+        raise ValueError(f"params: expected {lay.n_params} entries, got {params.shape[0]}")
+    if X.shape[0] > 0 and X.strides[1] != <Py_ssize_t> sizeof(floating):
         raise ValueError("X: rows must be contiguous (unit column stride)")
     if X.shape[0] > 1 and (X.strides[0] % <Py_ssize_t> sizeof(floating) != 0
                            or X.strides[0] < X.shape[1] * <Py_ssize_t> sizeof(floating)):
         raise ValueError("X: unsupported row stride")
     if block_rows < 1:
         raise ValueError("block_rows must be >= 1")
-    need = workspace_size(sizes_arr, block_rows, backward)
+    need = _workspace(&lay, block_rows, backward)
     if work.shape[0] < need:
         raise ValueError(f"work: need {need} entries for block_rows={block_rows}, "
                          f"got {work.shape[0]}")
-    return sizes_arr, offs
+    return lay
 
 
 cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
                            const floating *Y, Py_ssize_t ldy,
-                           const floating[::1] params, sizes_arr, offs_arr,
-                           int act, trainable, floating[::1] grad,
-                           floating[::1] work, Py_ssize_t block_rows,
-                           Py_ssize_t *bad_row) except? -1:
-    cdef const int64_t[::1] sizes = sizes_arr
-    cdef const Py_ssize_t[::1] offs = offs_arr
+                           const floating[::1] params, sizes_obj, int act,
+                           trainable, floating[::1] grad, floating[::1] work,
+                           Py_ssize_t block_rows, Py_ssize_t *bad_row) except? -1:
+    cdef const int64_t[::1] sizes = sizes_obj
     cdef int n_layers = sizes.shape[0] - 1
+    cdef Py_ssize_t *offs = <Py_ssize_t *> malloc((n_layers + 1) * sizeof(Py_ssize_t))
+    cdef floating **acts = <floating **> malloc(n_layers * sizeof(floating *))
+    cdef const unsigned char[::1] flags
+    cdef const unsigned char *fp = NULL
+    cdef Layout lay
     cdef Py_ssize_t n = X.shape[0]
     cdef Py_ssize_t ldx = X.strides[0] // sizeof(floating) if n > 1 else X.shape[1]
-    cdef const unsigned char[::1] flags
-    if trainable is None:
-        flags = np.ones(n_layers, dtype=np.uint8)
-    else:
-        flags = np.ascontiguousarray(trainable, dtype=np.uint8)
-        if flags.shape[0] != n_layers:
-            raise ValueError(f"trainable: expected {n_layers} flags, got {flags.shape[0]}")
-    if grad.shape[0] != params.shape[0]:
-        raise ValueError(f"grad: expected {params.shape[0]} entries, got {grad.shape[0]}")
-    cdef int lowest = n_layers
-    cdef int l
-    for l in range(n_layers - 1, -1, -1):
-        if flags[l]:
-            lowest = l
-    cdef Py_ssize_t k = sizes[n_layers]
-    cdef Py_ssize_t r0, rows, r, widths = 0, widest_hidden = 0
-    cdef double loss = 0.0
+    cdef Py_ssize_t k, r0, rows, r
+    cdef int l, lowest
+    cdef double loss = 0.0, probe_sum = 0.0
     cdef floating *probe
     cdef floating *scratch
-    cdef floating **acts = <floating **> malloc(n_layers * sizeof(floating *))
-    if acts == NULL:
+    cdef const floating *xp = &X[0, 0] if n > 0 else NULL
+    cdef const floating *b_last
+    if offs == NULL or acts == NULL:
+        free(offs)
+        free(acts)
         raise MemoryError()
-    cdef double probe_sum = 0.0
-    cdef const floating *xp = &X[0, 0] if n > 0 and X.shape[1] > 0 else NULL
-    bad_row[0] = -1
     try:
+        lay = _check_common(X, params, sizes, work, block_rows, True, offs)
+        if grad.shape[0] != params.shape[0]:
+            raise ValueError(f"grad: expected {params.shape[0]} entries, got {grad.shape[0]}")
+        if trainable is not None:
+            flags = trainable
+            if flags.shape[0] != n_layers:
+                raise ValueError(f"trainable: expected {n_layers} flags, got {flags.shape[0]}")
+            fp = &flags[0]
+        lowest = n_layers
+        for l in range(n_layers - 1, -1, -1):
+            if fp == NULL or fp[l]:
+                lowest = l
+        k = sizes[n_layers]
+        b_last = &params[0] + offs[n_layers - 1] + sizes[n_layers - 1] * k
+        bad_row[0] = -1
         with nogil:
-            for l in range(n_layers):
-                widths += sizes[l + 1]
-                if l < n_layers - 1 and sizes[l + 1] > widest_hidden:
-                    widest_hidden = sizes[l + 1]
-            # layout of the workspace: acts[0..L-1], scratch, probe
+            # workspace: acts[0..L-1], then the scratch block, then the probe row
             r = 0
             for l in range(n_layers):
                 acts[l] = &work[0] + r * block_rows
                 r += sizes[l + 1]
-            scratch = &work[0] + widths * block_rows
-            probe = scratch + widest_hidden * block_rows
-            r = 0
+            scratch = &work[0] + lay.sum_widths * block_rows
+            probe = scratch + lay.widest_hidden * block_rows
+            memset(probe, 0, lay.widest * sizeof(floating))
+            # frozen layers are 0; trainable biases accumulate from 0 (weights
+            # start with beta = 0); with no rows at all everything is 0.
             for l in range(n_layers):
-                if sizes[l + 1] > r:
-                    r = sizes[l + 1]
-            memset(probe, 0, r * sizeof(floating))
-            # frozen layers are 0; trainable biases accumulate from 0; with no
-            # rows at all nothing is accumulated, so everything is 0.
-            for l in range(n_layers):
-                if not flags[l] or n == 0:
-                    memset(&grad[0] + offs[l], 0,
-                           (offs[l + 1] - offs[l]) * sizeof(floating))
+                if n == 0 or not (fp == NULL or fp[l]):
+                    memset(&grad[0] + offs[l], 0, (offs[l + 1] - offs[l]) * sizeof(floating))
                 else:
                     memset(&grad[0] + offs[l] + sizes[l] * sizes[l + 1], 0,
                            sizes[l + 1] * sizeof(floating))
@@ -419,33 +450,30 @@ cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
             while r0 < n:
                 rows = block_rows if n - r0 > block_rows else n - r0
                 _forward_hidden(xp + r0 * ldx, ldx, rows, &params[0], &sizes[0],
-                                &offs[0], n_layers, act, acts,
-                                acts[n_layers - 1], probe)
+                                offs, n_layers, act, acts, acts[n_layers - 1], probe)
                 if labels != NULL:
-                    r = _softmax_xent(acts[n_layers - 1],
-                                      &params[0] + offs[n_layers - 1] + sizes[n_layers - 1] * k,
-                                      labels + r0, rows, k, &loss)
+                    r = _softmax_xent(acts[n_layers - 1], b_last, labels + r0, rows, k, &loss)
                     if r >= 0:
                         bad_row[0] = r0 + r
                         break
                 else:
-                    _squared(acts[n_layers - 1],
-                             &params[0] + offs[n_layers - 1] + sizes[n_layers - 1] * k,
-                             Y + r0 * ldy, ldy, rows, k, &loss)
+                    _squared(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy, rows, k, &loss)
                 if lowest < n_layers:
                     _backward_block(xp + r0 * ldx, ldx, rows, &params[0], &sizes[0],
-                                    &offs[0], n_layers, act, &flags[0], lowest,
-                                    r0 == 0, acts, scratch, &grad[0])
+                                    offs, n_layers, act, fp, lowest, r0 == 0,
+                                    acts, scratch, &grad[0])
                 r0 += rows
-            r = 0
-            for l in range(n_layers):
-                if sizes[l + 1] > r:
-                    r = sizes[l + 1]
-            for l in range(r):
+            for l in range(lay.widest):
                 probe_sum += probe[l]
     finally:
+        free(offs)
         free(acts)
     return loss + probe_sum
+
+
+def _check_activation(int activation):
+    if activation != ACT_RELU and activation != ACT_TANH:
+        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
 
 
 def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
@@ -455,25 +483,21 @@ def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
     """Softmax cross-entropy MLP: SUM loss and SUM gradient over the rows of X.
 
     IN  X (n, sizes[0]), unit column stride (any row stride); y (n,) int64
-        labels in [0, sizes[-1]); params flat; sizes (L+1,) widths;
-        activation 0 relu / 1 tanh; trainable None or (L,) flags.
+        labels in [0, sizes[L]); params flat; sizes (L+1,) widths (int64);
+        activation 0 relu / 1 tanh; trainable None (all) or (L,) uint8 flags.
     OUT grad (n_params,): overwritten (unflagged layers = 0).
     work: at least ``workspace_size(sizes, block_rows)`` floats.
     Returns (loss_sum, bad_row): bad_row = -1, or the first row whose label is
     outside the classes (then loss and grad are meaningless). A non-finite
     loss_sum means a NaN or inf in X or params.
     """
-    sizes_arr, offs = _check_common(X, params, sizes, work, block_rows, True)
+    _check_activation(activation)
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"y: expected {X.shape[0]} labels, got {y.shape[0]}")
-    if activation not in (ACT_RELU, ACT_TANH):
-        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
     cdef Py_ssize_t bad_row = -1
-    cdef const int64_t *labels = &y[0] if y.shape[0] > 0 else NULL
     cdef int64_t dummy = 0
-    if labels == NULL:
-        labels = &dummy
-    loss = _run_loss_grad(X, labels, NULL, 0, params, sizes_arr, offs,
+    cdef const int64_t *labels = &y[0] if y.shape[0] > 0 else &dummy
+    loss = _run_loss_grad(X, labels, <const floating *> NULL, 0, params, _as_sizes(sizes),
                           activation, trainable, grad, work, block_rows, &bad_row)
     return loss, bad_row
 
@@ -484,85 +508,84 @@ def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
                       Py_ssize_t block_rows):
     """Linear-output MLP with loss 1/2 sum (y_hat - y)^2: SUM loss and gradient.
 
-    IN  Y (n, sizes[-1]) targets, unit column stride; the rest as in
+    IN  Y (n, sizes[L]) targets, unit column stride; the rest as in
         ``loss_grad_softmax``. OUT grad. Returns loss_sum (non-finite when X,
         Y or params hold a NaN or inf).
     """
-    sizes_arr, offs = _check_common(X, params, sizes, work, block_rows, True)
-    if Y.shape[0] != X.shape[0] or Y.shape[1] != sizes_arr[len(sizes_arr) - 1]:
-        raise ValueError(f"Y: expected shape ({X.shape[0]}, {sizes_arr[len(sizes_arr) - 1]}), "
+    _check_activation(activation)
+    sizes = _as_sizes(sizes)
+    k = sizes[sizes.shape[0] - 1]
+    if Y.shape[0] != X.shape[0] or Y.shape[1] != k:
+        raise ValueError(f"Y: expected shape ({X.shape[0]}, {k}), "
                          f"got ({Y.shape[0]}, {Y.shape[1]})")
-    if activation not in (ACT_RELU, ACT_TANH):
-        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
-    if Y.shape[0] > 0 and Y.strides[1] != sizeof(floating):
+    if Y.shape[0] > 0 and Y.strides[1] != <Py_ssize_t> sizeof(floating):
         raise ValueError("Y: rows must be contiguous (unit column stride)")
     cdef Py_ssize_t ldy = Y.strides[0] // sizeof(floating) if Y.shape[0] > 1 else Y.shape[1]
     cdef Py_ssize_t bad_row = -1
     cdef floating dummy = 0
     cdef const floating *yp = &Y[0, 0] if Y.shape[0] > 0 else &dummy
-    return _run_loss_grad(X, NULL, yp, ldy, params, sizes_arr, offs,
-                          activation, trainable, grad, work, block_rows, &bad_row)
+    return _run_loss_grad(X, NULL, yp, ldy, params, sizes, activation, trainable,
+                          grad, work, block_rows, &bad_row)
 
 
 def forward(const floating[:, :] X, const floating[::1] params, sizes,
             int activation, int output, floating[:, ::1] out,
             floating[::1] work, Py_ssize_t block_rows):
-    """Predictions, block by block: OUT out (n, sizes[-1]) := softmax probabilities
+    """Predictions, block by block: OUT out (n, sizes[L]) := softmax probabilities
     (output 0) or the linear output (output 1).
 
     work: at least ``workspace_size(sizes, block_rows, backward=False)``.
     Returns the finiteness probe: 0.0 when every activation is finite, else
     NaN (a NaN or inf in X or params).
     """
-    sizes_arr, offs_arr = _check_common(X, params, sizes, work, block_rows, False)
-    if activation not in (ACT_RELU, ACT_TANH):
-        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
-    if output not in (OUT_SOFTMAX, OUT_LINEAR):
+    _check_activation(activation)
+    if output != OUT_SOFTMAX and output != OUT_LINEAR:
         raise ValueError(f"output code {output} is not 0 (softmax) or 1 (linear)")
-    if out.shape[0] != X.shape[0] or out.shape[1] != sizes_arr[len(sizes_arr) - 1]:
-        raise ValueError(f"out: expected shape ({X.shape[0]}, {sizes_arr[len(sizes_arr) - 1]})")
-    cdef const int64_t[::1] sz = sizes_arr
-    cdef const Py_ssize_t[::1] offs = offs_arr
+    cdef const int64_t[::1] sz = _as_sizes(sizes)
     cdef int n_layers = sz.shape[0] - 1
     cdef Py_ssize_t n = X.shape[0], k = sz[n_layers]
     cdef Py_ssize_t ldx = X.strides[0] // sizeof(floating) if n > 1 else X.shape[1]
-    cdef Py_ssize_t r0, rows, r, widest = 0
+    cdef Py_ssize_t r0, rows, r
     cdef int l
     cdef double probe_sum = 0.0
     cdef floating *probe
     cdef const floating *b_last
+    cdef Layout lay
+    cdef Py_ssize_t *offs = <Py_ssize_t *> malloc((n_layers + 1) * sizeof(Py_ssize_t))
     cdef floating **acts = <floating **> malloc(n_layers * sizeof(floating *))
-    if acts == NULL:
-        raise MemoryError()
-    if n == 0:
+    if offs == NULL or acts == NULL:
+        free(offs)
         free(acts)
-        return 0.0
+        raise MemoryError()
     try:
+        lay = _check_common(X, params, sz, work, block_rows, False, offs)
+        if out.shape[0] != n or out.shape[1] != k:
+            raise ValueError(f"out: expected shape ({n}, {k})")
+        if n == 0:
+            return 0.0
+        b_last = &params[0] + offs[n_layers - 1] + sz[n_layers - 1] * k
         with nogil:
             r = 0
-            for l in range(n_layers):
-                if l < n_layers - 1:
-                    acts[l] = &work[0] + r * block_rows
-                    r += sz[l + 1]
-                if sz[l + 1] > widest:
-                    widest = sz[l + 1]
+            for l in range(n_layers - 1):
+                acts[l] = &work[0] + r * block_rows
+                r += sz[l + 1]
             acts[n_layers - 1] = NULL
-            probe = &work[0] + r * block_rows
-            memset(probe, 0, widest * sizeof(floating))
-            b_last = &params[0] + offs[n_layers - 1] + sz[n_layers - 1] * k
+            probe = &work[0] + lay.sum_hidden * block_rows
+            memset(probe, 0, lay.widest * sizeof(floating))
             r0 = 0
             while r0 < n:
                 rows = block_rows if n - r0 > block_rows else n - r0
                 _forward_hidden(&X[0, 0] + r0 * ldx, ldx, rows, &params[0],
-                                &sz[0], &offs[0], n_layers, activation,
+                                &sz[0], offs, n_layers, activation,
                                 acts, &out[r0, 0], probe)
                 if output == OUT_SOFTMAX:
                     probe_sum += _softmax_predict(&out[r0, 0], b_last, rows, k)
                 else:
                     probe_sum += _linear_predict(&out[r0, 0], b_last, rows, k)
                 r0 += rows
-            for l in range(widest):
+            for l in range(lay.widest):
                 probe_sum += probe[l]
     finally:
+        free(offs)
         free(acts)
     return probe_sum

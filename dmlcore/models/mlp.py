@@ -7,6 +7,8 @@ per-call workspace with NumPy, and turns kernel status into clear errors.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dmlcore._ext import mlp as _kernels
@@ -47,11 +49,25 @@ class MLP(Model):
         self._sizes_arr = np.asarray(sizes, dtype=np.int64)
         self._act = _kernels.ACTIVATIONS[activation]
         self._out = _kernels.OUTPUTS[output]
+        # workspace floats = per_row * block_rows + fixed, for backward / forward
+        self._ws = {}
+        for backward in (True, False):
+            fixed = _kernels.workspace_size(self._sizes_arr, 0, backward)
+            self._ws[backward] = (_kernels.workspace_size(self._sizes_arr, 1, backward) - fixed, fixed)
 
     # ---- layout and metadata -----------------------------------------------
     def _layer_shapes(self):
         return [(f"layer{l}", (self.sizes[l], self.sizes[l + 1]), (self.sizes[l + 1],))
                 for l in range(len(self.sizes) - 1)]
+
+    @property
+    def n_params(self) -> int:
+        # same value as base.Model.n_params, computed once: it is read on
+        # every kernel call (base recomputes it from the layer shapes)
+        n = self.__dict__.get("_n_params")
+        if n is None:
+            n = self.__dict__["_n_params"] = super().n_params
+        return n
 
     @property
     def is_classifier(self) -> bool:
@@ -150,14 +166,18 @@ class MLP(Model):
         wanted = set(trainable)
         return np.array([name in wanted for name in names], dtype=np.uint8)
 
-    def _block_rows(self, n, itemsize, backward, block_rows):
+    def _workspace(self, n, dtype, backward, block_rows):
+        """(block_rows, workspace array) for a call on n rows: blocks sized so
+        that the workspace is about _WORKSPACE_BYTES (within [64, 4096] rows)."""
+        per_row, fixed = self._ws[backward]
         if block_rows is not None:
             if int(block_rows) < 1:
                 raise ValueError(f"block_rows: must be >= 1, got {block_rows}")
-            return int(block_rows)
-        per_row = _kernels.workspace_size(self._sizes_arr, 1, backward) - max(self.sizes[1:])
-        rows = _WORKSPACE_BYTES // max(1, per_row * itemsize)
-        return int(max(1, min(max(n, 1), max(_MIN_BLOCK, min(_MAX_BLOCK, rows)))))
+            rows = int(block_rows)
+        else:
+            rows = _WORKSPACE_BYTES // max(1, per_row * dtype.itemsize)
+            rows = max(1, min(max(n, 1), max(_MIN_BLOCK, min(_MAX_BLOCK, rows))))
+        return rows, np.empty(per_row * rows + fixed, dtype=dtype)
 
     def _raise_non_finite(self, params, X, y=None):
         """The loss or probe came out non-finite: say which input is to blame."""
@@ -193,8 +213,7 @@ class MLP(Model):
         n = X.shape[0]
         y = self._check_y(y, n, params.dtype)
         flags = self._layer_flags(trainable)
-        rows = self._block_rows(n, params.itemsize, True, block_rows)
-        work = np.empty(_kernels.workspace_size(self._sizes_arr, rows, True), dtype=params.dtype)
+        rows, work = self._workspace(n, params.dtype, True, block_rows)
         if self.is_classifier:
             loss, bad_row = _kernels.loss_grad_softmax(
                 X, y, params, self._sizes_arr, self._act, flags, grad, work, rows)
@@ -206,7 +225,7 @@ class MLP(Model):
         else:
             loss = _kernels.loss_grad_squared(
                 X, y, params, self._sizes_arr, self._act, flags, grad, work, rows)
-        if not np.isfinite(loss):
+        if not math.isfinite(loss):
             self._raise_non_finite(params, X, y)
         return float(loss)
 
@@ -217,11 +236,10 @@ class MLP(Model):
         X = self._check_X(params, X)
         n = X.shape[0]
         out = np.empty((n, self.sizes[-1]), dtype=params.dtype)
-        rows = self._block_rows(n, params.itemsize, False, block_rows)
-        work = np.empty(_kernels.workspace_size(self._sizes_arr, rows, False), dtype=params.dtype)
+        rows, work = self._workspace(n, params.dtype, False, block_rows)
         probe = _kernels.forward(X, params, self._sizes_arr, self._act, self._out,
                                  out, work, rows)
-        if not np.isfinite(probe):
+        if not math.isfinite(probe):
             self._raise_non_finite(params, X)
             raise ValueError("predict: activations overflowed to infinity "
                              "(the parameters have likely diverged)")

@@ -149,9 +149,8 @@ def bench_mlp(args):
                 fns["torch"] = torch_fwd_bwd
                 l_torch = float(lossf(net(Xt), yt))
                 assert abs(l_torch - l_ext) <= 1e-4 * abs(l_ext), (l_torch, l_ext)
-                gW0 = net[0].weight.grad
                 torch_fwd_bwd()
-                assert np.allclose(gW0.numpy().T, model.views(grad)["layer0"]["W"],
+                assert np.allclose(net[0].weight.grad.numpy().T, model.views(grad)["layer0"]["W"],
                                    rtol=1e-3, atol=1e-3), "torch and dmlcore disagree"
             t = per_call_ms(fns, number, repeat)
             t_ext, t_np, t_torch = t["dml"], t["numpy"], t.get("torch", float("nan"))

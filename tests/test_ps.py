@@ -119,13 +119,14 @@ def test_trainable_layers_frozen_and_bytes_reduced(client):
     assert np.all(full.history.bytes_sent.values == 2 * model.n_params * 8)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def three_workers():
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
                            dashboard_address=None)
     client = Client(cluster)
+    client.wait_for_workers(3)
     try:
         yield client
     finally:
@@ -138,26 +139,56 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     X, y = logistic_problem(n=1200, d=5, seed=2)
     data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
     model = dml.models.Logistic(X.shape[1])
-    strategy = ParameterServer("async", batch_size=16, checkpoint_every=25,
+    client.wait_for_workers(3)
+    strategy = ParameterServer("async", batch_size=16, checkpoint_every=20,
                                checkpoint_dir=tmp_path / "server")
     killed = {}
 
     def kill_server(step, record, params):
-        if step == 60:
+        if step == 50:
             address = strategy._server_worker
             pid = client.run(os.getpid, workers=[address])[address]
             os.kill(pid, signal.SIGKILL)
             killed["address"] = address
 
-    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=200, client=client,
+    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=120, client=client,
                      callbacks=[kill_server], progress=False)
-    assert result.steps == 200 and len(result.history.step) == 200
+    assert result.steps == 120 and len(result.history.step) == 120
+    assert len(strategy.recoveries_) == 1, strategy.recoveries_
     (recovery,) = strategy.recoveries_
-    assert recovery["dead_worker"] == killed["address"]
+    assert recovery["dead_workers"] == [killed["address"]]
     assert recovery["server_worker"] != killed["address"]
-    assert recovery["checkpoint_step"] % 25 == 0
-    assert 0 <= recovery["updates_lost"] < 25
+    assert recovery["checkpoint_step"] % 20 == 0
+    assert 0 <= recovery["updates_lost"] < 20
     assert result.history.updates_lost.sum() == recovery["updates_lost"]
     assert recovery["partitions_dropped"] == []
     assert full_loss(model, result.params, X, y) < 0.9 * np.log(2)
     assert all(r["ended"] == "stopped" for r in strategy.loop_results_)
+
+
+def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_workers):
+    """Scattered partitions die with their worker: BSP carries on with the others."""
+    client = three_workers
+    X, y = logistic_problem(n=900, d=5, seed=4)
+    data = dml.partition(X, y, n_partitions=3, seed=0, client=client)   # one per worker
+    model = dml.models.Logistic(X.shape[1])
+    strategy = ParameterServer("bsp", batch_size=16, checkpoint_every=10)
+    killed = {}
+
+    def kill_data_worker(step, record, params):
+        if step == 15:
+            address = next(w for w in data.workers() if w != strategy._server_worker)
+            pid = client.run(os.getpid, workers=[address])[address]
+            os.kill(pid, signal.SIGKILL)
+            killed["address"] = address
+
+    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=40, client=client,
+                     callbacks=[kill_data_worker], progress=False)
+    assert len(result.history.step) == 40
+    (recovery,) = strategy.recoveries_
+    assert recovery["dead_workers"] == [killed["address"]]
+    assert recovery["updates_lost"] == 0                 # the live server checkpointed first
+    (dropped,) = recovery["partitions_dropped"]
+    assert np.all(result.history.staleness.values == 0)
+    counts = strategy.partition_updates_.values
+    assert counts[dropped] < counts.max()

@@ -95,6 +95,7 @@ CONSISTENCY = ("bsp", "ssp", "async")
 _WAIT = "wait"            # exchange's answer when a pull is not allowed yet: ask again
 _MAX_WAIT = 1.0           # seconds a pull waits inside one exchange call
 _CALL_TIMEOUT = 60.0      # seconds before a worker loop gives up on the server
+_LOCAL_CALLS = True       # the loop on the server's own worker calls it without the network
 
 
 def _copy_state(state):
@@ -181,8 +182,11 @@ class _Server:
             self.stopped = True
 
     def _checkpoint(self):
+        clocks = self.clocks
+        if self.consistency == "bsp":       # pushes waiting in the buffer are redone
+            clocks = np.minimum(clocks, self._server_clock())
         ckpt.save(self.checkpoint_dir, self.count, self.values, self.opt_state,
-                  extra={"clocks": self.clocks, "active": self.active},
+                  extra={"clocks": clocks, "active": self.active},
                   meta={"consistency": self.consistency, "server": self.address}, keep=2)
 
     def _push(self, slot, push):
@@ -264,6 +268,13 @@ class _Server:
                 "stopped": self.stopped, "pushes": pushes,
                 "partition_pushes": partition_pushes}
 
+    async def halt(self):
+        """Stop, checkpoint the current state and return the last records (``drain``'s shape)."""
+        self.stopped = True
+        self._notify()
+        self._checkpoint()
+        return await self.drain(0)
+
     async def stop(self):
         """End training: waiting and later pulls answer None."""
         self.stopped = True
@@ -274,6 +285,29 @@ class _Server:
 # ----------------------------------------------------------------------------
 # The worker loop (a long-running Dask task)
 # ----------------------------------------------------------------------------
+def _exchange_function(server):
+    """``exchange(...) -> reply`` for a worker loop; blocks until the server answers.
+
+    On the server's own worker the call runs the actor's coroutine on the
+    worker's event loop directly (where actor calls run anyway, so the
+    server's state sees the same single-threaded order), without serialising
+    the vectors or a network round trip; elsewhere it is an actor call.
+    """
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        worker = None
+    here = worker.state.actors.get(server.key) if (
+        _LOCAL_CALLS and worker is not None and worker.address == server._address) else None
+    if here is not None:
+        return lambda *args: sync(worker.loop, here.exchange, *args,
+                                  callback_timeout=_CALL_TIMEOUT)
+    return lambda *args: server.exchange(*args).result(timeout=_CALL_TIMEOUT)
+
+
 def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed, transfer,
                  slow, *arrays):
     """Pull, compute, push round-robin over this worker's partitions until stopped.
@@ -288,11 +322,12 @@ def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed,
     params = np.array(params, copy=True)
     parts = {pid: (arrays[2 * i], arrays[2 * i + 1]) for i, pid in enumerate(pids)}
     transfer = None if transfer is None else np.dtype(transfer)
+    exchange = _exchange_function(server)
     version, push, pushes, i = -1, None, 0, 0
     while True:
         pid = pids[i % len(pids)]
         try:
-            reply = server.exchange(slot, push, pid, version).result(timeout=_CALL_TIMEOUT)
+            reply = exchange(slot, push, pid, version)
         except Exception as exc:   # the server's worker died, or the call timed out
             return {"slot": slot, "pushes": pushes, "ended": f"server unreachable: {exc!r}"}
         pushes += push is not None
@@ -383,13 +418,17 @@ class ParameterServer(Strategy):
         try:
             while True:
                 started = time.monotonic()
+                dead = self._dead_loop_workers()
                 try:
-                    out = self._server.drain(self.poll_interval).result(
-                        timeout=self.poll_interval + _CALL_TIMEOUT)
+                    if dead:    # a data worker died: stop here (checkpointed), re-place
+                        out = self._server.halt().result(timeout=_CALL_TIMEOUT)
+                    else:
+                        out = self._server.drain(self.poll_interval).result(
+                            timeout=self.poll_interval + _CALL_TIMEOUT)
                 except Exception as exc:  # noqa: BLE001 - decided by _server_lost
                     if not self._server_lost():
                         raise
-                    lost_pending += self._recover(ctx, yielded, exc)
+                    lost_pending += self._recover(ctx, yielded, [self._server_worker], exc)
                     continue
                 self._check_loops()
                 self._count(out)
@@ -406,6 +445,9 @@ class ParameterServer(Strategy):
                            "worker": np.nan if slot is None else slot,
                            "updates_lost": lost_pending}
                     lost_pending = 0
+                if dead:
+                    lost_pending += self._recover(ctx, yielded, dead, None)
+                    continue
                 if out["stopped"] and not records and out["count"] >= self._stop_at:
                     return
                 rest = self.poll_interval - (time.monotonic() - started)
@@ -460,6 +502,8 @@ class ParameterServer(Strategy):
             allow_other_workers=False, pure=False)
         self._server = self._actor_future.result()
         self._server_worker = server_worker
+        self._loop_workers = sorted(by_worker)
+        self._last_liveness = time.monotonic()
         self._loops = []
         for w, pids in sorted(by_worker.items()):
             arrays = [f for pid in pids for f in self._parts[pid]]
@@ -484,6 +528,16 @@ class ParameterServer(Strategy):
             dims="worker", coords={"worker": np.array(addresses, dtype=str)},
             name="worker_updates")
 
+    def _dead_loop_workers(self):
+        """Workers running loops that left the cluster (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._last_liveness < 1.0:
+            return []
+        self._last_liveness = now
+        live = set(self._client.nthreads())
+        return sorted({w for w in self._loop_workers if w not in live}
+                      - {self._server_worker})
+
     def _check_loops(self):
         """Raise the error of a worker loop that failed (a computation error)."""
         for f in self._loops:
@@ -504,15 +558,17 @@ class ParameterServer(Strategy):
                 return False
             time.sleep(0.2)
 
-    def _recover(self, ctx, yielded, exc):
-        """Re-create the server from the newest checkpoint; returns the updates lost."""
+    def _recover(self, ctx, yielded, dead, exc):
+        """Re-create the server from the newest checkpoint after ``dead`` workers died.
+
+        Returns the number of updates lost (yielded after that checkpoint).
+        """
         saved = ckpt.latest(self._dir)
         if saved is None:
             raise RuntimeError(
-                f"the parameter server's worker {self._server_worker} died and no checkpoint "
+                f"worker(s) {dead} died and no parameter-server checkpoint "
                 f"is readable in {self._dir} (on a multi-machine cluster give "
                 f"ParameterServer(checkpoint_dir=...) on storage every machine shares)") from exc
-        dead = self._server_worker
         self._client.cancel(self._loops)    # they end at their next call of the dead server
         self._loops = []
         self._actor_future.release()
@@ -531,7 +587,7 @@ class ParameterServer(Strategy):
         values = saved["params"].astype(ctx.params.dtype)
         self._launch(ctx, values, opt_state, saved["extra"]["clocks"], active, saved["step"],
                      self._stop_at, placement)
-        self.recoveries_.append({"dead_worker": dead, "server_worker": self._server_worker,
+        self.recoveries_.append({"dead_workers": dead, "server_worker": self._server_worker,
                                  "checkpoint_step": saved["step"], "at_step": yielded,
                                  "updates_lost": lost, "partitions_dropped": dropped})
         logger.warning("parameter server re-created on %s from the checkpoint of update %d "
@@ -539,18 +595,27 @@ class ParameterServer(Strategy):
                        dead, lost)
         return lost
 
-    def _surviving_placement(self, active, timeout=30.0):
+    def _surviving_placement(self, active, timeout=10.0):
         """Where each partition's data live now, and the partitions whose data are lost."""
         from distributed import wait
 
         futures = [f for pid in np.flatnonzero(active) for f in self._parts[pid]
                    if f is not None]
-        try:
-            wait(futures, timeout=timeout)
+        try:       # data being recomputed by the scheduler
+            wait([f for f in futures if f.status == "pending"], timeout=timeout)
         except Exception:  # noqa: BLE001 - timeouts and lost keys are judged below
             pass
         live = set(self._client.nthreads())
-        who = self._client.who_has(futures)
+        kept = [f for f in futures if f.status == "finished"]
+        try:
+            who = self._client.who_has(kept) if kept else {}
+        except Exception:  # noqa: BLE001 - a key forgotten meanwhile: ask one by one
+            who = {}
+            for f in kept:
+                try:
+                    who.update(self._client.who_has([f]))
+                except Exception:  # noqa: BLE001
+                    pass
         placement, dropped = [None] * len(active), []
         for pid in np.flatnonzero(active):
             holders = None

@@ -23,6 +23,7 @@ import numpy as np
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _PREDICT_CLUSTER_BYTES = 1 << 30      # inputs above this go to a cluster
+_LOG_ENV = "DASK_LOGGING__DISTRIBUTED"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,11 +94,22 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     debug = getattr(args, "debug", False)
+    saved_env = os.environ.get(_LOG_ENV)
     _quiet_logs(debug)
     commands = {"run": _cmd_run, "validate": _cmd_validate, "predict": _cmd_predict,
                 "info": _cmd_info}
     try:
-        return commands[args.command](args)
+        return _dispatch(commands[args.command], args, debug)
+    finally:
+        if saved_env is None:
+            os.environ.pop(_LOG_ENV, None)
+        else:
+            os.environ[_LOG_ENV] = saved_env
+
+
+def _dispatch(command, args, debug):
+    try:
+        return command(args)
     except KeyboardInterrupt:
         print("dmlcore: interrupted; nothing was written to the output directory", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -119,7 +131,7 @@ def _quiet_logs(debug):
     """Keep the cluster's INFO/WARNING chatter (and that of its worker processes) off stderr."""
     if debug:
         return
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    os.environ.setdefault(_LOG_ENV, "error")    # inherited by the LocalCluster's workers
     import logging
 
     for name in ("distributed", "bokeh", "tornado"):

@@ -91,7 +91,7 @@ _PARTITION_RESERVED = {"X", "y", "client", "persist", "x", "n_partitions"}
 # Types/ranges of keywords whose defaults do not tell (None defaults, counts).
 # kind: "int" | "number" | "bool" | "str" | "strlist" | "any"; min; nullable
 _RULES = {
-    "epochs": ("int", 1, False), "steps": ("int", 1, False), "rounds": ("int", 1, False),
+    "epochs": ("int", 1, True), "steps": ("int", 1, True), "rounds": ("int", 1, True),
     "checkpoint_every": ("int", 1, True), "eval_every": ("int", 1, True),
     "seed": ("int", 0, False), "batch_size": ("int", 1, True),
     "partitions": ("int", 1, False), "n_workers": ("int", 1, False),
@@ -104,6 +104,7 @@ _RULES = {
     "chunks": ("any", None, False),
 }
 
+_LENGTHS = ("epochs", "steps", "rounds")
 TOP_KEYS = ("name", "cluster", "data", "model", "strategy", "optimizer", "train", "output",
             "sweep")
 _SOURCE_KEYS = ("fashion_mnist", "synthetic", "path")
@@ -257,6 +258,11 @@ def apply_overrides(config, sets, name="<workflow>"):
             node = nxt
         node[parts[-1]] = value
         overrides[tuple(parts)] = item
+        if len(parts) == 2 and parts[0] == "train" and parts[1] in _LENGTHS \
+                and value is not None:
+            for other in _LENGTHS:           # the length given on the command line wins
+                if other != parts[1] and ("train", other) not in overrides:
+                    node.pop(other, None)
     return overrides
 
 
@@ -1119,6 +1125,9 @@ def _prepare_checkpoints(live, done, resume, model, check, say):
     from . import checkpoint as ckpt
 
     if not resume:
+        if ckpt.list_checkpoints(live):
+            say(f"note: discarding the checkpoints of an interrupted run in {live} "
+                f"(--resume continues it)")
         if live.exists():
             shutil.rmtree(live)
         return False
@@ -1210,10 +1219,15 @@ def _run_sweep(plan, client, out_dir, resume, say, t_start):
 
     wf = plan.workflow
     prepared_by_data = {}
+
+    def data_key(spec):      # the prepared data depend on the data section and the model kind
+        return json.dumps([spec.data, _is_classifier_spec(spec), spec.model_kind,
+                           spec.model_kwargs.get("n_classes"), spec.model_kwargs.get("sizes")],
+                          sort_keys=True, default=str)
+
     for spec in plan.runs:
-        key = json.dumps(spec.data, sort_keys=True, default=str)
-        if key not in prepared_by_data:
-            prepared_by_data[key] = prepare_data(spec, client, wf)
+        if data_key(spec) not in prepared_by_data:
+            prepared_by_data[data_key(spec)] = prepare_data(spec, client, wf)
     n = len(plan.runs)
     say(f"sweep: {n} configurations over {', '.join(plan.sweep_keys)}")
     results = [None] * n
@@ -1222,7 +1236,7 @@ def _run_sweep(plan, client, out_dir, resume, say, t_start):
 
     def one(i):
         spec = plan.runs[i]
-        prepared = prepared_by_data[json.dumps(spec.data, sort_keys=True, default=str)]
+        prepared = prepared_by_data[data_key(spec)]
         result, seconds = _fit_one(spec, prepared, client, _checkpoint_dirs(out_dir, i), resume,
                                    False, wf,
                                    lambda m: None)

@@ -316,11 +316,26 @@ class _DMLEstimator(BaseEstimator):
                              y_numeric=not self._is_classifier)
 
     def _check_X(self, X):
-        """Prediction input: numpy (a dask array is computed), validated against the fit."""
+        """Prediction input (numpy), validated against the fit."""
         check_is_fitted(self)
-        if _is_dask(X):
-            X = X.compute()
         return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+
+    def _blockwise(self, method, X, n_columns=None, dtype=np.float64):
+        """``method`` applied to every row block of a dask ``X`` (lazy dask result).
+
+        The blocks are computed by a copy of the fitted estimator without its
+        ``client`` (a client does not travel to the workers) and ``history_``.
+        """
+        check_is_fitted(self)
+        _validate_dask(self, X, None, reset=False, classifier=self._is_classifier)
+        X = X.rechunk({1: -1})
+        fitted = copy.copy(self)
+        fitted.client = None
+        fitted.__dict__.pop("history_", None)
+        method = getattr(fitted, method.__name__)
+        if n_columns is None:
+            return X.map_blocks(method, drop_axis=1, dtype=dtype)
+        return X.map_blocks(method, chunks=(X.chunks[0], (n_columns,)), dtype=dtype)
 
     def _run(self, model, X, y, plan, *, seed):
         """Place, partition and fit; ``plan(data) -> (strategy, optimizer, fit kwargs)``.
@@ -429,6 +444,8 @@ class LinearRegression(RegressorMixin, _GLM):
         return self
 
     def predict(self, X):
+        if _is_dask(X):
+            return self._blockwise(self.predict, X)
         X = self._check_X(X)
         return X @ self.coef_.astype(X.dtype, copy=False) + self.intercept_
 
@@ -488,11 +505,16 @@ class LogisticRegression(ClassifierMixin, _GLM):
 
     def decision_function(self, X):
         """Scores: (n,) for two classes (positive means ``classes_[1]``), else (n, K)."""
+        if _is_dask(X):
+            k = len(self.classes_)
+            return self._blockwise(self.decision_function, X, None if k == 2 else k)
         X = self._check_X(X)
         scores = X @ self.coef_.T.astype(X.dtype, copy=False) + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
     def predict(self, X):
+        if _is_dask(X):
+            return self._blockwise(self.predict, X, dtype=self.classes_.dtype)
         scores = self.decision_function(X)
         idx = (scores > 0).astype(np.intp) if scores.ndim == 1 else scores.argmax(axis=1)
         return self.classes_[idx]
@@ -500,6 +522,8 @@ class LogisticRegression(ClassifierMixin, _GLM):
     def predict_proba(self, X):
         from scipy.special import expit, softmax
 
+        if _is_dask(X):
+            return self._blockwise(self.predict_proba, X, len(self.classes_))
         scores = self.decision_function(X)
         if scores.ndim == 1:
             p = expit(scores)
@@ -509,6 +533,8 @@ class LogisticRegression(ClassifierMixin, _GLM):
     def predict_log_proba(self, X):
         from scipy.special import log_expit, log_softmax
 
+        if _is_dask(X):
+            return self._blockwise(self.predict_log_proba, X, len(self.classes_))
         scores = self.decision_function(X)
         if scores.ndim == 1:
             return np.column_stack([log_expit(-scores), log_expit(scores)])
@@ -716,6 +742,8 @@ class MLPClassifier(ClassifierMixin, _MLP):
         return self._train(X, codes, len(self.classes_), partial=True)
 
     def predict_proba(self, X):
+        if _is_dask(X):
+            return self._blockwise(self.predict_proba, X, len(self.classes_))
         return np.asarray(self._forward(X), dtype=np.float64)
 
     def predict_log_proba(self, X):
@@ -723,6 +751,8 @@ class MLPClassifier(ClassifierMixin, _MLP):
             return np.log(self.predict_proba(X))
 
     def predict(self, X):
+        if _is_dask(X):
+            return self._blockwise(self.predict, X, dtype=self.classes_.dtype)
         proba = self._forward(X)
         return self.classes_[proba.argmax(axis=1)]
 
@@ -768,4 +798,6 @@ class MLPRegressor(RegressorMixin, _MLP):
         return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=True)
 
     def predict(self, X):
+        if _is_dask(X):
+            return self._blockwise(self.predict, X)
         return np.asarray(self._forward(X), dtype=np.float64).reshape(-1)

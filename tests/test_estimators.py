@@ -5,7 +5,8 @@ four estimators; none is marked as an expected failure. The instances use
 ``client=False`` (fit in this process): that is exactly the path a default
 instance takes on this small data when no Dask client exists, and it keeps the
 checks independent of the session's cluster fixture, which other test files
-may have made the default client.
+may have made the default client. (scikit-learn itself skips its array-API
+checks unless SCIPY_ARRAY_API=1 is set; those show up as skipped.)
 """
 import pickle
 import warnings

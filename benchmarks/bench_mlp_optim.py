@@ -147,7 +147,7 @@ def bench_mlp(args):
                     net.zero_grad(set_to_none=False)
                     lossf(net(Xt), yt).backward()
                 fns["torch"] = torch_fwd_bwd
-                l_torch = float(lossf(net(Xt), yt))
+                l_torch = float(lossf(net(Xt), yt).detach())
                 assert abs(l_torch - l_ext) <= 1e-4 * abs(l_ext), (l_torch, l_ext)
                 torch_fwd_bwd()
                 assert np.allclose(net[0].weight.grad.numpy().T, model.views(grad)["layer0"]["W"],

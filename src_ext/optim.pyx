@@ -136,23 +136,31 @@ cdef void _adam(Py_ssize_t n, floating *p, const floating *g, floating *m,
     m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
     p -= step_size m / (sqrt(v) * inv_sqrt_bc2 + eps), step_size = lr / (1 - b1^t)."""
     cdef Py_ssize_t i
-    cdef floating gi, mi, vi, di, decay
+    cdef floating gi, mi, vi, pi, d
     cdef floating c1 = 1 - b1, c2 = 1 - b2
-    cdef floating lr_wd = lr * wd
+    # branch-free in the loop: exactly one of the two decays is non-zero
+    cdef floating wd_grad = 0 if decoupled else wd
+    cdef floating wd_param = lr * wd if decoupled else 0
     cdef dml_fpstate saved = dml_ftz_enter()
-    for i in range(n):
-        decay = wd if mask == NULL else wd * mask[i]
-        gi = g[i]
-        if decoupled:
-            di = p[i] - (lr_wd if mask == NULL else lr_wd * mask[i]) * p[i]
-        else:
-            gi = gi + decay * p[i]
-            di = p[i]
-        mi = _flush(b1 * m[i] + c1 * gi)
-        vi = _flush(b2 * v[i] + c2 * gi * gi)
-        m[i] = mi
-        v[i] = vi
-        p[i] = _flush(di - step_size * mi / (_sqrt(vi) * inv_sqrt_bc2 + eps))
+    if mask == NULL:
+        for i in range(n):
+            pi = p[i]
+            gi = g[i] + wd_grad * pi
+            mi = _flush(b1 * m[i] + c1 * gi)
+            vi = _flush(b2 * v[i] + c2 * gi * gi)
+            m[i] = mi
+            v[i] = vi
+            p[i] = _flush(pi - wd_param * pi - step_size * mi / (_sqrt(vi) * inv_sqrt_bc2 + eps))
+    else:
+        for i in range(n):
+            pi = p[i]
+            d = mask[i]
+            gi = g[i] + (wd_grad * d) * pi
+            mi = _flush(b1 * m[i] + c1 * gi)
+            vi = _flush(b2 * v[i] + c2 * gi * gi)
+            m[i] = mi
+            v[i] = vi
+            p[i] = _flush(pi - (wd_param * d) * pi - step_size * mi / (_sqrt(vi) * inv_sqrt_bc2 + eps))
     dml_ftz_leave(saved)
 
 

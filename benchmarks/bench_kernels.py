@@ -4,7 +4,8 @@
     python benchmarks/bench_kernels.py --rows 20000    # smoke size
 
 Everything runs on ONE thread (threadpoolctl limits BLAS), as a kernel does on
-a Dask worker.  Each figure is the median of --repeat runs.
+a Dask worker.  Each figure is the median of --repeat runs, interleaved
+round-robin across the cases.
 
 Loss section (dmlcore._ext.loss):
   stream      np.add.reduce(X, axis=0): the time to read X once from memory
@@ -14,13 +15,14 @@ Loss section (dmlcore._ext.loss):
 Printed ratios: kernel / stream (lower is better, 1.0 is the memory bound),
 numpy / kernel (speed-up) and float64 / float32 for the logistic kernel.
 
-If benchmarks/bench_mlp_optim.py exists, its ``main(args)`` runs afterwards
-with the same parsed arguments (an argparse.Namespace: rows, cols, repeat, ...).
+If benchmarks/bench_mlp_optim.py exists, its ``main(argv)`` runs afterwards
+with ``--clock`` passed on, and ``--small`` when --rows is below 1,000,000.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,14 +33,19 @@ from threadpoolctl import threadpool_limits
 
 from dmlcore._ext import loss as _loss
 
+CLOCK = time.perf_counter
 
-def median_time(fn, repeat):
-    times = []
+
+def interleaved_medians(cases, repeat):
+    """Median wall time of each case; the repeats are interleaved (round-robin)
+    so that a change in machine load affects every case alike."""
+    times = {name: [] for name in cases}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in cases.items():
+            t0 = CLOCK()
+            fn()
+            times[name].append(CLOCK() - t0)
+    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def numpy_logistic(X, y, coef):
@@ -70,7 +77,9 @@ def bench_loss(args):
     n, p, k, rep = args.rows, args.cols, args.classes, args.repeat
     rng = np.random.default_rng(0)
     print(f"== loss kernels: {n} x {p}, float64 {n * p * 8 / 1e9:.2f} GB, "
-          f"1 thread, median of {rep}; kernel path: {_loss.simd_info()['active']}")
+          f"1 thread, median of {rep} ({args.clock} clock); kernel path: "
+          f"{_loss.simd_info()['active']}; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     X = rng.standard_normal((n, p))
     X32 = X.astype(np.float32)
     yb = (rng.random(n) < 0.5).astype(np.float64)
@@ -89,16 +98,18 @@ def bench_loss(args):
     l_k = _loss.loss_grad_logistic(X, yb, coef, g)
     assert np.isclose(l_k, l_ref, rtol=1e-9) and np.allclose(g, g_ref, rtol=1e-8, atol=1e-6)
 
-    t = {}
-    t["stream"] = median_time(lambda: np.add.reduce(X, axis=0), rep)
-    t["stream32"] = median_time(lambda: np.add.reduce(X32, axis=0), rep)
-    t["logistic"] = median_time(lambda: _loss.loss_grad_logistic(X, yb, coef, g), rep)
-    t["logistic32"] = median_time(lambda: _loss.loss_grad_logistic(X32, yb32, coef32, g32), rep)
-    t["numpy_logistic"] = median_time(lambda: numpy_logistic(X, yb, coef), rep)
-    t["squared"] = median_time(lambda: _loss.loss_grad_squared(X, yr, coef, g), rep)
-    t["numpy_squared"] = median_time(lambda: numpy_squared(X, yr, coef), rep)
-    t["softmax"] = median_time(lambda: _loss.loss_grad_softmax(X, yk, coefk, gk, k), rep)
-    t["numpy_softmax"] = median_time(lambda: numpy_softmax(X, yk, coefk, k), rep)
+    cases = {
+        "stream": lambda: np.add.reduce(X, axis=0),
+        "stream32": lambda: np.add.reduce(X32, axis=0),
+        "logistic": lambda: _loss.loss_grad_logistic(X, yb, coef, g),
+        "logistic32": lambda: _loss.loss_grad_logistic(X32, yb32, coef32, g32),
+        "numpy_logistic": lambda: numpy_logistic(X, yb, coef),
+        "squared": lambda: _loss.loss_grad_squared(X, yr, coef, g),
+        "numpy_squared": lambda: numpy_squared(X, yr, coef),
+        "softmax": lambda: _loss.loss_grad_softmax(X, yk, coefk, gk, k),
+        "numpy_softmax": lambda: numpy_softmax(X, yk, coefk, k),
+    }
+    t = interleaved_medians(cases, rep)
     del X32
 
     s = t["stream"]
@@ -125,15 +136,25 @@ def main(argv=None):
     parser.add_argument("--cols", type=int, default=100)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="wall-clock time (default) or the thread's CPU time "
+                             "(steadier on a loaded machine)")
+    parser.add_argument("--loss-only", action="store_true",
+                        help="skip benchmarks/bench_mlp_optim.py")
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     with threadpool_limits(1):
         bench_loss(args)
     other = Path(__file__).with_name("bench_mlp_optim.py")
-    if other.exists():
+    if other.exists() and not args.loss_only:
         spec = importlib.util.spec_from_file_location("bench_mlp_optim", other)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.main(args)
+        forwarded = ["--clock", args.clock]
+        if args.rows < 1_000_000:                   # a smoke run: keep the MLP part small too
+            forwarded.append("--small")
+        module.main(forwarded)
 
 
 if __name__ == "__main__":

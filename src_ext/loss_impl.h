@@ -49,7 +49,7 @@
 /* ---- vector helpers ----------------------------------------------------- */
 INL VEC FN(ld)(const REAL *p) { VEC v; __builtin_memcpy(&v, p, sizeof v); return v; }
 INL void FN(st)(REAL *p, VEC v) { __builtin_memcpy(p, &v, sizeof v); }
-INL VEC FN(splat)(REAL s) { VEC v = {0}; return v + s; }
+INL VEC FN(splat)(REAL s) { VEC z = {0}; return s - z; }   /* s - 0 == s: folds to a broadcast */
 INL VEC FN(sel)(IVEC m, VEC a, VEC b) {           /* m ? a : b, lane-wise */
     return (VEC)((m & (IVEC)a) | (~m & (IVEC)b));
 }
@@ -70,11 +70,15 @@ INL VEC FN(vmax)(VEC a, VEC b) { return FN(sel)((IVEC)(a > b), a, b); }
  * round-to-nearest shift trick, exact in the default rounding mode), a
  * Taylor polynomial (degree 13 double / 7 float, truncation < 2^-56 / 2^-27
  * relative) and a two-step scale 2^n1 * 2^n2 (n1 + n2 = n) so results down to
- * the subnormal range are rounded once.  Overflow gives inf, x < ~-745.1
- * (-103.9 float) gives 0, NaN propagates.  About 1 ulp.
+ * the subnormal range are rounded once.  Overflow gives inf, x < -745.2
+ * (-104 float) gives 0, NaN propagates.  About 1 ulp.
  */
 INL VEC FN(vexp)(VEC x) {
-    x = FN(sel)((IVEC)(x < C_XMIN), FN(splat)(C_XMIN), x);
+    /* x < C_XMIN: the result is 0; compute on a benign 0 instead and blend,
+     * so that no lane produces an underflow (a slow microcode assist on some
+     * CPUs; it would hit every -inf padding lane of the softmax kernel). */
+    IVEC zero = (IVEC)(x < C_XMIN);
+    x = FN(sel)(zero, FN(splat)(0), x);
     x = FN(sel)((IVEC)(x > C_XMAX), FN(splat)(C_XMAX), x);
     VEC t = x * C_LOG2E + C_SHIFT;
     VEC nf = t - C_SHIFT;
@@ -109,7 +113,7 @@ INL VEC FN(vexp)(VEC x) {
     IVEC n2 = n - n1;
     VEC s1 = (VEC)((n1 + C_EXPBIAS) << C_MANT);
     VEC s2 = (VEC)((n2 + C_EXPBIAS) << C_MANT);
-    return (q * s1) * s2;
+    return FN(sel)(zero, FN(splat)(0), (q * s1) * s2);
 }
 
 /* ---- vectorised log core -------------------------------------------------

@@ -121,7 +121,7 @@ def bench_mlp(args):
     print(f"\n== MLP {'-'.join(map(str, sizes))} relu/softmax: loss + gradient (SUM over rows), 1 thread")
     print(f"{'dtype':8s} {'rows':>5s} {'dmlcore ms':>11s} {'GFLOP/s':>8s} {'numpy ms':>9s} "
           f"{'GFLOP/s':>8s} {'numpy/dml':>9s} {'torch ms':>9s} {'torch/dml':>9s}")
-    number, repeat = (5, 3) if args.small else (20, 15)
+    number, repeat = (2, 2) if args.small else (20, 15)
     results = {}
     for dtype in (np.float32, np.float64):
         params = model.init(0, dtype=dtype)
@@ -194,8 +194,7 @@ def bench_mlp(args):
 
 def bench_optim(args):
     n = MLP([784, 256, 10]).n_params
-    steps = 1500 if args.small else 5000
-    window = 100
+    steps, window = (300, 50) if args.small else (5000, 100)
     print(f"\n== optimizer step: float32 SGD momentum=0.9, {n} params, half the gradient "
           f"entries 0 (their momentum decays into subnormals after ~800 steps)")
     rng = np.random.default_rng(1)

@@ -625,7 +625,10 @@ class _MLP(_DMLEstimator):
             batch = self._batch_rows(data)
             strategy = _resolve_strategy(self.strategy, batch_size=batch)
             rows_per_step = min(batch * data.n_partitions, n)
-            optimizer = self._optimizer(float(self.alpha) / rows_per_step, partial)
+            # FedAvg evaluates the client optimizer's schedule at LOCAL step
+            # counters, not at fit's global steps: keep its learning rate constant.
+            constant = partial or getattr(strategy, "name", "") == "fedavg"
+            optimizer = self._optimizer(float(self.alpha) / rows_per_step, constant)
             box["monitor"] = _EpochMonitor(strategy.steps_per_epoch(data), self.tol,
                                            self.n_iter_no_change, stop=not partial)
             return strategy, optimizer, {"epochs": 1 if partial else int(self.max_iter),

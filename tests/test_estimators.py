@@ -134,3 +134,20 @@ def test_strategy_instance_and_errors():
     mb = est.LogisticRegression(strategy=dml.SyncSGD(batch_size=16), max_iter=30,
                                 client=False).fit(X, y)
     assert mb.score(X, y) > 0.9
+
+
+def test_mlp_with_fedavg_strategy():
+    X, y = make_blobs(400, n_features=4, centers=3, random_state=5)
+    clf = est.MLPClassifier(hidden_layer_sizes=(16,), strategy="fedavg", max_iter=20,
+                            learning_rate_init=0.01, n_partitions=4, random_state=0,
+                            client=False).fit(X, y)
+    assert type(clf.history_.attrs["strategy"]) is str and "FedAvg" in clf.history_.attrs["strategy"]
+    assert clf.score(X, y) > 0.9
+
+
+def test_mlp_with_parameter_server_strategy(client):
+    X, y = make_blobs(400, n_features=4, centers=3, random_state=6)
+    clf = est.MLPClassifier(hidden_layer_sizes=(16,), strategy="ps", max_iter=5,
+                            learning_rate_init=0.01, random_state=0, client=client).fit(X, y)
+    assert "ParameterServer" in clf.history_.attrs["strategy"]
+    assert clf.score(X, y) > 0.9

@@ -63,11 +63,18 @@ live worker, restarts the worker loops where the partitions now are, and
 carries on; the records already yielded after that checkpoint are lost
 updates (at most ``checkpoint_every - 1``): the next record reports their
 number in ``updates_lost`` and the run still ends after the requested number
-of records. Supported: any loss of the server's worker whose partitions
-survive somewhere (the server avoids data-holding workers when it can;
-replicate the data with ``client.replicate`` or build partitions the
-scheduler can recompute otherwise). Partitions whose data are gone are
-dropped from training with a warning (``recoveries_`` names them).
+of records. When a worker running a loop dies (checked once a second) while
+the server lives, the server stops, checkpoints its exact state (BSP's
+half-collected clock is redone, not lost) and is re-created the same way:
+no update is lost. In both cases a partition whose data survive (replicas
+made with ``client.replicate``, or data the scheduler can recompute) is
+trained where its data now are; a partition whose data died with the worker
+(``dml.partition`` scatters the labels, so a partition dies with its
+worker) is dropped from training with a warning, BSP and SSP then wait only
+for the remaining ones. The server goes to the live worker holding the
+fewest partitions, so on a cluster with a spare worker losing it loses no
+data. ``strategy.recoveries_`` records each recovery (dead workers, new
+server worker, checkpoint used, updates lost, partitions dropped).
 
 ``slow_partitions={partition: seconds}`` is a debugging aid: that partition's
 worker sleeps that long after each of its mini-batches (tests of the SSP
@@ -472,6 +479,7 @@ class ParameterServer(Strategy):
         self._worker_counts = {}
         self.worker_slots_ = []
         self.recoveries_ = []
+        self._dead = set()
         self._loops, self._actor_future, self._server = [], None, None
         clocks, active = np.full(P, start, dtype=np.int64), np.ones(P, dtype=bool)
         ckpt.save(self._dir, ctx.start_step, ctx.trainable_values(), ctx.opt_state,
@@ -482,7 +490,9 @@ class ParameterServer(Strategy):
 
     def _launch(self, ctx, values, opt_state, clocks, active, count, stop_at, placement):
         client = self._client
-        live = sorted(client.nthreads())
+        live = sorted(set(client.nthreads()) - self._dead)
+        if not live:
+            raise RuntimeError("the Dask cluster has no live worker left for the parameter server")
         by_worker = {}
         for pid in np.flatnonzero(active):
             by_worker.setdefault(placement[pid], []).append(int(pid))
@@ -569,6 +579,7 @@ class ParameterServer(Strategy):
                 f"worker(s) {dead} died and no parameter-server checkpoint "
                 f"is readable in {self._dir} (on a multi-machine cluster give "
                 f"ParameterServer(checkpoint_dir=...) on storage every machine shares)") from exc
+        self._dead.update(dead)             # the scheduler may still list them for a moment
         self._client.cancel(self._loops)    # they end at their next call of the dead server
         self._loops = []
         self._actor_future.release()
@@ -605,7 +616,7 @@ class ParameterServer(Strategy):
             wait([f for f in futures if f.status == "pending"], timeout=timeout)
         except Exception:  # noqa: BLE001 - timeouts and lost keys are judged below
             pass
-        live = set(self._client.nthreads())
+        live = set(self._client.nthreads()) - self._dead
         kept = [f for f in futures if f.status == "finished"]
         try:
             who = self._client.who_has(kept) if kept else {}

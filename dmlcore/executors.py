@@ -62,64 +62,38 @@ class PartitionExecutor:
         ]
         return add_partials(*partials)
 
-    def local_train(self, values, optimizer, *, first_step, n_steps, batch_size, seed,
-                    proximal_mu=0.0, partitions=None):
-        """Local SGD on each (selected) partition from ``values``.
+    def local_train(self, values, optimizer, *, round_, batch_size, seed, local_epochs=None,
+                    local_steps=None, proximal_mu=0.0, partitions=None, fail=()):
+        """Local SGD on each selected partition (client) from ``values``; sums taken here.
 
-        Returns ``(sum_k n_k * values_k, sum_k n_k, loss sum, rows seen, ids)``
-        where ``n_k`` is partition k's row count (FedAvg's weight) and ``ids``
-        the partitions that trained.
-        """
-        params = self._params(values)
-        selected = [p for p in self.parts if partitions is None or p[0] in partitions]
-        weighted, weight, loss, rows, ids = None, 0, 0.0, 0, []
-        for pid, X, y in selected:
-            new, loss_k, rows_k = local.local_sgd(
-                self.model, optimizer, params, X, y, batch_size=batch_size,
-                n_steps=n_steps(X.shape[0]) if callable(n_steps) else n_steps,
-                seed=seed, partition=pid, first_step=first_step,
-                trainable=self.trainable, idx=self.idx, proximal_mu=proximal_mu)
-            n_k = X.shape[0]
-            if weighted is None:
-                weighted = n_k * new.astype(np.float64)
-            else:
-                weighted += n_k * new
-            weight += n_k
-            loss += loss_k
-            rows += rows_k
-            ids.append(pid)
-        return weighted, weight, loss, rows, ids
-
-
-    def fedavg_clients(self, values, optimizer, *, round_, local_epochs, batch_size, seed,
-                       proximal_mu=0.0, partitions=(), fail=()):
-        """FedAvg's clients on this worker: train each selected partition, sum the results here.
-
-        Client k starts from ``values`` and runs ``local_epochs`` epochs of
-        ``batch_size``-row steps; its local step counter starts at
-        ``round_ * local_epochs * n_batches_k`` so every round visits fresh
-        mini-batch permutations. Clients are isolated: one that raises, or whose
-        weights are not finite, is reported in ``failed`` and left out of the sums.
-        ``fail``: ids that raise on purpose (the failure-policy testing hook).
+        Client k runs ``local_steps`` steps, or ``local_epochs`` epochs of its
+        ``n_batches_k`` mini-batches, of ``batch_size`` rows; its local step
+        counter starts at ``round_ * (its steps per round)`` so every round
+        visits fresh mini-batch orders. ``partitions``: ids to train (None =
+        all). Clients are isolated: one that raises, or whose weights are not
+        finite, is reported in ``failed`` and left out of the sums. ``fail``: ids
+        that raise on purpose (the failure-policy testing hook).
         Returns ``(sum_k n_k * w_k in float64 or None, sum_k n_k, loss sum, rows
-        seen, ids that counted, failed [(id, message)])``.
+        seen, ids that counted, failed [(id, message)])``, ``n_k`` = client k's rows.
         """
+        if (local_epochs is None) == (local_steps is None):
+            raise ValueError("give exactly one of local_epochs, local_steps")
         params = self._params(values)
-        wanted = set(int(p) for p in partitions)
+        wanted = None if partitions is None else set(int(p) for p in partitions)
         fail = set(int(p) for p in fail)
         weighted, weight, loss, rows, ids, failed = None, 0, 0.0, 0, [], []
         for pid, X, y in self.parts:
-            if pid not in wanted:
+            if wanted is not None and pid not in wanted:
                 continue
             n_k = int(X.shape[0])
-            nb = local.n_batches(n_k, batch_size)
+            n_steps = local_steps or local_epochs * local.n_batches(n_k, batch_size)
             try:
                 if pid in fail:
                     raise RuntimeError(f"injected failure of client {pid} in round {round_}")
                 new, loss_k, rows_k = local.local_sgd(
                     self.model, optimizer, params, X, y, batch_size=batch_size,
-                    n_steps=local_epochs * nb, seed=seed, partition=pid,
-                    first_step=int(round_) * local_epochs * nb, trainable=self.trainable,
+                    n_steps=n_steps, seed=seed, partition=pid,
+                    first_step=int(round_) * n_steps, trainable=self.trainable,
                     idx=self.idx, proximal_mu=proximal_mu)
                 if not (np.isfinite(new).all() and np.isfinite(loss_k)):
                     raise FloatingPointError(f"client {pid}: non-finite weights or loss")

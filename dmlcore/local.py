@@ -72,7 +72,8 @@ def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, part
     params = params.copy()
     values = params if trainable is None else params[idx]
     anchor = values.copy() if proximal_mu else None
-    state = optimizer.init(values)._replace(step=int(first_step))
+    decay_mask = model.weight_mask() if idx is None else model.weight_mask()[idx]
+    state = optimizer.init(values, decay_mask)._replace(step=int(first_step))
     loss_total, rows_total = 0.0, 0
     for k in range(n_steps):
         rows = batch_slice(X.shape[0], batch_size, first_step + k, seed, partition)

@@ -18,7 +18,7 @@ import xarray as xr
 
 from . import checkpoint as ckpt
 from .cluster import get_client
-from .optim import LBFGS, Adam
+from .optim import LBFGS
 from .strategies.base import RunContext
 
 
@@ -68,12 +68,6 @@ def _total_steps(strategy, data, epochs, steps, rounds):
     if name == "epochs":
         return int(value) * strategy.steps_per_epoch(data)
     return int(value)
-
-
-def _default_optimizer(strategy):
-    if getattr(strategy, "batch_size", 0) is None and getattr(strategy, "name", "") == "sync":
-        return LBFGS()
-    return Adam()
 
 
 def _as_partitioned(data, client, seed):
@@ -155,7 +149,7 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
     data = _as_partitioned(data, client, seed)
     if data.n_features != getattr(model, "n_features", data.n_features):
         raise ValueError(f"model expects {model.n_features} features, data has {data.n_features}")
-    optimizer = optimizer if optimizer is not None else _default_optimizer(strategy)
+    optimizer = optimizer if optimizer is not None else strategy.default_optimizer()
     total = _total_steps(strategy, data, epochs, steps, rounds)
     per_epoch = max(strategy.steps_per_epoch(data), 1)
     eval_every = int(eval_every or per_epoch)
@@ -173,13 +167,14 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
     values = params if idx is None else params[idx]
     opt_state = None if isinstance(optimizer, LBFGS) else optimizer.init(values, decay_mask)
 
-    records, start, time_offset = [], 0, 0.0
+    records, start, time_offset, extra = [], 0, 0.0, {}
     if resume and checkpoint_dir is not None:
         saved = ckpt.latest(checkpoint_dir)
         if saved is not None:
             params = saved["params"].astype(dtype)
             start = saved["step"]
             opt_state = ckpt.restore_state(opt_state, saved["opt"])
+            extra = dict(saved["extra"])
             hist = saved["history"]
             if "step" in hist:
                 records = [{k: float(v[i]) for k, v in hist.items()} for i in
@@ -193,7 +188,7 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
 
     ctx = RunContext(model=model, data=data, optimizer=optimizer, params=params,
                      opt_state=opt_state, client=client, seed=int(seed), start_step=start,
-                     total_steps=total, trainable=trainable, trainable_idx=idx)
+                     total_steps=total, trainable=trainable, trainable_idx=idx, extra=extra)
     meta = {"model": model.to_config(), "strategy": repr(strategy), "seed": int(seed),
             "total_steps": total}
 

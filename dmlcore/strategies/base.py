@@ -51,6 +51,12 @@ class Strategy:
     def __init__(self, trainable=None):
         self.trainable = None if trainable is None else list(trainable)
 
+    def default_optimizer(self):
+        """The optimizer ``dml.fit`` uses when none is given."""
+        from ..optim import Adam
+
+        return Adam()
+
     def steps_per_epoch(self, data) -> int:
         """Steps that make one pass over the data."""
         raise NotImplementedError

@@ -130,6 +130,12 @@ class FedAvg(Strategy):
             return c
         return max(int(round(c * n_clients)), 1)
 
+    def default_optimizer(self):
+        """Clients run plain SGD (lr 0.05), as in McMahan et al."""
+        from ..optim import SGD
+
+        return SGD(lr=0.05)
+
     def steps_per_epoch(self, data):
         """Rounds in which, on average, every client participates once: ceil(K / m)."""
         k = int(data.n_partitions)
@@ -223,10 +229,10 @@ class FedAvg(Strategy):
         target = pool.executors[executor]
         if pool.client is None:
             try:
-                return _Done(target.fedavg_clients(values, ctx.optimizer, **kwargs))
+                return _Done(target.local_train(values, ctx.optimizer, **kwargs))
             except Exception as exc:  # mirror a failed remote call
                 return _Failed(exc)
-        return target.fedavg_clients(values, ctx.optimizer, **kwargs)
+        return target.local_train(values, ctx.optimizer, **kwargs)
 
     def _server_state(self, ctx):
         if self.server_optimizer is None:

@@ -437,7 +437,8 @@ class ParameterServer(Strategy):
                         raise
                     lost_pending += self._recover(ctx, yielded, [self._server_worker], exc)
                     continue
-                self._check_loops()
+                if not dead:
+                    self._check_loops()
                 self._count(out)
                 records = out["records"]
                 if records:

@@ -74,6 +74,10 @@ class SyncSGD(Strategy):
     def uses_optimizer_state(self):
         return self.local_steps == 1
 
+    def default_optimizer(self):
+        """Full batch: L-BFGS; mini-batches: Adam."""
+        return LBFGS() if self.batch_size is None else super().default_optimizer()
+
     def steps_per_epoch(self, data):
         batches = max(local.n_batches(int(n), self.batch_size) for n in data.partition_sizes)
         return -(-batches // self.local_steps)
@@ -134,10 +138,14 @@ class SyncSGD(Strategy):
         return evaluate, None, lambda: None
 
     def _local_round(self, ctx, pool, values, step):
-        k = self.local_steps
-        results = pool.call("local_train", values, ctx.optimizer, first_step=step * k,
-                            n_steps=k, batch_size=self.batch_size, seed=ctx.seed)
-        weighted, weight, loss, rows, _ = add_partials(*[r[:4] + (0,) for r in results])
+        results = pool.call("local_train", values, ctx.optimizer, round_=step,
+                            local_steps=self.local_steps, batch_size=self.batch_size,
+                            seed=ctx.seed)
+        failed = [f for r in results for f in r[5]]
+        if failed:
+            raise RuntimeError(f"local training failed on partition {failed[0][0]}: "
+                               f"{failed[0][1]}")
+        weighted, weight, loss, rows = add_partials(*[r[:4] for r in results])
         new = (weighted / weight).astype(values.dtype)
         nbytes = 0 if ctx.client is None else 2 * values.nbytes * len(pool)
         return new, loss, rows, nbytes

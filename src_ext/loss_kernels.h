@@ -48,7 +48,8 @@ static int64_t dml_block_bytes = 16384;   /* bytes of X per block (L1-sized) */
 static int64_t dml_prefetch_blocks = 1;   /* prefetch this many blocks ahead (0 = off) */
 #define DML_FLUSH_BLOCKS 16
 
-#if defined(__x86_64__) && defined(__GNUC__)
+/* -DDML_NO_AVX2_CLONE builds only the portable path (what non-x86 targets get). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(DML_NO_AVX2_CLONE)
 #define DML_HAVE_AVX2_CLONE 1
 #else
 #define DML_HAVE_AVX2_CLONE 0
@@ -57,7 +58,7 @@ static int64_t dml_prefetch_blocks = 1;   /* prefetch this many blocks ahead (0 
 /* -1: auto-detect, 0: baseline, 1: avx2+fma (only if the CPU has it). */
 static int dml_simd_request = -1;
 
-static int dml_cpu_has_avx2(void) {
+static inline int dml_cpu_has_avx2(void) {
 #if DML_HAVE_AVX2_CLONE
     static int cached = -1;
     if (cached < 0) {
@@ -70,7 +71,7 @@ static int dml_cpu_has_avx2(void) {
 #endif
 }
 
-static int dml_use_avx2(void) {
+static inline int dml_use_avx2(void) {
     if (dml_simd_request == 0) return 0;
     return dml_cpu_has_avx2();
 }
@@ -138,28 +139,28 @@ static int dml_use_avx2(void) {
 #endif
 
 #define DML_DEFINE_PUBLIC(sfx, T)                                                  \
-static int dml_glm##sfx(int kind, const T *X, const T *y, int64_t n, int64_t p,    \
+static inline int dml_glm##sfx(int kind, const T *X, const T *y, int64_t n, int64_t p,    \
                         const T *coef, T *grad, int compute_grad,                  \
                         double *loss_out, int *bad_out) {                          \
     return DML_DISPATCH(glm_driver, sfx,                                           \
         (kind, X, y, n, p, coef, grad, compute_grad, loss_out, bad_out));          \
 }                                                                                  \
-static int dml_softmax##sfx(const T *X, const int64_t *y, int64_t n, int64_t p,    \
+static inline int dml_softmax##sfx(const T *X, const int64_t *y, int64_t n, int64_t p,    \
                             int64_t K, const T *coef, T *grad, int compute_grad,   \
                             double *loss_out, int *bad_out) {                      \
     return DML_DISPATCH(softmax_driver, sfx,                                       \
         (X, y, n, p, K, coef, grad, compute_grad, loss_out, bad_out));             \
 }                                                                                  \
-static void dml_vexp##sfx(const T *x, T *out, int64_t n) {                         \
+static inline void dml_vexp##sfx(const T *x, T *out, int64_t n) {                         \
     DML_DISPATCH(exp_array, sfx, (x, out, n));                                     \
 }                                                                                  \
-static void dml_vlog##sfx(const T *x, T *out, int64_t n) {                         \
+static inline void dml_vlog##sfx(const T *x, T *out, int64_t n) {                         \
     DML_DISPATCH(log_array, sfx, (x, out, n));                                     \
 }                                                                                  \
-static void dml_vlog1p##sfx(const T *x, T *out, int64_t n) {                       \
+static inline void dml_vlog1p##sfx(const T *x, T *out, int64_t n) {                       \
     DML_DISPATCH(log1p_array, sfx, (x, out, n));                                   \
 }                                                                                  \
-static void dml_vlog1p_unit##sfx(const T *x, T *out, int64_t n) {                  \
+static inline void dml_vlog1p_unit##sfx(const T *x, T *out, int64_t n) {                  \
     DML_DISPATCH(log1p_unit_array, sfx, (x, out, n));                              \
 }
 

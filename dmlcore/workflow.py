@@ -38,7 +38,6 @@ import inspect
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -464,7 +463,7 @@ def _construct(check, path, factory, kwargs, keys_in_file):
         check.fail(target, message)
 
 
-def _check_cluster(check, cfg, assignment_free=True):
+def _check_cluster(check, cfg):
     cluster = check.mapping(cfg.get("cluster"), ("cluster",), allow_none=True)
     check.keys(cluster, ("cluster",), ("local", "address", "timeout"))
     if "local" in cluster and "address" in cluster:
@@ -857,7 +856,7 @@ def _load_files(src):
     return load_arrays(**kwargs)
 
 
-def _load_source(src, client, split=None):
+def _load_source(src, client):
     """``(X, y)``: numpy or dask arrays (synthetic data are built on the workers)."""
     from . import datasets
 

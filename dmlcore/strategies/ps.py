@@ -477,6 +477,9 @@ class ParameterServer(Strategy):
         self._parts = ctx.data.partition_futures()
         start = ctx.start_step if self.consistency == "bsp" else ctx.start_step // P
         self._partition_counts = np.zeros(P, dtype=np.int64)
+        resumed = np.asarray(ctx.extra.get("partition_updates", ()), dtype=np.int64)
+        if resumed.shape == (P,):           # dml.fit(resume=True) restores ctx.extra
+            self._partition_counts += resumed
         self._worker_counts = {}
         self.worker_slots_ = []
         self.recoveries_ = []

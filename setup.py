@@ -21,6 +21,7 @@ extensions = [
     Extension(
         f"dmlcore._ext.{pyx.stem}",
         [str(pyx.relative_to(HERE))],
+        depends=[str(h.relative_to(HERE)) for h in (HERE / "src_ext").glob("*.h")],
         include_dirs=[np.get_include(), "src_ext"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
         extra_compile_args=["-O3", "-fno-math-errno"],

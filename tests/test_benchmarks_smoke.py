@@ -26,7 +26,9 @@ def test_every_benchmark_has_a_smoke_run():
 
 @pytest.mark.parametrize("script", sorted(SMALL_ARGS))
 def test_benchmark_smoke(script, tmp_path):
-    env = dict(os.environ, MPLBACKEND="Agg")
+    root = str(BENCH.parent)
+    env = dict(os.environ, MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(BENCH / script), *SMALL_ARGS[script]],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

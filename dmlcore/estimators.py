@@ -553,6 +553,28 @@ MIN_STEPS_PER_EPOCH = 16
 class _MLP(_DMLEstimator):
     """Shared MLP logic; subclasses define the output layer and the targets."""
 
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="cosine",
+                 learning_rate_init=0.002, max_iter=12, tol=1e-4, n_iter_no_change=10,
+                 momentum=0.9, nesterov=False, random_state=None, strategy="sync",
+                 n_partitions=None, client=None):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.random_state = random_state
+        self.strategy = strategy
+        self.n_partitions = n_partitions
+        self.client = client
+
     def _check_params(self):
         sizes = self.hidden_layer_sizes
         if isinstance(sizes, numbers.Integral):
@@ -689,28 +711,6 @@ class MLPClassifier(ClassifierMixin, _MLP):
     _is_classifier = True
     _output = "softmax"
 
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
-                 alpha=0.0001, batch_size="auto", learning_rate="cosine",
-                 learning_rate_init=0.002, max_iter=12, tol=1e-4, n_iter_no_change=10,
-                 momentum=0.9, nesterov=False, random_state=None, strategy="sync",
-                 n_partitions=None, client=None):
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.learning_rate_init = learning_rate_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.n_iter_no_change = n_iter_no_change
-        self.momentum = momentum
-        self.nesterov = nesterov
-        self.random_state = random_state
-        self.strategy = strategy
-        self.n_partitions = n_partitions
-        self.client = client
-
     def _encode(self, y, classes=None, first=True):
         check_classification_targets(y)
         if first:
@@ -765,28 +765,6 @@ class MLPRegressor(RegressorMixin, _MLP):
                "a Dask cluster.\n" + _MLP_DOC_PARAMS)
 
     _output = "linear"
-
-    def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
-                 alpha=0.0001, batch_size="auto", learning_rate="cosine",
-                 learning_rate_init=0.002, max_iter=12, tol=1e-4, n_iter_no_change=10,
-                 momentum=0.9, nesterov=False, random_state=None, strategy="sync",
-                 n_partitions=None, client=None):
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.activation = activation
-        self.solver = solver
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.learning_rate_init = learning_rate_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.n_iter_no_change = n_iter_no_change
-        self.momentum = momentum
-        self.nesterov = nesterov
-        self.random_state = random_state
-        self.strategy = strategy
-        self.n_partitions = n_partitions
-        self.client = client
 
     def fit(self, X, y):
         X, y = self._validate(X, y, reset=True)

@@ -28,11 +28,16 @@ class PartitionExecutor:
 
     def __init__(self, model, partition_ids, *arrays):
         self.model = model
-        self.parts = [(int(pid), arrays[2 * i], arrays[2 * i + 1])
+        self.parts = [(int(pid), arrays[2 * i], self._labels(arrays[2 * i], arrays[2 * i + 1]))
                       for i, pid in enumerate(partition_ids)]
         self.params = None
         self.trainable = None
         self.idx = None
+
+    def _labels(self, X, y):
+        """``y`` in the dtype the model's kernel takes, converted once (y is ~1/d of X)."""
+        dtype = self.model.label_dtype(X.dtype)
+        return y if y.dtype == dtype else np.ascontiguousarray(y, dtype=dtype)
 
     def configure(self, params, trainable=None):
         """Keep the full parameters (frozen layers are taken from here) and the trainable set."""

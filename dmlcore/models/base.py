@@ -93,6 +93,16 @@ class Model:
             mask[slices[name]] = True
         return mask
 
+    def label_dtype(self, x_dtype) -> np.dtype:
+        """The dtype ``loss_grad`` takes labels in without converting them.
+
+        int64 class codes for multi-class outputs; X's dtype otherwise
+        (regression targets, and 0/1 labels of a binary logistic model).
+        """
+        if self.is_classifier and self.n_outputs > 1:
+            return np.dtype(np.int64)
+        return np.dtype(x_dtype)
+
     # ---- helpers for subclasses -------------------------------------------
     def _check_params(self, params):
         params = np.asarray(params)

@@ -12,6 +12,8 @@ makes a run reproducible and resumable from the step number alone.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -32,9 +34,16 @@ def batch_slice(n_rows, batch_size, step, seed, partition):
     if nb == 1:
         return slice(0, n_rows)
     epoch, j = divmod(int(step), nb)
-    order = np.random.default_rng((int(seed), epoch, int(partition))).permutation(nb)
-    start = int(order[j]) * batch_size
+    start = int(_batch_order(nb, int(seed), epoch, int(partition))[j]) * batch_size
     return slice(start, min(start + batch_size, n_rows))
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_order(nb, seed, epoch, partition):
+    """The order of the ``nb`` slices in one epoch of one partition (cached: steps reuse it)."""
+    order = np.random.default_rng((seed, epoch, partition)).permutation(nb)
+    order.setflags(write=False)
+    return order
 
 
 def trainable_index(model, trainable):
@@ -44,14 +53,15 @@ def trainable_index(model, trainable):
     return np.flatnonzero(model.trainable_mask(trainable))
 
 
-def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=None):
+def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=None, out=None):
     """(loss sum, gradient sum over the trainable entries, row count) on ``X[rows]``.
 
     ``trainable``: layer names (None = all); ``idx``: their flat indices
-    (``trainable_index``), passed by callers that cache it.
+    (``trainable_index``), passed by callers that cache it. ``out``: a buffer
+    of ``params``' shape and dtype for the full gradient (reused by loops).
     """
     Xb, yb = X[rows], y[rows]
-    grad = np.empty_like(params)
+    grad = np.empty_like(params) if out is None else out
     loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable)
     if trainable is not None:
         grad = grad[trainable_index(model, trainable) if idx is None else idx]
@@ -74,12 +84,13 @@ def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, part
     anchor = values.copy() if proximal_mu else None
     decay_mask = model.weight_mask() if idx is None else model.weight_mask()[idx]
     state = optimizer.init(values, decay_mask)._replace(step=int(first_step))
+    buffer = np.empty_like(params)
     loss_total, rows_total = 0.0, 0
     for k in range(n_steps):
         rows = batch_slice(X.shape[0], batch_size, first_step + k, seed, partition)
         if trainable is not None:
             params[idx] = values
-        loss, grad, n = loss_grad_sum(model, params, X, y, rows, trainable, idx)
+        loss, grad, n = loss_grad_sum(model, params, X, y, rows, trainable, idx, out=buffer)
         grad /= n
         if proximal_mu:
             grad += proximal_mu * (values - anchor)

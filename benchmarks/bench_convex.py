@@ -43,7 +43,7 @@ def main(argv=None):
 
     peers = set(filter(None, args.peers.split(",")))
     n, d, C = args.rows, args.cols, args.C
-    with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         X, y = dml.datasets.make_classification(n, d, chunks=-(-n // args.chunks), seed=0)
         data = dml.partition(X, y, n_partitions=args.chunks, scheme="iid", seed=0, client=client)

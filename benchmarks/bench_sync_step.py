@@ -92,7 +92,7 @@ def main(argv=None):
     from dmlcore.cluster import local_cluster
 
     out = {}
-    with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         # 1. overhead with negligible compute
         rng = np.random.default_rng(0)

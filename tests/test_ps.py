@@ -124,7 +124,7 @@ def three_workers():
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+                           dashboard_address=":0")
     client = Client(cluster)
     client.wait_for_workers(3)
     try:

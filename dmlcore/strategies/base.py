@@ -46,7 +46,6 @@ class Strategy:
     """Base class: ``trainable`` and the step accounting; subclasses implement ``run``."""
 
     name = "strategy"
-    uses_optimizer_state = True     # False when the driver's optimizer state is unused
 
     def __init__(self, trainable=None):
         self.trainable = None if trainable is None else list(trainable)

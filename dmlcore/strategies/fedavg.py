@@ -81,7 +81,6 @@ class FedAvg(Strategy):
     """Federated Averaging over the partitions; see the module docstring."""
 
     name = "fedavg"
-    uses_optimizer_state = False    # client optimizer state is fresh every round
 
     def __init__(self, clients_per_round=0.1, local_epochs=1, batch_size=10, proximal_mu=0.0,
                  server_optimizer=None, accept_failures=True, trainable=None,

@@ -70,10 +70,6 @@ class SyncSGD(Strategy):
         self.local_steps = int(local_steps)
         self.transport = transport
 
-    @property
-    def uses_optimizer_state(self):
-        return self.local_steps == 1
-
     def default_optimizer(self):
         """Full batch: L-BFGS; mini-batches: Adam."""
         return LBFGS() if self.batch_size is None else super().default_optimizer()

@@ -117,12 +117,14 @@ class PartitionExecutor:
         return weighted, weight, loss, rows, ids, failed
 
 class _Done:
-    """A finished call, shaped like a future (``result()``)."""
+    """A finished in-process call, shaped like a future: ``result()`` returns or raises."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
 
     def result(self):
+        if self.error is not None:
+            raise self.error
         return self.value
 
 
@@ -158,11 +160,20 @@ class ExecutorPool:
     def __len__(self):
         return len(self.executors)
 
+    def submit_one(self, index, method, *args, **kwargs):
+        """Start ``method`` on executor ``index``; a future-like whose ``result()``
+        returns the value or raises the call's error (in-process calls too)."""
+        executor = self.executors[index]
+        if self.client is not None:
+            return getattr(executor, method)(*args, **kwargs)
+        try:
+            return _Done(getattr(executor, method)(*args, **kwargs))
+        except Exception as exc:  # mirror a failed remote call
+            return _Done(error=exc)
+
     def submit(self, method, *args, **kwargs):
         """Start ``method`` on every executor; returns one future-like per executor."""
-        if self.client is None:
-            return [_Done(getattr(e, method)(*args, **kwargs)) for e in self.executors]
-        return [getattr(e, method)(*args, **kwargs) for e in self.executors]
+        return [self.submit_one(i, method, *args, **kwargs) for i in range(len(self))]
 
     def call(self, method, *args, **kwargs):
         """Run ``method`` on every executor concurrently; list of results."""

@@ -28,6 +28,10 @@ class _GLM(Model):
         n_features = _check_positive_int("n_features", n_features)
         self.n_features = n_features
 
+    def _layer_shapes(self):
+        """One output (Linear, Logistic): W (n_features,), b (1,); Softmax overrides."""
+        return [("linear", (self.n_features,), (1,))]
+
     # ---- parameters ------------------------------------------------------
     def init(self, seed=0, dtype=np.float64) -> np.ndarray:
         """Flat parameters: W ~ N(0, 0.01^2) from ``default_rng(seed)``, b = 0."""
@@ -100,9 +104,6 @@ class Linear(_GLM):
     is_classifier = False
     n_outputs = 1
 
-    def _layer_shapes(self):
-        return [("linear", (self.n_features,), (1,))]
-
     def loss_grad(self, params, X, y, grad, trainable=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
@@ -123,9 +124,6 @@ class Logistic(_GLM):
     is_classifier = True
     n_outputs = 1
     n_classes = 2
-
-    def _layer_shapes(self):
-        return [("linear", (self.n_features,), (1,))]
 
     def loss_grad(self, params, X, y, grad, trainable=None) -> float:
         params, X = self._prepare(params, X, grad)

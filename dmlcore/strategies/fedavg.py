@@ -56,16 +56,6 @@ from ..optim import LBFGS
 from .base import Strategy
 
 
-class _Done:
-    """An in-process result shaped like a future."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 def sample_clients(seed, round_, n_clients, n_sampled):
     """Sorted ids of the ``n_sampled`` clients of round ``round_`` (no replacement)."""
     rng = np.random.default_rng((int(seed), int(round_)))
@@ -225,13 +215,7 @@ class FedAvg(Strategy):
         kwargs = dict(round_=round_, local_epochs=self.local_epochs,
                       batch_size=self.batch_size, seed=ctx.seed,
                       proximal_mu=self.proximal_mu, partitions=ids, fail=fail)
-        target = pool.executors[executor]
-        if pool.client is None:
-            try:
-                return _Done(target.local_train(values, ctx.optimizer, **kwargs))
-            except Exception as exc:  # mirror a failed remote call
-                return _Failed(exc)
-        return target.local_train(values, ctx.optimizer, **kwargs)
+        return pool.submit_one(executor, "local_train", values, ctx.optimizer, **kwargs)
 
     def _server_state(self, ctx):
         if self.server_optimizer is None:
@@ -275,13 +259,3 @@ class FedAvg(Strategy):
                     "client": np.arange(table.shape[1])},
             name="participation",
             attrs={"meaning": "1 counted, -1 failed (dropped), 0 not sampled"})
-
-
-class _Failed:
-    """An in-process failed call, shaped like a future."""
-
-    def __init__(self, exc):
-        self.exc = exc
-
-    def result(self):
-        raise self.exc

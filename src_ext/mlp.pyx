@@ -471,6 +471,39 @@ cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
     return loss + probe_sum
 
 
+# ---- OpenBLAS packing buffer ----------------------------------------------------
+# OpenBLAS packs gemm operands into a 32 MB buffer that it mmaps once per
+# library; a page of it becomes resident only when a gemm first writes there.
+# Its Haswell kernels prefetch ahead of the packed panels into pages that a
+# small gemm never writes, and on a virtual machine each prefetch of a
+# non-resident page costs a failed two-level page walk: measured here, float32
+# gemm on the MLP's shapes (128-256 rows x 784 x 256) ran at 12 GFLOP/s until a
+# gemm with >= ~384 output rows and columns had run in the process, and at
+# 30-37 GFLOP/s afterwards (and for the rest of the process, in every thread).
+# Two 512^3 gemms (~35 ms, once per process) write those pages.
+cdef bint _packing_buffer_resident = False
+
+
+def make_packing_buffer_resident():
+    """Run one 512^3 sgemm and dgemm on SciPy's BLAS, once per process, so
+    that the pages of OpenBLAS's packing buffer that later gemms prefetch from
+    are resident. Called by every entry point below; idempotent."""
+    global _packing_buffer_resident
+    if _packing_buffer_resident:
+        return
+    cdef int n = 512
+    cdef float[:, ::1] a32 = np.ones((n, n), np.float32)
+    cdef float[:, ::1] c32 = np.empty((n, n), np.float32)
+    cdef double[:, ::1] a64 = np.ones((n, n), np.float64)
+    cdef double[:, ::1] c64 = np.empty((n, n), np.float64)
+    with nogil:
+        _gemm(False, False, n, n, n, <float> 1.0, &a32[0, 0], n, &a32[0, 0], n,
+              <float> 0.0, &c32[0, 0], n)
+        _gemm(False, False, n, n, n, <double> 1.0, &a64[0, 0], n, &a64[0, 0], n,
+              <double> 0.0, &c64[0, 0], n)
+    _packing_buffer_resident = True
+
+
 def _check_activation(int activation):
     if activation != ACT_RELU and activation != ACT_TANH:
         raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
@@ -491,6 +524,7 @@ def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
     outside the classes (then loss and grad are meaningless). A non-finite
     loss_sum means a NaN or inf in X or params.
     """
+    make_packing_buffer_resident()
     _check_activation(activation)
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"y: expected {X.shape[0]} labels, got {y.shape[0]}")
@@ -512,6 +546,7 @@ def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
         ``loss_grad_softmax``. OUT grad. Returns loss_sum (non-finite when X,
         Y or params hold a NaN or inf).
     """
+    make_packing_buffer_resident()
     _check_activation(activation)
     sizes = _as_sizes(sizes)
     k = sizes[sizes.shape[0] - 1]
@@ -538,6 +573,7 @@ def forward(const floating[:, :] X, const floating[::1] params, sizes,
     Returns the finiteness probe: 0.0 when every activation is finite, else
     NaN (a NaN or inf in X or params).
     """
+    make_packing_buffer_resident()
     _check_activation(activation)
     if output != OUT_SOFTMAX and output != OUT_LINEAR:
         raise ValueError(f"output code {output} is not 0 (softmax) or 1 (linear)")

@@ -29,28 +29,35 @@ import secrets
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 _HEADER = struct.Struct("!QI")
+_INDEX = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 _TOKEN_BYTES = 16
 
 
-def _send(sock, obj):
+def _frames(obj):
+    """``obj`` as the byte strings of one message (header+pickle, raw buffers)."""
     buffers = []
     payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
     head = _HEADER.pack(len(payload), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
-    sock.sendall(head + payload if len(payload) < 65536 else head)
-    if len(payload) >= 65536:
-        sock.sendall(payload)
-    for raw in raws:
-        sock.sendall(raw)
+    return [head + payload, *raws]
 
 
-def _recv_exact(sock, n):
-    buf = bytearray(n)
+def _send_frames(sock, frames):
+    for frame in frames:
+        sock.sendall(frame)
+
+
+def _send(sock, obj):
+    _send_frames(sock, _frames(obj))
+
+
+def _recv_into(sock, buf):
     view = memoryview(buf)
-    got = 0
+    got, n = 0, len(buf)
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
@@ -59,11 +66,29 @@ def _recv_exact(sock, n):
     return buf
 
 
-def _recv(sock):
+def _recv_exact(sock, n):
+    return _recv_into(sock, bytearray(n))
+
+
+def _recv(sock, reuse=None):
+    """One message. ``reuse``: a list of bytearrays kept by the caller; the
+    out-of-band buffers are received into them when their sizes match (and
+    the list is updated), so the objects returned are only valid until the
+    next ``_recv`` with the same list."""
     size, n_buffers = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
     lengths = [_LENGTH.unpack(_recv_exact(sock, _LENGTH.size))[0] for _ in range(n_buffers)]
     payload = _recv_exact(sock, size)
-    buffers = [_recv_exact(sock, n) for n in lengths]
+    if reuse is None:
+        buffers = [_recv_exact(sock, n) for n in lengths]
+    else:
+        del reuse[n_buffers:]
+        for i, n in enumerate(lengths):
+            if i == len(reuse):
+                reuse.append(bytearray(n))
+            elif len(reuse[i]) != n:
+                reuse[i] = bytearray(n)
+            _recv_into(sock, reuse[i])
+        buffers = reuse
     return pickle.loads(payload, buffers=buffers)
 
 
@@ -107,6 +132,14 @@ class ChannelServer:
             self._listener.close()
 
     def _serve(self):
+        try:
+            self._serve_connection()
+        finally:
+            closed = getattr(self.target, "channel_closed", None)
+            if closed is not None:
+                closed()
+
+    def _serve_connection(self):
         sock = self._accept()
         if sock is None:
             return
@@ -192,3 +225,80 @@ class _Reply:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class PeerMesh:
+    """Sockets between the executors of one run, every pair connected once.
+
+    ``address`` (host, port, token) goes to the others through the driver;
+    ``connect(index, addresses)`` (called on every executor at the same
+    time) dials the lower indices and accepts the higher ones, checking the
+    token; ``exchange(obj)`` sends ``obj`` to every peer while receiving
+    theirs and returns all objects in executor order, its own included. Each
+    executor thus ends a step with the same list, in the same order.
+    """
+
+    def __init__(self, host):
+        self.token = secrets.token_bytes(_TOKEN_BYTES)
+        self._listener = socket.create_server((host, 0))
+        self.address = (host, self._listener.getsockname()[1], self.token)
+        self.index, self.size, self._socks, self._senders = 0, 1, {}, None
+        self._inbox = {}
+
+    def connect(self, index, addresses, timeout=60.0):
+        self.index, self.size = int(index), len(addresses)
+        try:
+            for j in range(self.index):
+                host, port, token = addresses[j]
+                sock = socket.create_connection((host, port), timeout=timeout)
+                sock.sendall(token + _INDEX.pack(self.index))
+                self._socks[j] = sock
+            self._listener.settimeout(timeout)
+            while len(self._socks) < self.size - 1:
+                sock, _ = self._listener.accept()
+                sock.settimeout(timeout)
+                token = bytes(_recv_exact(sock, _TOKEN_BYTES))
+                j = _INDEX.unpack(bytes(_recv_exact(sock, _INDEX.size)))[0]
+                if (not hmac.compare_digest(token, self.token) or not self.index < j < self.size
+                        or j in self._socks):
+                    sock.close()
+                    continue
+                self._socks[j] = sock
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._listener.close()
+        for sock in self._socks.values():
+            sock.settimeout(None)
+            _tune(sock)
+        self._senders = ThreadPoolExecutor(max_workers=max(self.size - 1, 1),
+                                           thread_name_prefix="dmlcore-peer-send")
+        return True
+
+    def exchange(self, obj):
+        """Everyone's ``obj``, in executor order (a peer's death raises ConnectionError).
+
+        The peers' arrays are received into buffers reused by the next
+        exchange: use them before calling it again."""
+        frames = _frames(obj)
+        sends = [self._senders.submit(_send_frames, sock, frames) for sock in self._socks.values()]
+        got = {self.index: obj}
+        try:
+            for j, sock in self._socks.items():
+                got[j] = _recv(sock, self._inbox.setdefault(j, []))
+            for send in sends:
+                send.result()
+        except (OSError, EOFError) as exc:
+            raise ConnectionError(f"executor {self.index}: peer exchange failed ({exc}); "
+                                  "a worker may have died") from exc
+        return [got[j] for j in range(self.size)]
+
+    def close(self):
+        self._listener.close()
+        for sock in self._socks.values():
+            sock.close()
+        self._socks = {}
+        if self._senders is not None:
+            self._senders.shutdown(wait=False)
+            self._senders = None

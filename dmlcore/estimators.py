@@ -267,6 +267,7 @@ class _EpochMonitor:
 
     def __init__(self, steps_per_epoch, tol, n_iter_no_change, stop):
         self.per_epoch = max(1, int(steps_per_epoch))
+        self.sync_every = self.per_epoch        # reads losses only; stops at epoch ends
         self.tol, self.patience, self.stop = float(tol), int(n_iter_no_change), bool(stop)
         self.curve, self.best, self.bad = [], math.inf, 0
         self._sum, self._count = 0.0, 0

@@ -21,11 +21,13 @@ them concurrently.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from . import local
 from .aggregate import add_partials
-from .channel import Channel, ChannelServer
+from .channel import Channel, ChannelServer, PeerMesh
 
 
 class PartitionExecutor:
@@ -38,6 +40,7 @@ class PartitionExecutor:
         self.params = None
         self.trainable = None
         self.idx = None
+        self._mesh = self._replica = None
 
     def _labels(self, X, y):
         """``y`` in the dtype the model's kernel takes, converted once (y is ~1/d of X)."""
@@ -64,6 +67,68 @@ class PartitionExecutor:
         self._channel = ChannelServer(self, host)
         return self._channel.address
 
+    def channel_closed(self):
+        """The driver hung up: drop the replica and the peer sockets."""
+        self.close_replica()
+
+    # ---- replicated optimizer (DDP): see strategies/sync.py ---------------------
+    def open_peers(self, host):
+        """Listen for the other executors; returns this executor's mesh address."""
+        self.close_replica()
+        self._mesh = PeerMesh(host)
+        return self._mesh.address
+
+    def connect_peers(self, index, addresses):
+        return self._mesh.connect(index, addresses)
+
+    def start_replica(self, values, optimizer, opt_state):
+        """Take the driver's trainable values and optimizer state as this replica's."""
+        self._replica = [np.array(values, copy=True), optimizer, opt_state]
+        return True
+
+    def replica_steps(self, first_step, n_steps, batch_size, seed):
+        """Run ``n_steps`` synchronous steps on the replica: local (loss, grad,
+        rows) sums, exchanged with every peer and added in executor order (the
+        driver's order, so every replica — and the driver-applied path — gets
+        the same bits), divided by the rows, then the optimizer update.
+        Returns (mean losses, seconds since the call began at each step's end)."""
+        values, optimizer, state = self._replica
+        params = self._params(values)
+        # buffers reused by every step: full gradient of each partition, the total
+        full = [np.empty_like(params) for _ in self.parts]
+        total = np.empty_like(values)
+        losses, ends = [], []
+        t0 = time.perf_counter()
+        for step in range(int(first_step), int(first_step) + int(n_steps)):
+            params = self._params(values)
+            partials = [
+                local.loss_grad_sum(self.model, params, X, y,
+                                    local.batch_slice(X.shape[0], batch_size, step, seed, pid),
+                                    self.trainable, self.idx, out=buf)
+                for (pid, X, y), buf in zip(self.parts, full)]
+            mine = partials[0] if len(partials) == 1 else add_partials(*partials)
+            everyone = self._mesh.exchange(mine)
+            np.copyto(total, everyone[0][1])        # (p0 + p1) + p2 ...: the driver's order
+            for other in everyone[1:]:
+                total += other[1]
+            loss = sum(p[0] for p in everyone)
+            rows = sum(p[2] for p in everyone)
+            total /= rows
+            state = optimizer.update(total, state, values)
+            self._replica[2] = state
+            losses.append(loss / rows)
+            ends.append(time.perf_counter() - t0)
+        return losses, ends
+
+    def replica_state(self):
+        """(trainable values, optimizer state) of the replica."""
+        return self._replica[0], self._replica[2]
+
+    def close_replica(self):
+        mesh, self._mesh, self._replica = self._mesh, None, None
+        if mesh is not None:
+            mesh.close()
+
     def rows(self):
         return [X.shape[0] for _, X, _ in self.parts]
 
@@ -76,7 +141,7 @@ class PartitionExecutor:
                                 self.trainable, self.idx)
             for pid, X, y in self.parts
         ]
-        return add_partials(*partials)
+        return partials[0] if len(partials) == 1 else add_partials(*partials)
 
     def local_train(self, values, optimizer, *, round_, batch_size, seed, local_epochs=None,
                     local_steps=None, proximal_mu=0.0, partitions=None, fail=()):
@@ -172,11 +237,21 @@ class ExecutorPool:
         if direct and all(w.startswith("tcp://") for w in self.workers):
             self._open_channels()
 
-    def _open_channels(self):
+    def hosts(self):
+        """The host of each executor's worker (where its sockets listen)."""
         from distributed.comm import get_address_host
 
-        addresses = [e.open_channel(get_address_host(w))
-                     for e, w in zip(self.executors, self.workers)]
+        return [get_address_host(w) for w in self.workers]
+
+    def connect_mesh(self):
+        """Connect every pair of executors (``PeerMesh``); needs channels."""
+        addresses = [f.result() for f in
+                     [self.submit_one(i, "open_peers", h) for i, h in enumerate(self.hosts())]]
+        for f in [self.submit_one(i, "connect_peers", i, addresses) for i in range(len(self))]:
+            f.result()
+
+    def _open_channels(self):
+        addresses = [e.open_channel(h) for e, h in zip(self.executors, self.hosts())]
         try:
             for address in addresses:
                 self.channels.append(Channel(address.result()))

@@ -10,6 +10,7 @@ whatever else the strategy reports (``staleness``, ``participants`` ...).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -116,6 +117,19 @@ def history_dataset(records, attrs=None):
     return xr.Dataset(data, coords={"step": steps}, attrs=attrs or {})
 
 
+def _sync_every(per_epoch, eval_every, checkpoint_every, callbacks):
+    """Steps between the points where the driver needs current parameters:
+    epoch ends, evaluations, checkpoints, and each callback's ``sync_every``
+    attribute (a callback without one is called with current ``params`` at
+    every step, and may stop the run at any step)."""
+    every = per_epoch
+    for k in (eval_every, checkpoint_every,
+              *(getattr(cb, "sync_every", 1) for cb in callbacks)):
+        if k:
+            every = math.gcd(every, int(k))
+    return max(every, 1)
+
+
 def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, rounds=None,
         eval_data=None, init_params=None, client=None, seed=0, checkpoint_dir=None,
         resume=False, callbacks=(), progress=True, checkpoint_every=None, eval_every=None):
@@ -129,6 +143,10 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     (default: once per epoch) and at the last step; checkpoints every
     ``checkpoint_every`` steps (default: once per epoch) and at the end.
     ``callbacks``: callables ``f(step, record, params)``; a True return stops.
+    A callback with an attribute ``sync_every = k`` promises to read
+    ``params`` and to stop only at multiples of k, which lets strategies that
+    keep the parameters on the workers (``SyncSGD(apply_on="workers")``)
+    sync them less often; at other steps its ``params`` may be stale.
     """
     owned_close = lambda: None  # noqa: E731
     if client is False:
@@ -188,7 +206,10 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
 
     ctx = RunContext(model=model, data=data, optimizer=optimizer, params=params,
                      opt_state=opt_state, client=client, seed=int(seed), start_step=start,
-                     total_steps=total, trainable=trainable, trainable_idx=idx, extra=extra)
+                     total_steps=total, trainable=trainable, trainable_idx=idx, extra=extra,
+                     sync_every=_sync_every(per_epoch, eval_every if eval_data is not None else 0,
+                                            checkpoint_every if checkpoint_dir else 0,
+                                            callbacks))
     meta = {"model": model.to_config(), "strategy": repr(strategy), "seed": int(seed),
             "total_steps": total}
 
@@ -206,7 +227,7 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
             step += 1
             record = dict(record)
             record["step"] = step
-            record["wall_time"] = time_offset + time.perf_counter() - t0
+            record["wall_time"] = time_offset + record.pop("_time", time.perf_counter()) - t0
             if eval_data is not None and (step % eval_every == 0 or step == total):
                 record["eval_loss"], record["eval_accuracy"] = evaluate(
                     model, ctx.params, *eval_data)

@@ -85,18 +85,24 @@ def test_lbfgs_is_partition_invariant(client):
     np.testing.assert_allclose(numpy_mean_grad(solutions[0], X, y), 0, atol=1e-8)
 
 
-def test_bytes_per_step_scale_with_parameters_not_rows(client):
+@pytest.mark.parametrize("apply_on", ["driver", "workers"])
+def test_bytes_per_step_scale_with_parameters_not_rows(client, apply_on):
     model = dml.models.Logistic(10)
     sent = []
     for n in (400, 4000):
         X, y = logistic_problem(n=n, d=10)
         data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
-        result = dml.fit(model, data, dml.SyncSGD(batch_size=None), dml.optim.SGD(lr=0.1),
-                         steps=2, progress=False)
+        result = dml.fit(model, data, dml.SyncSGD(batch_size=10, apply_on=apply_on),
+                         dml.optim.SGD(lr=0.1), steps=3, progress=False)
         sent.append(result.history.bytes_sent.values)
     n_workers = len(set(data.workers()))
     np.testing.assert_array_equal(sent[0], sent[1])
-    assert sent[0][0] == 2 * model.n_params * 8 * n_workers
+    vector = model.n_params * 8
+    if apply_on == "driver":        # parameters out, partial sums back, per worker
+        assert list(sent[0]) == [2 * vector * n_workers] * 3
+    else:                           # each replica's partial to every other replica
+        assert n_workers == 2
+        assert sent[0][1] == n_workers * (n_workers - 1) * vector
 
 
 def test_local_steps_average_local_models(client):

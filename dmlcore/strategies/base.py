@@ -1,11 +1,13 @@
 """What every strategy shares: the run context and the strategy contract.
 
 A strategy turns a ``RunContext`` into a stream of steps. ``run(ctx)`` is a
-generator: before yielding a step's record it has updated ``ctx.params`` (the
-full flat vector, on the driver) and ``ctx.opt_state``; the record is a dict
-of scalars with at least ``loss`` (mean training loss of the step) and
+generator: before yielding the record of a step that is a multiple of
+``ctx.sync_every`` (or the last step) it has updated ``ctx.params`` (the full
+flat vector, on the driver) and ``ctx.opt_state``; the record is a dict of
+scalars with at least ``loss`` (mean training loss of the step) and
 ``bytes_sent`` (parameter/gradient bytes that crossed process boundaries in
-the step). The loop in ``dml.fit`` owns history, evaluation, checkpoints and
+the step), and optionally ``_time``, the ``time.perf_counter()`` at which the
+step ended when that was before the record was yielded. The loop in ``dml.fit`` owns history, evaluation, checkpoints and
 stopping; closing the generator ends the strategy (its ``finally`` cleans up).
 """
 from __future__ import annotations
@@ -29,6 +31,10 @@ class RunContext:
     trainable: list | None = None   # layer names, None = all
     trainable_idx: np.ndarray | None = None
     extra: dict = field(default_factory=dict)   # strategy state to checkpoint
+    # ``params``/``opt_state`` must be current after every step that is a
+    # multiple of this (strategies that keep them elsewhere between steps
+    # sync them there; the last step is always synced)
+    sync_every: int = 1
 
     def trainable_values(self):
         """The trainable entries of ``params`` (the vector itself when all train)."""

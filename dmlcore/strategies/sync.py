@@ -17,15 +17,30 @@ evaluation, line-search trials included, is ONE tree-reduced (loss, gradient)
 round trip; each L-BFGS iteration is one step of the history.
 
 ``transport``: ``"actors"`` (default) runs the per-worker sums in executors
-pinned to the workers that hold the partitions and calls them directly
-(~1-2 ms per step of overhead); ``"tasks"`` submits one Dask task per
-partition and reduces them with ``aggregate.tree_reduce`` (~10+ ms per step,
-but the partials survive worker loss through the scheduler).
+pinned to the workers that hold the partitions and calls them over direct
+sockets (``channel``; Dask actor calls where workers are not on TCP);
+``"tasks"`` submits one Dask task per partition and reduces them with
+``aggregate.tree_reduce`` (~100 ms per step here, but the partials survive
+worker loss through the scheduler).
+
+``apply_on``: where the optimizer runs for mini-batch SGD/Adam with the
+actors transport. ``"driver"``: each step is a round trip, driver -> workers
+(parameters) -> driver (partials), the driver adds and updates. ``"workers"``
+(default; DDP): every executor holds a replica of the trainable parameters
+and the optimizer state, exchanges its partial sums with every other executor
+(``channel.PeerMesh``), adds them in executor order and applies the same
+update, so all replicas stay bit-identical to each other and to the
+``"driver"`` path. The driver is off the step's critical path: it starts a
+run of steps and fetches the parameters and state back only at the steps
+where it needs them (``RunContext.sync_every``: evaluations, checkpoints,
+callbacks, epoch ends). Measured on 2 workers (Fashion-MNIST MLP, 0.8 MB of
+float32 parameters): the driver round trip added ~5.5 ms to a 3.6 ms step.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -53,7 +68,7 @@ class SyncSGD(Strategy):
     name = "sync"
 
     def __init__(self, batch_size=None, fan_in=4, local_steps=1, transport="actors",
-                 trainable=None):
+                 trainable=None, apply_on="workers"):
         super().__init__(trainable)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -65,10 +80,13 @@ class SyncSGD(Strategy):
             raise ValueError(f"transport {transport!r} is not one of actors, tasks")
         if transport == "tasks" and local_steps > 1:
             raise ValueError("local_steps > 1 needs transport='actors'")
+        if apply_on not in ("workers", "driver"):
+            raise ValueError(f"apply_on {apply_on!r} is not one of workers, driver")
         self.batch_size = None if batch_size is None else int(batch_size)
         self.fan_in = int(fan_in)
         self.local_steps = int(local_steps)
         self.transport = transport
+        self.apply_on = apply_on
 
     def default_optimizer(self):
         """Full batch: L-BFGS; mini-batches: Adam."""
@@ -87,6 +105,10 @@ class SyncSGD(Strategy):
             return
         evaluate, pool, close = self._evaluator(ctx)
         try:
+            if (self.apply_on == "workers" and pool is not None and pool.channels
+                    and self.local_steps == 1):
+                yield from self._run_replicated(ctx, pool)
+                return
             for step in range(ctx.start_step, ctx.total_steps):
                 values = ctx.trainable_values()
                 if self.local_steps == 1:
@@ -132,6 +154,35 @@ class SyncSGD(Strategy):
             return loss, grad, rows, vbytes * (len(parts) + n_workers)
 
         return evaluate, None, lambda: None
+
+    def _run_replicated(self, ctx, pool):
+        """The ``apply_on="workers"`` loop: runs of steps between sync points."""
+        pool.connect_mesh()
+        values = ctx.trainable_values()
+        n = len(pool)
+        # bytes per step: every executor sends its gradient sum to n - 1 peers
+        per_step = n * (n - 1) * values.nbytes
+        state_bytes = values.nbytes + sum(
+            v.nbytes for v in ctx.opt_state if isinstance(v, np.ndarray))
+        pool.call("start_replica", values, ctx.optimizer, ctx.opt_state)
+        handoff = n * state_bytes                   # the driver's state to every replica
+        step, every = ctx.start_step, max(int(ctx.sync_every), 1)
+        while step < ctx.total_steps:
+            end = min((step // every + 1) * every, ctx.total_steps)
+            t0 = time.perf_counter()
+            results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed)
+            losses, ends = results[0]
+            new_values, ctx.opt_state = pool.submit_one(0, "replica_state").result()
+            handoff += state_bytes
+            for i, (loss, t) in enumerate(zip(losses, ends)):
+                record = {"loss": loss, "bytes_sent": per_step, "_time": t0 + t}
+                if i == 0:
+                    record["bytes_sent"] += handoff
+                    handoff = 0
+                if i == len(losses) - 1:
+                    ctx.set_trainable_values(new_values)
+                yield record
+            step = end
 
     def _local_round(self, ctx, pool, values, step):
         results = pool.call("local_train", values, ctx.optimizer, round_=step,

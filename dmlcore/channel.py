@@ -26,10 +26,10 @@ from __future__ import annotations
 import hmac
 import pickle
 import secrets
+import select
 import socket
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 _HEADER = struct.Struct("!QI")
 _INDEX = struct.Struct("!I")
@@ -227,6 +227,83 @@ class _Reply:
         return self._value
 
 
+class _Outgoing:
+    """One message being written to a non-blocking socket."""
+
+    def __init__(self, frames):
+        self.views = [memoryview(f).cast("B") for f in frames if len(f)]
+
+    def pump(self, sock):
+        """Write what the socket takes now; True once everything is sent."""
+        while self.views:
+            try:
+                sent = sock.send(self.views[0])
+            except BlockingIOError:
+                return False
+            if sent == len(self.views[0]):
+                self.views.pop(0)
+            else:
+                self.views[0] = self.views[0][sent:]
+        return True
+
+
+class _Incoming:
+    """One message being read from a non-blocking socket (the ``_recv`` format,
+    out-of-band buffers received into the reusable ``inbox`` list)."""
+
+    def __init__(self, inbox):
+        self.inbox = inbox
+        self.head = bytearray(_HEADER.size)
+        self.targets = [self.head]          # buffers still to fill, in order
+        self.pos = 0
+        self.stage = 0                      # 0 header, 1 lengths, 2 payload + buffers
+        self.payload = self.lengths = None
+
+    def _next_stage(self):
+        if self.stage == 0:
+            size, n_buffers = _HEADER.unpack(self.head)
+            self.payload = bytearray(size)
+            self.lengths = bytearray(_LENGTH.size * n_buffers)
+            self.stage = 1
+            self.targets = [self.lengths] if n_buffers else []
+            if not n_buffers:
+                self._next_stage()
+        elif self.stage == 1:
+            lengths = [_LENGTH.unpack_from(self.lengths, i * _LENGTH.size)[0]
+                       for i in range(len(self.lengths) // _LENGTH.size)]
+            del self.inbox[len(lengths):]
+            for i, n in enumerate(lengths):
+                if i == len(self.inbox):
+                    self.inbox.append(bytearray(n))
+                elif len(self.inbox[i]) != n:
+                    self.inbox[i] = bytearray(n)
+            self.stage = 2
+            self.targets = [self.payload, *self.inbox]
+
+    def pump(self, sock):
+        """Read what has arrived; True once the message is complete."""
+        while True:
+            while self.targets and self.pos == len(self.targets[0]):
+                self.targets.pop(0)
+                self.pos = 0
+            if not self.targets:
+                if self.stage == 2:
+                    return True
+                self._next_stage()
+                continue
+            view = memoryview(self.targets[0])[self.pos:]
+            try:
+                k = sock.recv_into(view)
+            except BlockingIOError:
+                return False
+            if k == 0:
+                raise ConnectionError("peer closed the connection")
+            self.pos += k
+
+    def value(self):
+        return pickle.loads(self.payload, buffers=self.inbox)
+
+
 class PeerMesh:
     """Sockets between the executors of one run, every pair connected once.
 
@@ -242,7 +319,7 @@ class PeerMesh:
         self.token = secrets.token_bytes(_TOKEN_BYTES)
         self._listener = socket.create_server((host, 0))
         self.address = (host, self._listener.getsockname()[1], self.token)
-        self.index, self.size, self._socks, self._senders = 0, 1, {}, None
+        self.index, self.size, self._socks = 0, 1, {}
         self._inbox = {}
 
     def connect(self, index, addresses, timeout=60.0):
@@ -270,26 +347,40 @@ class PeerMesh:
         finally:
             self._listener.close()
         for sock in self._socks.values():
-            sock.settimeout(None)
             _tune(sock)
-        self._senders = ThreadPoolExecutor(max_workers=max(self.size - 1, 1),
-                                           thread_name_prefix="dmlcore-peer-send")
+            sock.setblocking(False)
         return True
 
     def exchange(self, obj):
         """Everyone's ``obj``, in executor order (a peer's death raises ConnectionError).
 
-        The peers' arrays are received into buffers reused by the next
-        exchange: use them before calling it again."""
+        One thread writes to and reads from every peer at once (non-blocking
+        sockets and ``select``), so no message waits for another. The peers'
+        arrays are received into buffers reused by the next exchange: use
+        them before calling it again."""
         frames = _frames(obj)
-        sends = [self._senders.submit(_send_frames, sock, frames) for sock in self._socks.values()]
+        by_sock = {sock: j for j, sock in self._socks.items()}
+        outgoing = {sock: _Outgoing(frames) for sock in by_sock}
+        incoming = {sock: _Incoming(self._inbox.setdefault(j, [])) for sock, j in by_sock.items()}
         got = {self.index: obj}
+        by_fd = {sock.fileno(): sock for sock in by_sock}
         try:
-            for j, sock in self._socks.items():
-                got[j] = _recv(sock, self._inbox.setdefault(j, []))
-            for send in sends:
-                send.result()
-        except (OSError, EOFError) as exc:
+            while outgoing or incoming:
+                poller = select.poll()
+                for fd, sock in by_fd.items():
+                    mask = (select.POLLIN if sock in incoming else 0) | \
+                        (select.POLLOUT if sock in outgoing else 0)
+                    if mask:
+                        poller.register(fd, mask)
+                for fd, event in poller.poll():
+                    sock = by_fd[fd]
+                    if sock in outgoing and event & (select.POLLOUT | select.POLLERR):
+                        if outgoing[sock].pump(sock):
+                            del outgoing[sock]
+                    if sock in incoming and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        if incoming[sock].pump(sock):
+                            got[by_sock[sock]] = incoming.pop(sock).value()
+        except OSError as exc:
             raise ConnectionError(f"executor {self.index}: peer exchange failed ({exc}); "
                                   "a worker may have died") from exc
         return [got[j] for j in range(self.size)]
@@ -299,6 +390,3 @@ class PeerMesh:
         for sock in self._socks.values():
             sock.close()
         self._socks = {}
-        if self._senders is not None:
-            self._senders.shutdown(wait=False)
-            self._senders = None

@@ -151,3 +151,31 @@ def test_mlp_with_parameter_server_strategy(client):
                             learning_rate_init=0.01, random_state=0, client=client).fit(X, y)
     assert "ParameterServer" in clf.history_.attrs["strategy"]
     assert clf.score(X, y) > 0.9
+
+
+def test_mlp_standardize_trains_on_scaled_inputs_and_folds_back():
+    """standardize=True equals training on (X - mean) / std by hand; the fitted
+    coefs_/intercepts_ apply to raw inputs (a NumPy forward pass agrees)."""
+    X, y = make_classification(600, 10, n_informative=6, n_classes=3, random_state=5)
+    X = X * np.linspace(0.01, 100, 10) + np.linspace(-50, 50, 10)      # badly scaled
+    X[:, 4] = 7.0                                                       # a constant feature
+    kw = dict(hidden_layer_sizes=(12,), max_iter=5, random_state=1, client=False)
+    auto = est.MLPClassifier(**kw).fit(X, y)
+    mean, std = X.mean(0), X.std(0)
+    std[4] = 1.0
+    by_hand = est.MLPClassifier(standardize=False, **kw).fit((X - mean) / std, y)
+    np.testing.assert_allclose(auto._trained_, by_hand.params_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(auto.predict_proba(X), by_hand.predict_proba((X - mean) / std),
+                               rtol=1e-9, atol=1e-12)
+    hidden = np.maximum(X @ auto.coefs_[0] + auto.intercepts_[0], 0)
+    scores = hidden @ auto.coefs_[1] + auto.intercepts_[1]
+    proba = np.exp(scores - scores.max(1, keepdims=True))
+    np.testing.assert_allclose(auto.predict_proba(X), proba / proba.sum(1, keepdims=True),
+                               rtol=1e-9, atol=1e-12)
+    # partial_fit keeps the first call's statistics
+    more = clone(auto).partial_fit(X[:300], y[:300], classes=[0, 1, 2])
+    centre = more._center_.copy()
+    more.partial_fit(X[300:] + 1000, y[300:])
+    np.testing.assert_array_equal(more._center_, centre)
+    with pytest.raises(ValueError, match="standardize"):
+        est.MLPClassifier(standardize="yes", client=False).fit(X, y)

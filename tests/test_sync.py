@@ -128,23 +128,92 @@ def test_local_steps_average_local_models(client):
     np.testing.assert_allclose(result.params, params, rtol=1e-10, atol=1e-12)
 
 
-def test_resume_continues_exactly(tmp_path, client):
+class StopAt:
+    """A callback that stops at ``step``; ``sync_every`` None = needs every step."""
+
+    def __init__(self, step, sync_every=None):
+        self.step = step
+        if sync_every:
+            self.sync_every = sync_every
+
+    def __call__(self, step, record, params):
+        return step == self.step
+
+
+@pytest.mark.parametrize("apply_on, stop", [("driver", StopAt(6)), ("workers", StopAt(6)),
+                                            ("workers", StopAt(8, sync_every=4))])
+def test_resume_continues_exactly(tmp_path, client, apply_on, stop):
     X, y = logistic_problem(n=300)
     data = dml.partition(X, y, n_partitions=3, seed=0, client=client)
     model = dml.models.Logistic(X.shape[1])
 
     def run(**kw):
-        return dml.fit(model, data, dml.SyncSGD(batch_size=10), dml.optim.Adam(lr=0.05),
-                       steps=12, checkpoint_every=4, progress=False, **kw)
+        return dml.fit(model, data, dml.SyncSGD(batch_size=10, apply_on=apply_on),
+                       dml.optim.Adam(lr=0.05), steps=12, checkpoint_every=4, progress=False,
+                       **kw)
 
     straight = run()
-    stop_at_6 = lambda step, record, params: step == 6  # noqa: E731
-    run(checkpoint_dir=tmp_path, callbacks=[stop_at_6])
+    run(checkpoint_dir=tmp_path, callbacks=[stop])
     resumed = run(checkpoint_dir=tmp_path, resume=True)
     np.testing.assert_array_equal(resumed.params, straight.params)
     assert list(resumed.history.step.values) == list(range(1, 13))
     np.testing.assert_allclose(resumed.history.loss.values, straight.history.loss.values,
                                rtol=1e-12)
+
+
+def test_replicas_equal_the_driver_path_bit_for_bit(client, tmp_path):
+    """apply_on="workers" (replicated optimizer, peer exchange, syncs at
+    eval/checkpoint points) gives the same bits as the driver-applied path."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(900, 12)).astype(np.float32)
+    y = (X[:, :3].sum(1) > 0).astype(np.int64) + (X[:, 3] > 1)
+    data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
+    model = dml.models.MLP([12, 16, 8, 3])
+    runs = {}
+    for apply_on in ("driver", "workers"):
+        opt = dml.optim.Adam(lr=0.01, weight_decay=1e-3, schedule=dml.optim.Cosine())
+        runs[apply_on] = dml.fit(
+            model, data, dml.SyncSGD(batch_size=16, apply_on=apply_on,
+                                     trainable=["layer1", "layer2"]),
+            opt, epochs=3, eval_data=(X, y), eval_every=5, checkpoint_every=7,
+            checkpoint_dir=tmp_path / apply_on, progress=False)
+    a, b = runs["driver"], runs["workers"]
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.opt_state.m, b.opt_state.m)
+    np.testing.assert_array_equal(a.history.loss.values, b.history.loss.values)
+    np.testing.assert_array_equal(a.history.eval_loss.values, b.history.eval_loss.values)
+    assert a.history.sizes["step"] == 3 * 15        # 225 rows per partition, 15 batches
+    from dmlcore import checkpoint
+    saved = checkpoint.latest(tmp_path / "workers")
+    assert saved["step"] == 45
+    np.testing.assert_array_equal(saved["params"], b.params)
+
+
+def test_a_worker_dying_mid_run_is_a_connection_error():
+    """SIGKILL of a worker during a replicated run: the fit raises, it does not hang."""
+    import os
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    X, y = logistic_problem(n=4000)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        data = dml.partition(X, y, n_partitions=2, seed=0, client=c)
+        pids = c.run(os.getpid)
+        victim = pids[sorted(pids)[1]]
+
+        class Kill:
+            sync_every = 5
+
+            def __call__(self, step, record, params):
+                if step == 5:
+                    os.kill(victim, signal.SIGKILL)
+
+        with pytest.raises(ConnectionError, match="died"):
+            dml.fit(dml.models.Logistic(X.shape[1]), data, dml.SyncSGD(batch_size=10),
+                    dml.optim.SGD(lr=0.1), steps=50, client=c, callbacks=[Kill()],
+                    progress=False)
 
 
 def test_eval_and_history_variables(client):

@@ -556,7 +556,7 @@ class _MLP(_DMLEstimator):
 
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
                  alpha=0.0001, batch_size="auto", learning_rate="cosine",
-                 learning_rate_init=0.002, max_iter=12, tol=1e-4, n_iter_no_change=10,
+                 learning_rate_init=0.002, max_iter=8, tol=1e-4, n_iter_no_change=10,
                  momentum=0.9, nesterov=False, random_state=None, strategy="sync",
                  n_partitions=None, client=None, standardize=True):
         self.hidden_layer_sizes = hidden_layer_sizes

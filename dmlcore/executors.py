@@ -3,8 +3,12 @@
 A ``PartitionExecutor`` lives on the worker that holds its partitions (as a
 Dask actor) and keeps REFERENCES to those partitions' arrays — the same
 objects the worker holds, no copies — plus the frozen parameters of a run.
-It owns no training state: parameters and optimizer state stay on the driver
-(or in the parameter server), so an executor can be re-created at any time.
+The driver (or the parameter server) owns the training state; under
+``SyncSGD(apply_on="workers")`` each executor also holds a REPLICA of the
+trainable parameters and optimizer state between the driver's sync points
+(``start_replica`` / ``replica_steps`` / ``replica_state``), and the driver's
+copy is authoritative again after each sync, so an executor can still be
+re-created at any sync point.
 
 Why executors for the hot path: a scheduler round trip per step costs ~10 ms
 in distributed (the client's batched-send interval). An actor call goes
@@ -13,7 +17,8 @@ opens a ``channel`` (a token-guarded socket served by a thread on its worker)
 and the per-step calls take that path, with Dask actors as the control plane
 and the fallback where workers do not talk TCP. The tree is the same:
 partitions are summed on their worker, then the workers' partials are summed
-on the driver.
+on the driver (or, for replicas, on every executor after a ``PeerMesh``
+exchange, in the same order).
 
 ``ExecutorPool`` creates one executor per worker holding partitions (or one
 in-process executor when there is no cluster) and calls a method on all of

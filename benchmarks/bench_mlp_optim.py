@@ -277,6 +277,13 @@ def main(argv=None):
               f"flush-to-zero: {ext_optim.FLUSH_TO_ZERO}; clock: {args.clock} "
               f"({'CPU time of the calling thread' if args.clock == 'thread' else 'wall'}); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        # NumPy's matmul runs on NumPy's own OpenBLAS, whose packing buffer has the
+        # same non-resident-page slowdown that dmlcore's kernels avoid (see
+        # src_ext/mlp.pyx): one 512^3 product in each dtype gives the NumPy peer
+        # the same fast state (without it, NumPy float32 ran ~2.7x slower here).
+        for dtype in (np.float32, np.float64):
+            square = np.ones((512, 512), dtype)
+            square @ square
         mlp = bench_mlp(args)
         opt = bench_optim(args)
     return {"mlp": mlp, "optim": opt}

@@ -22,7 +22,9 @@ skips finished runs), and the markdown tables (``<out>/table.md``) and the
 xarray Dataset (``<out>/fedavg.nc``: curves per run and round, rounds to each
 target) are rewritten from everything finished so far.
 
-``--small``: a smoke test (3000 training rows, 20 clients, 1000 test rows,
+``--seed N`` reruns a configuration with other client samples, batch orders and
+initial weights (the clients' data stay the same); the run's name gets
+``/seedN``. ``--small``: a smoke test (3000 training rows, 20 clients, 1000 test rows,
 3 rounds per run). Run it from the repository root (it adds the checkout to
 sys.path) or with dmlcore installed. Cost: a FedSGD round is 10 full-batch
 gradients of 600 rows, a FedAvg(E=5, B=10) round 10 x 300 local steps of 10
@@ -61,16 +63,18 @@ def run_name(c):
         name += f"/mu{c['mu']}"
     if c.get("server"):
         name += f"/server-lr{c['server'][0]}-m{c['server'][1]}"
+    if c.get("seed"):
+        name += f"/seed{c['seed']}"
     return name
 
 
-def make_configs(grid, caps, cap_local, prox_mus, servers):
+def make_configs(grid, caps, cap_local, prox_mus, servers, seed=0):
     out = []
 
     def add(scheme, method, E, B, lr, mu=0.0, server=None, stop=True):
         cap = caps[scheme] if method == "FedSGD" else min(caps[scheme], cap_local)
         c = dict(scheme=scheme, method=method, E=E, B=B, lr=lr, mu=mu, server=server,
-                 cap=cap, stop_at_max_target=stop)
+                 cap=cap, stop_at_max_target=stop, seed=seed)
         c["name"] = run_name(c)
         out.append(c)
 
@@ -119,7 +123,8 @@ def run_one(c, data, model, test, client):
 
     t0 = time.perf_counter()
     res = dml.fit(model, data, strategy, dml.optim.SGD(lr=c["lr"]), rounds=c["cap"],
-                  eval_data=test, eval_every=1, client=client, seed=0, progress=False,
+                  eval_data=test, eval_every=1, client=client, seed=c.get("seed", 0),
+                  progress=False,
                   callbacks=[stop])
     seconds = time.perf_counter() - t0
     h = res.history
@@ -291,6 +296,9 @@ def main():
     ap.add_argument("--server", nargs="*", default=["1.0:0.9"],
                     help="FedAvgM server SGD as lr:momentum (core grid)")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (client sampling, batch orders, initial weights); "
+                         "the clients' data stay the same")
     ap.add_argument("--out", default="runs/bench_fedavg")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="smoke test")
@@ -309,7 +317,7 @@ def main():
         caps = {"iid": 3, "shards": 3}
         args.cap_local = 3
     servers = [tuple(float(v) for v in s.split(":")) for s in args.server]
-    configs = make_configs(args.grid, caps, args.cap_local, args.prox_mu, servers)
+    configs = make_configs(args.grid, caps, args.cap_local, args.prox_mu, servers, args.seed)
     if args.only:
         configs = [c for c in configs if args.only in c["name"]]
     done_path = out / "runs.jsonl"

@@ -351,18 +351,29 @@ class PeerMesh:
             sock.setblocking(False)
         return True
 
-    def exchange(self, obj):
-        """Everyone's ``obj``, in executor order (a peer's death raises ConnectionError).
+    def exchange(self, obj, tag="all"):
+        """Everyone's ``obj``, in executor order (see ``alltoall``)."""
+        return self.alltoall([obj] * self.size, tag)
+
+    def alltoall(self, objs, tag="all"):
+        """Send ``objs[j]`` to peer j while receiving what each peer sends this
+        executor; returns the received objects in executor order, with
+        ``objs[self.index]`` at this executor's place. A peer's death raises
+        ConnectionError.
 
         One thread writes to and reads from every peer at once (non-blocking
-        sockets and ``select``), so no message waits for another. The peers'
-        arrays are received into buffers reused by the next exchange: use
-        them before calling it again."""
-        frames = _frames(obj)
+        sockets and ``poll``), so no message waits for another. The peers'
+        arrays are received into buffers kept per ``tag`` and reused by the
+        next call with that tag: use them before then."""
+        frames = {}
+        for j in self._socks:                   # serialise each distinct object once
+            if id(objs[j]) not in frames:
+                frames[id(objs[j])] = _frames(objs[j])
         by_sock = {sock: j for j, sock in self._socks.items()}
-        outgoing = {sock: _Outgoing(frames) for sock in by_sock}
-        incoming = {sock: _Incoming(self._inbox.setdefault(j, [])) for sock, j in by_sock.items()}
-        got = {self.index: obj}
+        outgoing = {sock: _Outgoing(frames[id(objs[j])]) for sock, j in by_sock.items()}
+        inbox = self._inbox.setdefault(tag, {})
+        incoming = {sock: _Incoming(inbox.setdefault(j, [])) for sock, j in by_sock.items()}
+        got = {self.index: objs[self.index]}
         by_fd = {sock.fileno(): sock for sock in by_sock}
         try:
             while outgoing or incoming:

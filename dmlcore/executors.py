@@ -92,16 +92,28 @@ class PartitionExecutor:
         return True
 
     def replica_steps(self, first_step, n_steps, batch_size, seed):
-        """Run ``n_steps`` synchronous steps on the replica: local (loss, grad,
-        rows) sums, exchanged with every peer and added in executor order (the
-        driver's order, so every replica — and the driver-applied path — gets
-        the same bits), divided by the rows, then the optimizer update.
-        Returns (mean losses, seconds since the call began at each step's end)."""
+        """Run ``n_steps`` synchronous steps on the replica; returns (mean
+        losses, seconds since the call began at each step's end).
+
+        A step: the local (loss, grad, rows) sums, then a reduce-scatter and
+        an all-gather (ZeRO-1 style). Executor j owns slice j of the vector
+        (``shard_bounds``): it receives every peer's gradient on that slice,
+        adds the partials in executor order (the driver's order, so the
+        driver-applied path gets the same bits), divides by the rows, updates
+        that slice of the parameters and of the optimizer state, and sends
+        the new slice to every peer. 2(n-1) vectors move per step (a full
+        exchange of gradients would move n(n-1)), and each executor does 1/n
+        of the update work. Measured with 2 workers: the same step time as
+        sending whole gradients both ways (6.2-6.3 ms on the Fashion-MNIST MLP).
+        """
         values, optimizer, state = self._replica
+        n, me = self._mesh.size, self._mesh.index
+        bounds = shard_bounds(values.shape[0], n)
+        lo, hi = bounds[me], bounds[me + 1]
         params = self._params(values)
         # buffers reused by every step: full gradient of each partition, the total
         full = [np.empty_like(params) for _ in self.parts]
-        total = np.empty_like(values)
+        total = np.empty(hi - lo, dtype=values.dtype)
         losses, ends = [], []
         t0 = time.perf_counter()
         for step in range(int(first_step), int(first_step) + int(n_steps)):
@@ -111,23 +123,30 @@ class PartitionExecutor:
                                     local.batch_slice(X.shape[0], batch_size, step, seed, pid),
                                     self.trainable, self.idx, out=buf)
                 for (pid, X, y), buf in zip(self.parts, full)]
-            mine = partials[0] if len(partials) == 1 else add_partials(*partials)
-            everyone = self._mesh.exchange(mine)
+            loss, grad, rows = partials[0] if len(partials) == 1 else add_partials(*partials)
+            everyone = self._mesh.alltoall(
+                [(loss, grad[bounds[j]:bounds[j + 1]], rows) for j in range(n)], "grad")
             np.copyto(total, everyone[0][1])        # (p0 + p1) + p2 ...: the driver's order
             for other in everyone[1:]:
                 total += other[1]
             loss = sum(p[0] for p in everyone)
             rows = sum(p[2] for p in everyone)
             total /= rows
-            state = optimizer.update(total, state, values)
+            state = _update_slice(optimizer, total, state, values, lo, hi)
+            for j, piece in enumerate(self._mesh.exchange(values[lo:hi], "values")):
+                if j != me:
+                    values[bounds[j]:bounds[j + 1]] = piece
             self._replica[2] = state
             losses.append(loss / rows)
             ends.append(time.perf_counter() - t0)
         return losses, ends
 
     def replica_state(self):
-        """(trainable values, optimizer state) of the replica."""
-        return self._replica[0], self._replica[2]
+        """``(trainable values, optimizer state, (lo, hi))``: the state is
+        current on [lo, hi) only (the slice this executor updates)."""
+        values, _, state = self._replica
+        bounds = shard_bounds(values.shape[0], self._mesh.size)
+        return values, state, (bounds[self._mesh.index], bounds[self._mesh.index + 1])
 
     def close_replica(self):
         mesh, self._mesh, self._replica = self._mesh, None, None
@@ -196,6 +215,43 @@ class PartitionExecutor:
             rows += rows_k
             ids.append(pid)
         return weighted, weight, loss, rows, ids, failed
+
+def shard_bounds(size, n):
+    """Boundaries of n near-equal contiguous slices of range(size): n + 1 ints."""
+    return [size * j // n for j in range(n + 1)]
+
+
+def _per_parameter(state, size):
+    """Names of the fields of an optimizer state that hold one entry per parameter."""
+    return [name for name, value in state._asdict().items()
+            if isinstance(value, np.ndarray) and value.shape == (size,)]
+
+
+def _update_slice(optimizer, grad, state, values, lo, hi):
+    """``optimizer.update`` on values[lo:hi] (in place) with the matching slices
+    of the state; returns the whole state with its step advanced. The update is
+    elementwise, so slices give the same bits as the whole vector."""
+    size = values.shape[0]
+    if (lo, hi) == (0, size):
+        return optimizer.update(grad, state, values)
+    sliced = state._replace(**{name: getattr(state, name)[lo:hi]
+                               for name in _per_parameter(state, size)})
+    new = optimizer.update(grad, sliced, values[lo:hi])
+    return new._replace(**{name: getattr(state, name) for name in _per_parameter(state, size)})
+
+
+def merge_states(pieces):
+    """The driver's optimizer state from each executor's ``replica_state``:
+    per-parameter fields taken slice by slice from their owners."""
+    values, state, _ = pieces[0]
+    size = values.shape[0]
+    names = _per_parameter(state, size)
+    merged = {name: np.empty_like(getattr(state, name)) for name in names}
+    for _, piece_state, (lo, hi) in pieces:
+        for name in names:
+            merged[name][lo:hi] = getattr(piece_state, name)[lo:hi]
+    return values, state._replace(**merged)
+
 
 class _Done:
     """A finished in-process call, shaped like a future: ``result()`` returns or raises."""

@@ -27,10 +27,12 @@ worker loss through the scheduler).
 actors transport. ``"driver"``: each step is a round trip, driver -> workers
 (parameters) -> driver (partials), the driver adds and updates. ``"workers"``
 (default; DDP): every executor holds a replica of the trainable parameters
-and the optimizer state, exchanges its partial sums with every other executor
-(``channel.PeerMesh``), adds them in executor order and applies the same
-update, so all replicas stay bit-identical to each other and to the
-``"driver"`` path. The driver is off the step's critical path: it starts a
+and the optimizer state and exchanges its partial sums directly with the
+other executors (``channel.PeerMesh``); the sums are added in executor order
+and the same update applied, so all replicas stay bit-identical to each other
+and to the ``"driver"`` path. The exchange is a reduce-scatter + all-gather
+in which each executor updates its own slice of the vector (2(n-1) vectors
+moved per step; see ``PartitionExecutor.replica_steps``). The driver is off the step's critical path: it starts a
 run of steps and fetches the parameters and state back only at the steps
 where it needs them (``RunContext.sync_every``: evaluations, checkpoints,
 callbacks, epoch ends). Measured on 2 workers (Fashion-MNIST MLP, 0.8 MB of
@@ -46,7 +48,7 @@ import numpy as np
 
 from .. import local
 from ..aggregate import add_partials, tree_reduce
-from ..executors import ExecutorPool
+from ..executors import ExecutorPool, merge_states
 from ..optim import LBFGS
 from .base import Strategy
 
@@ -160,8 +162,8 @@ class SyncSGD(Strategy):
         pool.connect_mesh()
         values = ctx.trainable_values()
         n = len(pool)
-        # bytes per step: every executor sends its gradient sum to n - 1 peers
-        per_step = n * (n - 1) * values.nbytes
+        # bytes per step: reduce-scatter + all-gather (PartitionExecutor.replica_steps)
+        per_step = 2 * (n - 1) * values.nbytes
         state_bytes = values.nbytes + sum(
             v.nbytes for v in ctx.opt_state if isinstance(v, np.ndarray))
         pool.call("start_replica", values, ctx.optimizer, ctx.opt_state)
@@ -172,8 +174,9 @@ class SyncSGD(Strategy):
             t0 = time.perf_counter()
             results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed)
             losses, ends = results[0]
-            new_values, ctx.opt_state = pool.submit_one(0, "replica_state").result()
-            handoff += state_bytes
+            pieces = pool.call("replica_state")    # each replica owns a slice of the state
+            new_values, ctx.opt_state = merge_states(pieces)
+            handoff += state_bytes * len(pieces)
             for i, (loss, t) in enumerate(zip(losses, ends)):
                 record = {"loss": loss, "bytes_sent": per_step, "_time": t0 + t}
                 if i == 0:

@@ -282,13 +282,19 @@ def test_updating_slices_gives_the_bits_of_the_whole_update(optimizer):
 
 def test_sharded_replicas_on_four_workers_equal_the_driver_path():
     """Four workers (reduce-scatter + all-gather): same bits as the driver, and
-    2(n-1) vectors per step instead of n(n-1)."""
+    2(n-1) vectors per step instead of n(n-1). The model is large enough for
+    ``sharded_exchange``; a tiny one uses the full exchange, same bits."""
+    from dmlcore.executors import sharded_exchange
+
     from distributed import Client, LocalCluster
 
     rng = np.random.default_rng(4)
     X = rng.normal(size=(1000, 9)).astype(np.float32)
     y = (X[:, 0] - X[:, 1] > 0).astype(np.int64) + (X[:, 2] > 0.5)
-    model = dml.models.MLP([9, 11, 3])
+    model = dml.models.MLP([9, 1200, 3])
+    assert sharded_exchange(4, model.n_params * 4)
+    assert not sharded_exchange(2, model.n_params * 4)
+    assert not sharded_exchange(4, 11 * 4)
     with LocalCluster(n_workers=4, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as c:
         data = dml.partition(X, y, n_partitions=4, seed=0, client=c)
@@ -300,6 +306,15 @@ def test_sharded_replicas_on_four_workers_equal_the_driver_path():
                 dml.optim.Adam(lr=0.02, schedule=dml.optim.Cosine()), epochs=2,
                 checkpoint_every=3, checkpoint_dir=None, eval_data=(X, y), eval_every=4,
                 client=c, progress=False)
+        tiny = dml.models.Logistic(9)                   # full exchange on 4 workers
+        small = {apply_on: dml.fit(tiny, dml.partition(X, (y > 0).astype(float), 4, seed=0,
+                                                       client=c),
+                                   dml.SyncSGD(batch_size=25, apply_on=apply_on),
+                                   dml.optim.SGD(lr=0.1, momentum=0.9), steps=7, client=c,
+                                   progress=False)
+                 for apply_on in ("driver", "workers")}
+    np.testing.assert_array_equal(small["driver"].params, small["workers"].params)
+    assert small["workers"].history.bytes_sent.values[1] == 4 * 3 * tiny.n_params * 4
     a, b = runs["driver"], runs["workers"]
     np.testing.assert_array_equal(a.params, b.params)
     np.testing.assert_array_equal(a.opt_state.m, b.opt_state.m)

@@ -30,9 +30,10 @@ actors transport. ``"driver"``: each step is a round trip, driver -> workers
 and the optimizer state and exchanges its partial sums directly with the
 other executors (``channel.PeerMesh``); the sums are added in executor order
 and the same update applied, so all replicas stay bit-identical to each other
-and to the ``"driver"`` path. The exchange is a reduce-scatter + all-gather
-in which each executor updates its own slice of the vector (2(n-1) vectors
-moved per step; see ``PartitionExecutor.replica_steps``). The driver is off the step's critical path: it starts a
+and to the ``"driver"`` path. With more than two executors and a large
+enough vector the exchange is a reduce-scatter + all-gather in which each
+executor updates its own slice (2(n-1) vectors moved per step instead of
+n(n-1); see ``executors.sharded_exchange``). The driver is off the step's critical path: it starts a
 run of steps and fetches the parameters and state back only at the steps
 where it needs them (``RunContext.sync_every``: evaluations, checkpoints,
 callbacks, epoch ends). Measured on 2 workers (Fashion-MNIST MLP, 0.8 MB of
@@ -48,7 +49,7 @@ import numpy as np
 
 from .. import local
 from ..aggregate import add_partials, tree_reduce
-from ..executors import ExecutorPool, merge_states
+from ..executors import ExecutorPool, merge_states, sharded_exchange
 from ..optim import LBFGS
 from .base import Strategy
 
@@ -162,8 +163,9 @@ class SyncSGD(Strategy):
         pool.connect_mesh()
         values = ctx.trainable_values()
         n = len(pool)
-        # bytes per step: reduce-scatter + all-gather (PartitionExecutor.replica_steps)
-        per_step = 2 * (n - 1) * values.nbytes
+        # bytes per step: see PartitionExecutor.replica_steps
+        per_step = (2 * (n - 1) if sharded_exchange(n, values.nbytes) else n * (n - 1)) \
+            * values.nbytes
         state_bytes = values.nbytes + sum(
             v.nbytes for v in ctx.opt_state if isinstance(v, np.ndarray))
         pool.call("start_replica", values, ctx.optimizer, ctx.opt_state)
@@ -174,7 +176,10 @@ class SyncSGD(Strategy):
             t0 = time.perf_counter()
             results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed)
             losses, ends = results[0]
-            pieces = pool.call("replica_state")    # each replica owns a slice of the state
+            if sharded_exchange(n, values.nbytes):  # each replica owns a slice of the state
+                pieces = pool.call("replica_state")
+            else:
+                pieces = [pool.submit_one(0, "replica_state").result()]
             new_values, ctx.opt_state = merge_states(pieces)
             handoff += state_bytes * len(pieces)
             for i, (loss, t) in enumerate(zip(losses, ends)):

@@ -175,9 +175,13 @@ def test_replicas_equal_the_driver_path_bit_for_bit(client, tmp_path):
         runs[apply_on] = dml.fit(
             model, data, dml.SyncSGD(batch_size=16, apply_on=apply_on,
                                      trainable=["layer1", "layer2"]),
-            opt, epochs=3, eval_data=(X, y), eval_every=5, checkpoint_every=7,
+            opt, epochs=3, eval_data=(X, y), eval_every=5, checkpoint_every=10,
             checkpoint_dir=tmp_path / apply_on, progress=False)
     a, b = runs["driver"], runs["workers"]
+    # the replicated path ran: 2 gradient vectors per step, not 2 per worker
+    trained = int(model.trainable_mask(["layer1", "layer2"]).sum()) * 4
+    assert b.history.bytes_sent.values[1] == 2 * trained
+    assert a.history.bytes_sent.values[1] == 4 * trained
     np.testing.assert_array_equal(a.params, b.params)
     np.testing.assert_array_equal(a.opt_state.m, b.opt_state.m)
     np.testing.assert_array_equal(a.history.loss.values, b.history.loss.values)

@@ -46,13 +46,9 @@ def _frames(obj):
     return [head + payload, *raws]
 
 
-def _send_frames(sock, frames):
-    for frame in frames:
-        sock.sendall(frame)
-
-
 def _send(sock, obj):
-    _send_frames(sock, _frames(obj))
+    for frame in _frames(obj):
+        sock.sendall(frame)
 
 
 def _recv_into(sock, buf):
@@ -70,25 +66,12 @@ def _recv_exact(sock, n):
     return _recv_into(sock, bytearray(n))
 
 
-def _recv(sock, reuse=None):
-    """One message. ``reuse``: a list of bytearrays kept by the caller; the
-    out-of-band buffers are received into them when their sizes match (and
-    the list is updated), so the objects returned are only valid until the
-    next ``_recv`` with the same list."""
+def _recv(sock):
+    """One message from a blocking socket."""
     size, n_buffers = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
     lengths = [_LENGTH.unpack(_recv_exact(sock, _LENGTH.size))[0] for _ in range(n_buffers)]
     payload = _recv_exact(sock, size)
-    if reuse is None:
-        buffers = [_recv_exact(sock, n) for n in lengths]
-    else:
-        del reuse[n_buffers:]
-        for i, n in enumerate(lengths):
-            if i == len(reuse):
-                reuse.append(bytearray(n))
-            elif len(reuse[i]) != n:
-                reuse[i] = bytearray(n)
-            _recv_into(sock, reuse[i])
-        buffers = reuse
+    buffers = [_recv_exact(sock, n) for n in lengths]
     return pickle.loads(payload, buffers=buffers)
 
 

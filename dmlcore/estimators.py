@@ -643,9 +643,8 @@ class _MLP(_DMLEstimator):
         if self._center_ is None:
             return params
         folded = params.copy()
-        first = self.model_.layer_names[0]
-        W = self.model_.views(folded)[first]["W"]
-        b = self.model_.views(folded)[first]["b"]
+        first = self.model_.views(folded)[self.model_.layer_names[0]]
+        W, b = first["W"], first["b"]
         shift = (self._center_.astype(np.float64) / self._scale_) @ W.astype(np.float64)
         b -= shift.astype(b.dtype)
         W /= self._scale_[:, None]

@@ -45,7 +45,7 @@ class PartitionExecutor:
         self.params = None
         self.trainable = None
         self.idx = None
-        self._mesh = self._replica = None
+        self._channel = self._mesh = self._replica = None
 
     def _labels(self, X, y):
         """``y`` in the dtype the model's kernel takes, converted once (y is ~1/d of X)."""
@@ -109,23 +109,14 @@ class PartitionExecutor:
         """
         values, optimizer, state = self._replica
         n, me = self._mesh.size, self._mesh.index
-        sharded = sharded_exchange(n, values.nbytes)
-        bounds = shard_bounds(values.shape[0], n)
-        lo, hi = (bounds[me], bounds[me + 1]) if sharded else (0, values.shape[0])
-        params = self._params(values)
+        sharded, bounds, (lo, hi) = self._replica_slices()
         # buffers reused by every step: full gradient of each partition, the total
-        full = [np.empty_like(params) for _ in self.parts]
+        full = [np.empty_like(self._params(values)) for _ in self.parts]
         total = np.empty(hi - lo, dtype=values.dtype)
         losses, ends = [], []
         t0 = time.perf_counter()
         for step in range(int(first_step), int(first_step) + int(n_steps)):
-            params = self._params(values)
-            partials = [
-                local.loss_grad_sum(self.model, params, X, y,
-                                    local.batch_slice(X.shape[0], batch_size, step, seed, pid),
-                                    self.trainable, self.idx, out=buf)
-                for (pid, X, y), buf in zip(self.parts, full)]
-            loss, grad, rows = partials[0] if len(partials) == 1 else add_partials(*partials)
+            loss, grad, rows = self.loss_grad(values, step, batch_size, seed, buffers=full)
             if sharded:
                 everyone = self._mesh.alltoall(
                     [(loss, grad[bounds[j]:bounds[j + 1]], rows) for j in range(n)], "grad")
@@ -147,15 +138,20 @@ class PartitionExecutor:
             ends.append(time.perf_counter() - t0)
         return losses, ends
 
+    def _replica_slices(self):
+        """``(sharded, bounds, (lo, hi))``: whether the exchange is sharded, the
+        slices' boundaries, and the slice [lo, hi) this replica updates (all of
+        the vector when not sharded)."""
+        size, n, me = self._replica[0].shape[0], self._mesh.size, self._mesh.index
+        sharded = sharded_exchange(n, self._replica[0].nbytes)
+        bounds = shard_bounds(size, n)
+        return sharded, bounds, ((bounds[me], bounds[me + 1]) if sharded else (0, size))
+
     def replica_state(self):
         """``(trainable values, optimizer state, (lo, hi))``: the state is
         current on [lo, hi) only (the slice this executor updates)."""
         values, _, state = self._replica
-        n, me = self._mesh.size, self._mesh.index
-        if not sharded_exchange(n, values.nbytes):
-            return values, state, (0, values.shape[0])
-        bounds = shard_bounds(values.shape[0], n)
-        return values, state, (bounds[me], bounds[me + 1])
+        return values, state, self._replica_slices()[2]
 
     def close_replica(self):
         mesh, self._mesh, self._replica = self._mesh, None, None
@@ -165,14 +161,19 @@ class PartitionExecutor:
     def rows(self):
         return [X.shape[0] for _, X, _ in self.parts]
 
-    def loss_grad(self, values, step, batch_size, seed):
-        """Sum over local partitions of (loss sum, grad sum, rows) on the batch of ``step``."""
+    def loss_grad(self, values, step, batch_size, seed, buffers=None):
+        """Sum over local partitions of (loss sum, grad sum, rows) on the batch of ``step``.
+
+        ``buffers``: one full-gradient buffer per partition, reused by loops
+        (the returned gradient may then be a view of one of them).
+        """
         params = self._params(values)
         partials = [
             local.loss_grad_sum(self.model, params, X, y,
                                 local.batch_slice(X.shape[0], batch_size, step, seed, pid),
-                                self.trainable, self.idx)
-            for pid, X, y in self.parts
+                                self.trainable, self.idx,
+                                out=None if buffers is None else buffers[i])
+            for i, (pid, X, y) in enumerate(self.parts)
         ]
         return partials[0] if len(partials) == 1 else add_partials(*partials)
 
@@ -254,10 +255,10 @@ def _update_slice(optimizer, grad, state, values, lo, hi):
     size = values.shape[0]
     if (lo, hi) == (0, size):
         return optimizer.update(grad, state, values)
-    sliced = state._replace(**{name: getattr(state, name)[lo:hi]
-                               for name in _per_parameter(state, size)})
+    names = _per_parameter(state, size)
+    sliced = state._replace(**{name: getattr(state, name)[lo:hi] for name in names})
     new = optimizer.update(grad, sliced, values[lo:hi])
-    return new._replace(**{name: getattr(state, name) for name in _per_parameter(state, size)})
+    return new._replace(**{name: getattr(state, name) for name in names})
 
 
 def merge_states(pieces):

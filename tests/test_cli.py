@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from dask_processes import dask_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -49,47 +50,9 @@ def _snapshot(directory):
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory):
     """Address of a `dask scheduler` with two `dask worker` processes (killed at teardown)."""
-    bindir = Path(sys.executable).parent
-    logdir = tmp_path_factory.mktemp("dask-logs")
-    procs = []
-
-    def start(args, name):
-        path = logdir / f"{name}.log"
-        log = open(path, "ab")               # O_APPEND: reading the log never moves the writer
-        proc = subprocess.Popen([str(bindir / "dask"), *args], stdout=log, stderr=log,
-                                env=_env(), cwd=logdir)
-        procs.append((proc, log))
-        return proc, path
-
-    try:
-        info = logdir / "scheduler.json"
-        start(["scheduler", "--port", "0", "--dashboard-address", ":0", "--host", "127.0.0.1",
-               "--scheduler-file", str(info)], "scheduler")
-        address, deadline = None, time.time() + 90
-        while address is None and time.time() < deadline:
-            try:
-                address = json.loads(info.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.2)
-        assert address, "the dask scheduler did not start"
-        for i in range(2):
-            start(["worker", address, "--nthreads", "1", "--nworkers", "1",
-                   "--memory-limit", "2GiB", "--name", f"w{i}", "--no-dashboard"], f"worker{i}")
-        from distributed import Client
-
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
+    with dask_cluster(tmp_path_factory.mktemp("dask-logs"), [([], None)] * 2,
+                      env=_env()) as address:
         yield address
-    finally:
-        for proc, log in reversed(procs):
-            proc.terminate()
-        for proc, log in reversed(procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
 
 
 # ---- run + predict on an embedded LocalCluster -------------------------------------------
@@ -226,7 +189,7 @@ def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
     sets = [a for s in SHORT[name] + [f"output.dir={out}"] for a in ("--set", s)]
     proc = dmlcore("run", WORKFLOWS / name, "--scheduler", scheduler, "--no-progress", *sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"dashboard: " in proc.stdout
+    assert "dashboard: " in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     if name == "sweep_lr.yaml":
         with xr.open_dataset(out / "sweep.nc") as s:

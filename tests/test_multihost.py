@@ -6,16 +6,13 @@ channels (driver -> worker) and peer mesh (worker <-> worker) cross real
 interfaces, not loopback. Needs root and iproute2; skipped otherwise. The
 fixture removes the namespaces, the bridge and the processes at teardown.
 """
-import json
 import os
 import shutil
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from dask_processes import dask_cluster
 
 import dmlcore as dml
 
@@ -30,9 +27,7 @@ def two_hosts(tmp_path_factory):
         pytest.skip("needs root and iproute2 for network namespaces")
     tag = f"{os.getpid() % 10000}"
     subnet = f"10.77.{os.getpid() % 200 + 20}"
-    bridge, namespaces, procs = f"dmlbr{tag}", [f"dmlns{tag}a", f"dmlns{tag}b"], []
-    logdir = tmp_path_factory.mktemp("netns-logs")
-    bindir = Path(sys.executable).parent
+    bridge, namespaces = f"dmlbr{tag}", [f"dmlns{tag}a", f"dmlns{tag}b"]
     try:
         try:
             _ip("link", "add", bridge, "type", "bridge")
@@ -53,40 +48,12 @@ def two_hosts(tmp_path_factory):
             pytest.skip(f"cannot build the namespaces here: {' '.join(exc.cmd)}: "
                         f"{exc.stderr.strip()}")
 
-        def start(cmd, name):
-            log = open(logdir / f"{name}.log", "ab")
-            procs.append((subprocess.Popen(cmd, stdout=log, stderr=log, cwd=logdir), log))
-
-        info = logdir / "scheduler.json"
-        start([str(bindir / "dask"), "scheduler", "--host", f"{subnet}.1", "--port", "0",
-               "--dashboard-address", ":0", "--scheduler-file", str(info)], "scheduler")
-        address, deadline = None, time.time() + 60
-        while address is None and time.time() < deadline:
-            try:
-                address = json.loads(info.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.2)
-        assert address, "the dask scheduler did not start"
-        for i, ns in enumerate(namespaces):
-            start(["ip", "netns", "exec", ns, str(bindir / "dask"), "worker", address,
-                   "--host", f"{subnet}.{i + 2}", "--nthreads", "1", "--nworkers", "1",
-                   "--memory-limit", "1GiB", "--no-dashboard", "--name", f"host{i}"],
-                  f"worker{i}")
-        from distributed import Client
-
-        with Client(address, timeout=30) as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address, subnet
+        workers = [(["ip", "netns", "exec", ns], f"{subnet}.{i + 2}")
+                   for i, ns in enumerate(namespaces)]
+        with dask_cluster(tmp_path_factory.mktemp("netns-logs"), workers,
+                          scheduler_host=f"{subnet}.1", memory_limit="1GiB") as address:
+            yield address, subnet
     finally:
-        for proc, log in reversed(procs):
-            proc.terminate()
-        for proc, log in reversed(procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
         for ns in namespaces:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", bridge, check=False)

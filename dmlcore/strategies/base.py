@@ -7,8 +7,9 @@ flat vector, on the driver) and ``ctx.opt_state``; the record is a dict of
 scalars with at least ``loss`` (mean training loss of the step) and
 ``bytes_sent`` (parameter/gradient bytes that crossed process boundaries in
 the step), and optionally ``_time``, the ``time.perf_counter()`` at which the
-step ended when that was before the record was yielded. The loop in ``dml.fit`` owns history, evaluation, checkpoints and
-stopping; closing the generator ends the strategy (its ``finally`` cleans up).
+step ended when that was before the record was yielded. The loop in
+``dml.fit`` owns history, evaluation, checkpoints and stopping; closing the
+generator ends the strategy (its ``finally`` cleans up).
 """
 from __future__ import annotations
 

@@ -167,9 +167,9 @@ class SyncSGD(Strategy):
         pool.connect_mesh()
         values = ctx.trainable_values()
         n = len(pool)
+        sharded = sharded_exchange(n, values.nbytes)
         # bytes per step: see PartitionExecutor.replica_steps
-        per_step = (2 * (n - 1) if sharded_exchange(n, values.nbytes) else n * (n - 1)) \
-            * values.nbytes
+        per_step = (2 * (n - 1) if sharded else n * (n - 1)) * values.nbytes
         state_bytes = values.nbytes + sum(
             v.nbytes for v in ctx.opt_state if isinstance(v, np.ndarray))
         pool.call("start_replica", values, ctx.optimizer, ctx.opt_state)
@@ -180,7 +180,7 @@ class SyncSGD(Strategy):
             t0 = time.perf_counter()
             results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed)
             losses, ends = results[0]
-            if sharded_exchange(n, values.nbytes):  # each replica owns a slice of the state
+            if sharded:                             # each replica owns a slice of the state
                 pieces = pool.call("replica_state")
             else:
                 pieces = [pool.submit_one(0, "replica_state").result()]

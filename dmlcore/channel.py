@@ -51,9 +51,10 @@ def _send(sock, obj):
         sock.sendall(frame)
 
 
-def _recv_into(sock, buf):
-    view = memoryview(buf)
-    got, n = 0, len(buf)
+def _recv_exact(sock, n):
+    """Exactly ``n`` bytes from a blocking socket (a bytearray)."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
@@ -62,17 +63,11 @@ def _recv_into(sock, buf):
     return buf
 
 
-def _recv_exact(sock, n):
-    return _recv_into(sock, bytearray(n))
-
-
 def _recv(sock):
-    """One message from a blocking socket."""
-    size, n_buffers = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    lengths = [_LENGTH.unpack(_recv_exact(sock, _LENGTH.size))[0] for _ in range(n_buffers)]
-    payload = _recv_exact(sock, size)
-    buffers = [_recv_exact(sock, n) for n in lengths]
-    return pickle.loads(payload, buffers=buffers)
+    """One message from a blocking socket (``_Incoming`` reads it in one pump)."""
+    message = _Incoming([])
+    message.pump(sock)
+    return message.value()
 
 
 def _tune(sock):
@@ -231,8 +226,10 @@ class _Outgoing:
 
 
 class _Incoming:
-    """One message being read from a non-blocking socket (the ``_recv`` format,
-    out-of-band buffers received into the reusable ``inbox`` list)."""
+    """One message being read (the ``_frames`` format), out-of-band buffers
+    received into the reusable ``inbox`` list. On a non-blocking socket
+    ``pump`` returns False when it must wait; on a blocking one it returns
+    once the message is complete."""
 
     def __init__(self, inbox):
         self.inbox = inbox

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["partition", "PartitionedData", "SCHEMES", "make_plan"]
+__all__ = ["partition", "partition_in_place", "PartitionedData", "SCHEMES", "make_plan"]
 
 SCHEMES = ("iid", "shards", "dirichlet")
 _DIRICHLET_TRIES = 100
@@ -777,3 +777,118 @@ def _lazy_partitions(Xs, lengths, plan, name, n_features, dtype, check_finite):
                  for p in range(len(plan))]
     return da.concatenate([da.from_delayed(part, (len(r), n_features), dtype=dtype)
                            for part, r in zip(parts, plan)], axis=0)
+
+
+# --------------------------------------------------------------------------
+# partition_in_place(): the chunks of a dask array where they lie
+# --------------------------------------------------------------------------
+def _as_partition(chunk, dtype, check_finite, offset):
+    """One source chunk as a partition: C-contiguous ``dtype`` (the chunk itself
+    when it already is), checked for NaN/inf."""
+    if chunk.ndim != 2:
+        raise ValueError(f"X must be 2-D, got a chunk of shape {chunk.shape}")
+    part = np.ascontiguousarray(chunk, dtype=dtype)
+    if check_finite:
+        problem = _finite_problem(part)
+        if problem:
+            raise _bad_values("X", problem, offset + problem[1])
+    return part
+
+
+def _keep_or_move(lengths, holders, workers):
+    """Worker per chunk: where it lies, unless that worker already holds its
+    share of the rows (n / workers, at least one chunk); such chunks (and
+    chunks whose holder is unknown) go to the least-loaded worker. Balanced
+    placements therefore move nothing; a skewed one moves whole chunks only."""
+    share = max(float(np.sum(lengths)) / len(workers), float(np.max(lengths)))
+    load = {w: 0 for w in workers}
+    out = [None] * len(lengths)
+    for b, (rows, held) in enumerate(zip(lengths, holders)):
+        w = held[0] if held and held[0] in load else None
+        if w is not None and load[w] + rows <= share * 1.0001:
+            out[b] = w
+            load[w] += int(rows)
+    for b, rows in enumerate(lengths):
+        if out[b] is None:
+            w = min(workers, key=lambda a: (load[a], a))
+            out[b] = w
+            load[w] += int(rows)
+    return out
+
+
+def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.5,
+                       seed=0):
+    """Partitions of a dask ``X`` that use its chunks where they lie: no rows move.
+
+    ``X`` (and a dask ``y``) is persisted on ``client`` (a no-op for data
+    already persisted there); every row chunk becomes one partition, held by
+    the worker that holds the chunk (``source_rows`` are the chunk's
+    contiguous row range, ``scheme="chunks"``). Only the labels travel (from
+    the client to the chunk's worker) and, when the workers hold unequal
+    shares of the rows, the whole chunks beyond a worker's share (to the
+    least-loaded workers). This suits full-batch solvers, whose
+    gradient is the same sum over rows however they are split; mini-batch
+    training wants ``partition(scheme="iid")``, which mixes the rows.
+
+    When the chunks themselves are skewed (a chunk larger than
+    ``max_imbalance`` x the mean chunk, or an empty chunk) or X is not a dask array with
+    one column block, this returns ``partition(X, y, scheme="iid",
+    seed=seed, client=client, check_finite=check_finite)`` instead (which
+    moves every row; its ``scheme`` says so).
+    """
+    from distributed import futures_of
+
+    Xs, ys = _source_arrays(X, y, "X")
+    if not _is_dask(Xs) or Xs.ndim != 2 or Xs.numblocks[1] != 1:
+        return partition(X, y, scheme="iid", seed=seed, client=client,
+                         check_finite=check_finite)
+    dtype = _x_dtype(Xs.dtype)
+    to_persist = [Xs] + ([ys] if _is_dask(ys) else [])
+    persisted = client.persist(to_persist)
+    Xs = persisted[0]
+    by_key = {f.key: f for f in futures_of(Xs)}
+    chunk_futures = [by_key[(Xs.name, b, 0)] for b in range(Xs.numblocks[0])]
+    if any(np.isnan(c) for c in Xs.chunks[0]):
+        lengths = client.gather(client.map(len, chunk_futures))
+    else:
+        lengths = list(Xs.chunks[0])
+    _raise_first_error(chunk_futures)        # where they lie is known once they exist
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = int(lengths.sum())
+    who = client.who_has(chunk_futures)
+    holders = [sorted(who.get(f.key, ()))[:1] for f in chunk_futures]
+    workers = _list_workers(client)
+    skewed = (len(lengths) == 0 or lengths.min() == 0
+              or lengths.max() > max_imbalance * lengths.mean())
+    if skewed:
+        return partition(X, y, scheme="iid", seed=seed, client=client,
+                         check_finite=check_finite)
+    placement = _keep_or_move(lengths, holders, workers)
+    ys = persisted[1].compute() if _is_dask(ys) else ys
+    labels, is_class = (None, False) if ys is None else _prepare_labels(ys, dtype, n,
+                                                                       check_finite)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    plan = [np.arange(offsets[b], offsets[b + 1], dtype=np.int64) for b in range(len(lengths))]
+    P = len(plan)
+    xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
+    xf = [client.submit(_as_partition, chunk_futures[p], dtype.str, check_finite,
+                        int(offsets[p]), key=(xname, p, 0), workers=[placement[p]],
+                        allow_other_workers=False) for p in range(P)]
+    yf = None if labels is None else _scatter_parts(
+        client, lambda p: labels[offsets[p]:offsets[p + 1]], P, yname, 1, placement)
+    _raise_first_error(xf)
+    classes = class_count = None
+    if is_class:
+        classes = np.unique(labels)
+        codes = np.searchsorted(classes, labels)
+        class_count = np.stack([np.bincount(codes[r[0]:r[-1] + 1], minlength=len(classes))
+                                for r in plan])
+    elif labels is not None:
+        class_count = (np.array([labels[r].mean() for r in plan]),
+                       np.array([labels[r].std() for r in plan]))
+    sizes = tuple(int(s) for s in lengths)
+    Xd = _array_from_blocks(xf, xname, (sizes, (int(Xs.shape[1]),)), dtype, 2)
+    yd = None if yf is None else _array_from_blocks(yf, yname, (sizes,), labels.dtype, 1)
+    return PartitionedData(Xd, yd, source_rows=plan, scheme="chunks", seed=seed,
+                           classes=classes, class_count=class_count, client=client,
+                           placement=placement, x_futures=xf, y_futures=yf, persisted=True)

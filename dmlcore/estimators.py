@@ -12,10 +12,19 @@ strategy; the fitted parameters become the usual attributes (``coef_``,
 Where the work runs (``client=``):
   * a ``distributed.Client``: on that cluster;
   * ``False``: in this process (the same executors, no cluster);
-  * ``None`` (default): numpy input under 50 MB with no default client runs in
-    this process — shipping a tiny data set to a cluster costs more than
-    fitting it; otherwise the default client, or an embedded LocalCluster
-    started for the fit and closed after it.
+  * ``None`` (default): on the default client when one exists, else in this
+    process (dask input is then computed on dask's synchronous scheduler, as a
+    dask-ml estimator runs on dask's local scheduler without a client; no
+    cluster is ever started for a fit).
+  * Inside a task running on a Dask worker (dask-ml's ``GridSearchCV``,
+    scikit-learn's searches on joblib's dask backend) the fit always runs in
+    that task, on its block: executors on the same cluster would wait for
+    worker threads that the outer tasks hold.
+
+``sklearn.clone`` keeps the ``client`` object itself (a client cannot be
+deep-copied), so searches and ``cross_val_score`` work with an explicit client.
+Dask arrays with unknown chunk sizes (``ddf.values``) get their chunk sizes
+computed first, as dask-ml does.
 
 Objectives (identical to scikit-learn's, written in dmlcore's terms of a MEAN
 data loss over n rows plus ``weight_decay/2 ||W||^2`` on weights only — the
@@ -59,10 +68,6 @@ from .models.base import Model
 
 __all__ = ["LinearRegression", "LogisticRegression", "MLPClassifier", "MLPRegressor"]
 
-# numpy input smaller than this (X bytes) runs in process when no client is around
-SMALL_BYTES = 50 * 2**20
-
-
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
@@ -94,29 +99,41 @@ class _Placement:
         return 1 if self.client is None else max(1, len(self.client.nthreads()))
 
 
+def _in_dask_task() -> bool:
+    """True when called from inside a task running on a Dask worker."""
+    try:
+        from distributed import get_worker
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
 def _placement(client, X):
     """Resolve the estimator's ``client`` parameter for input ``X`` (see module doc)."""
-    from .cluster import get_client, prepare
+    from .cluster import prepare
 
     if client is False:
         return _Placement(None)
+    if _in_dask_task():
+        # A fit inside a worker task (dask-ml's searches, joblib's dask backend):
+        # creating executors on the same cluster would wait for worker threads
+        # that the outer tasks hold. Fit this block here instead.
+        return _Placement(None)
     if client is not None:
         return _Placement(prepare(client))
-    if not _is_dask(X) and _default_client() is None and _nbytes(X) < SMALL_BYTES:
+    found = _default_client()
+    if found is None:
+        # No running client: run here, as dask-ml does on dask's local
+        # scheduler; never start (and tear down) a cluster per fit.
         return _Placement(None)
-    found, close = get_client(None)
-    return _Placement(found, close)
-
-
-def _nbytes(X):
-    nbytes = getattr(X, "nbytes", None)
-    if nbytes is None:
-        nbytes = np.asarray(X).nbytes
-    return int(nbytes)
+    return _Placement(prepare(found))
 
 
 def _validate_dask(estimator, X, y, *, reset, classifier):
     """Light validation of dask input (the values are checked when partitioned)."""
+    if X.ndim == 2 and any(math.isnan(c) for c in X.chunks[0]):
+        X = X.compute_chunk_sizes()          # as dask-ml does for ``ddf.values``
     if X.ndim != 2:
         raise ValueError(f"Expected a 2-dimensional array, got shape {X.shape}; reshape "
                          "your data.")
@@ -190,18 +207,27 @@ def _resolve_strategy(strategy, *, batch_size):
                      f"got {strategy!r}")
 
 
-def _partition(X, y, placement, n_partitions, seed):
-    """PartitionedData for ``(X, y)`` where the fit runs."""
-    from .data import partition
+def _partition(X, y, placement, n_partitions, seed, in_place=False):
+    """PartitionedData for ``(X, y)`` where the fit runs.
+
+    ``in_place`` (full-batch solvers, whose gradient does not depend on how
+    the rows are split): dask input on a cluster, with ``n_partitions=None``,
+    keeps its balanced chunks where they lie (``data.partition_in_place``)
+    instead of moving every row into iid partitions.
+    """
+    from .data import partition, partition_in_place
+
+    if in_place and n_partitions is None and placement.client is not None and _is_dask(X):
+        return partition_in_place(X, y, client=placement.client, seed=seed)
 
     if n_partitions is None:
         n_partitions = placement.n_workers
     n_partitions = max(1, min(int(n_partitions), int(X.shape[0])))
     if placement.client is None:
-        # persist=False keeps the partitions in this process even when a default
-        # client exists (partition(client=None) would otherwise pick it up).
-        return partition(X, y, n_partitions=n_partitions, seed=seed, client=None,
-                         persist=False, check_finite=False)
+        # client=False + persist=False: the partitions stay in this process even
+        # when a default client exists (computed with the synchronous scheduler).
+        return partition(X, y, n_partitions=n_partitions, seed=seed, client=False,
+                         persist=False, check_finite=_is_dask(X))
     return partition(X, y, n_partitions=n_partitions, seed=seed, client=placement.client,
                      check_finite=_is_dask(X))
 
@@ -338,7 +364,7 @@ class _DMLEstimator(BaseEstimator):
             return X.map_blocks(method, drop_axis=1, dtype=dtype)
         return X.map_blocks(method, chunks=(X.chunks[0], (n_columns,)), dtype=dtype)
 
-    def _run(self, model, X, y, plan, *, seed):
+    def _run(self, model, X, y, plan, *, seed, in_place=False):
         """Place, partition and fit; ``plan(data) -> (strategy, optimizer, fit kwargs)``.
 
         Returns the ``FitResult`` (and sets ``history_``).
@@ -347,7 +373,7 @@ class _DMLEstimator(BaseEstimator):
 
         where = _placement(self.client, X)
         try:
-            data = _partition(X, y, where, self.n_partitions, seed)
+            data = _partition(X, y, where, self.n_partitions, seed, in_place=in_place)
             strategy, optimizer, kwargs = plan(data)
             result = fit(model, data, strategy, optimizer, client=where.client or False,
                          seed=seed, progress=False, **kwargs)
@@ -355,6 +381,17 @@ class _DMLEstimator(BaseEstimator):
             where.close()
         self.history_ = result.history
         return result
+
+    def __sklearn_clone__(self):
+        """``sklearn.clone``: parameters cloned as scikit-learn does, except
+        ``client``, which is shared (a ``distributed.Client`` cannot be copied)."""
+        from sklearn.base import clone
+
+        params = self.get_params(deep=False)
+        client = params.pop("client", None)
+        new = type(self)(**{k: clone(v, safe=False) for k, v in params.items()})
+        new.client = client
+        return new
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -380,7 +417,8 @@ class _GLM(_DMLEstimator):
             solver = optim.LBFGS(max_iter=self.max_iter, tol=self.tol,
                                  weight_decay=weight_decay)
             result = self._run(model, X, y, lambda data: (
-                strategy, solver, {"steps": self.max_iter, "init_params": init}), seed=seed)
+                strategy, solver, {"steps": self.max_iter, "init_params": init}), seed=seed,
+                in_place=True)
             done = getattr(result.strategy, "lbfgs_result_", None)
             self.n_iter_ = int(result.steps)
             # In float32 the line search may stop at the precision of the sums

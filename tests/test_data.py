@@ -337,3 +337,78 @@ def test_npy_zarr_netcdf_paths(client, tmp_path):
         tmp_path / "d.nc")
     from_nc = partition(str(tmp_path / "d.nc"), "label", 3, client=client)
     np.testing.assert_array_equal(from_nc.y.compute(), ref.y.compute())
+
+
+# --------------------------------------------------------------------------
+# partition_in_place: balanced persisted chunks stay where they lie
+# --------------------------------------------------------------------------
+def _chunk_holders(client, Xp):
+    from distributed import futures_of, wait
+
+    by_key = {f.key: f for f in futures_of(Xp)}
+    wait(list(by_key.values()), timeout=60)
+    who = client.who_has([by_key[(Xp.name, b, 0)] for b in range(Xp.numblocks[0])])
+    return [sorted(who[(Xp.name, b, 0)])[0] for b in range(Xp.numblocks[0])]
+
+
+def test_in_place_keeps_balanced_chunks_where_they_lie(client):
+    from dmlcore.data import partition_in_place
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 5))
+    y = rng.integers(0, 3, size=400)
+    Xp = client.persist(da.from_array(X, chunks=(100, 5)))
+    holders = _chunk_holders(client, Xp)
+    assert len(set(holders)) == 2            # the cluster spread them
+    data = partition_in_place(Xp, y, client=client)
+    assert data.scheme == "chunks"
+    assert data.partition_sizes.tolist() == [100] * 4
+    assert data.workers() == holders          # no partition moved
+    np.testing.assert_array_equal(data.X.compute(), X)
+    np.testing.assert_array_equal(data.y.compute(), y)
+    np.testing.assert_array_equal(np.concatenate(data.source_rows), np.arange(400))
+    counts = data.skew_report()["class_count"].values
+    np.testing.assert_array_equal(counts.sum(axis=0), np.bincount(y))
+
+
+def test_in_place_falls_back_to_iid_when_skewed(client):
+    from dmlcore.data import partition_in_place
+
+    X = np.arange(800.0).reshape(400, 2)
+    Xd = da.from_array(X, chunks=((300, 50, 50), (2,)))
+    data = partition_in_place(Xd, None, client=client)
+    assert data.scheme == "iid"
+    expected = partition(Xd, None, scheme="iid", seed=0, client=client)
+    for a, b in zip(data.source_rows, expected.source_rows):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.sort(data.X.compute(), axis=0), X)
+
+
+def test_in_place_rejects_nan_and_converts_dtype(client):
+    from dmlcore.data import partition_in_place
+
+    X = np.ones((200, 3), dtype=np.int32)
+    data = partition_in_place(da.from_array(X, chunks=(100, 3)), None, client=client)
+    assert data.dtype == np.float64 and data.scheme == "chunks"
+    bad = np.ones((200, 3))
+    bad[150, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN .*source row 150"):
+        partition_in_place(da.from_array(bad, chunks=(100, 3)), None, client=client)
+
+
+def test_in_place_moves_only_the_chunks_beyond_a_workers_share(client):
+    from dmlcore.data import _keep_or_move, partition_in_place
+
+    workers = sorted(client.nthreads())
+    # hand-computed: 4 equal chunks all on worker a -> a keeps 2, b gets the rest
+    assert _keep_or_move(np.array([10, 10, 10, 10]), [["a"]] * 4, ["a", "b"]) == \
+        ["a", "a", "b", "b"]
+    assert _keep_or_move(np.array([10, 10]), [["b"], ["a"]], ["a", "b"]) == ["b", "a"]
+    X = np.arange(1200.0).reshape(400, 3)
+    Xp = client.persist(da.from_array(X, chunks=(100, 3)), workers=[workers[0]])
+    assert set(_chunk_holders(client, Xp)) == {workers[0]}
+    data = partition_in_place(Xp, None, client=client)
+    assert data.scheme == "chunks"
+    assert sorted(data.workers()) == sorted([workers[0]] * 2 + [workers[1]] * 2)
+    assert data.workers()[:2] == [workers[0]] * 2
+    np.testing.assert_array_equal(data.X.compute(), X)

@@ -499,7 +499,8 @@ class LogisticRegression(ClassifierMixin, _GLM):
     maps them. ``tol``: L-BFGS's gradient tolerance on the objective divided
     by ``C n`` (as scikit-learn's lbfgs); ``max_iter``: its iteration limit.
     Fitted: ``coef_`` (1 or K, n_features), ``intercept_``, ``classes_``,
-    ``n_features_in_``, ``n_iter_``, ``history_``.
+    ``n_features_in_``, ``n_iter_`` (shape (1,), as scikit-learn's lbfgs),
+    ``history_``.
     """
 
     _is_classifier = True
@@ -540,6 +541,8 @@ class LogisticRegression(ClassifierMixin, _GLM):
                              seed=_seed(self.random_state))
         self.coef_, intercept = _glm_params(model, params, self.n_features_in_)
         self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
+        # scikit-learn's shape: (1,) for binary and multinomial fits
+        self.n_iter_ = np.array([self.n_iter_], dtype=np.int32)
         return self
 
     def decision_function(self, X):
@@ -596,7 +599,8 @@ class _MLP(_DMLEstimator):
                  alpha=0.0001, batch_size="auto", learning_rate="cosine",
                  learning_rate_init=0.002, max_iter=8, tol=1e-4, n_iter_no_change=10,
                  momentum=0.9, nesterov=False, random_state=None, strategy="sync",
-                 n_partitions=None, client=None, standardize=True):
+                 n_partitions=None, client=None, standardize=True, warm_start=False):
+        self.warm_start = warm_start
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -660,6 +664,15 @@ class _MLP(_DMLEstimator):
         else:
             center = X.mean(axis=0, dtype=np.float64)
             std = X.std(axis=0, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = (np.isfinite(center) & np.isfinite(std)
+                      & np.isfinite(center.astype(dtype)) & np.isfinite(std.astype(dtype)))
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(
+                f"X: the values of feature(s) {bad[:10].tolist()} are finite but too large to "
+                f"standardize (their mean or standard deviation overflows "
+                f"{np.dtype(dtype).name}); rescale X, or pass standardize=False")
         std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(center)), std, 1.0)
         return center.astype(dtype), std.astype(dtype)
 
@@ -703,14 +716,18 @@ class _MLP(_DMLEstimator):
                          nesterov=bool(self.nesterov) and self.momentum > 0,
                          weight_decay=decay, schedule=schedule)
 
-    def _train(self, X, y, n_out, *, partial):
+    def _warm(self):
+        """True when ``fit`` continues from the fitted weights (``warm_start``)."""
+        return bool(self.warm_start) and hasattr(self, "params_")
+
+    def _train(self, X, y, n_out, *, partial, warm=False):
         """Fit (or continue, ``partial``: one epoch) the network; sets the fitted attributes."""
         from .models import MLP
         from .strategies import SyncSGD
 
         sizes = self._check_params()
         dtype = _float_dtype(X)
-        if not (partial and hasattr(self, "params_")):
+        if not ((partial or warm) and hasattr(self, "params_")):
             self._seed_ = _seed(self.random_state)
             self.model_ = MLP([self.n_features_in_, *sizes, n_out],
                               activation=self.activation, output=self._output)
@@ -719,7 +736,10 @@ class _MLP(_DMLEstimator):
             self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
         init = self._trained_.astype(dtype, copy=False)
         X = self._standardized(X)
-        seed = self._seed_ + self.n_iter_       # fresh batch orders for every partial_fit
+        if warm and not partial:
+            self.n_iter_ = 0                    # scikit-learn: epochs of THIS fit
+        # fresh batch orders for every partial_fit / warm fit
+        seed = self._seed_ + len(self.loss_curve_)
         n = X.shape[0]
         lbfgs = self.solver == "lbfgs" and not partial
         box = {}
@@ -787,7 +807,10 @@ _MLP_DOC_PARAMS = """
     uses ``momentum``/``nesterov``; ``solver="lbfgs"``: full-batch L-BFGS.
     ``strategy``: "sync" (default), "ps", "fedavg" or a dmlcore Strategy.
     ``partial_fit`` runs one epoch from the current weights with a constant
-    learning rate and a fresh optimizer state. ``standardize=True`` (default)
+    learning rate and a fresh optimizer state. ``warm_start=True``: ``fit``
+    continues from the fitted weights (same classes required); as in
+    scikit-learn, ``loss_curve_`` and ``t_`` accumulate and ``n_iter_``
+    counts the epochs of the latest fit. ``standardize=True`` (default)
     trains on inputs centred and scaled per feature with the mean and standard
     deviation of the first fit's data (scikit-learn recommends scaling inputs
     for its MLPs; here it is built in: on Fashion-MNIST it reached 0.89 test
@@ -817,11 +840,16 @@ class MLPClassifier(ClassifierMixin, _MLP):
         return np.searchsorted(self.classes_, y).astype(np.int64)
 
     def fit(self, X, y):
-        X, y = self._validate(X, y, reset=True)
-        for name in ("params_", "model_", "_trained_"):
-            self.__dict__.pop(name, None)
-        codes = self._encode(y)
-        return self._train(X, codes, len(self.classes_), partial=False)
+        warm = self._warm()
+        X, y = self._validate(X, y, reset=not warm)
+        if not warm:
+            for name in ("params_", "model_", "_trained_"):
+                self.__dict__.pop(name, None)
+        elif not np.array_equal(np.unique(y), self.classes_):
+            raise ValueError(f"warm_start: y has classes {np.unique(y).tolist()}, the fitted "
+                             f"model {self.classes_.tolist()}; pass warm_start=False")
+        codes = self._encode(y, first=not warm)
+        return self._train(X, codes, len(self.classes_), partial=False, warm=warm)
 
     def partial_fit(self, X, y, classes=None):
         """One epoch on ``(X, y)`` from the current weights; ``classes`` needed on the first call."""
@@ -859,10 +887,13 @@ class MLPRegressor(RegressorMixin, _MLP):
     _output = "linear"
 
     def fit(self, X, y):
-        X, y = self._validate(X, y, reset=True)
-        for name in ("params_", "model_", "_trained_"):
-            self.__dict__.pop(name, None)
-        return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=False)
+        warm = self._warm()
+        X, y = self._validate(X, y, reset=not warm)
+        if not warm:
+            for name in ("params_", "model_", "_trained_"):
+                self.__dict__.pop(name, None)
+        return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=False,
+                           warm=warm)
 
     def partial_fit(self, X, y):
         """One epoch on ``(X, y)`` from the current weights."""
@@ -872,5 +903,7 @@ class MLPRegressor(RegressorMixin, _MLP):
 
     def predict(self, X):
         if _is_dask(X):
-            return self._blockwise(self.predict, X)
-        return np.asarray(self._forward(X), dtype=np.float64).reshape(-1)
+            return self._blockwise(self.predict, X, dtype=_float_dtype(X))
+        X = self._check_X(X)
+        out = self.model_.predict(self.params_, np.ascontiguousarray(X, self.params_.dtype))
+        return np.asarray(out, dtype=_float_dtype(X)).reshape(-1)

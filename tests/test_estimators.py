@@ -81,7 +81,8 @@ def test_dask_input_matches_numpy(client):
     a = est.LogisticRegression(tol=1e-10, client=client).fit(Xd, yd)
     b = est.LogisticRegression(tol=1e-10, client=False).fit(X, y)
     np.testing.assert_allclose(a.coef_, b.coef_, rtol=1e-6, atol=1e-8)
-    assert a.history_.attrs["n_partitions"] == len(client.nthreads())
+    # full-batch L-BFGS uses the balanced chunks where they lie: one partition each
+    assert a.history_.attrs["n_partitions"] == Xd.numblocks[0]
     np.testing.assert_array_equal(a.predict(Xd), b.predict(X))
 
 
@@ -179,3 +180,80 @@ def test_mlp_standardize_trains_on_scaled_inputs_and_folds_back():
     np.testing.assert_array_equal(more._center_, centre)
     with pytest.raises(ValueError, match="standardize"):
         est.MLPClassifier(standardize="yes", client=False).fit(X, y)
+
+
+# ---------------------------------------------------------------------------
+# behaviours users of scikit-learn's estimators expect (issue 10)
+# ---------------------------------------------------------------------------
+def test_standardization_overflow_has_its_own_error():
+    X = np.zeros((40, 3))
+    X[:, 1] = np.where(np.arange(40) % 2, 1.5e308, -1.5e308)     # finite, std overflows
+    X[:, 2] = np.linspace(0, 1, 40)
+    assert np.isfinite(X).all()
+    y = np.arange(40) % 2
+    with pytest.raises(ValueError, match=r"feature\(s\) \[1\] are finite but too large"):
+        est.MLPClassifier(max_iter=1, client=False).fit(X, y)
+    with pytest.raises(ValueError, match="too large to standardize"):
+        est.MLPRegressor(max_iter=1, client=False).fit(X.astype(np.float64), y * 1.0)
+
+
+def test_mlp_regressor_predict_keeps_float32():
+    from sklearn.neural_network import MLPRegressor as SkMLPRegressor
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    y = (X @ np.arange(1, 5)).astype(np.float32)
+    ours = est.MLPRegressor(hidden_layer_sizes=(8,), max_iter=2, client=False).fit(X, y)
+    ref = SkMLPRegressor(hidden_layer_sizes=(8,), max_iter=2).fit(X, y)
+    assert ours.predict(X).dtype == ref.predict(X).dtype == np.float32
+    assert ours.predict(X.astype(np.float64)).dtype == np.float64
+    assert ours.predict(da.from_array(X, chunks=50)).compute().dtype == np.float32
+
+
+@pytest.mark.parametrize("centers", [2, 3])
+def test_logistic_n_iter_shaped_like_sklearn(centers):
+    from sklearn.linear_model import LogisticRegression as SkLogistic
+
+    X, y = make_blobs(200, n_features=3, centers=centers, random_state=0)
+    ours = est.LogisticRegression(client=False).fit(X, y)
+    ref = SkLogistic().fit(X, y)
+    assert ours.n_iter_.shape == ref.n_iter_.shape == (1,)
+    assert ours.n_iter_.dtype == ref.n_iter_.dtype
+    assert 1 <= ours.n_iter_[0] <= 100
+
+
+@pytest.mark.parametrize("Est", ["MLPClassifier", "MLPRegressor"])
+def test_warm_start_continues_like_sklearn(Est):
+    import sklearn.neural_network as sknn
+
+    X, y = make_classification(300, n_features=6, random_state=0)
+    if Est == "MLPRegressor":
+        y = X @ np.arange(6.0)
+    kw = dict(hidden_layer_sizes=(10,), max_iter=3, warm_start=True, random_state=0)
+    ours = getattr(est, Est)(client=False, learning_rate="constant", **kw)
+    ref = getattr(sknn, Est)(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (ours, ref):
+            model.fit(X, y)
+        first = [w.copy() for w in ours.coefs_]
+        loss_after_first = ours.loss_curve_[-1]
+        for model in (ours, ref):
+            model.fit(X, y)
+    # scikit-learn's semantics: the second fit continues; loss_curve_ and t_
+    # accumulate, n_iter_ counts the epochs of the latest fit
+    assert ours.n_iter_ == ref.n_iter_ == 3
+    assert len(ours.loss_curve_) == len(ref.loss_curve_) == 6
+    assert ours.t_ == ref.t_ == 1800                  # samples seen, 300 x 6
+    assert ours.loss_curve_[3] < ours.loss_curve_[0]
+    assert ours.loss_curve_[3] <= loss_after_first * 1.05        # no restart from scratch
+    assert any(not np.allclose(a, b) for a, b in zip(first, ours.coefs_))
+    ours.set_params(warm_start=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.fit(X, y)
+    assert ours.n_iter_ == 3 and len(ours.loss_curve_) == 3
+    if Est == "MLPClassifier":
+        warm = est.MLPClassifier(client=False, **kw).fit(X, y)
+        with pytest.raises(ValueError, match="warm_start"):
+            warm.fit(X, np.where(y == 1, 2, y))

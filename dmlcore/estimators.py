@@ -288,6 +288,47 @@ def _glm_params(model, params, n_features):
     return np.ascontiguousarray(coef), b.copy()
 
 
+class _Resume:
+    """Optimizer mixin: ``init`` returns a copy of the state a previous fit ended
+    with (``partial_fit`` continues the optimizer, as scikit-learn's does)."""
+
+    _resume = None
+
+    def init(self, params, decay_mask=None):
+        fresh = super().init(params, decay_mask)
+        saved = self._resume
+        if saved is None or type(saved) is not type(fresh) or any(
+                isinstance(a, np.ndarray) and (not isinstance(b, np.ndarray) or a.shape != b.shape)
+                for a, b in zip(fresh, saved)):
+            return fresh
+        return type(fresh)(*[b.copy() if isinstance(b, np.ndarray) else b for b in saved])
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if k not in ("schedule", "_resume"))
+        return f"{type(self).__mro__[2].__name__}({args})"
+
+
+class _AdamFrom(_Resume, optim.Adam):
+    pass
+
+
+class _SGDFrom(_Resume, optim.SGD):
+    pass
+
+
+def _resumed(optimizer, state):
+    """``optimizer`` (Adam or SGD) whose ``init`` returns ``state``."""
+    cls = _AdamFrom if type(optimizer) is optim.Adam else (
+        _SGDFrom if type(optimizer) is optim.SGD else None)
+    if cls is None or state is None:
+        return optimizer
+    out = cls.__new__(cls)
+    out.__dict__.update(vars(optimizer))
+    out._resume = state
+    return out
+
+
 class _EpochMonitor:
     """``dml.fit`` callback: per-epoch mean loss and scikit-learn's no-improvement stop."""
 
@@ -727,6 +768,8 @@ class _MLP(_DMLEstimator):
 
         sizes = self._check_params()
         dtype = _float_dtype(X)
+        if not (partial and hasattr(self, "params_")):
+            self.__dict__.pop("_opt_state_", None)   # fit (warm or not): a new optimizer
         if not ((partial or warm) and hasattr(self, "params_")):
             self._seed_ = _seed(self.random_state)
             self.model_ = MLP([self.n_features_in_, *sizes, n_out],
@@ -757,6 +800,8 @@ class _MLP(_DMLEstimator):
             # counters, not at fit's global steps: keep its learning rate constant.
             constant = partial or getattr(strategy, "name", "") == "fedavg"
             optimizer = self._optimizer(float(self.alpha) / rows_per_step, constant)
+            if partial:                         # continue the previous call's optimizer
+                optimizer = _resumed(optimizer, getattr(self, "_opt_state_", None))
             box["monitor"] = _EpochMonitor(strategy.steps_per_epoch(data), self.tol,
                                            self.n_iter_no_change, stop=not partial)
             return strategy, optimizer, {"epochs": 1 if partial else int(self.max_iter),
@@ -781,6 +826,7 @@ class _MLP(_DMLEstimator):
             raise FloatingPointError(f"{type(self).__name__}: training diverged (non-finite "
                                      "parameters); lower learning_rate_init")
         self._trained_ = params                 # in the standardized input space
+        self._opt_state_ = None if lbfgs else result.opt_state
         self.params_ = self._fold_inputs(params)
         self.loss_ = float(self.loss_curve_[-1]) if self.loss_curve_ else float("nan")
         views = self.model_.views(self.params_)
@@ -807,7 +853,9 @@ _MLP_DOC_PARAMS = """
     uses ``momentum``/``nesterov``; ``solver="lbfgs"``: full-batch L-BFGS.
     ``strategy``: "sync" (default), "ps", "fedavg" or a dmlcore Strategy.
     ``partial_fit`` runs one epoch from the current weights with a constant
-    learning rate and a fresh optimizer state. ``warm_start=True``: ``fit``
+    learning rate, continuing the optimizer state (Adam's moments, SGD's
+    velocity, the step count) of the previous ``partial_fit`` or ``fit`` call;
+    ``fit`` starts a new optimizer. ``warm_start=True``: ``fit``
     continues from the fitted weights (same classes required); as in
     scikit-learn, ``loss_curve_`` and ``t_`` accumulate and ``n_iter_``
     counts the epochs of the latest fit. ``standardize=True`` (default)

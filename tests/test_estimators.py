@@ -257,3 +257,29 @@ def test_warm_start_continues_like_sklearn(Est):
         warm = est.MLPClassifier(client=False, **kw).fit(X, y)
         with pytest.raises(ValueError, match="warm_start"):
             warm.fit(X, np.where(y == 1, 2, y))
+
+
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_partial_fit_continues_the_optimizer_state(solver):
+    """One full-batch step per epoch (batch = all rows, one partition): ``fit``
+    over 4 epochs and 4 ``partial_fit`` calls take the same steps iff the
+    optimizer state (momentum / Adam's moments and step count) carries over."""
+    X, y = make_classification(200, n_features=5, random_state=0)
+    kw = dict(hidden_layer_sizes=(6,), solver=solver, momentum=0.9, batch_size=200,
+              learning_rate="constant", learning_rate_init=0.05, tol=0.0,
+              n_iter_no_change=100, random_state=0, client=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = est.MLPClassifier(max_iter=4, **kw).fit(X, y)
+    part = est.MLPClassifier(max_iter=4, **kw)
+    for _ in range(4):
+        part.partial_fit(X, y, classes=[0, 1])
+    np.testing.assert_allclose(part.params_, full.params_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(part.loss_curve_, full.loss_curve_, rtol=1e-10)
+    assert part._opt_state_.step == 4
+    # a fresh optimizer on every call (the old behaviour) takes different steps
+    fresh = est.MLPClassifier(max_iter=4, **kw)
+    for _ in range(4):
+        fresh.__dict__.pop("_opt_state_", None)
+        fresh.partial_fit(X, y, classes=[0, 1])
+    assert not np.allclose(fresh.params_, full.params_, atol=1e-6)

@@ -332,11 +332,15 @@ def _resumed(optimizer, state):
 class _EpochMonitor:
     """``dml.fit`` callback: per-epoch mean loss and scikit-learn's no-improvement stop."""
 
-    def __init__(self, steps_per_epoch, tol, n_iter_no_change, stop):
+    def __init__(self, steps_per_epoch, tol, n_iter_no_change, stop, validate=None):
+        """``validate(params) -> score`` (higher is better): stop on the
+        validation score instead of the training loss (``early_stopping``)."""
         self.per_epoch = max(1, int(steps_per_epoch))
         self.sync_every = self.per_epoch        # reads losses only; stops at epoch ends
         self.tol, self.patience, self.stop = float(tol), int(n_iter_no_change), bool(stop)
         self.curve, self.best, self.bad = [], math.inf, 0
+        self.validate, self.scores = validate, []
+        self.best_score, self.best_params = -math.inf, None
         self._sum, self._count = 0.0, 0
         self.stopped = False
 
@@ -345,19 +349,24 @@ class _EpochMonitor:
         self._count += 1
         if step % self.per_epoch:
             return False
-        return self._end_epoch()
+        return self._end_epoch(params)
 
-    def _end_epoch(self):
+    def _end_epoch(self, params=None):
         loss = self._sum / self._count
         self._sum, self._count = 0.0, 0
         if not np.isfinite(loss):
             raise FloatingPointError(
                 "the training loss became non-finite; lower learning_rate_init")
         self.curve.append(loss)
-        if loss > self.best - self.tol:
-            self.bad += 1
+        if self.validate is not None and params is not None:
+            score = float(self.validate(params))
+            self.scores.append(score)
+            improved = score >= self.best_score + self.tol
+            if score > self.best_score:
+                self.best_score, self.best_params = score, np.array(params, copy=True)
         else:
-            self.bad = 0
+            improved = loss <= self.best - self.tol
+        self.bad = 0 if improved else self.bad + 1
         self.best = min(self.best, loss)
         if self.stop and self.bad > self.patience:
             self.stopped = True
@@ -640,8 +649,11 @@ class _MLP(_DMLEstimator):
                  alpha=0.0001, batch_size="auto", learning_rate="cosine",
                  learning_rate_init=0.002, max_iter=8, tol=1e-4, n_iter_no_change=10,
                  momentum=0.9, nesterov=False, random_state=None, strategy="sync",
-                 n_partitions=None, client=None, standardize=True, warm_start=False):
+                 n_partitions=None, client=None, standardize=True, warm_start=False,
+                 early_stopping=False, validation_fraction=0.1):
         self.warm_start = warm_start
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -687,6 +699,10 @@ class _MLP(_DMLEstimator):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.batch_size != "auto":
             _check_positive("batch_size", self.batch_size, integer=True)
+        if not (isinstance(self.validation_fraction, numbers.Real)
+                and 0 < self.validation_fraction < 1):
+            raise ValueError(f"validation_fraction must be in (0, 1), "
+                             f"got {self.validation_fraction!r}")
         if not isinstance(self.standardize, (bool, np.bool_)):
             raise ValueError(f"standardize must be True or False, got {self.standardize!r}")
         return sizes
@@ -778,6 +794,9 @@ class _MLP(_DMLEstimator):
             self._center_, self._scale_ = self._input_stats(X, dtype)
             self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
         init = self._trained_.astype(dtype, copy=False)
+        validate = None
+        if self.early_stopping and not partial and self.solver != "lbfgs":
+            X, y, validate = self._validation_split(X, y)
         X = self._standardized(X)
         if warm and not partial:
             self.n_iter_ = 0                    # scikit-learn: epochs of THIS fit
@@ -803,7 +822,8 @@ class _MLP(_DMLEstimator):
             if partial:                         # continue the previous call's optimizer
                 optimizer = _resumed(optimizer, getattr(self, "_opt_state_", None))
             box["monitor"] = _EpochMonitor(strategy.steps_per_epoch(data), self.tol,
-                                           self.n_iter_no_change, stop=not partial)
+                                           self.n_iter_no_change, stop=not partial,
+                                           validate=validate)
             return strategy, optimizer, {"epochs": 1 if partial else int(self.max_iter),
                                          "init_params": init, "callbacks": (box["monitor"],)}
 
@@ -816,12 +836,23 @@ class _MLP(_DMLEstimator):
             monitor.finish()
             self.loss_curve_ = list(self.loss_curve_) + monitor.curve
             self.n_iter_ += len(monitor.curve)
+            if validate is not None:
+                self.validation_scores_ = list(monitor.scores)
+                self.best_validation_score_ = float(monitor.best_score)
+                self.best_loss_ = None
+            elif not partial or not hasattr(self, "best_loss_") or self.best_loss_ is None:
+                self.validation_scores_ = self.best_validation_score_ = None
+                self.best_loss_ = float(min(self.loss_curve_))
+            else:
+                self.best_loss_ = float(min(self.best_loss_, *monitor.curve))
             if not partial and not monitor.stopped and monitor.bad == 0 \
                     and len(monitor.curve) >= self.max_iter and self.learning_rate == "constant":
                 warnings.warn(f"{type(self).__name__}: the loss was still improving after "
                               f"max_iter={self.max_iter} epochs.", ConvergenceWarning)
         self.t_ += int(n * (1 if partial else max(1, self.n_iter_)))
         params = np.asarray(result.params)
+        if validate is not None and box["monitor"].best_params is not None:
+            params = box["monitor"].best_params   # scikit-learn keeps the best epoch's
         if not np.isfinite(params).all():
             raise FloatingPointError(f"{type(self).__name__}: training diverged (non-finite "
                                      "parameters); lower learning_rate_init")
@@ -833,6 +864,34 @@ class _MLP(_DMLEstimator):
         self.coefs_ = [views[name]["W"] for name in self.model_.layer_names]
         self.intercepts_ = [views[name]["b"] for name in self.model_.layer_names]
         return self
+
+    def _validation_split(self, X, y):
+        """``(X_train, y_train, validate)``: ``validation_fraction`` of the rows held
+        out (stratified for classifiers, seeded by ``random_state``, as
+        scikit-learn's ``early_stopping``); ``validate(params)`` scores them
+        (accuracy, or R^2 for regression) with parameters of the standardized space."""
+        from sklearn.metrics import accuracy_score, r2_score
+        from sklearn.model_selection import train_test_split
+
+        if _is_dask(X):
+            X = X.compute()
+        stratify = y if self._is_classifier else None
+        X_tr, X_val, y_tr, y_val = train_test_split(
+            X, y, random_state=self._seed_, test_size=self.validation_fraction,
+            stratify=stratify)
+        if X_tr.shape[0] < 1 or X_val.shape[0] < 1:
+            raise ValueError("early_stopping: too few rows for validation_fraction="
+                             f"{self.validation_fraction}")
+        Xv = np.ascontiguousarray(self._standardized(X_val))
+        model = self.model_
+
+        def validate(params):
+            out = model.predict(np.asarray(params, dtype=Xv.dtype), Xv)
+            if self._is_classifier:
+                return accuracy_score(y_val, np.asarray(out).argmax(axis=1))
+            return r2_score(y_val, np.asarray(out).reshape(-1))
+
+        return X_tr, y_tr, validate
 
     def _forward(self, X):
         X = self._check_X(X)
@@ -848,7 +907,11 @@ _MLP_DOC_PARAMS = """
     effective batch is that times the number of partitions, DDP semantics):
     min(128, rows per partition / 16). ``max_iter``: epochs; training stops
     early when the epoch's training loss has not improved by ``tol`` for
-    ``n_iter_no_change`` consecutive epochs. ``alpha``: L2 penalty on the
+    ``n_iter_no_change`` consecutive epochs (``best_loss_``); with
+    ``early_stopping=True``, ``validation_fraction`` of the rows (stratified
+    for classifiers) are held out, the stop watches their score (accuracy or
+    R^2: ``validation_scores_``, ``best_validation_score_``) and the fitted
+    weights are those of the best-scoring epoch, as in scikit-learn. ``alpha``: L2 penalty on the
     weights, divided by the batch rows as in scikit-learn. ``solver="sgd"``
     uses ``momentum``/``nesterov``; ``solver="lbfgs"``: full-batch L-BFGS.
     ``strategy``: "sync" (default), "ps", "fedavg" or a dmlcore Strategy.

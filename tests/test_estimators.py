@@ -283,3 +283,44 @@ def test_partial_fit_continues_the_optimizer_state(solver):
         fresh.__dict__.pop("_opt_state_", None)
         fresh.partial_fit(X, y, classes=[0, 1])
     assert not np.allclose(fresh.params_, full.params_, atol=1e-6)
+
+
+@pytest.mark.parametrize("Est", ["MLPClassifier", "MLPRegressor"])
+def test_early_stopping_like_sklearn(Est):
+    import sklearn.neural_network as sknn
+
+    X, y = make_classification(400, n_features=6, flip_y=0.2, random_state=0)
+    if Est == "MLPRegressor":
+        y = X @ np.arange(6.0)
+    kw = dict(hidden_layer_sizes=(10,), max_iter=60, early_stopping=True,
+              validation_fraction=0.25, n_iter_no_change=3, tol=1e-3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = getattr(est, Est)(client=False, learning_rate="constant",
+                                 learning_rate_init=0.01, **kw).fit(X, y)
+        ref = getattr(sknn, Est)(learning_rate_init=0.01, **kw).fit(X, y)
+    for model in (ours, ref):
+        assert model.best_loss_ is None
+        assert len(model.validation_scores_) == model.n_iter_ == len(model.loss_curve_)
+        assert model.best_validation_score_ == max(model.validation_scores_)
+        # scikit-learn's rule, replayed on the scores: an epoch without a gain of
+        # tol over the running best counts; the fit stops once the count
+        # exceeds n_iter_no_change
+        best, bad, stop = -np.inf, 0, None
+        for epoch, score in enumerate(model.validation_scores_, 1):
+            bad = bad + 1 if score < best + kw["tol"] else 0
+            best = max(best, score)
+            if bad > kw["n_iter_no_change"]:
+                stop = epoch
+                break
+        assert stop == (model.n_iter_ if model.n_iter_ < 60 else None)
+    assert ours.n_iter_ < 60
+    # the kept weights are the best epoch's: its validation score is the best score,
+    # close to what scikit-learn reaches on the same problem
+    assert ours.best_validation_score_ == pytest.approx(ref.best_validation_score_, abs=0.1)
+    assert ours.score(X, y) > 0.6
+    plain = getattr(est, Est)(client=False, max_iter=3, hidden_layer_sizes=(4,)).fit(X, y)
+    assert plain.validation_scores_ is None
+    assert plain.best_loss_ == min(plain.loss_curve_)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        getattr(est, Est)(client=False, early_stopping=True, validation_fraction=1.5).fit(X, y)

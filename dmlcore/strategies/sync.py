@@ -134,7 +134,7 @@ class SyncSGD(Strategy):
         model, data, client = ctx.model, ctx.data, ctx.client
         vbytes = ctx.trainable_values().nbytes
         if self.transport == "actors" or client is None:
-            pool = ExecutorPool(model, data, client)
+            pool = ExecutorPool(model, data, client, timeout=ctx.timeout)
             if ctx.trainable is not None:
                 pool.call("configure", ctx.params, ctx.trainable)
             crossing = 0 if client is None else 2 * vbytes * len(pool)
@@ -178,12 +178,15 @@ class SyncSGD(Strategy):
         while step < ctx.total_steps:
             end = min((step // every + 1) * every, ctx.total_steps)
             t0 = time.perf_counter()
-            results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed)
+            # each of the executors' exchanges has the deadline; the run of steps
+            # as a whole gets it once per step
+            results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed,
+                                wait=ctx.timeout * (end - step))
             losses, ends = results[0]
             if sharded:                             # each replica owns a slice of the state
                 pieces = pool.call("replica_state")
             else:
-                pieces = [pool.submit_one(0, "replica_state").result()]
+                pieces = pool.results([pool.submit_one(0, "replica_state")])
             new_values, ctx.opt_state = merge_states(pieces)
             handoff += state_bytes * len(pieces)
             for i, (loss, t) in enumerate(zip(losses, ends)):

@@ -14,12 +14,13 @@ Protocol (one connection per executor, one outstanding call at a time):
   ONE connection whose first 16 bytes must be the random token it handed to
   the driver through the authenticated actor call that opened it. The
   listener closes after that connection (or after ``accept_timeout``).
-* A message is a header ``!QI`` (pickle length, buffer count), one ``!Q``
-  length per out-of-band buffer, the pickle (protocol 5), then the raw
-  buffers: NumPy arrays travel without being copied into the pickle and are
+* A message is a header ``!QI`` (JSON length, buffer count), one ``!Q``
+  length per raw buffer, the JSON structure (``wire``: no pickle), then the
+  raw buffers: NumPy arrays travel without a copy into the structure and are
   rebuilt over the received bytes.
-* Request: ``(method name, args, kwargs)``; reply ``(True, value)`` or
-  ``(False, exception)``. Closing the connection ends the server thread.
+* Request: ``wire.Call(method, args, kwargs)``, ``method`` one of the
+  server's ``methods``; reply ``wire.Reply(ok, value or exception)``.
+  Closing the connection ends the server thread.
 * Limits: a message whose header declares more than ``max_bytes`` is refused
   before anything is allocated (``MessageTooLarge``) and the connection
   closed. Every wait of the driver and of the mesh has a deadline
@@ -30,13 +31,14 @@ Protocol (one connection per executor, one outstanding call at a time):
 from __future__ import annotations
 
 import hmac
-import pickle
 import secrets
 import select
 import socket
 import struct
 import threading
 import time
+
+from . import wire
 
 _HEADER = struct.Struct("!QI")
 _INDEX = struct.Struct("!I")
@@ -58,18 +60,16 @@ class MessageTooLarge(ConnectionError):
     """A message header declared more bytes than the connection's cap."""
 
 
+for _error in (PeerLost, DataPlaneTimeout, MessageTooLarge):
+    wire.register_error(_error)
+
+
 def _frames(obj):
-    """``obj`` as the byte strings of one message (header+pickle, raw buffers)."""
-    buffers = []
-    payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    head = _HEADER.pack(len(payload), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
+    """``obj`` as the byte strings of one message (header + JSON, raw buffers)."""
+    payload, raws = wire.encode(obj)
+    head = _HEADER.pack(len(payload), len(raws)) + b"".join(
+        _LENGTH.pack(memoryview(r).nbytes) for r in raws)
     return [head + payload, *raws]
-
-
-def _send(sock, obj):
-    for frame in _frames(obj):
-        sock.sendall(frame)
 
 
 def _recv_exact(sock, n):
@@ -106,13 +106,17 @@ def _tune(sock, timeout=DEFAULT_TIMEOUT):
 class ChannelServer:
     """Serve ``target``'s methods to one driver connection, in a daemon thread.
 
-    ``address`` = (host, port, token) to hand to ``Channel``. ``max_bytes``:
-    the largest request accepted (None = no cap).
+    ``address`` = (host, port, token) to hand to ``Channel``. ``methods``:
+    the names that may be called (default: ``target.CHANNEL_METHODS``);
+    ``max_bytes``: the largest request accepted (None = no cap). A request
+    that is malformed or too large closes the connection.
     """
 
     def __init__(self, target, host, accept_timeout=120.0, max_bytes=None,
-                 timeout=DEFAULT_TIMEOUT):
+                 timeout=DEFAULT_TIMEOUT, methods=None):
         self.target = target
+        self.methods = frozenset(getattr(target, "CHANNEL_METHODS", ())
+                                 if methods is None else methods)
         self.max_bytes, self.timeout = max_bytes, timeout
         self.token = secrets.token_bytes(_TOKEN_BYTES)
         self._listener = socket.create_server((host, 0))
@@ -160,19 +164,27 @@ class ChannelServer:
         with sock:
             while True:
                 try:
-                    method, args, kwargs = _recv(sock, self.max_bytes)
-                except (ConnectionError, OSError, EOFError, pickle.UnpicklingError,
-                        ValueError, TypeError):
+                    call = _recv(sock, self.max_bytes)
+                    if not isinstance(call, wire.Call):
+                        return
+                except (ConnectionError, OSError, ValueError, TypeError, KeyError):
                     return
                 try:
-                    reply = (True, getattr(self.target, method)(*args, **kwargs))
+                    if call.method not in self.methods:
+                        raise AttributeError(f"method {call.method!r} is not served "
+                                             f"(one of {', '.join(sorted(self.methods))})")
+                    reply = wire.Reply(True, getattr(self.target, call.method)(
+                        *call.args, **call.kwargs))
                 except Exception as exc:  # noqa: BLE001 — returned to the caller
-                    reply = (False, exc)
+                    reply = wire.Reply(False, exc)
                 try:
                     try:
-                        _send(sock, reply)
-                    except (pickle.PicklingError, TypeError, AttributeError):
-                        _send(sock, (False, RuntimeError(repr(reply[1]))))
+                        frames = _frames(reply)
+                    except TypeError as exc:
+                        frames = _frames(wire.Reply(False, TypeError(
+                            f"the reply to {call.method} cannot travel: {exc}")))
+                    for frame in frames:
+                        sock.sendall(frame)
                 except OSError:
                     return
 
@@ -205,7 +217,9 @@ class Channel:
             raise ConnectionError(f"channel {self.name} is closed")
         try:
             self._sock.settimeout(self.timeout)
-            _send(self._sock, (method, args, kwargs))
+            frames = _frames(wire.Call(method, args, kwargs))
+            for frame in frames:
+                self._sock.sendall(frame)
         except OSError as exc:
             self.close()
             raise PeerLost(f"worker {self.name}: sending {method} failed: {exc}") from exc
@@ -220,6 +234,9 @@ class Channel:
         try:
             self._sock.settimeout(timeout)
             ok, value = _recv(self._sock, self.max_bytes)
+        except ValueError as exc:           # a malformed reply
+            self.close()
+            raise PeerLost(f"worker {self.name}: malformed reply to {method} ({exc})") from exc
         except socket.timeout as exc:
             self.close()
             raise DataPlaneTimeout(f"worker {self.name}: no reply to {method} within "
@@ -343,7 +360,7 @@ class _Incoming:
             self.pos += k
 
     def value(self):
-        return pickle.loads(self.payload, buffers=self.inbox)
+        return wire.decode(self.payload, self.inbox)
 
 
 class PeerMesh:
@@ -461,7 +478,7 @@ class PeerMesh:
                         raise PeerLost("connection closed")
         except DataPlaneTimeout:
             raise
-        except (OSError, ConnectionError) as exc:
+        except (OSError, ConnectionError, ValueError) as exc:
             who = self._peer(by_sock[sock]) if sock in by_sock else "a peer"
             raise PeerLost(f"executor {self.index}: {who} failed or closed the exchange "
                            f"({exc})") from exc

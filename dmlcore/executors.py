@@ -46,6 +46,11 @@ def message_cap(model, n_parts):
 class PartitionExecutor:
     """Holds ``[(partition id, X, y), ...]`` of one worker and runs local computations."""
 
+    # what the driver may call over the channel (``channel.ChannelServer``)
+    CHANNEL_METHODS = ("configure", "rows", "loss_grad", "local_train", "open_peers",
+                       "connect_peers", "start_replica", "replica_steps", "replica_state",
+                       "close_replica")
+
     def __init__(self, model, partition_ids, *arrays):
         self.model = model
         self.parts = [(int(pid), arrays[2 * i], self._labels(arrays[2 * i], arrays[2 * i + 1]))

@@ -91,6 +91,12 @@ def _recv(sock, max_bytes=None):
     return message.value()
 
 
+def _listen(host):
+    """A listening socket on ``host`` (IPv4, IPv6 or a host name), port chosen by the OS."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, 0), family=family)
+
+
 def _tune(sock, timeout=DEFAULT_TIMEOUT):
     """No Nagle delay; keepalive probes so a dead host is noticed within
     about ``timeout`` even on an idle connection."""
@@ -119,7 +125,7 @@ class ChannelServer:
                                  if methods is None else methods)
         self.max_bytes, self.timeout = max_bytes, timeout
         self.token = secrets.token_bytes(_TOKEN_BYTES)
-        self._listener = socket.create_server((host, 0))
+        self._listener = _listen(host)
         self._listener.settimeout(accept_timeout)
         self.address = (host, self._listener.getsockname()[1], self.token)
         self._thread = threading.Thread(target=self._serve, daemon=True,
@@ -382,7 +388,7 @@ class PeerMesh:
     def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None):
         self.token = secrets.token_bytes(_TOKEN_BYTES)
         self.timeout, self.max_bytes = float(timeout), max_bytes
-        self._listener = socket.create_server((host, 0))
+        self._listener = _listen(host)
         self.address = (host, self._listener.getsockname()[1], self.token)
         self.index, self.size, self._socks = 0, 1, {}
         self._names = {}

@@ -26,6 +26,7 @@ them concurrently.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -33,6 +34,18 @@ import numpy as np
 from . import local
 from .aggregate import add_partials
 from .channel import DEFAULT_TIMEOUT, Channel, ChannelServer, PeerMesh, first_error, wait_all
+
+
+logger = logging.getLogger("dmlcore")
+_logged_fallbacks: set = set()
+
+
+def _log_fallback(reason):
+    """Log once per reason that the per-step calls take Dask actor calls."""
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        logger.warning("dmlcore: per-step calls use Dask actor calls (no direct sockets, "
+                       "driver-side updates): %s", reason)
 
 
 def message_cap(model, n_parts):
@@ -315,7 +328,9 @@ class ExecutorPool:
     """One executor per worker holding partitions; ``call`` runs a method on all."""
 
     def __init__(self, model, data, client=None, direct=True, timeout=DEFAULT_TIMEOUT):
-        """``direct``: make the calls over ``channel`` sockets (workers on TCP);
+        """``direct``: make the calls over ``channel`` sockets (workers on TCP;
+        otherwise, or when the sockets cannot connect, Dask actor calls, the
+        fallback logged once with its reason);
         ``timeout``: the deadline of every data-plane wait (seconds)."""
         self.client = client
         self.model, self.timeout = model, float(timeout)
@@ -343,8 +358,16 @@ class ExecutorPool:
         ]
         self.executors = [f.result() for f in actor_futures]
         self._actor_futures = actor_futures
-        if direct and all(w.startswith("tcp://") for w in self.workers):
+        if not direct:
+            return
+        others = sorted({w.split("://")[0] for w in self.workers if not w.startswith("tcp://")})
+        if others:
+            _log_fallback(f"workers on {', '.join(others)}:// (direct sockets need tcp://)")
+            return
+        try:
             self._open_channels()
+        except OSError as exc:
+            _log_fallback(f"the direct sockets could not connect ({exc})")
 
     def hosts(self):
         """The host of each executor's worker (where its sockets listen)."""

@@ -16,6 +16,7 @@ shape. What may travel, and nothing else (``TypeError`` on encode,
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 from typing import Any, NamedTuple
 
@@ -49,17 +50,20 @@ def _optim():
     return optim
 
 
+@functools.cache
 def _named_tuples():
     optim = _optim()
     return {"Call": Call, "Reply": Reply, "SGDState": optim.SGDState,
             "AdamState": optim.AdamState}
 
 
+@functools.cache
 def _optimizers():
     optim = _optim()
     return {"SGD": optim.SGD, "Adam": optim.Adam}
 
 
+@functools.cache
 def _schedules():
     optim = _optim()
     return {"Constant": optim.Constant, "StepDecay": optim.StepDecay, "Cosine": optim.Cosine}
@@ -78,11 +82,17 @@ def encode(obj):
     return json.dumps(tree, separators=(",", ":")).encode(), buffers
 
 
+_PLAIN = (type(None), bool, int, float, str)
+
+
 def _enc(obj, buffers):
-    if obj is None or isinstance(obj, (bool, str)):
+    t = type(obj)
+    if t in _PLAIN:
         return obj
-    if isinstance(obj, (int, float)) and type(obj) in (int, float):
-        return obj
+    if t is tuple:
+        return {"$t": [_enc(v, buffers) for v in obj]}
+    if t is list:
+        return [_enc(v, buffers) for v in obj]
     if isinstance(obj, (np.ndarray, np.generic)):
         array = np.asarray(obj)
         if array.dtype.kind not in _DTYPE_KINDS:
@@ -95,13 +105,8 @@ def _enc(obj, buffers):
     if isinstance(obj, (bytes, bytearray, memoryview)):
         buffers.append(bytes(obj))
         return {"$b": len(buffers) - 1}
-    if isinstance(obj, tuple) and type(obj).__name__ in _named_tuples() \
-            and type(obj) is _named_tuples()[type(obj).__name__]:
+    if _named_tuples().get(t.__name__) is t:
         return {"$n": type(obj).__name__, "f": [_enc(v, buffers) for v in obj]}
-    if type(obj) is tuple:
-        return {"$t": [_enc(v, buffers) for v in obj]}
-    if type(obj) is list:
-        return [_enc(v, buffers) for v in obj]
     if type(obj) is dict:
         return {"$d": [[_enc(k, buffers), _enc(v, buffers)] for k, v in obj.items()]}
     if isinstance(obj, BaseException):

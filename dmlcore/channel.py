@@ -14,41 +14,62 @@ Protocol (one connection per executor, one outstanding call at a time):
   ONE connection whose first 16 bytes must be the random token it handed to
   the driver through the authenticated actor call that opened it. The
   listener closes after that connection (or after ``accept_timeout``).
-* A message is a header ``!QI`` (pickle length, buffer count), one ``!Q``
-  length per out-of-band buffer, the pickle (protocol 5), then the raw
-  buffers: NumPy arrays travel without being copied into the pickle and are
+* A message is a header ``!QI`` (JSON length, buffer count), one ``!Q``
+  length per raw buffer, the JSON structure (``wire``: no pickle), then the
+  raw buffers: NumPy arrays travel without a copy into the structure and are
   rebuilt over the received bytes.
-* Request: ``(method name, args, kwargs)``; reply ``(True, value)`` or
-  ``(False, exception)``. Closing the connection ends the server thread.
+* Request: ``wire.Call(method, args, kwargs)``, ``method`` one of the
+  server's ``methods``; reply ``wire.Reply(ok, value or exception)``.
+  Closing the connection ends the server thread.
+* Limits: a message whose header declares more than ``max_bytes`` is refused
+  before anything is allocated (``MessageTooLarge``) and the connection
+  closed. Every wait of the driver and of the mesh has a deadline
+  (``timeout``; ``DataPlaneTimeout``), every socket has TCP keepalive, and a
+  failed peer is reported as ``PeerLost`` so callers can tell the original
+  error from its consequences.
 """
 from __future__ import annotations
 
 import hmac
-import pickle
 import secrets
 import select
 import socket
 import struct
 import threading
+import time
+
+from . import wire
 
 _HEADER = struct.Struct("!QI")
 _INDEX = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 _TOKEN_BYTES = 16
+DEFAULT_TIMEOUT = 60.0
+
+
+class PeerLost(ConnectionError):
+    """A peer (executor or driver) closed its end or died: a consequence of
+    another failure, reported when nothing more specific is known."""
+
+
+class DataPlaneTimeout(TimeoutError):
+    """A data-plane wait exceeded its deadline (a frozen or cut-off peer)."""
+
+
+class MessageTooLarge(ConnectionError):
+    """A message header declared more bytes than the connection's cap."""
+
+
+for _error in (PeerLost, DataPlaneTimeout, MessageTooLarge):
+    wire.register_error(_error)
 
 
 def _frames(obj):
-    """``obj`` as the byte strings of one message (header+pickle, raw buffers)."""
-    buffers = []
-    payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    head = _HEADER.pack(len(payload), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
+    """``obj`` as the byte strings of one message (header + JSON, raw buffers)."""
+    payload, raws = wire.encode(obj)
+    head = _HEADER.pack(len(payload), len(raws)) + b"".join(
+        _LENGTH.pack(memoryview(r).nbytes) for r in raws)
     return [head + payload, *raws]
-
-
-def _send(sock, obj):
-    for frame in _frames(obj):
-        sock.sendall(frame)
 
 
 def _recv_exact(sock, n):
@@ -63,27 +84,48 @@ def _recv_exact(sock, n):
     return buf
 
 
-def _recv(sock):
+def _recv(sock, max_bytes=None):
     """One message from a blocking socket (``_Incoming`` reads it in one pump)."""
-    message = _Incoming([])
+    message = _Incoming([], max_bytes)
     message.pump(sock)
     return message.value()
 
 
-def _tune(sock):
+def _listen(host):
+    """A listening socket on ``host`` (IPv4, IPv6 or a host name), port chosen by the OS."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, 0), family=family)
+
+
+def _tune(sock, timeout=DEFAULT_TIMEOUT):
+    """No Nagle delay; keepalive probes so a dead host is noticed within
+    about ``timeout`` even on an idle connection."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(timeout) // 2)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)),
+                        ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class ChannelServer:
     """Serve ``target``'s methods to one driver connection, in a daemon thread.
 
-    ``address`` = (host, port, token) to hand to ``Channel``.
+    ``address`` = (host, port, token) to hand to ``Channel``. ``methods``:
+    the names that may be called (default: ``target.CHANNEL_METHODS``);
+    ``max_bytes``: the largest request accepted (None = no cap). A request
+    that is malformed or too large closes the connection.
     """
 
-    def __init__(self, target, host, accept_timeout=120.0):
+    def __init__(self, target, host, accept_timeout=120.0, max_bytes=None,
+                 timeout=DEFAULT_TIMEOUT, methods=None):
         self.target = target
+        self.methods = frozenset(getattr(target, "CHANNEL_METHODS", ())
+                                 if methods is None else methods)
+        self.max_bytes, self.timeout = max_bytes, timeout
         self.token = secrets.token_bytes(_TOKEN_BYTES)
-        self._listener = socket.create_server((host, 0))
+        self._listener = _listen(host)
         self._listener.settimeout(accept_timeout)
         self.address = (host, self._listener.getsockname()[1], self.token)
         self._thread = threading.Thread(target=self._serve, daemon=True,
@@ -101,6 +143,9 @@ class ChannelServer:
                 except (OSError, ConnectionError):
                     token = b""
                 if hmac.compare_digest(token, self.token):
+                    # waiting for the next call is not a data-plane wait (the
+                    # driver may be evaluating); a dead driver is noticed by
+                    # keepalive
                     sock.settimeout(None)
                     return sock
                 sock.close()
@@ -121,22 +166,31 @@ class ChannelServer:
         sock = self._accept()
         if sock is None:
             return
-        _tune(sock)
+        _tune(sock, self.timeout)
         with sock:
             while True:
                 try:
-                    method, args, kwargs = _recv(sock)
-                except (ConnectionError, OSError, EOFError):
+                    call = _recv(sock, self.max_bytes)
+                    if not isinstance(call, wire.Call):
+                        return
+                except (ConnectionError, OSError, ValueError, TypeError, KeyError):
                     return
                 try:
-                    reply = (True, getattr(self.target, method)(*args, **kwargs))
+                    if call.method not in self.methods:
+                        raise AttributeError(f"method {call.method!r} is not served "
+                                             f"(one of {', '.join(sorted(self.methods))})")
+                    reply = wire.Reply(True, getattr(self.target, call.method)(
+                        *call.args, **call.kwargs))
                 except Exception as exc:  # noqa: BLE001 — returned to the caller
-                    reply = (False, exc)
+                    reply = wire.Reply(False, exc)
                 try:
                     try:
-                        _send(sock, reply)
-                    except (pickle.PicklingError, TypeError, AttributeError):
-                        _send(sock, (False, RuntimeError(repr(reply[1]))))
+                        frames = _frames(reply)
+                    except TypeError as exc:
+                        frames = _frames(wire.Reply(False, TypeError(
+                            f"the reply to {call.method} cannot travel: {exc}")))
+                    for frame in frames:
+                        sock.sendall(frame)
                 except OSError:
                     return
 
@@ -144,16 +198,23 @@ class ChannelServer:
 class Channel:
     """Driver end: ``submit(method, *args, **kwargs)`` sends the call and returns
     a future-like whose ``result()`` waits for the reply (value, or the raised
-    exception; ``ConnectionError`` when the executor's process is gone)."""
+    exception; ``ConnectionError`` when the executor's process is gone).
 
-    def __init__(self, address, timeout=30.0):
+    ``name``: how errors name the other end (its worker's address);
+    ``timeout``: the deadline of every send and of ``result()`` unless the
+    call gives its own."""
+
+    def __init__(self, address, timeout=DEFAULT_TIMEOUT, name=None, max_bytes=None):
         host, port, token = address
-        self.name = f"{host}:{port}"
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._sock.settimeout(None)
-        _tune(self._sock)
+        self.name = name or f"{host}:{port}"
+        self.timeout, self.max_bytes = float(timeout), max_bytes
+        self._sock = socket.create_connection((host, port), timeout=self.timeout)
+        _tune(self._sock, self.timeout)
         self._sock.sendall(token)
         self._pending = None
+
+    def fileno(self):
+        return -1 if self._sock is None else self._sock.fileno()
 
     def submit(self, method, *args, **kwargs):
         if self._pending is not None:
@@ -161,21 +222,35 @@ class Channel:
         if self._sock is None:
             raise ConnectionError(f"channel {self.name} is closed")
         try:
-            _send(self._sock, (method, args, kwargs))
+            self._sock.settimeout(self.timeout)
+            frames = _frames(wire.Call(method, args, kwargs))
+            for frame in frames:
+                self._sock.sendall(frame)
         except OSError as exc:
             self.close()
-            raise ConnectionError(f"channel {self.name}: sending {method} failed: {exc}") from exc
+            raise PeerLost(f"worker {self.name}: sending {method} failed: {exc}") from exc
         self._pending = _Reply(self, method)
         return self._pending
 
-    def _receive(self, method):
+    def _receive(self, method, timeout=None):
         self._pending = None
+        timeout = self.timeout if timeout is None else float(timeout)
+        if self._sock is None:
+            raise PeerLost(f"worker {self.name}: channel closed before the reply to {method}")
         try:
-            ok, value = _recv(self._sock)
+            self._sock.settimeout(timeout)
+            ok, value = _recv(self._sock, self.max_bytes)
+        except ValueError as exc:           # a malformed reply
+            self.close()
+            raise PeerLost(f"worker {self.name}: malformed reply to {method} ({exc})") from exc
+        except socket.timeout as exc:
+            self.close()
+            raise DataPlaneTimeout(f"worker {self.name}: no reply to {method} within "
+                                   f"{timeout:g} s; the worker may be frozen or cut off") from exc
         except (OSError, ConnectionError, EOFError) as exc:
             self.close()
-            raise ConnectionError(f"channel {self.name}: no reply to {method} ({exc}); "
-                                  "the executor's worker may have died") from exc
+            raise PeerLost(f"worker {self.name}: no reply to {method} ({exc}); "
+                           "the executor's worker may have died") from exc
         if not ok:
             raise value
         return value
@@ -193,11 +268,14 @@ class _Reply:
         self._channel, self._method = channel, method
         self._done, self._value, self._error = False, None, None
 
-    def result(self):
+    def fileno(self):
+        return self._channel.fileno()
+
+    def result(self, timeout=None):
         if not self._done:
             self._done = True
             try:
-                self._value = self._channel._receive(self._method)
+                self._value = self._channel._receive(self._method, timeout)
             except BaseException as exc:
                 self._error = exc
         if self._error is not None:
@@ -231,8 +309,8 @@ class _Incoming:
     ``pump`` returns False when it must wait; on a blocking one it returns
     once the message is complete."""
 
-    def __init__(self, inbox):
-        self.inbox = inbox
+    def __init__(self, inbox, max_bytes=None):
+        self.inbox, self.max_bytes = inbox, max_bytes
         self.head = bytearray(_HEADER.size)
         self.targets = [self.head]          # buffers still to fill, in order
         self.pos = 0
@@ -242,6 +320,10 @@ class _Incoming:
     def _next_stage(self):
         if self.stage == 0:
             size, n_buffers = _HEADER.unpack(self.head)
+            if self.max_bytes is not None and (size > self.max_bytes
+                                               or n_buffers * _LENGTH.size > self.max_bytes):
+                raise MessageTooLarge(f"message of {size} bytes and {n_buffers} buffers "
+                                      f"refused (cap {self.max_bytes} bytes)")
             self.payload = bytearray(size)
             self.lengths = bytearray(_LENGTH.size * n_buffers)
             self.stage = 1
@@ -251,6 +333,9 @@ class _Incoming:
         elif self.stage == 1:
             lengths = [_LENGTH.unpack_from(self.lengths, i * _LENGTH.size)[0]
                        for i in range(len(self.lengths) // _LENGTH.size)]
+            if self.max_bytes is not None and len(self.payload) + sum(lengths) > self.max_bytes:
+                raise MessageTooLarge(f"message of {len(self.payload) + sum(lengths)} bytes "
+                                      f"refused (cap {self.max_bytes} bytes)")
             del self.inbox[len(lengths):]
             for i, n in enumerate(lengths):
                 if i == len(self.inbox):
@@ -281,7 +366,7 @@ class _Incoming:
             self.pos += k
 
     def value(self):
-        return pickle.loads(self.payload, buffers=self.inbox)
+        return wire.decode(self.payload, self.inbox)
 
 
 class PeerMesh:
@@ -293,17 +378,26 @@ class PeerMesh:
     token; ``exchange(obj)`` sends ``obj`` to every peer while receiving
     theirs and returns all objects in executor order, its own included. Each
     executor thus ends a step with the same list, in the same order.
+
+    ``timeout``: the deadline of ``connect`` and of each exchange (a peer that
+    sends nothing for that long raises ``DataPlaneTimeout``); ``max_bytes``:
+    the largest message accepted from a peer. ``close()`` tells the peers at
+    once (they see ``PeerLost``).
     """
 
-    def __init__(self, host):
+    def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None):
         self.token = secrets.token_bytes(_TOKEN_BYTES)
-        self._listener = socket.create_server((host, 0))
+        self.timeout, self.max_bytes = float(timeout), max_bytes
+        self._listener = _listen(host)
         self.address = (host, self._listener.getsockname()[1], self.token)
         self.index, self.size, self._socks = 0, 1, {}
+        self._names = {}
         self._inbox = {}
 
-    def connect(self, index, addresses, timeout=60.0):
+    def connect(self, index, addresses, timeout=None):
+        timeout = self.timeout if timeout is None else float(timeout)
         self.index, self.size = int(index), len(addresses)
+        self._names = {j: f"{a[0]}:{a[1]}" for j, a in enumerate(addresses)}
         try:
             for j in range(self.index):
                 host, port, token = addresses[j]
@@ -327,9 +421,12 @@ class PeerMesh:
         finally:
             self._listener.close()
         for sock in self._socks.values():
-            _tune(sock)
+            _tune(sock, timeout)
             sock.setblocking(False)
         return True
+
+    def _peer(self, j):
+        return f"peer executor {j} ({self._names.get(j, '?')})"
 
     def exchange(self, obj, tag="all"):
         """Everyone's ``obj``, in executor order (see ``alltoall``)."""
@@ -339,7 +436,7 @@ class PeerMesh:
         """Send ``objs[j]`` to peer j while receiving what each peer sends this
         executor; returns the received objects in executor order, with
         ``objs[self.index]`` at this executor's place. A peer's death raises
-        ConnectionError.
+        ``PeerLost``, a silence longer than ``timeout`` ``DataPlaneTimeout``.
 
         One thread writes to and reads from every peer at once (non-blocking
         sockets and ``poll``), so no message waits for another. The peers'
@@ -352,32 +449,142 @@ class PeerMesh:
         by_sock = {sock: j for j, sock in self._socks.items()}
         outgoing = {sock: _Outgoing(frames[id(objs[j])]) for sock, j in by_sock.items()}
         inbox = self._inbox.setdefault(tag, {})
-        incoming = {sock: _Incoming(inbox.setdefault(j, [])) for sock, j in by_sock.items()}
+        incoming = {sock: _Incoming(inbox.setdefault(j, []), self.max_bytes)
+                    for sock, j in by_sock.items()}
         got = {self.index: objs[self.index]}
         by_fd = {sock.fileno(): sock for sock in by_sock}
+        broken = select.POLLHUP | select.POLLERR | select.POLLNVAL
+        deadline = time.monotonic() + self.timeout
+        sock = None
         try:
             while outgoing or incoming:
                 poller = select.poll()
-                for fd, sock in by_fd.items():
-                    mask = (select.POLLIN if sock in incoming else 0) | \
-                        (select.POLLOUT if sock in outgoing else 0)
+                for fd, s in by_fd.items():
+                    mask = (select.POLLIN if s in incoming else 0) | \
+                        (select.POLLOUT if s in outgoing else 0)
                     if mask:
                         poller.register(fd, mask)
-                for fd, event in poller.poll():
+                left = deadline - time.monotonic()
+                events = poller.poll(max(0, int(left * 1000) + 1)) if left > 0 else []
+                if not events:
+                    late = sorted({by_sock[s] for s in (*outgoing, *incoming)})
+                    raise DataPlaneTimeout(
+                        f"executor {self.index}: nothing from "
+                        f"{', '.join(self._peer(j) for j in late)} within {self.timeout:g} s; "
+                        "a worker may be frozen or cut off")
+                for fd, event in events:
                     sock = by_fd[fd]
                     if sock in outgoing and event & (select.POLLOUT | select.POLLERR):
                         if outgoing[sock].pump(sock):
                             del outgoing[sock]
-                    if sock in incoming and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    if sock in incoming and event & (select.POLLIN | broken):
                         if incoming[sock].pump(sock):
                             got[by_sock[sock]] = incoming.pop(sock).value()
-        except OSError as exc:
-            raise ConnectionError(f"executor {self.index}: peer exchange failed ({exc}); "
-                                  "a worker may have died") from exc
+                    elif event & broken and sock not in incoming:
+                        raise PeerLost("connection closed")
+        except DataPlaneTimeout:
+            raise
+        except (OSError, ConnectionError, ValueError) as exc:
+            who = self._peer(by_sock[sock]) if sock in by_sock else "a peer"
+            raise PeerLost(f"executor {self.index}: {who} failed or closed the exchange "
+                           f"({exc})") from exc
         return [got[j] for j in range(self.size)]
 
     def close(self):
         self._listener.close()
         for sock in self._socks.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # the peers see EOF now
+            except OSError:
+                pass
             sock.close()
         self._socks = {}
+
+
+def wait_all(futures, timeout, grace=2.0):
+    """``[(ok, value or exception), ...]`` of ``futures`` (``Channel`` replies,
+    Dask actor futures or finished in-process calls), waited on together.
+
+    The first outcome is awaited up to ``timeout`` seconds; once one executor
+    has answered, the others get ``timeout`` more if it succeeded (the
+    executors run in lockstep), ``grace`` more if it failed (its peers are
+    told at once). A future still silent then counts as ``DataPlaneTimeout``.
+    """
+    outcomes = [None] * len(futures)
+    channel = [i for i, f in enumerate(futures) if isinstance(f, _Reply)]
+    other = [i for i, f in enumerate(futures) if not isinstance(f, _Reply)]
+    start = time.monotonic()
+    deadline = start + timeout
+
+    def settle(i, wait):
+        try:
+            outcomes[i] = (True, futures[i].result(wait))
+        except TimeoutError as exc:
+            if not isinstance(exc, DataPlaneTimeout):     # a Dask actor future's
+                exc = DataPlaneTimeout(f"executor {i}: no reply within {timeout:g} s")
+            outcomes[i] = (False, exc)
+        except Exception as exc:  # noqa: BLE001 — sorted out by the caller
+            outcomes[i] = (False, exc)
+
+    def first_answer(ok):
+        nonlocal deadline
+        deadline = min(deadline, time.monotonic() + (timeout if ok else grace))
+
+    answered = False
+    for i in other:                     # actor futures: one by one, same deadline
+        settle(i, max(0.0, deadline - time.monotonic()))
+        if not answered:
+            answered = True
+            first_answer(outcomes[i][0])
+    pending = {i: futures[i] for i in channel}
+    while pending:
+        left = deadline - time.monotonic()
+        ready = []
+        if left > 0:
+            closed = [i for i, f in pending.items() if f.fileno() < 0]
+            if not closed:
+                readable = select.select(list(pending.values()), [], [], left)[0]
+            ready = closed or [i for i, f in pending.items() if f in readable]
+        if not ready:
+            for i, f in pending.items():
+                name = f._channel.name
+                f._channel.close()
+                outcomes[i] = (False, DataPlaneTimeout(
+                    f"worker {name}: no reply to {f._method} after "
+                    f"{time.monotonic() - start:.1f} s (deadline {timeout:g} s, or "
+                    f"{grace:g} s after another executor failed); the worker may be "
+                    "frozen or cut off"))
+            break
+        for i in ready:
+            settle(i, max(1.0, deadline - time.monotonic()))
+            del pending[i]
+            if not answered:
+                answered = True
+                first_answer(outcomes[i][0])
+    return outcomes
+
+
+def first_error(outcomes, names):
+    """The exception to raise for failed ``outcomes``, or None: an original
+    error first, then the driver's own timeout or lost connection to a worker,
+    then what the peers saw (the consequences); re-raised with the name of the
+    worker it came from."""
+    failed = [(i, v) for i, (ok, v) in enumerate(outcomes) if not ok]
+    if not failed:
+        return None
+    def rank(item):
+        i, exc = item
+        if not isinstance(exc, (PeerLost, DataPlaneTimeout)):
+            return 0                    # the original error
+        return 1 if names[i] in str(exc) else 2     # the driver's view of a worker first
+
+    i, exc = min(failed, key=rank)
+    name = names[i]
+    if name in str(exc):
+        return exc
+    try:
+        named = type(exc)(f"on worker {name}: {type(exc).__name__}: {exc}")
+    except Exception:  # noqa: BLE001 — a type that takes other arguments
+        named = RuntimeError(f"on worker {name}: {type(exc).__name__}: {exc}")
+    named.__cause__ = exc
+    return named

@@ -26,17 +26,43 @@ them concurrently.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from . import local
 from .aggregate import add_partials
-from .channel import Channel, ChannelServer, PeerMesh
+from .channel import DEFAULT_TIMEOUT, Channel, ChannelServer, PeerMesh, first_error, wait_all
+
+
+logger = logging.getLogger("dmlcore")
+_logged_fallbacks: set = set()
+
+
+def _log_fallback(reason):
+    """Log once per reason that the per-step calls take Dask actor calls."""
+    if reason not in _logged_fallbacks:
+        _logged_fallbacks.add(reason)
+        logger.warning("dmlcore: per-step calls use Dask actor calls (no direct sockets, "
+                       "driver-side updates): %s", reason)
+
+
+def message_cap(model, n_parts):
+    """The largest data-plane message accepted for ``model`` with ``n_parts``
+    partitions on one executor: eight float64 parameter vectors per partition
+    and one more (values, gradients, optimizer state), plus 1 MiB of slack."""
+    n_params = int(getattr(model, "n_params", 0) or 0)
+    return 8 * 8 * n_params * (int(n_parts) + 1) + (1 << 20)
 
 
 class PartitionExecutor:
     """Holds ``[(partition id, X, y), ...]`` of one worker and runs local computations."""
+
+    # what the driver may call over the channel (``channel.ChannelServer``)
+    CHANNEL_METHODS = ("configure", "rows", "loss_grad", "local_train", "open_peers",
+                       "connect_peers", "start_replica", "replica_steps", "replica_state",
+                       "close_replica")
 
     def __init__(self, model, partition_ids, *arrays):
         self.model = model
@@ -46,6 +72,7 @@ class PartitionExecutor:
         self.trainable = None
         self.idx = None
         self._channel = self._mesh = self._replica = None
+        self.timeout = DEFAULT_TIMEOUT
 
     def _labels(self, X, y):
         """``y`` in the dtype the model's kernel takes, converted once (y is ~1/d of X)."""
@@ -66,10 +93,13 @@ class PartitionExecutor:
         self.params[self.idx] = values
         return self.params
 
-    def open_channel(self, host):
+    def open_channel(self, host, timeout=DEFAULT_TIMEOUT):
         """Serve this executor's methods on a socket on ``host``; returns the
-        ``(host, port, token)`` a ``channel.Channel`` connects with."""
-        self._channel = ChannelServer(self, host)
+        ``(host, port, token)`` a ``channel.Channel`` connects with. ``timeout``
+        bounds this executor's data-plane waits (its peer exchanges)."""
+        self.timeout = float(timeout)
+        self._channel = ChannelServer(self, host, max_bytes=message_cap(self.model, len(self.parts)),
+                                      timeout=self.timeout)
         return self._channel.address
 
     def channel_closed(self):
@@ -80,7 +110,8 @@ class PartitionExecutor:
     def open_peers(self, host):
         """Listen for the other executors; returns this executor's mesh address."""
         self.close_replica()
-        self._mesh = PeerMesh(host)
+        self._mesh = PeerMesh(host, timeout=self.timeout,
+                              max_bytes=message_cap(self.model, len(self.parts)))
         return self._mesh.address
 
     def connect_peers(self, index, addresses):
@@ -107,6 +138,13 @@ class PartitionExecutor:
           of the optimizer state, and sends the new slice to every peer (two
           rounds; 2(n-1) vectors move; 1/n of the update work each).
         """
+        try:
+            return self._replica_steps(first_step, n_steps, batch_size, seed)
+        except BaseException:
+            self.close_replica()        # the peers stop waiting for this executor now
+            raise
+
+    def _replica_steps(self, first_step, n_steps, batch_size, seed):
         values, optimizer, state = self._replica
         n, me = self._mesh.size, self._mesh.index
         sharded, bounds, (lo, hi) = self._replica_slices()
@@ -280,7 +318,7 @@ class _Done:
     def __init__(self, value=None, error=None):
         self.value, self.error = value, error
 
-    def result(self):
+    def result(self, timeout=None):
         if self.error is not None:
             raise self.error
         return self.value
@@ -289,9 +327,13 @@ class _Done:
 class ExecutorPool:
     """One executor per worker holding partitions; ``call`` runs a method on all."""
 
-    def __init__(self, model, data, client=None, direct=True):
-        """``direct``: make the calls over ``channel`` sockets (workers on TCP)."""
+    def __init__(self, model, data, client=None, direct=True, timeout=DEFAULT_TIMEOUT):
+        """``direct``: make the calls over ``channel`` sockets (workers on TCP;
+        otherwise, or when the sockets cannot connect, Dask actor calls, the
+        fallback logged once with its reason);
+        ``timeout``: the deadline of every data-plane wait (seconds)."""
         self.client = client
+        self.model, self.timeout = model, float(timeout)
         self.channels = []
         ids_by_worker: dict[str, list[int]] = {}
         if client is None:
@@ -316,8 +358,16 @@ class ExecutorPool:
         ]
         self.executors = [f.result() for f in actor_futures]
         self._actor_futures = actor_futures
-        if direct and all(w.startswith("tcp://") for w in self.workers):
+        if not direct:
+            return
+        others = sorted({w.split("://")[0] for w in self.workers if not w.startswith("tcp://")})
+        if others:
+            _log_fallback(f"workers on {', '.join(others)}:// (direct sockets need tcp://)")
+            return
+        try:
             self._open_channels()
+        except OSError as exc:
+            _log_fallback(f"the direct sockets could not connect ({exc})")
 
     def hosts(self):
         """The host of each executor's worker (where its sockets listen)."""
@@ -327,16 +377,16 @@ class ExecutorPool:
 
     def connect_mesh(self):
         """Connect every pair of executors (``PeerMesh``); needs channels."""
-        addresses = [f.result() for f in
-                     [self.submit_one(i, "open_peers", h) for i, h in enumerate(self.hosts())]]
-        for f in [self.submit_one(i, "connect_peers", i, addresses) for i in range(len(self))]:
-            f.result()
+        addresses = self.call("open_peers", per_executor=[(h,) for h in self.hosts()])
+        self.call("connect_peers", per_executor=[(i, addresses) for i in range(len(self))])
 
     def _open_channels(self):
-        addresses = [e.open_channel(h) for e, h in zip(self.executors, self.hosts())]
+        addresses = [e.open_channel(h, self.timeout) for e, h in zip(self.executors, self.hosts())]
         try:
-            for address in addresses:
-                self.channels.append(Channel(address.result()))
+            for address, worker, ids in zip(addresses, self.workers, self.partition_ids):
+                self.channels.append(Channel(address.result(timeout=self.timeout),
+                                             timeout=self.timeout, name=worker,
+                                             max_bytes=message_cap(self.model, len(ids))))
         except BaseException:
             self._close_channels()
             raise
@@ -361,9 +411,31 @@ class ExecutorPool:
         """Start ``method`` on every executor; returns one future-like per executor."""
         return [self.submit_one(i, method, *args, **kwargs) for i in range(len(self))]
 
-    def call(self, method, *args, **kwargs):
-        """Run ``method`` on every executor concurrently; list of results."""
-        return [f.result() for f in self.submit(method, *args, **kwargs)]
+    def call(self, method, *args, per_executor=None, wait=None, **kwargs):
+        """Run ``method`` on every executor concurrently; list of results.
+
+        ``per_executor``: one tuple of positional arguments per executor
+        (instead of ``args``). ``wait``: seconds to wait for the first reply
+        (default ``timeout``); see ``channel.wait_all``. When a call fails the
+        error raised is the original one (not a peer's consequent
+        ``PeerLost``), its message naming the worker it came from.
+        """
+        if per_executor is None:
+            futures = self.submit(method, *args, **kwargs)
+        else:
+            futures = [self.submit_one(i, method, *a, **kwargs)
+                       for i, a in enumerate(per_executor)]
+        return self.results(futures, wait)
+
+    def results(self, futures, wait=None):
+        """The values of ``futures`` (one per executor, from ``submit``), all
+        waited on together; raises like ``call``."""
+        outcomes = wait_all(futures, self.timeout if wait is None else float(wait),
+                            grace=min(self.timeout, 2.0))
+        error = first_error(outcomes, self.workers)
+        if error is not None:
+            raise error
+        return [value for _, value in outcomes]
 
     def _close_channels(self):
         for channel in self.channels:

@@ -132,7 +132,8 @@ def _sync_every(per_epoch, eval_every, checkpoint_every, callbacks):
 
 def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, rounds=None,
         eval_data=None, init_params=None, client=None, seed=0, checkpoint_dir=None,
-        resume=False, callbacks=(), progress=True, checkpoint_every=None, eval_every=None):
+        resume=False, callbacks=(), progress=True, checkpoint_every=None, eval_every=None,
+        timeout=60.0):
     """Train ``model`` on partitioned ``data`` with ``strategy``; returns a ``FitResult``.
 
     Exactly one of ``epochs``, ``steps``, ``rounds`` sets the length (an epoch
@@ -147,7 +148,13 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     ``params`` and to stop only at multiples of k, which lets strategies that
     keep the parameters on the workers (``SyncSGD(apply_on="workers")``)
     sync them less often; at other steps its ``params`` may be stale.
+    ``timeout``: the longest any data-plane wait may take, in seconds; a
+    worker that fails, freezes or is cut off ends the fit with an error
+    naming it (a failure within seconds, a frozen worker after about
+    ``timeout``).
     """
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     owned_close = lambda: None  # noqa: E731
     if client is False:
         client = None
@@ -156,14 +163,14 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     try:
         return _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data,
                     init_params, client, seed, checkpoint_dir, resume, callbacks, progress,
-                    checkpoint_every, eval_every)
+                    checkpoint_every, eval_every, float(timeout))
     finally:
         owned_close()
 
 
 def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, init_params,
          client, seed, checkpoint_dir, resume, callbacks, progress, checkpoint_every,
-         eval_every):
+         eval_every, timeout=60.0):
     data = _as_partitioned(data, client, seed)
     if data.n_features != getattr(model, "n_features", data.n_features):
         raise ValueError(f"model expects {model.n_features} features, data has {data.n_features}")
@@ -209,7 +216,8 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
                      total_steps=total, trainable=trainable, trainable_idx=idx, extra=extra,
                      sync_every=_sync_every(per_epoch, eval_every if eval_data is not None else 0,
                                             checkpoint_every if checkpoint_dir else 0,
-                                            callbacks))
+                                            callbacks),
+                     timeout=timeout)
     meta = {"model": model.to_config(), "strategy": repr(strategy), "seed": int(seed),
             "total_steps": total}
 

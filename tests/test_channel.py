@@ -9,6 +9,8 @@ from dmlcore.channel import Channel, ChannelServer, PeerMesh
 
 
 class Target:
+    CHANNEL_METHODS = ("double", "pair", "fail")
+
     def __init__(self):
         self.closed = threading.Event()
 
@@ -154,5 +156,117 @@ def test_mesh_refuses_a_wrong_token():
         assert result[0] == ["a", "b"]
     finally:
         intruder.close()
+        for m in meshes:
+            m.close()
+
+
+def test_wire_round_trips_the_values_that_travel_and_refuses_others():
+    import pickle
+
+    from dmlcore import optim, wire
+    from dmlcore.channel import PeerLost
+
+    a = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    sgd = optim.SGD(lr=0.1, momentum=0.9, schedule={"kind": "step", "every": 3, "gamma": 0.5})
+    state = optim.AdamState(3, np.ones(4), np.zeros(4), None)
+    value = [None, True, 7, 2.5, "s", b"\x00\x01", (1, (2,)), {"k": a, 3: [a[0]]},
+             np.float32(1.5), np.int64(9), np.empty(0), state, sgd,
+             MemoryError("boom"), PeerLost("gone")]
+    header, buffers = wire.encode(value)
+    back = wire.decode(header, [bytearray(memoryview(b).cast("B")) for b in buffers])
+    assert back[:7] == value[:7]
+    np.testing.assert_array_equal(back[7]["k"], a)
+    assert back[7]["k"].dtype == np.float32 and back[7][3][0].shape == (4,)
+    assert back[8] == np.float32(1.5) and type(back[8]) is np.float32 and back[9] == 9
+    assert back[10].shape == (0,)
+    assert type(back[11]) is optim.AdamState and back[11].step == 3
+    assert type(back[12]) is optim.SGD and back[12].lr_at(3) == sgd.lr_at(3) == 0.05
+    assert back[12].momentum == 0.9
+    assert type(back[13]) is MemoryError and str(back[13]) == "boom"
+    assert type(back[14]) is PeerLost
+    for bad in (object(), np.array(["x"], dtype=object), lambda: 0):
+        with pytest.raises(TypeError, match="cannot travel"):
+            wire.encode(bad)
+    with pytest.raises(ValueError):
+        wire.decode(pickle.dumps([1]), [])
+    with pytest.raises(ValueError, match="refused"):
+        wire.decode(b'{"$n":"Popen","f":[]}', [])
+    with pytest.raises(ValueError, match="bytes is not"):
+        wire.decode(b'{"$a":0,"dtype":"<f8","shape":[3]}', [bytearray(8)])
+    # an unknown exception type arrives as a RuntimeError carrying its name
+    err = wire.decode(b'{"$e":"SystemExit","msg":"x"}', [])
+    assert type(err) is RuntimeError and "SystemExit" in str(err)
+
+
+def test_a_method_not_listed_is_refused():
+    server = ChannelServer(Target(), "127.0.0.1")
+    channel = Channel(server.address)
+    try:
+        with pytest.raises(AttributeError, match="not served"):
+            channel.submit("channel_closed").result()
+        assert channel.submit("double", 3).result() == 6
+    finally:
+        channel.close()
+
+
+def test_a_forged_huge_header_is_refused_before_allocation():
+    """A header claiming 2**40 bytes: the server closes the connection at once
+    (nothing that size allocated) and its thread ends cleanly."""
+    import struct
+    import tracemalloc
+
+    target = Target()
+    tracemalloc.start()
+    try:
+        server = ChannelServer(target, "127.0.0.1", max_bytes=1 << 20)
+        host, port, token = server.address
+        sock = socket.create_connection((host, port))
+        sock.settimeout(10)
+        sock.sendall(token + struct.pack("!QI", 1 << 40, 0))
+        assert sock.recv(1) == b""                           # closed on it
+        sock.close()
+        assert target.closed.wait(10), "the server thread did not end"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    # a buffer length above the cap is refused too
+    target = Target()
+    server = ChannelServer(target, "127.0.0.1", max_bytes=1 << 20)
+    host, port, token = server.address
+    sock = socket.create_connection((host, port))
+    sock.settimeout(10)
+    sock.sendall(token + struct.pack("!QI", 2, 1) + struct.pack("!Q", 1 << 40))
+    assert sock.recv(1) == b""
+    sock.close()
+    assert target.closed.wait(10)
+
+
+def test_mesh_refuses_a_message_above_its_cap():
+    from dmlcore.channel import PeerLost
+
+    meshes = _connected_meshes(2)
+    for m in meshes:
+        m.max_bytes = 1 << 12
+    try:
+        errors = []
+
+        def run(m, obj):
+            try:
+                m.exchange(obj)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+            finally:
+                m.close()
+
+        threads = [threading.Thread(target=run, args=(m, np.zeros(1 << 12)))
+                   for m in meshes]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        assert len(errors) == 2 and all(isinstance(e, PeerLost) for e in errors)
+        assert any("cap" in str(e) for e in errors)
+    finally:
         for m in meshes:
             m.close()

@@ -36,6 +36,9 @@ class RunContext:
     # multiple of this (strategies that keep them elsewhere between steps
     # sync them there; the last step is always synced)
     sync_every: int = 1
+    # the longest any data-plane wait may take (seconds): a frozen or cut-off
+    # worker ends the run with an error naming it after about this long
+    timeout: float = 60.0
 
     def trainable_values(self):
         """The trainable entries of ``params`` (the vector itself when all train)."""

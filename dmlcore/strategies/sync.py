@@ -19,7 +19,9 @@ round trip; each L-BFGS iteration is one step of the history.
 ``transport``: ``"actors"`` (default) runs the per-worker sums in executors
 pinned to the workers that hold the partitions and calls them over direct
 sockets (``channel``; Dask actor calls where workers are not on TCP);
-``"tasks"`` submits one Dask task per partition and reduces them with
+``"actor-calls"``: the same executors, called through Dask only (for
+firewalls that allow only Dask's ports; the optimizer then runs on the
+driver); ``"tasks"`` submits one Dask task per partition and reduces them with
 ``aggregate.tree_reduce`` (~100 ms per step here, but the partials survive
 worker loss through the scheduler).
 
@@ -81,10 +83,10 @@ class SyncSGD(Strategy):
             raise ValueError(f"fan_in must be >= 2, got {fan_in}")
         if int(local_steps) < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
-        if transport not in ("actors", "tasks"):
-            raise ValueError(f"transport {transport!r} is not one of actors, tasks")
+        if transport not in ("actors", "actor-calls", "tasks"):
+            raise ValueError(f"transport {transport!r} is not one of actors, actor-calls, tasks")
         if transport == "tasks" and local_steps > 1:
-            raise ValueError("local_steps > 1 needs transport='actors'")
+            raise ValueError("local_steps > 1 needs transport='actors' or 'actor-calls'")
         if apply_on not in ("workers", "driver"):
             raise ValueError(f"apply_on {apply_on!r} is not one of workers, driver")
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -133,8 +135,9 @@ class SyncSGD(Strategy):
         """``(evaluate, pool, close)``; ``evaluate(values, step) -> (loss sum, grad sum, rows, bytes)``."""
         model, data, client = ctx.model, ctx.data, ctx.client
         vbytes = ctx.trainable_values().nbytes
-        if self.transport == "actors" or client is None:
-            pool = ExecutorPool(model, data, client)
+        if self.transport != "tasks" or client is None:
+            pool = ExecutorPool(model, data, client, direct=self.transport == "actors",
+                                timeout=ctx.timeout)
             if ctx.trainable is not None:
                 pool.call("configure", ctx.params, ctx.trainable)
             crossing = 0 if client is None else 2 * vbytes * len(pool)
@@ -178,12 +181,15 @@ class SyncSGD(Strategy):
         while step < ctx.total_steps:
             end = min((step // every + 1) * every, ctx.total_steps)
             t0 = time.perf_counter()
-            results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed)
+            # each of the executors' exchanges has the deadline; the run of steps
+            # as a whole gets it once per step
+            results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed,
+                                wait=ctx.timeout * (end - step))
             losses, ends = results[0]
             if sharded:                             # each replica owns a slice of the state
                 pieces = pool.call("replica_state")
             else:
-                pieces = [pool.submit_one(0, "replica_state").result()]
+                pieces = pool.results([pool.submit_one(0, "replica_state")])
             new_values, ctx.opt_state = merge_states(pieces)
             handoff += state_bytes * len(pieces)
             for i, (loss, t) in enumerate(zip(losses, ends)):

@@ -183,7 +183,9 @@ def test_every_workflow_has_a_test_setting():
     assert {p.name for p in WORKFLOWS.glob("*.yaml")} == set(SHORT)
 
 
-@pytest.mark.parametrize("name", sorted(SHORT))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.fashion_mnist) if n.startswith("fashion_mnist") else n
+    for n in sorted(SHORT)])
 def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
     out = tmp_path / "out"
     sets = [a for s in SHORT[name] + [f"output.dir={out}"] for a in ("--set", s)]
@@ -280,3 +282,34 @@ def test_bad_input_exit_code_through_a_process(tmp_path, capsys):
 
     assert main(["run", str(bad), "--debug"]) == 2       # --debug shows the traceback
     assert "Traceback" in capsys.readouterr().err
+
+
+# ---- lazy imports: `import dmlcore` and `dmlcore --help` import nothing heavy ---------------
+HEAVY = ("distributed", "dask", "xarray", "matplotlib", "sklearn", "scipy", "numpy")
+
+
+@pytest.mark.parametrize("code, allowed", [
+    ("import dmlcore", ()),
+    ("import dmlcore.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass", ()),
+    ("import dmlcore as dml\ndml.SyncSGD; dml.partition", ("numpy",)),
+])
+def test_import_and_help_do_not_import_heavy_modules(code, allowed):
+    probe = code + "\nimport sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & %r))" % (
+        set(HEAVY),)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = eval(proc.stdout.strip().splitlines()[-1])
+    assert set(loaded) <= set(allowed), loaded
+    assert {"distributed", "xarray", "matplotlib"}.isdisjoint(loaded)
+
+
+def test_lazy_names_resolve_to_the_public_objects():
+    import dmlcore as dml
+    from dmlcore.strategies import SyncSGD
+    from dmlcore.train import fit
+
+    assert dml.SyncSGD is SyncSGD and dml.fit is fit
+    assert set(dml.__all__) <= set(dir(dml))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dml.nope

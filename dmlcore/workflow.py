@@ -896,13 +896,19 @@ class PreparedData:
     n_outputs: int                # classes (classifiers) or targets (regression)
 
 
-def prepare_data(spec, client, wf):
-    """Load, check and partition the data of ``spec`` on ``client``."""
+def prepare_data(spec, client, wf, say=None):
+    """Load, check and partition the data of ``spec`` on ``client``.
+
+    ``say`` (a print-like callable, optional) gets one line before loading, one
+    before partitioning and a one-line summary of the partitions' skew.
+    """
     from .data import partition
 
+    say = say or (lambda message: None)
     check = _Checker(wf, spec.assignment)
     d = spec.data
     classify = _is_classifier_spec(spec)
+    say(f"loading data: {_source_label(d['source'])} ...")
     with _located(check, ("data", "source")):
         X, y = _load_source(d["source"], client)
         _check_shapes(X, y)
@@ -966,12 +972,42 @@ def prepare_data(spec, client, wf):
               if k not in ("source", "test", "partitions", "max_rows", "dtype")}
     if "partitions" in d:
         kwargs["n_partitions"] = d["partitions"]
+    say(f"partitioning {int(X.shape[0])} rows x {int(X.shape[1])} features into "
+        f"{d.get('partitions', 'the default number of')} partitions "
+        f"(scheme {d.get('scheme', 'iid')}) ...")
     with _located(check, ("data",)):
         data = partition(X, y, client=client, **kwargs)
+    say(_skew_summary(data))
     if eval_data is not None and eval_data[0].dtype != data.dtype:
         eval_data = (eval_data[0].astype(data.dtype), eval_data[1])
     return PreparedData(data=data, eval_data=eval_data, n_features=data.n_features,
                         n_outputs=int(n_outputs))
+
+
+def _source_label(source):
+    kind = source.get("kind")
+    if kind == "files":
+        return f"file {source.get('path')}"
+    if kind == "fashion_mnist":
+        return f"fashion_mnist ({source.get('split', 'train')})"
+    return f"synthetic {source.get('generator', kind)}"
+
+
+def _skew_summary(data):
+    """One line: rows per partition (min/mean/max) and, for labels, the largest skew."""
+    rows = np.asarray(data.partition_sizes)
+    line = (f"partitions: {data.n_partitions}, rows per partition {int(rows.min())}/"
+            f"{rows.mean():.0f}/{int(rows.max())} (min/mean/max, imbalance "
+            f"{rows.max() / rows.mean():.2f})")
+    counts = getattr(data, "_class_count", None)
+    if data.classes is not None and counts is not None:
+        counts = np.asarray(counts, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            local = counts / counts.sum(axis=1, keepdims=True)
+        tv = 0.5 * np.abs(local - counts.sum(axis=0) / counts.sum()).sum(axis=1)
+        line += (f", label skew (total variation from the global mix) max "
+                 f"{float(np.nanmax(tv)):.2f}")
+    return line
 
 
 def _labels_for(y, classify, model_kind, what):
@@ -1174,9 +1210,15 @@ def run(path, *, scheduler=None, sets=(), resume=False, progress=True, say=print
     spec0 = plan.runs[0]
     out_dir = spec0.output_dir
     t_start = time.perf_counter()
+    where = scheduler or spec0.cluster.get("address")
+    if where:
+        say(f"connecting to the Dask scheduler at {where} ...")
+    else:
+        n = spec0.cluster.get("local", {}).get("n_workers")
+        say(f"starting an embedded LocalCluster ({n if n else 'default'} workers) ...")
     with open_client(spec0, scheduler, say) as client:
         if not plan.is_sweep:
-            prepared = prepare_data(spec0, client, wf)
+            prepared = prepare_data(spec0, client, wf, say)
             dirs = _checkpoint_dirs(out_dir)
             result, seconds = _fit_one(spec0, prepared, client, dirs, resume, progress, wf, say)
             metrics = _metrics(spec0, result, prepared, time.perf_counter() - t_start)
@@ -1226,7 +1268,7 @@ def _run_sweep(plan, client, out_dir, resume, say, t_start):
 
     for spec in plan.runs:
         if data_key(spec) not in prepared_by_data:
-            prepared_by_data[data_key(spec)] = prepare_data(spec, client, wf)
+            prepared_by_data[data_key(spec)] = prepare_data(spec, client, wf, say)
     n = len(plan.runs)
     say(f"sweep: {n} configurations over {', '.join(plan.sweep_keys)}")
     results = [None] * n

@@ -70,6 +70,18 @@ def quickstart_run(tmp_path_factory):
     return out, proc
 
 
+def test_run_says_what_it_does_before_each_slow_phase(quickstart_run):
+    _, proc = quickstart_run
+    lines = proc.stdout.splitlines()
+    order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
+        "starting an embedded LocalCluster (1 workers)", "dashboard: ", "loading data: synthetic",
+        "partitioning 4000 rows x ", "partitions: ")]
+    assert order == sorted(order), lines
+    skew = lines[order[-1]]
+    assert re.search(r"rows per partition \d+/\d+/\d+ \(min/mean/max, imbalance \d\.\d\d\)", skew)
+    assert "label skew" in skew
+
+
 def test_run_writes_every_output(quickstart_run):
     out, proc = quickstart_run
     assert "dashboard: http" in proc.stdout

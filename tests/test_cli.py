@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import yaml
 from dask_processes import dask_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,26 @@ def test_run_says_what_it_does_before_each_slow_phase(quickstart_run):
     skew = lines[order[-1]]
     assert re.search(r"rows per partition \d+/\d+/\d+ \(min/mean/max, imbalance \d\.\d\d\)", skew)
     assert "label skew" in skew
+
+
+def test_metrics_hold_the_strategy_configuration_only(quickstart_run):
+    out, _ = quickstart_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())["strategy"]
+    assert metrics["strategy"] == config
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(quickstart_run):
+    out, _ = quickstart_run
+    before = _snapshot(out)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = dmlcore("run", WORKFLOWS / "quickstart.yaml", *QUICK, "--set", f"output.dir={out}",
+                   "--no-progress", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stdout and proc.stderr.strip() == ""
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+    assert not (out / "checkpoints.partial").exists()
 
 
 def test_run_writes_every_output(quickstart_run):
@@ -232,6 +253,7 @@ def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
         assert (out / "staleness_hist.png").exists()
     if name == "fashion_mnist_fedavg_noniid.yaml":
         assert steps == 4 and (out / "loss_vs_round.png").exists()
+        assert "4 rounds, final loss" in proc.stdout
     if name == "logistic_large_synthetic.yaml":
         assert metrics["eval_accuracy"] > 0.7
 
@@ -325,3 +347,15 @@ def test_lazy_names_resolve_to_the_public_objects():
     assert set(dml.__all__) <= set(dir(dml))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dml.nope
+
+
+def test_fedavg_progress_counts_rounds():
+    from dmlcore.strategies import FedAvg, SyncSGD
+    from dmlcore.train import _Progress
+
+    units = []
+    for strategy in (FedAvg(), SyncSGD()):
+        bar = _Progress(True, 3, 0, strategy)
+        units.append(bar.bar.unit)
+        bar.close()
+    assert units == ["round", "step"]

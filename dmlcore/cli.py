@@ -19,7 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
+# numpy and everything heavy are imported inside the subcommand that needs them, so
+# `dmlcore --help` and a usage error return at once.
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _PREDICT_CLUSTER_BYTES = 1 << 30      # inputs above this go to a cluster
@@ -162,6 +163,8 @@ def _cmd_validate(args):
 
 # ---- predict -------------------------------------------------------------------------
 def _cmd_predict(args):
+    import numpy as np
+
     from .workflow import WorkflowError
 
     if args.chunk_rows < 1:
@@ -227,6 +230,7 @@ def _open_input(path, var):
 
 
 def _labels(model, out, proba):
+    import numpy as np
     out = np.asarray(out)
     if proba or not model.is_classifier:
         return out
@@ -237,6 +241,8 @@ def _labels(model, out, proba):
 
 def _predict_block(model, params, block, proba):
     """Predictions of one block of rows (runs in a task on the cluster or here)."""
+    import numpy as np
+
     block = np.ascontiguousarray(block, dtype=params.dtype)
     if not np.isfinite(block).all():
         bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
@@ -246,6 +252,8 @@ def _predict_block(model, params, block, proba):
 
 def _predict_chunks(model, params, X, proba, chunk_rows, name):
     """Yields (start, predictions) over chunks of rows, in this process."""
+    import numpy as np
+
     from .workflow import WorkflowError
 
     n = X.shape[0]
@@ -261,6 +269,8 @@ def _predict_chunks(model, params, X, proba, chunk_rows, name):
 
 def _write_npy(out, chunks, n_rows):
     """Write an iterator of (start, array) into ``out`` (.npy) via a temporary file + rename."""
+    import numpy as np
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     result = None
@@ -281,12 +291,14 @@ def _write_npy(out, chunks, n_rows):
 
 
 def _npy_rows(path, start, stop):
+    import numpy as np
     return np.asarray(np.load(path, mmap_mode="r")[start:stop])
 
 
 def _predict_on_cluster(model, params, X, args, out):
     """Predict chunk by chunk with tasks on a Dask cluster; write the .npy on the client."""
     import dask.array as da
+    import numpy as np
     from distributed import Client, as_completed
 
     from .workflow import WorkflowError

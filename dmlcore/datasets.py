@@ -31,6 +31,7 @@ import numpy as np
 
 __all__ = [
     "fashion_mnist",
+    "fashion_mnist_files",
     "make_classification",
     "make_regression",
     "load_arrays",
@@ -91,12 +92,15 @@ def _read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _fashion_mnist_raw(split: str):
+def fashion_mnist_files(split: str = "train") -> tuple[Path, Path]:
+    """The (images, labels) IDX files of ``split`` where ``fashion_mnist`` looks.
+
+    Raises FileNotFoundError (naming the folder, the missing files and how to
+    install them) when either is missing; reads nothing.
+    """
+    if split not in _FMNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     directory = _fashion_mnist_dir()
-    key = (str(directory.resolve()), split)
-    with _fmnist_lock:
-        if key in _fmnist_cache:
-            return _fmnist_cache[key]
     img_stem, lbl_stem = _FMNIST_FILES[split]
     img, lbl = _find_idx(directory, img_stem), _find_idx(directory, lbl_stem)
     if img is None or lbl is None:
@@ -109,6 +113,16 @@ def _fashion_mnist_raw(split: str):
             f"(files land in {FASHION_MNIST_DIR}) or set DMLCORE_DATA to a directory holding "
             f"{img_stem}.gz, {lbl_stem}.gz and the other split's files."
         )
+    return img, lbl
+
+
+def _fashion_mnist_raw(split: str):
+    directory = _fashion_mnist_dir()
+    key = (str(directory.resolve()), split)
+    with _fmnist_lock:
+        if key in _fmnist_cache:
+            return _fmnist_cache[key]
+    img, lbl = fashion_mnist_files(split)
     images, labels = _read_idx(img, 3), _read_idx(lbl, 1)
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{img} has {images.shape[0]} images but {lbl} has "

@@ -84,12 +84,14 @@ def _as_partitioned(data, client, seed):
 class _Progress:
     """A tqdm bar showing the step, loss and evaluation accuracy (no-op when disabled)."""
 
-    def __init__(self, enabled, total, initial):
+    def __init__(self, enabled, total, initial, strategy=None):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", leave=False,
+            # FedAvg's steps are communication rounds
+            unit = "round" if getattr(strategy, "name", None) == "fedavg" else "step"
+            self.bar = tqdm(total=total, initial=initial, unit=unit, leave=False,
                             dynamic_ncols=True)
 
     def update(self, record):
@@ -226,7 +228,7 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
                 {key for r in records for key in r}}
         ckpt.save(checkpoint_dir, step, ctx.params, ctx.opt_state, hist, ctx.extra, meta)
 
-    bar = _Progress(progress, total, start)
+    bar = _Progress(progress, total, start, strategy)
     t0 = time.perf_counter()
     step = start
     runner = strategy.run(ctx)

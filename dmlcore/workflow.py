@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -535,13 +535,28 @@ def _check_source(check, source, path, wf, test=False):
     for key in ("path", "labels", "x", "y"):
         if key in source and source[key] is not None and not isinstance(source[key], str):
             check.fail(tuple(path) + (key,), f"expected a string, got {_describe(source[key])}")
-    file = Path(source["path"]).expanduser()
+    # relative paths are relative to the workflow file's folder, not the current directory
+    file = _resolve_path(wf, source["path"])
     if not file.exists():
-        check.fail(tuple(path) + ("path",), f"data file not found: {source['path']}")
+        check.fail(tuple(path) + ("path",), f"data file not found: {source['path']} "
+                   f"(looked for {file})")
+    out = {"kind": "files", **source, "path": str(file)}
     labels = source.get("labels")
-    if labels and ("/" in labels or "." in labels) and not Path(labels).expanduser().exists():
-        check.fail(tuple(path) + ("labels",), f"labels file not found: {labels}")
-    return {"kind": "files", **source}
+    if labels and ("/" in labels or "." in labels):
+        labels_file = _resolve_path(wf, labels)
+        if not labels_file.exists():
+            check.fail(tuple(path) + ("labels",), f"labels file not found: {labels} "
+                       f"(looked for {labels_file})")
+        out["labels"] = str(labels_file)
+    return out
+
+
+def _resolve_path(wf, name):
+    """``name`` (a data path from the workflow) as an absolute path; relative to its folder."""
+    p = Path(name).expanduser()
+    if not p.is_absolute():
+        p = Path(getattr(wf, "base_dir", ".") or ".") / p
+    return p.absolute()
 
 
 def _check_data(check, cfg, wf):
@@ -810,7 +825,16 @@ def _preflight_files(wf, spec):
     items = [(("data", "source"), spec.data["source"])]
     if "test" in spec.data and "source" in spec.data["test"]:
         items.append((("data", "test", "source"), spec.data["test"]["source"]))
+    classify = _is_classifier_spec(spec)
+    classes = {}
     for path, src in items:
+        if src["kind"] == "fashion_mnist":
+            from .datasets import fashion_mnist_files
+
+            with _located(check, path):
+                fashion_mnist_files(src.get("split", "train"))
+            classes[path] = np.arange(10)
+            continue
         if src["kind"] != "files":
             continue
         with _located(check, path):
@@ -818,8 +842,18 @@ def _preflight_files(wf, spec):
             _check_shapes(X, y)
             # labels are small (8 bytes a row): check them here, before any cluster
             labels = y.compute(scheduler="sync") if _is_dask(y) else np.asarray(y)
-            _labels_for(labels, _is_classifier_spec(spec), spec.model_kind,
-                        "the test labels" if "test" in path else "the labels")
+            labels = _labels_for(labels, classify, spec.model_kind,
+                                 "the test labels" if "test" in path else "the labels")
+            if classify:
+                classes[path] = np.unique(labels)
+    train, test = classes.get(("data", "source")), classes.get(("data", "test", "source"))
+    if classify and train is not None and test is not None and "max_rows" not in spec.data:
+        n_classes = _n_classes(spec, train, check)      # as run computes it
+        outside = np.setdiff1d(test, np.arange(n_classes))
+        if outside.size:
+            check.fail(("data", "test", "source"), f"the test labels hold "
+                       f"{outside[:5].tolist()}, outside the classes 0..{n_classes - 1} "
+                       f"of the training data")
 
 
 @contextmanager
@@ -896,13 +930,19 @@ class PreparedData:
     n_outputs: int                # classes (classifiers) or targets (regression)
 
 
-def prepare_data(spec, client, wf):
-    """Load, check and partition the data of ``spec`` on ``client``."""
+def prepare_data(spec, client, wf, say=None):
+    """Load, check and partition the data of ``spec`` on ``client``.
+
+    ``say`` (a print-like callable, optional) gets one line before loading, one
+    before partitioning and a one-line summary of the partitions' skew.
+    """
     from .data import partition
 
+    say = say or (lambda message: None)
     check = _Checker(wf, spec.assignment)
     d = spec.data
     classify = _is_classifier_spec(spec)
+    say(f"loading data: {_source_label(d['source'])} ...")
     with _located(check, ("data", "source")):
         X, y = _load_source(d["source"], client)
         _check_shapes(X, y)
@@ -966,12 +1006,42 @@ def prepare_data(spec, client, wf):
               if k not in ("source", "test", "partitions", "max_rows", "dtype")}
     if "partitions" in d:
         kwargs["n_partitions"] = d["partitions"]
+    say(f"partitioning {int(X.shape[0])} rows x {int(X.shape[1])} features into "
+        f"{d.get('partitions', 'the default number of')} partitions "
+        f"(scheme {d.get('scheme', 'iid')}) ...")
     with _located(check, ("data",)):
         data = partition(X, y, client=client, **kwargs)
+    say(_skew_summary(data))
     if eval_data is not None and eval_data[0].dtype != data.dtype:
         eval_data = (eval_data[0].astype(data.dtype), eval_data[1])
     return PreparedData(data=data, eval_data=eval_data, n_features=data.n_features,
                         n_outputs=int(n_outputs))
+
+
+def _source_label(source):
+    kind = source.get("kind")
+    if kind == "files":
+        return f"file {source.get('path')}"
+    if kind == "fashion_mnist":
+        return f"fashion_mnist ({source.get('split', 'train')})"
+    return f"synthetic {source.get('generator', kind)}"
+
+
+def _skew_summary(data):
+    """One line: rows per partition (min/mean/max) and, for labels, the largest skew."""
+    rows = np.asarray(data.partition_sizes)
+    line = (f"partitions: {data.n_partitions}, rows per partition {int(rows.min())}/"
+            f"{rows.mean():.0f}/{int(rows.max())} (min/mean/max, imbalance "
+            f"{rows.max() / rows.mean():.2f})")
+    counts = getattr(data, "_class_count", None)
+    if data.classes is not None and counts is not None:
+        counts = np.asarray(counts, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            local = counts / counts.sum(axis=1, keepdims=True)
+        tv = 0.5 * np.abs(local - counts.sum(axis=0) / counts.sum()).sum(axis=1)
+        line += (f", label skew (total variation from the global mix) max "
+                 f"{float(np.nanmax(tv)):.2f}")
+    return line
 
 
 def _labels_for(y, classify, model_kind, what):
@@ -1097,11 +1167,23 @@ def _metrics(spec, result, prepared, seconds):
            "run_seconds": round(seconds, 3),
            "n_partitions": int(prepared.data.n_partitions),
            "n_rows": int(prepared.data.n_rows),
-           "model": repr(result.model), "strategy": repr(result.strategy),
+           "model": repr(result.model),
+           # the configuration only (kind + keywords), never the strategy's run state
+           "strategy": {"kind": spec.strategy_kind, **_jsonable(spec.strategy_kwargs)},
            "optimizer": repr(result.optimizer), "n_params": int(result.model.n_params)}
     if spec.assignment:
         out["sweep"] = dict(spec.assignment)
     return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
 
 
 def _last(history, name):
@@ -1159,10 +1241,25 @@ def _fit_one(spec, prepared, client, dirs, resume, progress, wf, say):
     train = dict(spec.train)
     t0 = time.perf_counter()
     with _located(check, ("train",)):
-        result = fit(model, prepared.data, strategy, optimizer, eval_data=prepared.eval_data,
-                     client=client, checkpoint_dir=str(live), resume=resume,
-                     progress=progress, **train)
+        try:
+            result = fit(model, prepared.data, strategy, optimizer,
+                         eval_data=prepared.eval_data, client=client, checkpoint_dir=str(live),
+                         resume=resume, progress=progress, **train)
+        except ValueError as exc:
+            finished = re.match(r"resume: the checkpoint is at step (\d+), the run asks for "
+                                r"(\d+)$", str(exc))
+            if resume and finished and finished.group(1) == finished.group(2):
+                raise _NothingToDo(int(finished.group(1))) from None
+            raise
     return result, time.perf_counter() - t0
+
+
+class _NothingToDo(Exception):
+    """``--resume`` of a run whose last checkpoint is its last step."""
+
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
 
 
 def run(path, *, scheduler=None, sets=(), resume=False, progress=True, say=print):
@@ -1174,27 +1271,62 @@ def run(path, *, scheduler=None, sets=(), resume=False, progress=True, say=print
     spec0 = plan.runs[0]
     out_dir = spec0.output_dir
     t_start = time.perf_counter()
-    with open_client(spec0, scheduler, say) as client:
+    where = scheduler or spec0.cluster.get("address")
+    if where:
+        say(f"connecting to the Dask scheduler at {where} ...")
+    else:
+        n = spec0.cluster.get("local", {}).get("n_workers")
+        say(f"starting an embedded LocalCluster ({n if n else 'default'} workers) ...")
+    with ExitStack() as stack:
+        try:
+            client = stack.enter_context(open_client(spec0, scheduler, say))
+        except WorkflowError as exc:
+            # an address from the file: name its YAML line (--scheduler has none)
+            if not scheduler and spec0.cluster.get("address") and not str(exc).startswith(
+                    wf.name):
+                raise wf.error(("cluster", "address"), str(exc)) from None
+            raise
         if not plan.is_sweep:
-            prepared = prepare_data(spec0, client, wf)
+            prepared = prepare_data(spec0, client, wf, say)
             dirs = _checkpoint_dirs(out_dir)
-            result, seconds = _fit_one(spec0, prepared, client, dirs, resume, progress, wf, say)
+            try:
+                result, seconds = _fit_one(spec0, prepared, client, dirs, resume, progress,
+                                           wf, say)
+            except _NothingToDo as done:
+                return _nothing_to_do(out_dir, dirs, done.step, wf, say)
             metrics = _metrics(spec0, result, prepared, time.perf_counter() - t_start)
             files = outputs.run_files(_resolved_config(plan), result, metrics,
                                       strategy_kind=spec0.strategy_kind, plots=spec0.plots,
                                       meta={"workflow": wf.name})
             outputs.commit(out_dir, files, checkpoints=[dirs])
-            say(_summary(metrics, out_dir, files))
+            say(_summary(metrics, out_dir, files, _unit(spec0)))
             return metrics
         return _run_sweep(plan, client, out_dir, resume, say, t_start)
+
+
+def _unit(spec):
+    return "rounds" if spec.strategy_kind == "fedavg" else "steps"
+
+
+def _nothing_to_do(out_dir, dirs, step, wf, say):
+    """``--resume`` of a finished run: its outputs stay as they are; returns its metrics."""
+    live, done = dirs
+    metrics_file = out_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise wf.error(("train",), f"--resume: the checkpoints in {live} are at the run's last "
+                       f"step ({step}) but {metrics_file} is missing; run without --resume")
+    if done.is_dir() and live.is_dir():
+        shutil.rmtree(live)      # the copy of checkpoints/ that resuming made
+    say(f"nothing to do: the run in {out_dir} is finished (step {step} of {step})")
+    return json.loads(metrics_file.read_text())
 
 
 def _resolved_config(plan):
     return copy.deepcopy(plan.base_config)
 
 
-def _summary(metrics, out_dir, files):
-    parts = [f"{metrics['steps']} steps", f"final loss {metrics['final_loss']:.4g}"]
+def _summary(metrics, out_dir, files, unit="steps"):
+    parts = [f"{metrics['steps']} {unit}", f"final loss {metrics['final_loss']:.4g}"]
     if metrics.get("eval_accuracy") is not None:
         parts.append(f"eval accuracy {metrics['eval_accuracy']:.4f}")
     elif metrics.get("eval_loss") is not None:
@@ -1226,7 +1358,7 @@ def _run_sweep(plan, client, out_dir, resume, say, t_start):
 
     for spec in plan.runs:
         if data_key(spec) not in prepared_by_data:
-            prepared_by_data[data_key(spec)] = prepare_data(spec, client, wf)
+            prepared_by_data[data_key(spec)] = prepare_data(spec, client, wf, say)
     n = len(plan.runs)
     say(f"sweep: {n} configurations over {', '.join(plan.sweep_keys)}")
     results = [None] * n

@@ -25,7 +25,12 @@ def test_every_benchmark_has_a_smoke_run():
     assert sorted(p.name for p in BENCH.glob("bench_*.py")) == sorted(SMALL_ARGS)
 
 
-@pytest.mark.parametrize("script", sorted(SMALL_ARGS))
+NEEDS_FASHION_MNIST = {"bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(s, marks=pytest.mark.fashion_mnist) if s in NEEDS_FASHION_MNIST else s
+    for s in sorted(SMALL_ARGS)])
 def test_benchmark_smoke(script, tmp_path):
     root = str(BENCH.parent)
     env = dict(os.environ, MPLBACKEND="Agg",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import yaml
 from dask_processes import dask_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,38 @@ def quickstart_run(tmp_path_factory):
                    "--no-progress")
     assert proc.returncode == 0, proc.stderr
     return out, proc
+
+
+def test_run_says_what_it_does_before_each_slow_phase(quickstart_run):
+    _, proc = quickstart_run
+    lines = proc.stdout.splitlines()
+    order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
+        "starting an embedded LocalCluster (1 workers)", "dashboard: ", "loading data: synthetic",
+        "partitioning 4000 rows x ", "partitions: ")]
+    assert order == sorted(order), lines
+    skew = lines[order[-1]]
+    assert re.search(r"rows per partition \d+/\d+/\d+ \(min/mean/max, imbalance \d\.\d\d\)", skew)
+    assert "label skew" in skew
+
+
+def test_metrics_hold_the_strategy_configuration_only(quickstart_run):
+    out, _ = quickstart_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())["strategy"]
+    assert metrics["strategy"] == config
+
+
+def test_resume_of_a_finished_run_has_nothing_to_do(quickstart_run):
+    out, _ = quickstart_run
+    before = _snapshot(out)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = dmlcore("run", WORKFLOWS / "quickstart.yaml", *QUICK, "--set", f"output.dir={out}",
+                   "--no-progress", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do" in proc.stdout and proc.stderr.strip() == ""
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+    assert not (out / "checkpoints.partial").exists()
 
 
 def test_run_writes_every_output(quickstart_run):
@@ -183,7 +216,9 @@ def test_every_workflow_has_a_test_setting():
     assert {p.name for p in WORKFLOWS.glob("*.yaml")} == set(SHORT)
 
 
-@pytest.mark.parametrize("name", sorted(SHORT))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.fashion_mnist) if n.startswith("fashion_mnist") else n
+    for n in sorted(SHORT)])
 def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
     out = tmp_path / "out"
     sets = [a for s in SHORT[name] + [f"output.dir={out}"] for a in ("--set", s)]
@@ -218,6 +253,7 @@ def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
         assert (out / "staleness_hist.png").exists()
     if name == "fashion_mnist_fedavg_noniid.yaml":
         assert steps == 4 and (out / "loss_vs_round.png").exists()
+        assert "4 rounds, final loss" in proc.stdout
     if name == "logistic_large_synthetic.yaml":
         assert metrics["eval_accuracy"] > 0.7
 
@@ -280,3 +316,46 @@ def test_bad_input_exit_code_through_a_process(tmp_path, capsys):
 
     assert main(["run", str(bad), "--debug"]) == 2       # --debug shows the traceback
     assert "Traceback" in capsys.readouterr().err
+
+
+# ---- lazy imports: `import dmlcore` and `dmlcore --help` import nothing heavy ---------------
+HEAVY = ("distributed", "dask", "xarray", "matplotlib", "sklearn", "scipy", "numpy")
+
+
+@pytest.mark.parametrize("code, allowed", [
+    ("import dmlcore", ()),
+    ("import dmlcore.cli as c\ntry:\n    c.main(['--help'])\nexcept SystemExit:\n    pass", ()),
+    ("import dmlcore as dml\ndml.SyncSGD; dml.partition", ("numpy",)),
+])
+def test_import_and_help_do_not_import_heavy_modules(code, allowed):
+    probe = code + "\nimport sys\nprint(sorted({m.split('.')[0] for m in sys.modules} & %r))" % (
+        set(HEAVY),)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = eval(proc.stdout.strip().splitlines()[-1])
+    assert set(loaded) <= set(allowed), loaded
+    assert {"distributed", "xarray", "matplotlib"}.isdisjoint(loaded)
+
+
+def test_lazy_names_resolve_to_the_public_objects():
+    import dmlcore as dml
+    from dmlcore.strategies import SyncSGD
+    from dmlcore.train import fit
+
+    assert dml.SyncSGD is SyncSGD and dml.fit is fit
+    assert set(dml.__all__) <= set(dir(dml))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dml.nope
+
+
+def test_fedavg_progress_counts_rounds():
+    from dmlcore.strategies import FedAvg, SyncSGD
+    from dmlcore.train import _Progress
+
+    units = []
+    for strategy in (FedAvg(), SyncSGD()):
+        bar = _Progress(True, 3, 0, strategy)
+        units.append(bar.bar.unit)
+        bar.close()
+    assert units == ["round", "step"]

@@ -2,17 +2,13 @@
 import gzip
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dmlcore import datasets
-from dmlcore.datasets import (FASHION_MNIST_DIR, fashion_mnist, load_arrays,
+from dmlcore.datasets import (fashion_mnist, load_arrays,
                               make_classification, make_regression)
-
-HAVE_FMNIST = (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").is_file()
-
 
 def _write_idx(path, array):
     array = np.asarray(array, dtype=np.uint8)
@@ -35,7 +31,7 @@ def _fake_fmnist(directory, n_train=5, n_test=3, seed=0):
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-@pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.fashion_mnist(default_location=True)
 def test_fashion_mnist_real_files(monkeypatch):
     monkeypatch.delenv("DMLCORE_DATA", raising=False)
     X, y = fashion_mnist("train")

@@ -212,6 +212,14 @@ def test_predict_rejects_wrong_feature_count_and_nan(tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_unreachable_address_in_the_file_names_its_yaml_line(tmp_path, capsys):
+    text = GOOD.replace("name: t\n", "name: t\ncluster: {address: 'tcp://127.0.0.1:9', timeout: 2}\n")
+    rc, _, err = run_main(capsys, "run", write(tmp_path, text))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ":2: cluster.address: cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreachable_scheduler_is_bad_input(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     t0 = time.perf_counter()
@@ -238,11 +246,13 @@ def test_lines_of_key_paths_and_overrides(tmp_path):
     assert all(r.data["source"]["options"]["n_samples"] == 500 for r in plan.runs)
 
 
-def test_every_shipped_workflow_validates(capsys):
-    for path in sorted((ROOT / "workflows").glob("*.yaml")):
-        rc, out, err = run_main(capsys, "validate", path)
-        assert rc == 0, err
-        assert "valid" in out
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.fashion_mnist) if "fashion_mnist" in p.read_text() else p
+    for p in sorted((ROOT / "workflows").glob("*.yaml"))], ids=lambda p: p.name)
+def test_every_shipped_workflow_validates(path, capsys):
+    rc, out, err = run_main(capsys, "validate", path)       # validate checks the data files
+    assert rc == 0, err
+    assert "valid" in out
 
 
 def test_registry_and_signatures_agree():
@@ -285,3 +295,50 @@ def test_fedavg_server_optimizer_is_built_from_the_registry():
     bad = text.replace("{kind: sgd, lr: 1.0", "{kind: sgd, lr: -1.0")
     with pytest.raises(WorkflowError, match="strategy.server_optimizer.lr: lr must be positive"):
         workflow.validate(workflow.Workflow(config=yaml.safe_load(bad), name="x"))
+
+
+# ---- validate checks what it can without a cluster ------------------------------------------
+def _npy(directory, name, array):
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / name, array)
+
+
+def test_relative_data_paths_resolve_from_the_workflow_folder(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "project"
+    _npy(folder, "X.npy", rng.random((40, 5)))
+    _npy(folder, "y.npy", np.arange(40) % 2)
+    path = write(folder, with_source("{path: X.npy, labels: y.npy}"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc, out, err = run_main(capsys, "validate", path)
+    assert rc == 0 and "valid" in out, err
+    spec = workflow.validate(workflow.load(path)).runs[0]
+    assert spec.data["source"]["path"] == str(folder / "X.npy")
+    missing = write(folder, with_source("{path: nope.npy, labels: y.npy}"), "missing.yaml")
+    rc, _, err = run_main(capsys, "validate", missing)
+    assert rc == 2 and f"(looked for {folder / 'nope.npy'})" in err and ":3:" in err, err
+
+
+def test_validate_rejects_test_labels_outside_the_training_classes(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    _npy(tmp_path, "X.npy", rng.random((40, 5)))
+    _npy(tmp_path, "y.npy", np.arange(40) % 3)
+    _npy(tmp_path, "Xt.npy", rng.random((10, 5)))
+    _npy(tmp_path, "yt.npy", np.arange(10) % 5)
+    text = with_source("{path: X.npy, labels: y.npy}", "{kind: softmax}").replace(
+        "  partitions: 2\n", "  partitions: 2\n  test: {source: {path: Xt.npy, labels: yt.npy}}\n")
+    rc, _, err = run_main(capsys, "validate", write(tmp_path, text))
+    assert rc == 2 and "the test labels hold [3, 4], outside the classes 0..2" in err, err
+    _npy(tmp_path, "yt.npy", np.arange(10) % 3)
+    rc, _, err = run_main(capsys, "validate", write(tmp_path, text))
+    assert rc == 0, err
+
+
+def test_validate_reports_missing_fashion_mnist_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DMLCORE_DATA", str(tmp_path))
+    rc, _, err = run_main(capsys, "validate", write(tmp_path, with_source(
+        "fashion_mnist", "{kind: softmax}")))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "Fashion-MNIST files not found" in err and "apt-get install" in err and ":3:" in err

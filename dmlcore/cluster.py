@@ -2,7 +2,8 @@
 
 ``get_client(client)``: an explicit client is used as is; ``None`` takes the
 current default client or, when there is none, starts an embedded
-``LocalCluster`` that the caller closes with the returned ``close``.
+``LocalCluster`` bound to 127.0.0.1 that the caller closes with the returned
+``close``.
 ``KernelThreads`` is a WorkerPlugin that limits BLAS/OpenMP to one thread per
 worker thread (the cluster parallelises across partitions) and imports the
 compiled core once.
@@ -28,14 +29,22 @@ class KernelThreads(WorkerPlugin):
         self._limits = threadpool_limits(limits=1)
 
 
-def local_cluster(n_workers=None, threads_per_worker=1, **kwargs):
-    """An embedded LocalCluster with one-thread workers (default: one per core, at most 8)."""
+def local_cluster(n_workers=None, threads_per_worker=1, host="127.0.0.1", **kwargs):
+    """An embedded LocalCluster with one-thread workers (default: one per core, at most 8).
+
+    The scheduler, the workers and the dashboard listen on ``host`` only
+    (default 127.0.0.1: nothing is reachable from another machine); the
+    dashboard on a free port of that host unless ``dashboard_address`` is given.
+    """
     if n_workers is None:
         n_workers = max(1, min(os.cpu_count() or 1, 8))
-    kwargs.setdefault("dashboard_address", ":0")
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"host: expected an interface address such as '127.0.0.1', got {host!r}")
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    kwargs.setdefault("dashboard_address", f"{bracketed}:0")
     kwargs.setdefault("processes", True)
     env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, host=host,
                         env=env, **kwargs)
 
 

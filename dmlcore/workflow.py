@@ -1120,29 +1120,38 @@ def _checkpoint_dirs(out_dir, index=None):
 
 
 def _prepare_checkpoints(live, done, resume, model, check, say):
-    """Set up the live checkpoint directory; returns whether fit should resume."""
-    from . import checkpoint as ckpt
+    """Set up the live checkpoint directory; returns whether fit should resume.
 
+    Only folders dmlcore wrote are emptied or replaced (``outputs.claim_dir``);
+    the fixed output names are checked here, before training, too.
+    """
+    from . import checkpoint as ckpt
+    from . import outputs
+
+    top = live.parent if live.parent.name == "checkpoints.partial" else live
+    out_dir = top.parent
+    outputs.check_free(out_dir, outputs.FIXED_NAMES, dirs=[top.name, "checkpoints"])
+    outputs.claim_dir(out_dir, top.name, reset=False)
     if not resume:
         if ckpt.list_checkpoints(live):
             say(f"note: discarding the checkpoints of an interrupted run in {live} "
                 f"(--resume continues it)")
-        if live.exists():
+        if live != top and live.exists():
             shutil.rmtree(live)
+        outputs.claim_dir(out_dir, top.name, reset=live == top)
         return False
     if not ckpt.list_checkpoints(live) and ckpt.list_checkpoints(done):
         live.mkdir(parents=True, exist_ok=True)
         for f in ckpt.list_checkpoints(done):
             shutil.copy2(f, live / f.name)
-    saved = ckpt.latest(live)
+    try:
+        saved = ckpt.latest(live, model_config=model.to_config())
+    except ValueError as exc:
+        check.fail(("model",), f"--resume: {exc}")
     if saved is None:
         say(f"--resume: no checkpoint in {live.parent}; starting from step 0")
         return False
-    saved_model = saved["meta"].get("model")
-    if saved_model is not None and saved_model != model.to_config():
-        check.fail(("model",), f"--resume: the checkpoints in {live} were written for "
-                   f"{saved_model}, this run builds {model.to_config()}")
-    say(f"resuming from step {saved['step']} ({live})")
+    say(f"resuming from step {saved['step']} of run {saved['meta'].get('run_id')} ({live})")
     return True
 
 

@@ -48,6 +48,34 @@ def local_cluster(n_workers=None, threads_per_worker=1, host="127.0.0.1", **kwar
                         env=env, **kwargs)
 
 
+TLS_KEYS = ("ca_file", "cert", "key")
+
+
+def security(address, tls=None):
+    """``distributed.Security`` for ``address`` from ``tls = {ca_file, cert, key}``, or None.
+
+    A ``tls://`` address without the three files, or files with a plain
+    address, is a ValueError naming what to give.
+    """
+    tls = {k: v for k, v in (tls or {}).items() if v is not None}
+    is_tls = str(address or "").startswith("tls://")
+    if not tls:
+        if is_tls:
+            raise ValueError(f"{address} is a TLS scheduler: give cluster.tls: {{ca_file, cert, "
+                             f"key}} or --tls-ca-file, --tls-cert and --tls-key")
+        return None
+    missing = [k for k in TLS_KEYS if not tls.get(k)]
+    if missing:
+        raise ValueError(f"TLS needs ca_file, cert and key; missing {', '.join(missing)}")
+    if address and not is_tls:
+        raise ValueError(f"certificates were given but the scheduler address {address} is not "
+                         f"tls://")
+    from distributed import Security
+
+    return Security(tls_ca_file=str(tls["ca_file"]), tls_client_cert=str(tls["cert"]),
+                    tls_client_key=str(tls["key"]), require_encryption=True)
+
+
 def prepare(client):
     """Register the per-worker set-up on ``client``'s workers (idempotent)."""
     client.register_plugin(KernelThreads(), name=KernelThreads.name)

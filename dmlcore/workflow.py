@@ -465,7 +465,17 @@ def _construct(check, path, factory, kwargs, keys_in_file):
 
 def _check_cluster(check, cfg):
     cluster = check.mapping(cfg.get("cluster"), ("cluster",), allow_none=True)
-    check.keys(cluster, ("cluster",), ("local", "address", "timeout"))
+    check.keys(cluster, ("cluster",), ("local", "address", "timeout", "tls"))
+    tls = check.mapping(cluster.get("tls"), ("cluster", "tls"), allow_none=True)
+    check.keys(tls, ("cluster", "tls"), ("ca_file", "cert", "key"))
+    for key in ("ca_file", "cert", "key"):
+        if key not in tls:
+            if tls:
+                check.fail(("cluster", "tls"), f"missing {key} (TLS needs ca_file, cert, key)")
+            continue
+        if not isinstance(tls[key], str) or not Path(tls[key]).expanduser().is_file():
+            check.fail(("cluster", "tls", key), f"no such file: {_describe(tls[key])}")
+        tls[key] = str(Path(tls[key]).expanduser())
     if "local" in cluster and "address" in cluster:
         check.fail(("cluster",), "give either 'local' or 'address', not both")
     address = cluster.get("address")
@@ -483,8 +493,11 @@ def _check_cluster(check, cfg):
     check.arguments(local, ("cluster", "local"), params)
     if "processes" in local:
         check.value(local["processes"], ("cluster", "local", "processes"), ("bool", None, False))
+    if address and address.startswith("tls://") and not tls:
+        check.fail(("cluster", "address"), f"{address} is a TLS scheduler: give cluster.tls: "
+                   f"{{ca_file, cert, key}} (or --tls-ca-file, --tls-cert, --tls-key)")
     return {"address": address, "timeout": float(cluster.get("timeout", 5.0)),
-            "local": dict(local)}
+            "local": dict(local), "tls": dict(tls)}
 
 
 def _check_source(check, source, path, wf, test=False):
@@ -1050,8 +1063,14 @@ def open_client(spec, address=None, say=print):
     timeout = spec.cluster.get("timeout", 5.0)
     cluster = None
     if address:
+        from .cluster import security
+
         try:
-            client = Client(address, timeout=timeout, set_as_default=True)
+            sec = security(address, spec.cluster.get("tls"))
+        except ValueError as exc:
+            raise WorkflowError(str(exc)) from None
+        try:
+            client = Client(address, timeout=timeout, set_as_default=True, security=sec)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WorkflowError(f"cannot reach the Dask scheduler at {address} "

@@ -44,7 +44,8 @@ def build_parser():
         for key, what in (("ca-file", "the CA certificate"), ("cert", "this client's "
                           "certificate"), ("key", "this client's private key")):
             p.add_argument(f"--tls-{key}", metavar="PEM",
-                           help=f"{what} for a tls:// scheduler (cluster.tls.{key.replace('-', '_')})")
+                           help=f"{what} for a tls:// scheduler "
+                                f"(cluster.tls.{key.replace('-', '_')})")
 
     def common(p):
         p.add_argument("--debug", action="store_true",

@@ -282,7 +282,7 @@ def owns_dir(out_dir, name):
 
 
 def check_free(out_dir, files=(), dirs=()):
-    """Raise ``OutputConflict`` if a name of ``files``/``dirs`` exists but dmlcore did not write it.
+    """Raise ``OutputConflict`` if a name of ``files``/``dirs`` exists and is not dmlcore's.
 
     A file is dmlcore's when the previous run's manifest lists it; a folder when
     the manifest lists it or it holds the ``DIR_MARK`` file. Nothing is touched.

@@ -6,6 +6,13 @@ scalars (``opt/<field>``), the step, the strategy's extra state
 (``meta``). It is written to a temporary file in the same directory and
 renamed, so a reader never sees a half-written checkpoint; ``latest`` skips
 files that fail to load.
+
+Each run has a ``run_id`` (``new_run_id()``), written into the file name
+(``ckpt-<step>-<run id>.npz``) and ``meta``; rotation keeps the newest
+``keep`` checkpoints *of that run*, ordered by step number, so two runs
+sharing a directory never delete each other's files. ``latest`` picks one
+run (the given id, else the run written last) and refuses a checkpoint
+whose ``meta["model"]`` differs from the caller's model configuration.
 """
 from __future__ import annotations
 
@@ -13,11 +20,23 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-_NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+_NAME = re.compile(r"^ckpt-(?P<step>\d{9,})(?:-(?P<run>[0-9a-f]{1,32}))?\.npz$")
+
+
+def new_run_id():
+    """A fresh run id (12 hex digits)."""
+    return uuid.uuid4().hex[:12]
+
+
+def _parse(path):
+    """``(step, run id or "")`` of a checkpoint file name, or None."""
+    m = _NAME.match(Path(path).name)
+    return None if m is None else (int(m["step"]), m["run"] or "")
 
 
 def atomic_write(path, write):
@@ -48,29 +67,41 @@ def _state_arrays(state):
 
 
 def save(directory, step, params, opt_state=None, history=None, extra=None, meta=None,
-         keep=3):
-    """Write ``ckpt-<step>.npz`` atomically in ``directory``; keep the newest ``keep``."""
+         keep=3, run_id=None):
+    """Write ``ckpt-<step>[-<run_id>].npz`` atomically; keep the run's newest ``keep`` by step."""
     directory = Path(directory)
-    arrays = {"params": params, "step": np.int64(step),
-              "meta": np.array(json.dumps(meta or {}))}
+    meta = dict(meta or {})
+    if run_id is not None:
+        meta["run_id"] = str(run_id)
+    arrays = {"params": params, "step": np.int64(step), "meta": np.array(json.dumps(meta))}
     arrays.update(_state_arrays(opt_state))
     for name, value in (extra or {}).items():
         arrays[f"extra/{name}"] = np.asarray(value)
     for name, values in (history or {}).items():
         arrays[f"history/{name}"] = np.asarray(values, dtype=np.float64)
-    path = directory / f"ckpt-{int(step):09d}.npz"
+    suffix = "" if run_id is None else f"-{run_id}"
+    path = directory / f"ckpt-{int(step):09d}{suffix}.npz"
     atomic_write(path, lambda f: np.savez(f, **arrays))
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+    if keep:
+        for old in list_checkpoints(directory, run_id=run_id or "")[:-keep]:
+            old.unlink(missing_ok=True)
     return path
 
 
-def list_checkpoints(directory):
-    """Checkpoint files in ``directory``, oldest first."""
+def list_checkpoints(directory, run_id=None):
+    """Checkpoint files in ``directory`` (of run ``run_id`` if given), by step, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    found = [(_parse(p), p) for p in directory.iterdir()]
+    found = [(key, p) for key, p in found if key is not None
+             and (run_id is None or key[1] == str(run_id))]
+    return [p for key, p in sorted(found, key=lambda kp: (kp[0][0], kp[1].name))]
+
+
+def runs(directory):
+    """The run ids with checkpoints in ``directory`` ("" for files without one)."""
+    return sorted({_parse(p)[1] for p in list_checkpoints(directory)})
 
 
 def load(path):
@@ -85,13 +116,36 @@ def load(path):
     return out
 
 
-def latest(directory):
-    """The newest checkpoint of ``directory`` that loads, or None."""
-    for path in reversed(list_checkpoints(directory)):
+def latest(directory, run_id=None, model_config=None):
+    """The newest checkpoint (by step) that loads, of one run; None if there is none.
+
+    ``run_id``: that run (ValueError if the directory holds only other runs'
+    checkpoints); None: the run whose newest file was written last.
+    ``model_config``: ValueError if the checkpoint was written for another model.
+    """
+    present = runs(directory)
+    if not present:
+        return None
+    if run_id is not None:
+        if str(run_id) not in present:
+            raise ValueError(f"no checkpoint of run {run_id} in {directory} (it holds "
+                             f"run{'s' if len(present) > 1 else ''} "
+                             f"{', '.join(r or '(no id)' for r in present)})")
+        chosen = str(run_id)
+    else:
+        chosen = max(present, key=lambda r: max(
+            p.stat().st_mtime_ns for p in list_checkpoints(directory, run_id=r)))
+    for path in reversed(list_checkpoints(directory, run_id=chosen)):
         try:
-            return load(path)
+            saved = load(path)
         except Exception:  # a damaged file: fall back to the previous one
             continue
+        saved["path"] = path
+        saved_model = saved["meta"].get("model")
+        if model_config is not None and saved_model is not None and saved_model != model_config:
+            raise ValueError(f"the checkpoint {path} was written for the model {saved_model}; "
+                             f"this run builds {model_config}")
+        return saved
     return None
 
 

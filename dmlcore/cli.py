@@ -13,6 +13,7 @@ command succeeds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,6 +41,13 @@ def build_parser():
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    def tls_options(p):
+        for key, what in (("ca-file", "the CA certificate"), ("cert", "this client's "
+                          "certificate"), ("key", "this client's private key")):
+            p.add_argument(f"--tls-{key}", metavar="PEM",
+                           help=f"{what} for a tls:// scheduler "
+                                f"(cluster.tls.{key.replace('-', '_')})")
+
     def common(p):
         p.add_argument("--debug", action="store_true",
                        help="show tracebacks and the cluster's log messages")
@@ -54,6 +62,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoints in the output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tls_options(p)
     common(p)
 
     p = sub.add_parser("validate", help="check a workflow file without running it")
@@ -76,6 +85,7 @@ def build_parser():
 
     p = sub.add_parser("info", help="versions, compiled kernels, BLAS, cluster")
     p.add_argument("--scheduler", metavar="ADDRESS", help="also describe this Dask cluster")
+    tls_options(p)
     common(p)
     return parser
 
@@ -147,7 +157,9 @@ def _say(message):
 def _cmd_run(args):
     from .workflow import run
 
-    run(args.workflow, scheduler=args.scheduler, sets=args.sets, resume=args.resume,
+    sets = list(args.sets) + [f"cluster.tls.{key}={json.dumps(str(Path(value).resolve()))}"
+                              for key, value in _tls_args(args).items()]
+    run(args.workflow, scheduler=args.scheduler, sets=sets, resume=args.resume,
         progress=not args.no_progress,
         say=_say)
     return EXIT_OK
@@ -392,19 +404,26 @@ def _cmd_info(args):
                      f"({pool.get('threading_layer', '?')}, {pool.get('num_threads', '?')} "
                      f"threads) {pool.get('filepath', '')}")
     if args.scheduler:
-        lines.extend(_cluster_info(args.scheduler))
+        lines.extend(_cluster_info(args.scheduler, _tls_args(args)))
     print("\n".join(lines))
     return EXIT_OK
 
 
-def _cluster_info(address):
+def _tls_args(args):
+    """{ca_file, cert, key} given as --tls-* options."""
+    return {key: getattr(args, f"tls_{key}") for key in ("ca_file", "cert", "key")
+            if getattr(args, f"tls_{key}", None)}
+
+
+def _cluster_info(address, tls=None):
     from distributed import Client
 
+    from .cluster import security
     from .workflow import WorkflowError
 
     try:
-        client = Client(address, timeout=5)
-    except (OSError, TimeoutError, ValueError) as exc:
+        client = Client(address, timeout=5, security=security(address, tls))
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
         raise WorkflowError(f"cannot reach the Dask scheduler at {address}: {_first(exc)}") \
             from None
     try:

@@ -8,7 +8,11 @@ Every output is first rendered to bytes in memory (``config.yaml``,
 happens before a single file is touched. ``commit`` then writes each file
 with ``checkpoint.atomic_write`` (temporary name in the same directory +
 rename) and swaps the run's live checkpoints (``checkpoints.partial``) into
-``checkpoints``. A reader therefore sees either the previous run's file or
+``checkpoints``. Each run lists what it wrote in ``.dmlcore-manifest.json``;
+a later run replaces or removes only names that manifest lists (folders:
+also those holding a ``.dmlcore-dir`` marker) and refuses, before writing
+anything, a name taken by a file it did not write: a user's file is never
+touched. A reader therefore sees either the previous run's file or
 the new one, never a half-written one, and a failed run leaves the previous
 run's files as they were.
 
@@ -25,17 +29,16 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import atomic_write
+from .workflow import WorkflowError
 
 __all__ = ["model_bytes", "load_model", "history_bytes", "run_files", "sweep_files", "commit",
-           "sweep_dataset"]
-
-# Files a run may write; a new run removes those of an earlier run it did not rewrite.
-_PLOT_SUFFIX = ".png"
+           "sweep_dataset", "check_free", "claim_dir", "OutputConflict", "MANIFEST"]
 
 
 def _json_default(value):
@@ -237,44 +240,126 @@ def sweep_files(plan, results, best, best_config, *, plots=True):
 
 
 # ---- committing ------------------------------------------------------------------
+MANIFEST = ".dmlcore-manifest.json"
+DIR_MARK = ".dmlcore-dir"
+# Names every run writes (plots vary and are checked when committing).
+FIXED_NAMES = ("config.yaml", "history.nc", "model.npz", "metrics.json")
+
+
+class OutputConflict(WorkflowError):
+    """A name dmlcore must write is taken by a file or folder that dmlcore did not write."""
+
+
 def _umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-_KNOWN = {"config.yaml", "history.nc", "model.npz", "metrics.json", "sweep.nc", "best.yaml"}
+def read_manifest(out_dir):
+    """``{"files": set, "dirs": set}`` that the previous run's manifest lists (empty if none)."""
+    try:
+        data = json.loads((Path(out_dir) / MANIFEST).read_text())
+        return {"files": {str(n) for n in data.get("files", [])},
+                "dirs": {str(n) for n in data.get("dirs", [])}}
+    except (OSError, ValueError, AttributeError):
+        return {"files": set(), "dirs": set()}
+
+
+def _write_manifest(out_dir, files, dirs):
+    from . import __version__
+
+    body = json_bytes({"dmlcore": __version__, "files": sorted(files), "dirs": sorted(dirs)})
+    atomic_write(Path(out_dir) / MANIFEST, lambda f: f.write(body))
+
+
+def owns_dir(out_dir, name):
+    """Whether ``out_dir/name`` is a folder dmlcore wrote (listed in the manifest or marked)."""
+    path = Path(out_dir) / name
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return name in read_manifest(out_dir)["dirs"] or (path / DIR_MARK).is_file()
+
+
+def check_free(out_dir, files=(), dirs=()):
+    """Raise ``OutputConflict`` if a name of ``files``/``dirs`` exists and is not dmlcore's.
+
+    A file is dmlcore's when the previous run's manifest lists it; a folder when
+    the manifest lists it or it holds the ``DIR_MARK`` file. Nothing is touched.
+    """
+    out_dir = Path(out_dir)
+    owned = read_manifest(out_dir)
+    for name in files:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not (
+                name in owned["files"] and path.is_file() and not path.is_symlink()):
+            raise OutputConflict(f"{path} exists and was not written by dmlcore (no {MANIFEST} "
+                                 f"lists it); move it away or choose another output.dir")
+    for name in dirs:
+        path = out_dir / name
+        if (path.exists() or path.is_symlink()) and not owns_dir(out_dir, name):
+            raise OutputConflict(f"{path} exists and was not written by dmlcore (no {DIR_MARK} "
+                                 f"in it); move it away or choose another output.dir")
+
+
+def claim_dir(out_dir, name, *, reset):
+    """Make ``out_dir/name`` a marked dmlcore folder; ``reset`` empties one dmlcore wrote.
+
+    Raises ``OutputConflict`` (touching nothing) when the folder exists and is not dmlcore's.
+    """
+    out_dir = Path(out_dir)
+    check_free(out_dir, dirs=[name])
+    path = out_dir / name
+    if reset and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DIR_MARK).touch()
+    return path
 
 
 def commit(out_dir, files, checkpoints=()):
     """Write ``files`` atomically into ``out_dir``; swap live checkpoint dirs into place.
 
-    ``checkpoints``: ``[(live dir, final dir)]``: the final dir is replaced by
-    the live one. Outputs of an earlier run that this run did not produce
-    (known names and PNGs) are removed, so the directory describes one run.
+    ``checkpoints``: ``[(live dir, final dir)]``, both directly in ``out_dir``:
+    the final dir is replaced by the live one. Only names that the previous
+    run's manifest (``MANIFEST``) lists are replaced or removed; if any name
+    this run writes is taken by something dmlcore did not write,
+    ``OutputConflict`` is raised before anything is written. The new manifest
+    lists what this run wrote.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    swaps = [(Path(live), Path(final)) for live, final in checkpoints if Path(live).exists()]
+    new_dirs = {final.name for _, final in swaps}
+    check_free(out_dir, files=list(files), dirs=sorted(new_dirs))
+    for live, _ in swaps:
+        if not owns_dir(out_dir, live.name):
+            raise OutputConflict(f"{live} was not written by dmlcore (no {DIR_MARK} in it)")
+    prev = read_manifest(out_dir)
+    # Until the end, the manifest lists both runs' names: an interrupted commit
+    # leaves nothing that a later run would take for a user's file.
+    _write_manifest(out_dir, prev["files"] | set(files), prev["dirs"] | new_dirs)
     mode = 0o666 & ~_umask()
     for name, content in files.items():
         def write(f, c=content):
             f.write(c)
             os.fchmod(f.fileno(), mode)     # temporary files are created 0600
         atomic_write(out_dir / name, write)
-    for path in out_dir.iterdir():
-        stale = path.name not in files and path.is_file() and (
-            path.name in _KNOWN or path.suffix == _PLOT_SUFFIX)
-        if stale:
+    for name in prev["files"] - set(files):
+        path = out_dir / name
+        if path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
-    for live, final in checkpoints:
-        live, final = Path(live), Path(final)
-        if not live.exists():
-            continue
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
+    for live, final in swaps:
+        old = None
         if final.exists():
-            final.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=out_dir))
+            final.rename(old / final.name)
+        (live / DIR_MARK).touch()
         live.rename(final)
-        if old.exists():
+        if old is not None:
             shutil.rmtree(old)
+    kept = set(new_dirs)
+    for name in prev["dirs"] - new_dirs:
+        if owns_dir(out_dir, name):
+            kept.add(name)          # an earlier run's folder this run did not replace
+    _write_manifest(out_dir, set(files), kept)

@@ -145,6 +145,9 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     Evaluation on ``eval_data=(X, y)`` happens every ``eval_every`` steps
     (default: once per epoch) and at the last step; checkpoints every
     ``checkpoint_every`` steps (default: once per epoch) and at the end.
+    ``resume=True`` continues the newest run in ``checkpoint_dir``, a run id
+    string that run (``history.attrs["run_id"]``); a checkpoint of another
+    model configuration, or no checkpoint of the asked run, is a ValueError.
     ``callbacks``: callables ``f(step, record, params)``; a True return stops.
     A callback with an attribute ``sync_every = k`` promises to read
     ``params`` and to stop only at multiples of k, which lets strategies that
@@ -195,9 +198,12 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
     opt_state = None if isinstance(optimizer, LBFGS) else optimizer.init(values, decay_mask)
 
     records, start, time_offset, extra = [], 0, 0.0, {}
+    run_id = ckpt.new_run_id()
     if resume and checkpoint_dir is not None:
-        saved = ckpt.latest(checkpoint_dir)
+        saved = ckpt.latest(checkpoint_dir, run_id=None if resume is True else str(resume),
+                            model_config=model.to_config())
         if saved is not None:
+            run_id = saved["meta"].get("run_id") or run_id
             params = saved["params"].astype(dtype)
             start = saved["step"]
             opt_state = ckpt.restore_state(opt_state, saved["opt"])
@@ -226,7 +232,8 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
     def save_checkpoint(step):
         hist = {k: [r.get(k, np.nan) for r in records] for k in
                 {key for r in records for key in r}}
-        ckpt.save(checkpoint_dir, step, ctx.params, ctx.opt_state, hist, ctx.extra, meta)
+        ckpt.save(checkpoint_dir, step, ctx.params, ctx.opt_state, hist, ctx.extra, meta,
+                  run_id=run_id)
 
     bar = _Progress(progress, total, start, strategy)
     t0 = time.perf_counter()
@@ -259,5 +266,5 @@ def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, ini
         save_checkpoint(step)
     history = history_dataset(records, attrs={
         "model": repr(model), "strategy": repr(strategy), "optimizer": repr(optimizer),
-        "seed": int(seed), "n_partitions": int(data.n_partitions)})
+        "seed": int(seed), "n_partitions": int(data.n_partitions), "run_id": run_id})
     return FitResult(model, ctx.params, history, strategy, optimizer, ctx.opt_state, step)

@@ -465,7 +465,17 @@ def _construct(check, path, factory, kwargs, keys_in_file):
 
 def _check_cluster(check, cfg):
     cluster = check.mapping(cfg.get("cluster"), ("cluster",), allow_none=True)
-    check.keys(cluster, ("cluster",), ("local", "address", "timeout"))
+    check.keys(cluster, ("cluster",), ("local", "address", "timeout", "tls"))
+    tls = check.mapping(cluster.get("tls"), ("cluster", "tls"), allow_none=True)
+    check.keys(tls, ("cluster", "tls"), ("ca_file", "cert", "key"))
+    for key in ("ca_file", "cert", "key"):
+        if key not in tls:
+            if tls:
+                check.fail(("cluster", "tls"), f"missing {key} (TLS needs ca_file, cert, key)")
+            continue
+        if not isinstance(tls[key], str) or not Path(tls[key]).expanduser().is_file():
+            check.fail(("cluster", "tls", key), f"no such file: {_describe(tls[key])}")
+        tls[key] = str(Path(tls[key]).expanduser())
     if "local" in cluster and "address" in cluster:
         check.fail(("cluster",), "give either 'local' or 'address', not both")
     address = cluster.get("address")
@@ -483,8 +493,11 @@ def _check_cluster(check, cfg):
     check.arguments(local, ("cluster", "local"), params)
     if "processes" in local:
         check.value(local["processes"], ("cluster", "local", "processes"), ("bool", None, False))
+    if address and address.startswith("tls://") and not tls:
+        check.fail(("cluster", "address"), f"{address} is a TLS scheduler: give cluster.tls: "
+                   f"{{ca_file, cert, key}} (or --tls-ca-file, --tls-cert, --tls-key)")
     return {"address": address, "timeout": float(cluster.get("timeout", 5.0)),
-            "local": dict(local)}
+            "local": dict(local), "tls": dict(tls)}
 
 
 def _check_source(check, source, path, wf, test=False):
@@ -1120,8 +1133,14 @@ def open_client(spec, address=None, say=print):
     timeout = spec.cluster.get("timeout", 5.0)
     cluster = None
     if address:
+        from .cluster import security
+
         try:
-            client = Client(address, timeout=timeout, set_as_default=True)
+            sec = security(address, spec.cluster.get("tls"))
+        except ValueError as exc:
+            raise WorkflowError(str(exc)) from None
+        try:
+            client = Client(address, timeout=timeout, set_as_default=True, security=sec)
         except (OSError, TimeoutError, ValueError, TypeError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WorkflowError(f"cannot reach the Dask scheduler at {address} "
@@ -1202,29 +1221,38 @@ def _checkpoint_dirs(out_dir, index=None):
 
 
 def _prepare_checkpoints(live, done, resume, model, check, say):
-    """Set up the live checkpoint directory; returns whether fit should resume."""
-    from . import checkpoint as ckpt
+    """Set up the live checkpoint directory; returns whether fit should resume.
 
+    Only folders dmlcore wrote are emptied or replaced (``outputs.claim_dir``);
+    the fixed output names are checked here, before training, too.
+    """
+    from . import checkpoint as ckpt
+    from . import outputs
+
+    top = live.parent if live.parent.name == "checkpoints.partial" else live
+    out_dir = top.parent
+    outputs.check_free(out_dir, outputs.FIXED_NAMES, dirs=[top.name, "checkpoints"])
+    outputs.claim_dir(out_dir, top.name, reset=False)
     if not resume:
         if ckpt.list_checkpoints(live):
             say(f"note: discarding the checkpoints of an interrupted run in {live} "
                 f"(--resume continues it)")
-        if live.exists():
+        if live != top and live.exists():
             shutil.rmtree(live)
+        outputs.claim_dir(out_dir, top.name, reset=live == top)
         return False
     if not ckpt.list_checkpoints(live) and ckpt.list_checkpoints(done):
         live.mkdir(parents=True, exist_ok=True)
         for f in ckpt.list_checkpoints(done):
             shutil.copy2(f, live / f.name)
-    saved = ckpt.latest(live)
+    try:
+        saved = ckpt.latest(live, model_config=model.to_config())
+    except ValueError as exc:
+        check.fail(("model",), f"--resume: {exc}")
     if saved is None:
         say(f"--resume: no checkpoint in {live.parent}; starting from step 0")
         return False
-    saved_model = saved["meta"].get("model")
-    if saved_model is not None and saved_model != model.to_config():
-        check.fail(("model",), f"--resume: the checkpoints in {live} were written for "
-                   f"{saved_model}, this run builds {model.to_config()}")
-    say(f"resuming from step {saved['step']} ({live})")
+    say(f"resuming from step {saved['step']} of run {saved['meta'].get('run_id')} ({live})")
     return True
 
 

@@ -8,12 +8,15 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def dask_cluster(logdir, workers, scheduler_host="127.0.0.1", memory_limit="2GiB", env=None):
+def dask_cluster(logdir, workers, scheduler_host="127.0.0.1", memory_limit="2GiB", env=None,
+                 scheduler_args=(), worker_args=(), security=None):
     """Start a `dask scheduler` on ``scheduler_host`` and one single-threaded
     `dask worker` per entry of ``workers``: ``(command prefix, host or None)``,
     e.g. ``(["ip", "netns", "exec", ns], "10.0.0.2")``. Yields the scheduler's
     address once every worker has joined; terminates them all on exit. Each
-    process logs to ``logdir/<name>.log``."""
+    process logs to ``logdir/<name>.log``. ``scheduler_args``/``worker_args``
+    are appended to the commands (e.g. ``--protocol tls --tls-cert ...``);
+    ``security`` is the ``distributed.Security`` of the readiness check."""
     bindir = Path(sys.executable).parent
     procs = []
 
@@ -24,7 +27,8 @@ def dask_cluster(logdir, workers, scheduler_host="127.0.0.1", memory_limit="2GiB
     try:
         info = Path(logdir) / "scheduler.json"
         start([str(bindir / "dask"), "scheduler", "--host", scheduler_host, "--port", "0",
-               "--dashboard-address", ":0", "--scheduler-file", str(info)], "scheduler")
+               "--dashboard-address", ":0", "--scheduler-file", str(info), *scheduler_args],
+              "scheduler")
         address, deadline = None, time.time() + 90
         while address is None and time.time() < deadline:
             try:
@@ -35,10 +39,11 @@ def dask_cluster(logdir, workers, scheduler_host="127.0.0.1", memory_limit="2GiB
         for i, (prefix, host) in enumerate(workers):
             start([*prefix, str(bindir / "dask"), "worker", address, "--nthreads", "1",
                    "--nworkers", "1", "--memory-limit", memory_limit, "--no-dashboard",
-                   "--name", f"w{i}", *(["--host", host] if host else [])], f"worker{i}")
+                   "--name", f"w{i}", *(["--host", host] if host else []), *worker_args],
+                  f"worker{i}")
         from distributed import Client
 
-        with Client(address, timeout=30) as client:
+        with Client(address, timeout=30, security=security) as client:
             client.wait_for_workers(len(workers), timeout=60)
         yield address
     finally:

@@ -19,12 +19,15 @@ Loss and output delta, per row (sums over rows, never means):
 
     softmax:  loss = logsumexp(z) - z_y        D = softmax(z) - onehot(y)
     linear:   loss = 1/2 sum_k (z_k - y_k)^2    D = z - y
+    sigmoid:  loss = sum_k log1p(e^-|z_k|) + max(z_k, 0) - y_k z_k
+                                                D = sigmoid(z) - y   (multilabel)
 
 Backward, accumulated over row blocks (gemm beta = 1 after the first block):
 
     gW_l += A_{l-1}^T @ D_l          gb_l += sum over rows of D_l
     D_{l-1} = (D_l @ W_l^T) * act'(A_{l-1})       act' read from the output A:
-                                                  relu 1[a > 0], tanh 1 - a^2
+                                                  relu 1[a > 0], tanh 1 - a^2,
+                                                  identity 1, logistic a (1 - a)
 
 Early stop: ``trainable[l]`` flags the layers whose gradient is wanted. Delta
 propagation stops at the lowest flagged layer (nothing below it is computed);
@@ -47,22 +50,25 @@ one block; ``loss_grad_softmax``, ``loss_grad_squared`` and ``forward`` are the
 Python entry points (validate, then release the GIL).
 """
 from cython cimport floating
-from libc.math cimport exp, expf, log, logf, tanh, tanhf
+from libc.math cimport exp, expf, log, logf, log1p, log1pf, tanh, tanhf
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 import numpy as np
 
-ACTIVATIONS = {"relu": 0, "tanh": 1}
-OUTPUTS = {"softmax": 0, "linear": 1}
+ACTIVATIONS = {"relu": 0, "tanh": 1, "identity": 2, "logistic": 3}
+OUTPUTS = {"softmax": 0, "linear": 1, "sigmoid": 2}
 
 cdef enum:
     ACT_RELU = 0
     ACT_TANH = 1
+    ACT_IDENTITY = 2
+    ACT_LOGISTIC = 3
     OUT_SOFTMAX = 0
     OUT_LINEAR = 1
+    OUT_SIGMOID = 2
 
 
 # ---- BLAS ------------------------------------------------------------------
@@ -95,6 +101,22 @@ cdef inline floating _tanh(floating x) noexcept nogil:
         return tanh(x)
 
 
+cdef inline floating _sigmoid(floating x) noexcept nogil:
+    """1 / (1 + exp(-x)), without overflow for either sign (NaN stays NaN)."""
+    cdef floating e
+    if x >= 0:
+        return 1 / (1 + _exp(-x))
+    e = _exp(x)
+    return e / (1 + e)
+
+
+cdef inline floating _log1p(floating x) noexcept nogil:
+    if floating is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
+
+
 # ---- fused elementwise passes ------------------------------------------------
 cdef void _bias_act(floating *z, const floating *b, Py_ssize_t rows,
                     Py_ssize_t cols, int act, floating *probe) noexcept nogil:
@@ -109,11 +131,21 @@ cdef void _bias_act(floating *z, const floating *b, Py_ssize_t rows,
                 t = row[j] + b[j]
                 probe[j] += t - t
                 row[j] = 0 if t < 0 else t      # keeps NaN (NaN < 0 is false)
-        else:
+        elif act == ACT_TANH:
             for j in range(cols):
                 t = row[j] + b[j]
                 probe[j] += t - t
                 row[j] = _tanh(t)
+        elif act == ACT_IDENTITY:
+            for j in range(cols):
+                t = row[j] + b[j]
+                probe[j] += t - t
+                row[j] = t
+        else:
+            for j in range(cols):
+                t = row[j] + b[j]
+                probe[j] += t - t
+                row[j] = _sigmoid(t)
 
 
 cdef void _act_backward(floating *a, const floating *s, Py_ssize_t count,
@@ -124,10 +156,16 @@ cdef void _act_backward(floating *a, const floating *s, Py_ssize_t count,
     if act == ACT_RELU:
         for i in range(count):
             a[i] = s[i] if a[i] > 0 else 0
-    else:
+    elif act == ACT_TANH:
         for i in range(count):
             t = a[i]
             a[i] = s[i] * (1 - t * t)
+    elif act == ACT_IDENTITY:
+        memcpy(a, s, count * sizeof(floating))
+    else:
+        for i in range(count):
+            t = a[i]
+            a[i] = s[i] * t * (1 - t)
 
 
 cdef void _col_sum(const floating *d, Py_ssize_t rows, Py_ssize_t cols,
@@ -196,6 +234,43 @@ cdef void _squared(floating *z, const floating *b, const floating *y,
             row[j] = d
             acc += <double> d * d
     loss[0] += 0.5 * acc
+
+
+cdef void _sigmoid_xent(floating *z, const floating *b, const floating *y,
+                        Py_ssize_t ldy, Py_ssize_t rows, Py_ssize_t k,
+                        double *loss) noexcept nogil:
+    """IN/OUT z: logits without bias -> D = sigmoid(z + b) - y (y in [0, 1]).
+
+    Adds sum over rows and outputs of log1p(exp(-|z|)) + max(z, 0) - y z
+    (binary cross-entropy, stable for either sign) to *loss.
+    """
+    cdef Py_ssize_t i, j
+    cdef floating t, yt
+    cdef floating *row
+    cdef double acc = 0
+    for i in range(rows):
+        row = z + i * k
+        for j in range(k):
+            t = row[j] + b[j]
+            yt = y[i * ldy + j]
+            acc += <double> (_log1p(_exp(-(t if t >= 0 else -t))) + (t if t > 0 else 0)
+                             - yt * t)
+            row[j] = _sigmoid(t) - yt
+    loss[0] += acc
+
+
+cdef double _sigmoid_predict(floating *z, const floating *b, Py_ssize_t rows,
+                             Py_ssize_t k) noexcept nogil:
+    """IN/OUT z: logits without bias -> sigmoid(z + b). Returns sum(z - z) (0 if finite)."""
+    cdef Py_ssize_t i, j
+    cdef floating t
+    cdef double probe = 0
+    for i in range(rows):
+        for j in range(k):
+            t = z[i * k + j] + b[j]
+            probe += t - t
+            z[i * k + j] = _sigmoid(t)
+    return probe
 
 
 cdef double _softmax_predict(floating *z, const floating *b, Py_ssize_t rows,
@@ -389,7 +464,7 @@ cdef Layout _check_common(const floating[:, :] X, const floating[::1] params,
 
 
 cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
-                           const floating *Y, Py_ssize_t ldy,
+                           const floating *Y, Py_ssize_t ldy, int output,
                            const floating[::1] params, sizes_obj, int act,
                            trainable, floating[::1] grad, floating[::1] work,
                            Py_ssize_t block_rows, Py_ssize_t *bad_row) except? -1:
@@ -456,6 +531,8 @@ cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
                     if r >= 0:
                         bad_row[0] = r0 + r
                         break
+                elif output == OUT_SIGMOID:
+                    _sigmoid_xent(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy, rows, k, &loss)
                 else:
                     _squared(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy, rows, k, &loss)
                 if lowest < n_layers:
@@ -506,8 +583,9 @@ def make_packing_buffer_resident():
 
 
 def _check_activation(int activation):
-    if activation != ACT_RELU and activation != ACT_TANH:
-        raise ValueError(f"activation code {activation} is not 0 (relu) or 1 (tanh)")
+    if activation < ACT_RELU or activation > ACT_LOGISTIC:
+        raise ValueError(f"activation code {activation} is not 0 (relu), 1 (tanh), "
+                         f"2 (identity) or 3 (logistic)")
 
 
 def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
@@ -518,7 +596,7 @@ def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
 
     IN  X (n, sizes[0]), unit column stride (any row stride); y (n,) int64
         labels in [0, sizes[L]); params flat; sizes (L+1,) widths (int64);
-        activation 0 relu / 1 tanh; trainable None (all) or (L,) uint8 flags.
+        activation 0 relu / 1 tanh / 2 identity / 3 logistic; trainable None (all) or (L,) uint8 flags.
     OUT grad (n_params,): overwritten (unflagged layers = 0).
     work: at least ``workspace_size(sizes, block_rows)`` floats.
     Returns (loss_sum, bad_row): bad_row = -1, or the first row whose label is
@@ -532,21 +610,17 @@ def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
     cdef Py_ssize_t bad_row = -1
     cdef int64_t dummy = 0
     cdef const int64_t *labels = &y[0] if y.shape[0] > 0 else &dummy
-    loss = _run_loss_grad(X, labels, <const floating *> NULL, 0, params, _as_sizes(sizes),
+    loss = _run_loss_grad(X, labels, <const floating *> NULL, 0, OUT_SOFTMAX, params,
+                          _as_sizes(sizes),
                           activation, trainable, grad, work, block_rows, &bad_row)
     return loss, bad_row
 
 
-def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
-                      const floating[::1] params, sizes, int activation,
-                      trainable, floating[::1] grad, floating[::1] work,
-                      Py_ssize_t block_rows):
-    """Linear-output MLP with loss 1/2 sum (y_hat - y)^2: SUM loss and gradient.
-
-    IN  Y (n, sizes[L]) targets, unit column stride; the rest as in
-        ``loss_grad_softmax``. OUT grad. Returns loss_sum (non-finite when X,
-        Y or params hold a NaN or inf).
-    """
+cdef double _loss_grad_targets(const floating[:, :] X, const floating[:, :] Y,
+                               int output, const floating[::1] params, sizes,
+                               int activation, trainable, floating[::1] grad,
+                               floating[::1] work, Py_ssize_t block_rows) except? -1:
+    """The float-target losses (squared, sigmoid cross-entropy): checks Y, runs."""
     make_packing_buffer_resident()
     _check_activation(activation)
     sizes = _as_sizes(sizes)
@@ -560,15 +634,44 @@ def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
     cdef Py_ssize_t bad_row = -1
     cdef floating dummy = 0
     cdef const floating *yp = &Y[0, 0] if Y.shape[0] > 0 else &dummy
-    return _run_loss_grad(X, NULL, yp, ldy, params, sizes, activation, trainable,
+    return _run_loss_grad(X, NULL, yp, ldy, output, params, sizes, activation, trainable,
                           grad, work, block_rows, &bad_row)
+
+
+def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
+                      const floating[::1] params, sizes, int activation,
+                      trainable, floating[::1] grad, floating[::1] work,
+                      Py_ssize_t block_rows):
+    """Linear-output MLP with loss 1/2 sum (y_hat - y)^2: SUM loss and gradient.
+
+    IN  Y (n, sizes[L]) targets, unit column stride; the rest as in
+        ``loss_grad_softmax``. OUT grad. Returns loss_sum (non-finite when X,
+        Y or params hold a NaN or inf).
+    """
+    return _loss_grad_targets(X, Y, OUT_LINEAR, params, sizes, activation, trainable,
+                              grad, work, block_rows)
+
+
+def loss_grad_sigmoid(const floating[:, :] X, const floating[:, :] Y,
+                      const floating[::1] params, sizes, int activation,
+                      trainable, floating[::1] grad, floating[::1] work,
+                      Py_ssize_t block_rows):
+    """Sigmoid outputs with binary cross-entropy summed over the sizes[L]
+    outputs (multilabel): SUM loss and gradient over the rows of X.
+
+    IN  Y (n, sizes[L]) 0/1 indicators (any value in [0, 1] works), unit
+        column stride; the rest as in ``loss_grad_softmax``. OUT grad.
+    Returns loss_sum (non-finite when X, Y or params hold a NaN or inf).
+    """
+    return _loss_grad_targets(X, Y, OUT_SIGMOID, params, sizes, activation, trainable,
+                              grad, work, block_rows)
 
 
 def forward(const floating[:, :] X, const floating[::1] params, sizes,
             int activation, int output, floating[:, ::1] out,
             floating[::1] work, Py_ssize_t block_rows):
     """Predictions, block by block: OUT out (n, sizes[L]) := softmax probabilities
-    (output 0) or the linear output (output 1).
+    (output 0), the linear output (output 1) or sigmoid probabilities (output 2).
 
     work: at least ``workspace_size(sizes, block_rows, backward=False)``.
     Returns the finiteness probe: 0.0 when every activation is finite, else
@@ -576,8 +679,8 @@ def forward(const floating[:, :] X, const floating[::1] params, sizes,
     """
     make_packing_buffer_resident()
     _check_activation(activation)
-    if output != OUT_SOFTMAX and output != OUT_LINEAR:
-        raise ValueError(f"output code {output} is not 0 (softmax) or 1 (linear)")
+    if output < OUT_SOFTMAX or output > OUT_SIGMOID:
+        raise ValueError(f"output code {output} is not 0 (softmax), 1 (linear) or 2 (sigmoid)")
     cdef const int64_t[::1] sz = _as_sizes(sizes)
     cdef int n_layers = sz.shape[0] - 1
     cdef Py_ssize_t n = X.shape[0], k = sz[n_layers]
@@ -617,6 +720,8 @@ def forward(const floating[:, :] X, const floating[::1] params, sizes,
                                 acts, &out[r0, 0], probe)
                 if output == OUT_SOFTMAX:
                     probe_sum += _softmax_predict(&out[r0, 0], b_last, rows, k)
+                elif output == OUT_SIGMOID:
+                    probe_sum += _sigmoid_predict(&out[r0, 0], b_last, rows, k)
                 else:
                     probe_sum += _linear_predict(&out[r0, 0], b_last, rows, k)
                 r0 += rows

@@ -2,8 +2,10 @@
 of the compiled kernels (its own parameter unpacking, textbook formulas).
 
 Layout: for each layer l, W_l (sizes[l], sizes[l+1]) row-major then b_l.
-Loss is the SUM over rows: softmax cross-entropy (integer labels) or
-1/2 sum (y_hat - y)^2; the gradient is the SUM over rows too.
+Loss is the SUM over rows: softmax cross-entropy (integer labels),
+1/2 sum (y_hat - y)^2, or (sigmoid, multilabel) the binary cross-entropy
+-sum_k [y_k log p_k + (1 - y_k) log(1 - p_k)]; the gradient is the SUM over
+rows too.
 """
 import numpy as np
 
@@ -22,11 +24,14 @@ def unpack(params, sizes):
 
 
 def _act(z, activation):
-    return np.maximum(z, 0) if activation == "relu" else np.tanh(z)
+    return {"relu": lambda: np.maximum(z, 0), "tanh": lambda: np.tanh(z),
+            "identity": lambda: z.copy(), "logistic": lambda: 1 / (1 + np.exp(-z))}[activation]()
 
 
 def _act_grad(a, activation):
-    return (a > 0).astype(a.dtype) if activation == "relu" else 1 - a * a
+    """act'(z) written from a = act(z)."""
+    return {"relu": lambda: (a > 0).astype(a.dtype), "tanh": lambda: 1 - a * a,
+            "identity": lambda: np.ones_like(a), "logistic": lambda: a * (1 - a)}[activation]()
 
 
 def forward(params, sizes, X, activation="relu", output="softmax"):
@@ -41,6 +46,8 @@ def forward(params, sizes, X, activation="relu", output="softmax"):
     if output == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         pred = e / e.sum(axis=1, keepdims=True)
+    elif output == "sigmoid":
+        pred = 1 / (1 + np.exp(-z))
     else:
         pred = z
     return acts, z, pred
@@ -58,6 +65,11 @@ def loss_grad(params, sizes, X, y, activation="relu", output="softmax"):
         loss = float(np.sum(lse - z[np.arange(n), y]))
         delta = pred.copy()
         delta[np.arange(n), y] -= 1
+    elif output == "sigmoid":
+        Y = np.asarray(y, dtype=np.float64).reshape(n, -1)
+        p = pred.astype(np.float64)
+        loss = -float(np.sum(Y * np.log(p) + (1 - Y) * np.log(1 - p)))
+        delta = (p - Y).astype(params.dtype)
     else:
         Y = np.asarray(y, dtype=params.dtype).reshape(n, -1)
         delta = z - Y

@@ -14,6 +14,10 @@ CONFIGS = [
     ([6, 5, 4], "tanh", "softmax"),
     ([6, 7, 5, 3], "relu", "linear"),
     ([6, 7, 5, 1], "tanh", "linear"),
+    ([6, 5, 4], "identity", "softmax"),
+    ([6, 7, 3], "logistic", "linear"),
+    ([6, 5, 4], "relu", "sigmoid"),
+    ([6, 7, 5, 1], "logistic", "sigmoid"),
 ]
 
 
@@ -22,6 +26,8 @@ def make_problem(sizes, output, n=23, seed=0, dtype=np.float64):
     X = rng.normal(size=(n, sizes[0])).astype(dtype)
     if output == "softmax":
         y = rng.integers(0, sizes[-1], size=n)
+    elif output == "sigmoid":
+        y = rng.integers(0, 2, size=(n, sizes[-1])).astype(dtype)
     elif sizes[-1] == 1:
         y = rng.normal(size=n).astype(dtype)
     else:
@@ -190,7 +196,7 @@ def test_empty_partition_gives_zero():
 
 
 # ---- early stop: trainable layers ------------------------------------------------
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity", "logistic"])
 @pytest.mark.parametrize("trainable", [["layer2"], ["layer1", "layer2"], ["layer1"],
                                        ["layer0"], ["layer0", "layer2"], []])
 def test_trainable_stops_backprop_and_zeroes_frozen_layers(activation, trainable):
@@ -262,7 +268,7 @@ def test_label_types():
         model.loss_grad(params, X, y[:5], g1)
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity", "logistic"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_X_is_detected(activation, bad):
     # tanh maps +-inf to +-1, relu maps -inf to 0: the probe in the fused
@@ -333,7 +339,7 @@ def test_layout_config_and_metadata():
             MLP(**bad)
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity", "logistic"])
 def test_init_is_deterministic_and_scaled(activation):
     model = MLP([50, 40, 10], activation=activation)
     a, b, c = model.init(0), model.init(0), model.init(1)
@@ -343,10 +349,14 @@ def test_init_is_deterministic_and_scaled(activation):
     assert a32.dtype == np.float32
     np.testing.assert_array_equal(a32, a.astype(np.float32))
     views = model.views(a)
-    hidden_limit = np.sqrt(6 / 50) if activation == "relu" else np.sqrt(6 / 90)
-    W0 = views["layer0"]["W"]
+    # scikit-learn's _init_coef: sqrt(6 / (fan_in + fan_out)), factor 2 for logistic;
+    # relu hidden layers use He's sqrt(6 / fan_in)
+    hidden_limit = {"relu": np.sqrt(6 / 50), "logistic": np.sqrt(2 / 90)}.get(
+        activation, np.sqrt(6 / 90))
+    out_limit = np.sqrt((2 if activation == "logistic" else 6) / 50)
+    W0, W1 = views["layer0"]["W"], views["layer1"]["W"]
     assert np.abs(W0).max() <= hidden_limit and np.abs(W0).max() > 0.9 * hidden_limit
-    assert np.abs(views["layer1"]["W"]).max() <= np.sqrt(6 / 50)
+    assert np.abs(W1).max() <= out_limit and np.abs(W1).max() > 0.9 * out_limit
     assert (views["layer0"]["b"] == 0).all() and (views["layer1"]["b"] == 0).all()
 
 
@@ -396,3 +406,51 @@ def test_first_kernel_call_makes_the_blas_packing_buffer_resident():
     if out == "None":
         pytest.skip("no 32 MiB anonymous mapping: BLAS is not OpenBLAS")
     assert int(out) >= 700, f"packing buffer: only {out} KiB resident"
+
+
+# ---- multilabel (sigmoid) output ---------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_output_is_stable_for_large_logits(dtype):
+    # the loss is log1p(exp(-|z|)) + max(z, 0) - y z: finite and exact where
+    # log(sigmoid(z)) would overflow; the gradient stays sigmoid(z) - y
+    sizes = [2, 2]
+    model = MLP(sizes, activation="relu", output="sigmoid")
+    params = np.array([200.0, -200.0, 0.0, 0.0, 0.0, 0.0], dtype=dtype)   # W (2x2), b (2)
+    X = np.array([[1.0, 0.0]], dtype=dtype)
+    Y = np.array([[0.0, 0.0]], dtype=dtype)            # z = (200, -200): loss = 200 + ~0
+    grad = np.empty(model.n_params, dtype=dtype)
+    loss = model.loss_grad(params, X, Y, grad)
+    assert loss == pytest.approx(200.0, rel=1e-6)
+    np.testing.assert_allclose(grad[:2], [1.0, 0.0], atol=1e-6)       # dW row 0 = x0 * (p - y)
+    np.testing.assert_allclose(grad[4:], [1.0, 0.0], atol=1e-6)       # db = p - y
+    proba = model.predict(params, X)
+    assert proba.shape == (1, 2) and proba.dtype == dtype
+    np.testing.assert_allclose(proba, [[1.0, 0.0]], atol=1e-6)
+
+
+def test_sigmoid_output_targets_and_metadata():
+    model = MLP([4, 3, 5], activation="tanh", output="sigmoid")
+    assert model.is_multilabel and not model.is_classifier and model.n_outputs == 5
+    assert model.to_config()["output"] == "sigmoid"
+    params = model.init(0)
+    X = np.random.default_rng(0).normal(size=(6, 4))
+    with pytest.raises(ValueError, match=r"y: expected shape \(6, 5\)"):
+        model.loss_grad(params, X, np.zeros((6, 4)), np.empty(model.n_params))
+    # boolean indicators are taken as 0/1 floats
+    Y = np.random.default_rng(1).integers(0, 2, size=(6, 5))
+    g1, g2 = np.empty(model.n_params), np.empty(model.n_params)
+    assert model.loss_grad(params, X, Y.astype(bool), g1) == model.loss_grad(
+        params, X, Y.astype(np.float64), g2)
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_activation_codes_are_checked():
+    sizes = np.array([3, 2, 2], dtype=np.int64)
+    p = np.zeros(3 * 2 + 2 + 2 * 2 + 2)
+    with pytest.raises(ValueError, match="activation code 4"):
+        kernels.loss_grad_squared(np.zeros((1, 3)), np.zeros((1, 2)), p, sizes, 4, None,
+                                  np.empty_like(p), np.empty(1000), 8)
+    with pytest.raises(ValueError, match="activation"):
+        MLP([3, 2], activation="softplus")
+    with pytest.raises(ValueError, match="output"):
+        MLP([3, 2], output="poisson")

@@ -1,4 +1,5 @@
-"""Multi-layer perceptron: dense layers, relu/tanh, softmax or linear output.
+"""Multi-layer perceptron: dense layers, relu/tanh/identity/logistic hidden
+activations, softmax, linear or sigmoid (multilabel) output.
 
 The layout follows ``base.Model``: layer ``layer{l}`` owns ``W`` of shape
 (sizes[l], sizes[l+1]) then ``b`` of shape (sizes[l+1],). The compiled kernels
@@ -41,11 +42,15 @@ def _scratch(size, dtype):
 
 
 class MLP(Model):
-    """``MLP(sizes, activation="relu" | "tanh", output="softmax" | "linear")``.
+    """``MLP(sizes, activation="relu" | "tanh" | "identity" | "logistic",
+    output="softmax" | "linear" | "sigmoid")``.
 
     ``sizes`` = [n_features, hidden..., n_outputs]. ``output="softmax"`` is a
     classifier over ``sizes[-1]`` classes (cross-entropy, integer labels);
-    ``output="linear"`` a regressor with loss 1/2 sum (y_hat - y)^2.
+    ``output="linear"`` a regressor with loss 1/2 sum (y_hat - y)^2;
+    ``output="sigmoid"`` a multilabel classifier: ``sizes[-1]`` independent
+    binary outputs, y an (n, sizes[-1]) 0/1 indicator matrix, loss the binary
+    cross-entropy summed over outputs.
     """
 
     def __init__(self, sizes, activation="relu", output="softmax"):
@@ -90,7 +95,13 @@ class MLP(Model):
 
     @property
     def is_classifier(self) -> bool:
+        """True for integer class labels (softmax); the multilabel sigmoid
+        output takes a float indicator matrix, like a regressor's targets."""
         return self.output == "softmax"
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.output == "sigmoid"
 
     @property
     def n_features(self) -> int:
@@ -112,8 +123,9 @@ class MLP(Model):
     # ---- parameters ----------------------------------------------------------
     def init(self, seed, dtype=np.float64) -> np.ndarray:
         """Uniform initialisation, deterministic by ``seed``: He (relu) or
-        Glorot (tanh) limits for the hidden layers, Glorot for the output layer,
-        biases 0. The draw is in float64, then cast, so float32 and float64
+        Glorot (tanh, identity) limits for the hidden layers, Glorot for the
+        output layer, sqrt(2 / (fan_in + fan_out)) everywhere for logistic
+        (scikit-learn's choice), biases 0. The draw is in float64, then cast, so float32 and float64
         parameters agree."""
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
@@ -124,7 +136,9 @@ class MLP(Model):
         n_layers = len(self.sizes) - 1
         for l, name in enumerate(self.layer_names):
             fan_in, fan_out = self.sizes[l], self.sizes[l + 1]
-            if l < n_layers - 1 and self.activation == "relu":
+            if self.activation == "logistic":
+                limit = np.sqrt(2.0 / (fan_in + fan_out))
+            elif l < n_layers - 1 and self.activation == "relu":
                 limit = np.sqrt(6.0 / fan_in)
             else:
                 limit = np.sqrt(6.0 / (fan_in + fan_out))
@@ -164,7 +178,7 @@ class MLP(Model):
         if y.shape != (n, k):
             want = f"({n},) or ({n}, 1)" if k == 1 else f"({n}, {k})"
             raise ValueError(f"y: expected shape {want}, got {np.shape(y)}")
-        if y.dtype.kind not in "fiu":
+        if y.dtype.kind not in "fiub":
             raise ValueError(f"y: targets must be numeric, got dtype {y.dtype}")
         if y.dtype != dtype:
             y = y.astype(dtype)
@@ -213,7 +227,8 @@ class MLP(Model):
     # ---- kernels ---------------------------------------------------------------
     def loss_grad(self, params, X, y, grad, trainable=None, *, block_rows=None) -> float:
         """Overwrite ``grad`` with the SUM over rows of the gradient; return the
-        SUM of the per-row losses (cross-entropy or 1/2 squared error).
+        SUM of the per-row losses (cross-entropy, 1/2 squared error, or binary
+        cross-entropy summed over the outputs).
 
         ``trainable`` (layer names): frozen layers' entries are 0 and the
         backward pass stops at the lowest trainable layer. ``block_rows``
@@ -242,15 +257,17 @@ class MLP(Model):
                     f"y: label {int(y[bad_row])} at row {bad_row} is outside the classes "
                     f"0..{self.sizes[-1] - 1}")
         else:
-            loss = _kernels.loss_grad_squared(
-                X, y, params, self._sizes_arr, self._act, flags, grad, work, rows)
+            kernel = (_kernels.loss_grad_sigmoid if self.is_multilabel
+                      else _kernels.loss_grad_squared)
+            loss = kernel(X, y, params, self._sizes_arr, self._act, flags, grad, work, rows)
         if not math.isfinite(loss):
             self._raise_non_finite(params, X, y)
         return float(loss)
 
     def predict(self, params, X, *, block_rows=None) -> np.ndarray:
-        """Softmax: class probabilities (n, K). Linear: (n,) when the output
-        size is 1, else (n, k). Rows are processed in blocks."""
+        """Softmax: class probabilities (n, K). Sigmoid: per-output
+        probabilities (n, k). Linear: (n,) when the output size is 1, else
+        (n, k). Rows are processed in blocks."""
         params = self._check_params(params)
         X = self._check_X(params, X)
         n = X.shape[0]
@@ -262,6 +279,6 @@ class MLP(Model):
             self._raise_non_finite(params, X)
             raise ValueError("predict: activations overflowed to infinity "
                              "(the parameters have likely diverged)")
-        if not self.is_classifier and self.sizes[-1] == 1:
+        if self.output == "linear" and self.sizes[-1] == 1:
             return out.reshape(n)
         return out

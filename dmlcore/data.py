@@ -116,11 +116,16 @@ def _x_dtype(dtype) -> np.dtype:
 
 
 def _prepare_labels(y: np.ndarray, x_dtype: np.dtype, n: int, check_finite: bool):
+    """``(labels, is_class)``: 1-D integer labels (classes, int64), or float
+    targets in X's dtype, 1-D or 2-D (n, k) (multi-output regression, multilabel
+    indicators; a 2-D y is always float targets)."""
     y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-D, got shape {y.shape}")
+    if y.ndim not in (1, 2):
+        raise ValueError(f"y must be 1-D (labels, targets) or 2-D (n, outputs), got shape {y.shape}")
     if y.shape[0] != n:
         raise ValueError(f"X has {n} rows but y has {y.shape[0]}")
+    if y.ndim == 2 and y.dtype.kind in "iub":
+        y = y.astype(x_dtype)
     if y.dtype.kind in "iub":
         return y.astype(np.int64, copy=False), True
     if y.dtype.kind != "f":
@@ -490,7 +495,7 @@ class PartitionedData:
             ys = None if self.y is None else [np.asarray(b.compute()) for b in self.y_blocks()]
             X = _array_from_blocks(xs, f"dml-X-{uuid.uuid4().hex}", self.X.chunks, self.dtype, 2)
             y = None if ys is None else _array_from_blocks(
-                ys, f"dml-y-{uuid.uuid4().hex}", self.y.chunks, self.y.dtype, 1)
+                ys, f"dml-y-{uuid.uuid4().hex}", self.y.chunks, self.y.dtype, self.y.ndim)
             return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
                                    seed=self.seed, classes=self.classes,
                                    class_count=self._class_count, params=self.params)
@@ -514,11 +519,11 @@ class PartitionedData:
         if self.y is not None:
             yblocks = self.y_blocks()
             yf = _scatter_parts(client, lambda p: np.asarray(yblocks[p].compute()),
-                                self.n_partitions, yname, 1, placement)
+                                self.n_partitions, yname, self.y.ndim, placement)
         _raise_first_error(xf)
         X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2)
         y = None if yf is None else _array_from_blocks(yf, yname, self.y.chunks,
-                                                        self.y.dtype, 1)
+                                                        self.y.dtype, self.y.ndim)
         return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
                                seed=self.seed, classes=self.classes,
                                class_count=self._class_count, client=client,
@@ -692,6 +697,9 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
                        np.array([labels[r].std() for r in plan]))
     x_chunks = (tuple(int(s) for s in sizes), (n_features,))
     y_chunks = (tuple(int(s) for s in sizes),)
+    y_ndim = 1 if labels is None else labels.ndim
+    if y_ndim == 2:
+        y_chunks += ((int(labels.shape[1]),),)
     xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
     params = {"shards_per_partition": int(shards_per_partition)} if scheme == "shards" else (
         {"alpha": float(alpha)} if scheme == "dirichlet" else {})
@@ -708,10 +716,11 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
                                   xname, n_features, dtype, check_finite)
             del x_chunk_futures, Xs, persisted    # the scheduler keeps what the tasks need
         yf = None if labels is None else _scatter_parts(
-            client, lambda p: labels[plan[p]], n_partitions, yname, 1, placement)
+            client, lambda p: labels[plan[p]], n_partitions, yname, y_ndim, placement)
         _raise_first_error(xf)
         Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2)
-        yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype, 1)
+        yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype,
+                                                        y_ndim)
         return PartitionedData(Xd, yd, client=client, placement=placement, x_futures=xf,
                                y_futures=yf, persisted=True, **common)
 
@@ -721,7 +730,8 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     else:
         Xd = _lazy_partitions(Xs, lengths, plan, xname, n_features, dtype, check_finite)
     yd = (None if labels is None
-          else _array_from_blocks([labels[r] for r in plan], yname, y_chunks, labels.dtype, 1))
+          else _array_from_blocks([labels[r] for r in plan], yname, y_chunks, labels.dtype,
+                                  y_ndim))
     return PartitionedData(Xd, yd, persisted=persist, **common)
 
 
@@ -875,7 +885,8 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
                         int(offsets[p]), key=(xname, p, 0), workers=[placement[p]],
                         allow_other_workers=False) for p in range(P)]
     yf = None if labels is None else _scatter_parts(
-        client, lambda p: labels[offsets[p]:offsets[p + 1]], P, yname, 1, placement)
+        client, lambda p: labels[offsets[p]:offsets[p + 1]], P, yname,
+        1 if labels is None else labels.ndim, placement)
     _raise_first_error(xf)
     classes = class_count = None
     if is_class:
@@ -888,7 +899,9 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
                        np.array([labels[r].std() for r in plan]))
     sizes = tuple(int(s) for s in lengths)
     Xd = _array_from_blocks(xf, xname, (sizes, (int(Xs.shape[1]),)), dtype, 2)
-    yd = None if yf is None else _array_from_blocks(yf, yname, (sizes,), labels.dtype, 1)
+    yd = None if yf is None else _array_from_blocks(
+        yf, yname, (sizes,) + ((((int(labels.shape[1]),),) if labels.ndim == 2 else ())),
+        labels.dtype, labels.ndim)
     return PartitionedData(Xd, yd, source_rows=plan, scheme="chunks", seed=seed,
                            classes=classes, class_count=class_count, client=client,
                            placement=placement, x_futures=xf, y_futures=yf, persisted=True)

@@ -130,7 +130,7 @@ def _placement(client, X):
     return _Placement(prepare(found))
 
 
-def _validate_dask(estimator, X, y, *, reset, classifier):
+def _validate_dask(estimator, X, y, *, reset, classifier, multi_output=False):
     """Light validation of dask input (the values are checked when partitioned)."""
     if X.ndim == 2 and any(math.isnan(c) for c in X.chunks[0]):
         X = X.compute_chunk_sizes()          # as dask-ml does for ``ddf.values``
@@ -150,7 +150,8 @@ def _validate_dask(estimator, X, y, *, reset, classifier):
     y = np.asarray(y.compute() if _is_dask(y) else y)
     from sklearn.utils.validation import column_or_1d
 
-    y = column_or_1d(y, warn=True)
+    if not (multi_output and y.ndim == 2):
+        y = column_or_1d(y, warn=True)
     if len(y) != X.shape[0]:
         raise ValueError(f"Found input variables with inconsistent numbers of samples: "
                          f"[{X.shape[0]}, {len(y)}]")
@@ -385,12 +386,24 @@ class _DMLEstimator(BaseEstimator):
     """Shared plumbing: validation, placement, partitioning and the call to ``dml.fit``."""
 
     _is_classifier = False
+    _multi_output = False       # takes a 2-D y (n, outputs)
 
     def _validate(self, X, y=None, *, reset=True):
+        """Validated ``(X, y)``; y is 1-D, or 2-D (n, k >= 2) for multi-output
+        estimators (an (n, 1) y becomes 1-D with a DataConversionWarning, as
+        scikit-learn's MLPs do)."""
         if _is_dask(X):
-            return _validate_dask(self, X, y, reset=reset, classifier=self._is_classifier)
-        return validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
-                             y_numeric=not self._is_classifier)
+            X, y = _validate_dask(self, X, y, reset=reset, classifier=self._is_classifier,
+                                  multi_output=self._multi_output)
+        else:
+            X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
+                                 y_numeric=not self._is_classifier,
+                                 multi_output=self._multi_output)
+        if y is not None and y.ndim == 2 and y.shape[1] == 1:
+            from sklearn.utils.validation import column_or_1d
+
+            y = column_or_1d(y, warn=True)
+        return X, y
 
     def _check_X(self, X):
         """Prediction input (numpy), validated against the fit."""
@@ -645,6 +658,8 @@ MIN_STEPS_PER_EPOCH = 16
 class _MLP(_DMLEstimator):
     """Shared MLP logic; subclasses define the output layer and the targets."""
 
+    _multi_output = True
+
     def __init__(self, hidden_layer_sizes=(100,), activation="relu", solver="adam",
                  alpha=0.0001, batch_size="auto", learning_rate="cosine",
                  learning_rate_init=0.002, max_iter=8, tol=1e-4, n_iter_no_change=10,
@@ -683,8 +698,9 @@ class _MLP(_DMLEstimator):
                              f"got {self.hidden_layer_sizes!r}") from None
         if any(s < 1 for s in sizes):
             raise ValueError(f"hidden_layer_sizes must be positive, got {sizes}")
-        if self.activation not in ("relu", "tanh"):
-            raise ValueError(f"activation must be 'relu' or 'tanh', got {self.activation!r}")
+        if self.activation not in ("relu", "tanh", "identity", "logistic"):
+            raise ValueError(f"activation must be 'relu', 'tanh', 'identity' or 'logistic', "
+                             f"got {self.activation!r}")
         if self.solver not in ("adam", "sgd", "lbfgs"):
             raise ValueError(f"solver must be 'adam', 'sgd' or 'lbfgs', got {self.solver!r}")
         if self.learning_rate not in ("constant", "cosine"):
@@ -789,7 +805,7 @@ class _MLP(_DMLEstimator):
         if not ((partial or warm) and hasattr(self, "params_")):
             self._seed_ = _seed(self.random_state)
             self.model_ = MLP([self.n_features_in_, *sizes, n_out],
-                              activation=self.activation, output=self._output)
+                              activation=self.activation, output=self._model_output())
             self._trained_ = self.model_.init(self._seed_, dtype=dtype)
             self._center_, self._scale_ = self._input_stats(X, dtype)
             self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
@@ -875,7 +891,7 @@ class _MLP(_DMLEstimator):
 
         if _is_dask(X):
             X = X.compute()
-        stratify = y if self._is_classifier else None
+        stratify = y if self._is_classifier and y.ndim == 1 else None
         X_tr, X_val, y_tr, y_val = train_test_split(
             X, y, random_state=self._seed_, test_size=self.validation_fraction,
             stratify=stratify)
@@ -886,16 +902,36 @@ class _MLP(_DMLEstimator):
         model = self.model_
 
         def validate(params):
-            out = model.predict(np.asarray(params, dtype=Xv.dtype), Xv)
+            out = np.asarray(model.predict(np.asarray(params, dtype=Xv.dtype), Xv))
+            if model.is_multilabel:
+                return accuracy_score(y_val, out > 0.5)        # subset accuracy
             if self._is_classifier:
-                return accuracy_score(y_val, np.asarray(out).argmax(axis=1))
-            return r2_score(y_val, np.asarray(out).reshape(-1))
+                return accuracy_score(y_val, out.argmax(axis=1))
+            return r2_score(y_val, out.reshape(np.shape(y_val)))
 
         return X_tr, y_tr, validate
 
     def _forward(self, X):
         X = self._check_X(X)
         return self.model_.predict(self.params_, np.ascontiguousarray(X, self.params_.dtype))
+
+    def _model_output(self):
+        return self._output
+
+    def _check_outputs(self, k, first):
+        """Record (first fit) or check (warm/partial) the number of outputs."""
+        if first:
+            self.n_outputs_ = int(k)
+        elif int(k) != self.n_outputs_:
+            raise ValueError(f"y has {k} output(s), the fitted model {self.n_outputs_}; "
+                             "fit again from scratch (warm_start=False)")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        if tags.classifier_tags is not None:
+            tags.classifier_tags.multi_label = True
+        return tags
 
 
 _MLP_DOC_PARAMS = """
@@ -931,24 +967,55 @@ _MLP_DOC_PARAMS = """
 
 
 class MLPClassifier(ClassifierMixin, _MLP):
-    __doc__ = ("Multi-layer perceptron classifier (softmax output, cross-entropy) trained "
-               "on a Dask cluster.\n" + _MLP_DOC_PARAMS)
+    __doc__ = ("Multi-layer perceptron classifier trained on a Dask cluster: softmax "
+               "output and cross-entropy for class labels; for a 2-D 0/1 indicator y "
+               "(multilabel, as scikit-learn), one sigmoid output per label and binary "
+               "cross-entropy, ``classes_ = arange(n_labels)``, ``predict`` the "
+               "indicator matrix.\n" + _MLP_DOC_PARAMS)
 
     _is_classifier = True
     _output = "softmax"
 
+    def _model_output(self):
+        return "sigmoid" if self._multilabel_ else "softmax"
+
     def _encode(self, y, classes=None, first=True):
+        """Targets as the network takes them: int64 class codes, or the float
+        indicator matrix (multilabel). Sets ``classes_`` on the first call."""
         check_classification_targets(y)
+        if y.ndim == 2:
+            from sklearn.utils.multiclass import type_of_target
+
+            if type_of_target(y) != "multilabel-indicator":
+                raise ValueError("y: a 2-D y must be a multilabel indicator matrix of 0/1, "
+                                 f"got {type_of_target(y)} targets")
+            if first:
+                self._multilabel_ = True
+                self.classes_ = np.arange(y.shape[1])
+            elif not self._multilabel_:
+                raise ValueError("y: the model was fitted on class labels, got a 2-D y")
+            self._check_outputs(y.shape[1], first)
+            return (np.asarray(y) != 0).astype(np.float64)    # nonzero = label on, as sklearn
         if first:
+            self._multilabel_ = False
             self.classes_ = np.unique(y) if classes is None else np.unique(classes)
             if len(self.classes_) < 2:
                 raise ValueError("MLPClassifier needs samples of at least 2 classes in the "
                                  f"data, but the data contains only one class: "
                                  f"{self.classes_[0]!r}")
+            self.n_outputs_ = 1 if len(self.classes_) == 2 else len(self.classes_)  # as sklearn
+        elif self._multilabel_:
+            raise ValueError("y: the model was fitted on a multilabel indicator matrix, "
+                             "got 1-D labels")
         unseen = np.setdiff1d(np.unique(y), self.classes_)
         if unseen.size:
             raise ValueError(f"y contains labels not in classes_: {unseen.tolist()}")
         return np.searchsorted(self.classes_, y).astype(np.int64)
+
+    def _targets(self, codes, X):
+        if codes.dtype == np.int64:
+            return codes
+        return codes.astype(_float_dtype(X))
 
     def fit(self, X, y):
         warm = self._warm()
@@ -956,26 +1023,30 @@ class MLPClassifier(ClassifierMixin, _MLP):
         if not warm:
             for name in ("params_", "model_", "_trained_"):
                 self.__dict__.pop(name, None)
-        elif not np.array_equal(np.unique(y), self.classes_):
+        elif y.ndim == 1 and not self._multilabel_ and not np.array_equal(
+                np.unique(y), self.classes_):
             raise ValueError(f"warm_start: y has classes {np.unique(y).tolist()}, the fitted "
                              f"model {self.classes_.tolist()}; pass warm_start=False")
-        codes = self._encode(y, first=not warm)
+        codes = self._targets(self._encode(y, first=not warm), X)
         return self._train(X, codes, len(self.classes_), partial=False, warm=warm)
 
     def partial_fit(self, X, y, classes=None):
-        """One epoch on ``(X, y)`` from the current weights; ``classes`` needed on the first call."""
+        """One epoch on ``(X, y)`` from the current weights; ``classes`` needed on
+        the first call (for a multilabel y, ``classes_`` is ``arange(n_labels)``)."""
         first = not hasattr(self, "params_")
         if first and classes is None:
             raise ValueError("classes must be passed on the first call to partial_fit")
         X, y = self._validate(X, y, reset=first)
-        if not first and classes is not None and not np.array_equal(
-                np.unique(classes), self.classes_):
+        if (not first and classes is not None and y.ndim == 1
+                and not np.array_equal(np.unique(classes), self.classes_)):
             raise ValueError(f"classes={classes!r} differs from the classes of the first "
                              f"call, {self.classes_.tolist()}")
-        codes = self._encode(y, classes, first=first)
+        codes = self._targets(self._encode(y, classes, first=first), X)
         return self._train(X, codes, len(self.classes_), partial=True)
 
     def predict_proba(self, X):
+        """(n, n_classes) class probabilities; multilabel: (n, n_labels) per-label
+        probabilities (each in [0, 1], not summing to 1)."""
         if _is_dask(X):
             return self._blockwise(self.predict_proba, X, len(self.classes_))
         return np.asarray(self._forward(X), dtype=np.float64)
@@ -985,17 +1056,32 @@ class MLPClassifier(ClassifierMixin, _MLP):
             return np.log(self.predict_proba(X))
 
     def predict(self, X):
+        """Class labels (n,); multilabel: the (n, n_labels) int 0/1 indicator
+        (probability > 0.5)."""
         if _is_dask(X):
+            if self._multilabel_:
+                return self._blockwise(self.predict, X, len(self.classes_), dtype=np.int64)
             return self._blockwise(self.predict, X, dtype=self.classes_.dtype)
         proba = self._forward(X)
+        if self._multilabel_:
+            return (proba > 0.5).astype(np.int64)
         return self.classes_[proba.argmax(axis=1)]
 
 
 class MLPRegressor(RegressorMixin, _MLP):
     __doc__ = ("Multi-layer perceptron regressor (linear output, squared error) trained on "
-               "a Dask cluster.\n" + _MLP_DOC_PARAMS)
+               "a Dask cluster; y (n,) or (n, n_outputs) (multi-output; ``predict`` "
+               "returns the same shape).\n" + _MLP_DOC_PARAMS)
 
     _output = "linear"
+
+    def _targets(self, y, X, first):
+        y = np.asarray(y, dtype=_float_dtype(X))
+        k = 1 if y.ndim == 1 else y.shape[1]
+        if first:
+            self._y_ndim_ = y.ndim
+        self._check_outputs(k, first)
+        return y
 
     def fit(self, X, y):
         warm = self._warm()
@@ -1003,18 +1089,23 @@ class MLPRegressor(RegressorMixin, _MLP):
         if not warm:
             for name in ("params_", "model_", "_trained_"):
                 self.__dict__.pop(name, None)
-        return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=False,
-                           warm=warm)
+        y = self._targets(y, X, first=not warm)
+        return self._train(X, y, self.n_outputs_, partial=False, warm=warm)
 
     def partial_fit(self, X, y):
         """One epoch on ``(X, y)`` from the current weights."""
         first = not hasattr(self, "params_")
         X, y = self._validate(X, y, reset=first)
-        return self._train(X, np.asarray(y, dtype=_float_dtype(X)), 1, partial=True)
+        y = self._targets(y, X, first=first)
+        return self._train(X, y, self.n_outputs_, partial=True)
 
     def predict(self, X):
+        """(n,) predictions for a 1-D training y, (n, n_outputs) for a 2-D one."""
         if _is_dask(X):
+            if self._y_ndim_ == 2:
+                return self._blockwise(self.predict, X, self.n_outputs_, dtype=_float_dtype(X))
             return self._blockwise(self.predict, X, dtype=_float_dtype(X))
         X = self._check_X(X)
         out = self.model_.predict(self.params_, np.ascontiguousarray(X, self.params_.dtype))
-        return np.asarray(out, dtype=_float_dtype(X)).reshape(-1)
+        out = np.asarray(out, dtype=_float_dtype(X))
+        return out.reshape(-1) if self._y_ndim_ == 1 else out.reshape(len(out), -1)

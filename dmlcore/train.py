@@ -46,6 +46,11 @@ def evaluate(model, params, X, y):
     y = np.asarray(y)
     out = np.asarray(model.predict(params, X), dtype=np.float64)
     tiny = 1e-15
+    if getattr(model, "is_multilabel", False):   # per-label sigmoid: summed BCE, subset accuracy
+        p = np.clip(out, tiny, 1 - tiny)
+        y = y.reshape(out.shape)
+        loss = -float(np.mean(np.sum(y * np.log(p) + (1 - y) * np.log1p(-p), axis=1)))
+        return loss, float(np.mean(np.all((out > 0.5) == (y > 0.5), axis=1)))
     if not model.is_classifier:
         resid = out.reshape(len(y), -1) - y.reshape(len(y), -1)
         return 0.5 * float(np.mean(np.sum(resid * resid, axis=1))), float("nan")

@@ -287,8 +287,8 @@ def test_shape_and_scheme_errors():
         partition(X[:, 0], y, client=False)
     with pytest.raises(ValueError, match="20 rows but y has 19"):
         partition(X, y[:-1], client=False)
-    with pytest.raises(ValueError, match="1-D"):
-        partition(X, np.c_[y, y], client=False)
+    with pytest.raises(ValueError, match="1-D .* or 2-D"):
+        partition(X, np.zeros((20, 2, 2)), client=False)
     with pytest.raises(ValueError, match="unknown scheme"):
         partition(X, y, scheme="noniid", client=False)
     with pytest.raises(ValueError, match="cannot cut"):
@@ -412,3 +412,29 @@ def test_in_place_moves_only_the_chunks_beyond_a_workers_share(client):
     assert sorted(data.workers()) == sorted([workers[0]] * 2 + [workers[1]] * 2)
     assert data.workers()[:2] == [workers[0]] * 2
     np.testing.assert_array_equal(data.X.compute(), X)
+
+
+@pytest.mark.parametrize("where", ["process", "cluster", "in_place"])
+def test_two_dimensional_targets_travel_with_their_rows(client, where):
+    """A 2-D y (multi-output targets, multilabel indicators) is float targets
+    in X's dtype, cut with the same plan as X's rows."""
+    import dask.array as da
+
+    from dmlcore.data import partition_in_place
+
+    X, _ = _rows_xy(n=120, dtype=np.float32)
+    Y = np.stack([X[:, 0] * 10, X[:, 0] * 10 + 1, np.arange(120) % 2], axis=1).astype(np.int64)
+    if where == "process":
+        data = partition(X, Y, 4, client=False)
+    elif where == "cluster":
+        data = partition(X, Y, 4, client=client)
+    else:
+        data = partition_in_place(client.persist(da.from_array(X, chunks=30)), Y, client=client)
+    assert data.y.shape == (120, 3) and data.y.dtype == np.float32
+    assert not data.is_classification
+    Xp, Yp = data.X.compute(), data.y.compute()
+    np.testing.assert_array_equal(Yp[:, 0], Xp[:, 0] * 10)      # each row kept its targets
+    np.testing.assert_array_equal(Yp[:, 1], Xp[:, 0] * 10 + 1)
+    np.testing.assert_array_equal(Yp[:, 2], Xp[:, 0] % 2)
+    for p in range(data.n_partitions):
+        assert data.y.blocks[p].compute().shape == (data.partition_sizes[p], 3)

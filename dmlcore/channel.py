@@ -21,6 +21,14 @@ Protocol (one connection per executor, one outstanding call at a time):
 * Request: ``wire.Call(method, args, kwargs)``, ``method`` one of the
   server's ``methods``; reply ``wire.Reply(ok, value or exception)``.
   Closing the connection ends the server thread.
+* TLS: on a ``tls://`` cluster every socket is wrapped by the standard
+  library's ``ssl`` with the contexts of the cluster's ``distributed.Security``
+  (the executors' worker certificates, the driver's client certificate; both
+  ends verify the other against the cluster's CA) before the token is sent, so
+  no byte of a token, parameter or gradient travels in clear. Blocking
+  sockets read as plain ones; the mesh's non-blocking sockets also wait on
+  ``SSLWantRead/WriteError`` and drain the bytes that the SSL object has
+  already decrypted (``pending()``), which ``poll`` cannot see.
 * Limits: a message whose header declares more than ``max_bytes`` is refused
   before anything is allocated (``MessageTooLarge``) and the connection
   closed. Every wait of the driver and of the mesh has a deadline
@@ -34,6 +42,7 @@ import hmac
 import secrets
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -45,6 +54,8 @@ _INDEX = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 _TOKEN_BYTES = 16
 DEFAULT_TIMEOUT = 60.0
+# a non-blocking socket that cannot go on now (plain, or TLS waiting for a record)
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class PeerLost(ConnectionError):
@@ -97,6 +108,24 @@ def _listen(host):
     return socket.create_server((host, 0), family=family)
 
 
+def _pending(sock):
+    """Bytes already decrypted inside a TLS socket (0 for a plain one)."""
+    return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+
+
+def _wrap(sock, context, server_side):
+    """``sock`` under TLS with ``context`` (handshake done), or ``sock`` when
+    ``context`` is None. The contexts come from ``distributed.Security``,
+    which verifies certificates against the cluster's CA, not host names."""
+    if context is None:
+        return sock
+    try:
+        return context.wrap_socket(sock, server_side=server_side)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _tune(sock, timeout=DEFAULT_TIMEOUT):
     """No Nagle delay; keepalive probes so a dead host is noticed within
     about ``timeout`` even on an idle connection."""
@@ -115,12 +144,15 @@ class ChannelServer:
     ``address`` = (host, port, token) to hand to ``Channel``. ``methods``:
     the names that may be called (default: ``target.CHANNEL_METHODS``);
     ``max_bytes``: the largest request accepted (None = no cap). A request
-    that is malformed or too large closes the connection.
+    that is malformed or too large closes the connection. ``ssl_context``: a
+    server-side context (TLS clusters); the driver must then speak TLS with a
+    certificate the context trusts.
     """
 
     def __init__(self, target, host, accept_timeout=120.0, max_bytes=None,
-                 timeout=DEFAULT_TIMEOUT, methods=None):
+                 timeout=DEFAULT_TIMEOUT, methods=None, ssl_context=None):
         self.target = target
+        self.ssl_context = ssl_context
         self.methods = frozenset(getattr(target, "CHANNEL_METHODS", ())
                                  if methods is None else methods)
         self.max_bytes, self.timeout = max_bytes, timeout
@@ -139,8 +171,9 @@ class ChannelServer:
                 sock, _ = self._listener.accept()
                 sock.settimeout(10.0)
                 try:
+                    sock = _wrap(sock, self.ssl_context, server_side=True)
                     token = bytes(_recv_exact(sock, _TOKEN_BYTES))
-                except (OSError, ConnectionError):
+                except (OSError, ConnectionError):      # ssl.SSLError is an OSError
                     token = b""
                 if hmac.compare_digest(token, self.token):
                     # waiting for the next call is not a data-plane wait (the
@@ -202,19 +235,25 @@ class Channel:
 
     ``name``: how errors name the other end (its worker's address);
     ``timeout``: the deadline of every send and of ``result()`` unless the
-    call gives its own."""
+    call gives its own; ``ssl_context``: a client-side context (TLS clusters)."""
 
-    def __init__(self, address, timeout=DEFAULT_TIMEOUT, name=None, max_bytes=None):
+    def __init__(self, address, timeout=DEFAULT_TIMEOUT, name=None, max_bytes=None,
+                 ssl_context=None):
         host, port, token = address
         self.name = name or f"{host}:{port}"
         self.timeout, self.max_bytes = float(timeout), max_bytes
-        self._sock = socket.create_connection((host, port), timeout=self.timeout)
+        self._sock = _wrap(socket.create_connection((host, port), timeout=self.timeout),
+                           ssl_context, server_side=False)
         _tune(self._sock, self.timeout)
         self._sock.sendall(token)
         self._pending = None
 
     def fileno(self):
         return -1 if self._sock is None else self._sock.fileno()
+
+    def pending(self):
+        """Reply bytes already decrypted (TLS), which ``select`` does not report."""
+        return 0 if self._sock is None else _pending(self._sock)
 
     def submit(self, method, *args, **kwargs):
         if self._pending is not None:
@@ -271,6 +310,9 @@ class _Reply:
     def fileno(self):
         return self._channel.fileno()
 
+    def pending(self):
+        return self._channel.pending()
+
     def result(self, timeout=None):
         if not self._done:
             self._done = True
@@ -294,7 +336,7 @@ class _Outgoing:
         while self.views:
             try:
                 sent = sock.send(self.views[0])
-            except BlockingIOError:
+            except _WOULD_BLOCK:        # TLS: retried later with the same buffer
                 return False
             if sent == len(self.views[0]):
                 self.views.pop(0)
@@ -359,7 +401,7 @@ class _Incoming:
             view = memoryview(self.targets[0])[self.pos:]
             try:
                 k = sock.recv_into(view)
-            except BlockingIOError:
+            except _WOULD_BLOCK:
                 return False
             if k == 0:
                 raise ConnectionError("peer closed the connection")
@@ -382,10 +424,12 @@ class PeerMesh:
     ``timeout``: the deadline of ``connect`` and of each exchange (a peer that
     sends nothing for that long raises ``DataPlaneTimeout``); ``max_bytes``:
     the largest message accepted from a peer. ``close()`` tells the peers at
-    once (they see ``PeerLost``).
+    once (they see ``PeerLost``). ``ssl_contexts``: (server context, client
+    context) on TLS clusters; every pair then talks TLS.
     """
 
-    def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None):
+    def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None, ssl_contexts=None):
+        self.server_context, self.client_context = ssl_contexts or (None, None)
         self.token = secrets.token_bytes(_TOKEN_BYTES)
         self.timeout, self.max_bytes = float(timeout), max_bytes
         self._listener = _listen(host)
@@ -401,13 +445,18 @@ class PeerMesh:
         try:
             for j in range(self.index):
                 host, port, token = addresses[j]
-                sock = socket.create_connection((host, port), timeout=timeout)
+                sock = _wrap(socket.create_connection((host, port), timeout=timeout),
+                             self.client_context, server_side=False)
                 sock.sendall(token + _INDEX.pack(self.index))
                 self._socks[j] = sock
             self._listener.settimeout(timeout)
             while len(self._socks) < self.size - 1:
                 sock, _ = self._listener.accept()
                 sock.settimeout(timeout)
+                try:
+                    sock = _wrap(sock, self.server_context, server_side=True)
+                except (OSError, ConnectionError):      # not TLS, or a wrong certificate
+                    continue
                 token = bytes(_recv_exact(sock, _TOKEN_BYTES))
                 j = _INDEX.unpack(bytes(_recv_exact(sock, _INDEX.size)))[0]
                 if (not hmac.compare_digest(token, self.token) or not self.index < j < self.size
@@ -458,6 +507,11 @@ class PeerMesh:
         sock = None
         try:
             while outgoing or incoming:
+                for sock in [s for s in incoming if _pending(s)]:  # decrypted, unseen by poll
+                    if incoming[sock].pump(sock):
+                        got[by_sock[sock]] = incoming.pop(sock).value()
+                if not (outgoing or incoming):
+                    break
                 poller = select.poll()
                 for fd, s in by_fd.items():
                     mask = (select.POLLIN if s in incoming else 0) | \
@@ -541,7 +595,7 @@ def wait_all(futures, timeout, grace=2.0):
         left = deadline - time.monotonic()
         ready = []
         if left > 0:
-            closed = [i for i, f in pending.items() if f.fileno() < 0]
+            closed = [i for i, f in pending.items() if f.fileno() < 0 or f.pending()]
             if not closed:
                 readable = select.select(list(pending.values()), [], [], left)[0]
             ready = closed or [i for i, f in pending.items() if f in readable]

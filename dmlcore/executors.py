@@ -48,6 +48,19 @@ def _log_fallback(reason):
                        "driver-side updates): %s", reason)
 
 
+def _worker_tls():
+    """(server, client) SSL contexts from the ``distributed.Security`` of the
+    worker this runs on (its certificate, the cluster's CA)."""
+    from distributed import get_worker
+
+    security = get_worker().security
+    contexts = (security.get_listen_args("worker")["ssl_context"],
+                security.get_connection_args("worker")["ssl_context"])
+    if None in contexts:
+        raise ValueError("this worker's Security holds no TLS certificate")
+    return contexts
+
+
 def message_cap(model, n_parts):
     """The largest data-plane message accepted for ``model`` with ``n_parts``
     partitions on one executor: eight float64 parameter vectors per partition
@@ -72,6 +85,7 @@ class PartitionExecutor:
         self.trainable = None
         self.idx = None
         self._channel = self._mesh = self._replica = None
+        self._tls = None                    # (server, client) SSL contexts on TLS clusters
         self.timeout = DEFAULT_TIMEOUT
 
     def _labels(self, X, y):
@@ -93,13 +107,16 @@ class PartitionExecutor:
         self.params[self.idx] = values
         return self.params
 
-    def open_channel(self, host, timeout=DEFAULT_TIMEOUT):
+    def open_channel(self, host, timeout=DEFAULT_TIMEOUT, tls=False):
         """Serve this executor's methods on a socket on ``host``; returns the
         ``(host, port, token)`` a ``channel.Channel`` connects with. ``timeout``
-        bounds this executor's data-plane waits (its peer exchanges)."""
+        bounds this executor's data-plane waits (its peer exchanges); ``tls``:
+        this socket and the peer mesh use the worker's TLS certificates."""
         self.timeout = float(timeout)
+        self._tls = _worker_tls() if tls else None
         self._channel = ChannelServer(self, host, max_bytes=message_cap(self.model, len(self.parts)),
-                                      timeout=self.timeout)
+                                      timeout=self.timeout,
+                                      ssl_context=self._tls and self._tls[0])
         return self._channel.address
 
     def channel_closed(self):
@@ -111,7 +128,8 @@ class PartitionExecutor:
         """Listen for the other executors; returns this executor's mesh address."""
         self.close_replica()
         self._mesh = PeerMesh(host, timeout=self.timeout,
-                              max_bytes=message_cap(self.model, len(self.parts)))
+                              max_bytes=message_cap(self.model, len(self.parts)),
+                              ssl_contexts=self._tls)
         return self._mesh.address
 
     def connect_peers(self, index, addresses):
@@ -360,13 +378,22 @@ class ExecutorPool:
         self._actor_futures = actor_futures
         if not direct:
             return
-        others = sorted({w.split("://")[0] for w in self.workers if not w.startswith("tcp://")})
-        if others:
-            _log_fallback(f"workers on {', '.join(others)}:// (direct sockets need tcp://)")
+        protocols = sorted({w.split("://")[0] for w in self.workers})
+        if protocols not in (["tcp"], ["tls"]):
+            _log_fallback(f"workers on {', '.join(p + '://' for p in protocols)} (direct "
+                          "sockets need tcp:// or tls://)")
             return
+        tls = None
+        if protocols == ["tls"]:
+            tls = getattr(client, "security", None)
+            tls = tls and tls.get_connection_args("client")["ssl_context"]
+            if tls is None:
+                _log_fallback("a tls:// cluster, but the client's Security holds no "
+                              "certificate for the direct sockets")
+                return
         try:
-            self._open_channels()
-        except OSError as exc:
+            self._open_channels(tls)
+        except (OSError, ValueError) as exc:
             _log_fallback(f"the direct sockets could not connect ({exc})")
 
     def hosts(self):
@@ -380,13 +407,18 @@ class ExecutorPool:
         addresses = self.call("open_peers", per_executor=[(h,) for h in self.hosts()])
         self.call("connect_peers", per_executor=[(i, addresses) for i in range(len(self))])
 
-    def _open_channels(self):
-        addresses = [e.open_channel(h, self.timeout) for e, h in zip(self.executors, self.hosts())]
+    def _open_channels(self, ssl_context=None):
+        """One channel per executor; ``ssl_context`` (the client's, TLS
+        clusters): the channels and the executors' mesh run over TLS."""
+        tls = ssl_context is not None
+        addresses = [e.open_channel(h, self.timeout, tls)
+                     for e, h in zip(self.executors, self.hosts())]
         try:
             for address, worker, ids in zip(addresses, self.workers, self.partition_ids):
                 self.channels.append(Channel(address.result(timeout=self.timeout),
                                              timeout=self.timeout, name=worker,
-                                             max_bytes=message_cap(self.model, len(ids))))
+                                             max_bytes=message_cap(self.model, len(ids)),
+                                             ssl_context=ssl_context))
         except BaseException:
             self._close_channels()
             raise

@@ -5,34 +5,14 @@ certificate for the scheduler/workers and one for the client; a second CA
 signs the "wrong" client certificate.
 """
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 from dask_processes import dask_cluster
 from test_cli import QUICK, WORKFLOWS, _env, dmlcore
+from tls_certs import make_ca as _ca
+from tls_certs import make_cert as _cert
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-
-
-def _ssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(d, name):
-    _ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
-
-
-def _cert(d, ca, name):
-    ext = Path(d) / f"{name}.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
-         f"{name}.key", "-out", f"{name}.csr", cwd=d)
-    _ssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-         "-CAcreateserial", "-days", "2", "-extfile", ext.name, "-out", f"{name}.pem", cwd=d)
-    return {"ca_file": str(Path(d) / f"{ca}.pem"), "cert": str(Path(d) / f"{name}.pem"),
-            "key": str(Path(d) / f"{name}.key")}
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,11 @@ def _frames(obj):
     return [head + payload, *raws]
 
 
+def call_frames(method, *args, **kwargs):
+    """The frames of ``wire.Call(method, args, kwargs)`` (for ``Channel.submit_frames``)."""
+    return _frames(wire.Call(method, args, kwargs))
+
+
 def _recv_exact(sock, n):
     """Exactly ``n`` bytes from a blocking socket (a bytearray)."""
     buf = bytearray(n)
@@ -109,7 +114,8 @@ def _listen(host):
 
 
 def _pending(sock):
-    """Bytes already decrypted inside a TLS socket (0 for a plain one)."""
+    """Bytes already decrypted inside a TLS socket, which ``poll`` cannot see
+    (0 for a plain socket)."""
     return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
 
@@ -130,6 +136,8 @@ def _tune(sock, timeout=DEFAULT_TIMEOUT):
     """No Nagle delay; keepalive probes so a dead host is noticed within
     about ``timeout`` even on an idle connection."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     idle = max(1, int(timeout) // 2)
     for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(1, idle // 3)),
@@ -256,13 +264,17 @@ class Channel:
         return 0 if self._sock is None else _pending(self._sock)
 
     def submit(self, method, *args, **kwargs):
+        return self.submit_frames(method, call_frames(method, *args, **kwargs))
+
+    def submit_frames(self, method, frames):
+        """``submit`` with the call already encoded (``call_frames``): one
+        encoding serves every channel that gets the same call."""
         if self._pending is not None:
             raise RuntimeError(f"channel {self.name}: a call is still outstanding")
         if self._sock is None:
             raise ConnectionError(f"channel {self.name} is closed")
         try:
             self._sock.settimeout(self.timeout)
-            frames = _frames(wire.Call(method, args, kwargs))
             for frame in frames:
                 self._sock.sendall(frame)
         except OSError as exc:

@@ -33,7 +33,8 @@ import numpy as np
 
 from . import local
 from .aggregate import add_partials
-from .channel import DEFAULT_TIMEOUT, Channel, ChannelServer, PeerMesh, first_error, wait_all
+from .channel import (DEFAULT_TIMEOUT, Channel, ChannelServer, PeerMesh, call_frames,
+                      first_error, wait_all)
 
 
 logger = logging.getLogger("dmlcore")
@@ -441,6 +442,9 @@ class ExecutorPool:
 
     def submit(self, method, *args, **kwargs):
         """Start ``method`` on every executor; returns one future-like per executor."""
+        if self.channels:                   # encode the call once for every channel
+            frames = call_frames(method, *args, **kwargs)
+            return [channel.submit_frames(method, frames) for channel in self.channels]
         return [self.submit_one(i, method, *args, **kwargs) for i in range(len(self))]
 
     def call(self, method, *args, per_executor=None, wait=None, **kwargs):

@@ -12,6 +12,7 @@ Loss section (dmlcore._ext.loss):
   numpy       the two-pass NumPy gradient: z = X @ w + b, loss and residual,
               then X.T @ r (softmax: X @ W, log-sum-exp, X.T @ R)
   kernel      the fused one-pass kernel
+  weighted    the same kernel with ``sample_weight`` (goal: <= 1.1x unweighted)
 Printed ratios: kernel / stream (lower is better, 1.0 is the memory bound),
 numpy / kernel (speed-up) and float64 / float32 for the logistic kernel.
 
@@ -92,6 +93,7 @@ def bench_loss(args):
     g = np.empty(p + 1)
     g32 = np.empty(p + 1, np.float32)
     gk = np.empty(p * k + k)
+    sw = rng.uniform(0.0, 2.0, n)
 
     # correctness guard: the kernel and NumPy agree on the benchmark data
     l_ref, g_ref = numpy_logistic(X, yb, coef)
@@ -108,6 +110,9 @@ def bench_loss(args):
         "numpy_squared": lambda: numpy_squared(X, yr, coef),
         "softmax": lambda: _loss.loss_grad_softmax(X, yk, coefk, gk, k),
         "numpy_softmax": lambda: numpy_softmax(X, yk, coefk, k),
+        "logistic_w": lambda: _loss.loss_grad_logistic(X, yb, coef, g, sample_weight=sw),
+        "squared_w": lambda: _loss.loss_grad_squared(X, yr, coef, g, sample_weight=sw),
+        "softmax_w": lambda: _loss.loss_grad_softmax(X, yk, coefk, gk, k, sample_weight=sw),
     }
     t = interleaved_medians(cases, rep)
     del X32
@@ -123,6 +128,9 @@ def bench_loss(args):
         ("numpy / squared f64", t["numpy_squared"] / t["squared"], ""),
         (f"softmax K={k} f64 / stream", t["softmax"] / s, ""),
         (f"numpy / softmax K={k} f64", t["numpy_softmax"] / t["softmax"], "target >= 2"),
+        ("weighted / unweighted logistic", t["logistic_w"] / t["logistic"], "target <= 1.1"),
+        ("weighted / unweighted squared", t["squared_w"] / t["squared"], "target <= 1.1"),
+        ("weighted / unweighted softmax", t["softmax_w"] / t["softmax"], "target <= 1.1"),
     ]
     for name, ratio, note in rows:
         print(f"  {name:28s} {ratio:6.2f}   {note}")

@@ -26,16 +26,16 @@ def _numpy_grad(w, X, y):
 
 
 def naive_dask_step(client, parts, w):
-    futures = [client.submit(_numpy_grad, w, X, y, pure=False) for X, y in parts]
+    futures = [client.submit(_numpy_grad, w, X, y, pure=False) for X, y, _ in parts]
     grads = client.gather(futures)
     return sum(g for g, _ in grads)
 
 
 def _kernel_time(model, params, *arrays):
-    """Seconds of one pass of ``model.loss_grad`` over the given (X, y) partitions."""
+    """Seconds of one pass of ``model.loss_grad`` over the given (X, y, w) partitions."""
     grad = np.empty_like(params)
     t = time.perf_counter()
-    for X, y in zip(arrays[::2], arrays[1::2]):
+    for X, y in zip(arrays[::3], arrays[1::3]):
         model.loss_grad(params, X, y, grad)
     return time.perf_counter() - t
 

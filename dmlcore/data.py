@@ -36,6 +36,9 @@ with ONE row chunk per partition, each chunk held in memory on one worker.
    - no client: the same gathers in this process; ``persist=False`` builds
      the same computation lazily (validation happens when it is computed).
    ``partition`` waits for the partitions, so a bad value raises here.
+5. *Row weights* (``sample_weight``) travel as labels do: checked on the
+   client (finite, >= 0, a positive total), cut by the same plan, scattered
+   to the partition's worker in X's dtype.
 
 The training strategies call ``partition_futures()`` and submit one task per
 partition with ``workers=[data.workers()[p]]``: each task receives that
@@ -137,6 +140,28 @@ def _prepare_labels(y: np.ndarray, x_dtype: np.dtype, n: int, check_finite: bool
         if problem:
             raise _bad_values("y", problem, problem[1])
     return y, False
+
+
+def _prepare_weights(sample_weight, x_dtype: np.dtype, n: int):
+    """Row weights as a 1-D array of X's dtype; one clear error for a bad one."""
+    if _is_dask(sample_weight):
+        sample_weight = sample_weight.compute()
+    w = np.asarray(sample_weight)
+    if w.ndim != 1 or w.shape[0] != n:
+        raise ValueError(f"sample_weight must be 1-D with one weight per row ({n}), "
+                         f"got shape {w.shape}")
+    if w.dtype.kind not in "biuf":
+        raise ValueError(f"sample_weight must hold numbers, got dtype {w.dtype}")
+    w = w.astype(x_dtype, copy=False)
+    problem = _finite_problem(w)
+    if problem:
+        raise _bad_values("sample_weight", problem, problem[1])
+    if n and w.min() < 0:
+        row = int(np.argmin(w))
+        raise ValueError(f"sample_weight must be >= 0, got {w[row]} at row {row}")
+    if n and not w.sum() > 0:
+        raise ValueError("sample_weight: the weights sum to 0 (nothing to fit)")
+    return w
 
 
 def _finite_problem(a: np.ndarray):
@@ -385,7 +410,8 @@ class PartitionedData:
     """Row partitions of (X, y) as dask arrays with one chunk per partition.
 
     Attributes: ``X`` (n_rows, n_features) and ``y`` (n_rows,) dask arrays
-    (y is None without labels), ``n_partitions``, ``n_rows``, ``n_features``,
+    (y is None without labels), ``w`` (n_rows,) row weights in X's dtype
+    (None: every row weighs 1), ``n_partitions``, ``n_rows``, ``n_features``,
     ``partition_sizes`` (int64 array), ``dtype`` (X's), ``classes`` (sorted
     labels, None for regression), ``n_classes``, ``nbytes``, ``scheme``,
     ``seed``, ``source_rows`` (the source row number of every row, one int64
@@ -394,9 +420,12 @@ class PartitionedData:
 
     def __init__(self, X, y, *, source_rows, scheme, seed, classes, class_count,
                  client=None, placement=None, x_futures=None, y_futures=None,
-                 params=None, persisted=True):
+                 params=None, persisted=True, w=None, w_futures=None, weight_sums=None):
         self.X = X
         self.y = y
+        self.w = w
+        self._w_futures = w_futures
+        self.partition_weights = weight_sums     # (n_partitions,) float64, None unweighted
         self.source_rows = source_rows
         self.scheme = scheme
         self.seed = seed
@@ -438,7 +467,9 @@ class PartitionedData:
     def _partition_nbytes(self):
         row = self.n_features * self.dtype.itemsize
         if self.y is not None:
-            row += np.dtype(self.y.dtype).itemsize
+            row += np.dtype(self.y.dtype).itemsize * (1 if self.y.ndim == 1 else self.y.shape[1])
+        if self.w is not None:
+            row += self.dtype.itemsize
         return self.partition_sizes * row
 
     @property
@@ -455,18 +486,30 @@ class PartitionedData:
             return [None] * self.n_partitions
         return [self.y.blocks[p] for p in range(self.n_partitions)]
 
-    def partition_futures(self):
-        """``[(X future, y future or None), ...]``, one pair per partition.
+    def w_blocks(self):
+        """One dask array of row weights per partition (None each when unweighted)."""
+        if self.w is None:
+            return [None] * self.n_partitions
+        return [self.w.blocks[p] for p in range(self.n_partitions)]
 
-        Pass them to ``client.submit(fn, xf, yf, workers=[data.workers()[p]])``:
+    @property
+    def is_weighted(self) -> bool:
+        return self.w is not None
+
+    def partition_futures(self):
+        """``[(X future, y future or None, w future or None), ...]``, one per partition.
+
+        Pass them to ``client.submit(fn, xf, yf, wf, workers=[data.workers()[p]])``:
         the task receives the partition's numpy arrays where they already live.
         """
         if self._x_futures is None:
             raise RuntimeError(
                 "these partitions are not held on a Dask cluster (made without a client "
                 "or with persist=False); call data.placed(client) first")
-        ys = self._y_futures if self._y_futures is not None else [None] * self.n_partitions
-        return list(zip(self._x_futures, ys))
+        none = [None] * self.n_partitions
+        ys = self._y_futures if self._y_futures is not None else none
+        ws = self._w_futures if self._w_futures is not None else none
+        return list(zip(self._x_futures, ys, ws))
 
     def workers(self):
         """Address of the worker holding each partition (None for in-process data)."""
@@ -493,12 +536,16 @@ class PartitionedData:
             xs = [np.asarray(b) for b in self.client.gather(self._x_futures)] \
                 if self._x_futures is not None else [b.compute() for b in self.x_blocks()]
             ys = None if self.y is None else [np.asarray(b.compute()) for b in self.y_blocks()]
+            ws = None if self.w is None else [np.asarray(b.compute()) for b in self.w_blocks()]
             X = _array_from_blocks(xs, f"dml-X-{uuid.uuid4().hex}", self.X.chunks, self.dtype, 2)
             y = None if ys is None else _array_from_blocks(
                 ys, f"dml-y-{uuid.uuid4().hex}", self.y.chunks, self.y.dtype, self.y.ndim)
+            w = None if ws is None else _array_from_blocks(
+                ws, f"dml-w-{uuid.uuid4().hex}", self.w.chunks, self.dtype, 1)
             return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
                                    seed=self.seed, classes=self.classes,
-                                   class_count=self._class_count, params=self.params)
+                                   class_count=self._class_count, params=self.params,
+                                   w=w, weight_sums=self.partition_weights)
         workers = _list_workers(client)
         placement = [workers[w] for w in _placement(self.partition_sizes, len(workers))]
         xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
@@ -520,6 +567,12 @@ class PartitionedData:
             yblocks = self.y_blocks()
             yf = _scatter_parts(client, lambda p: np.asarray(yblocks[p].compute()),
                                 self.n_partitions, yname, self.y.ndim, placement)
+        wf = w = None
+        if self.w is not None:
+            wblocks, wname = self.w_blocks(), f"dml-w-{uuid.uuid4().hex}"
+            wf = _scatter_parts(client, lambda p: np.asarray(wblocks[p].compute()),
+                                self.n_partitions, wname, 1, placement)
+            w = _array_from_blocks(wf, wname, self.w.chunks, self.dtype, 1)
         _raise_first_error(xf)
         X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2)
         y = None if yf is None else _array_from_blocks(yf, yname, self.y.chunks,
@@ -528,13 +581,15 @@ class PartitionedData:
                                seed=self.seed, classes=self.classes,
                                class_count=self._class_count, client=client,
                                placement=placement, x_futures=xf, y_futures=yf,
-                               params=self.params, persisted=True)
+                               params=self.params, persisted=True, w=w, w_futures=wf,
+                               weight_sums=self.partition_weights)
 
     # ---- diagnostics -----------------------------------------------------
     def skew_report(self):
         """``xarray.Dataset`` over ``partition`` (and ``class``) describing the split.
 
-        Variables: ``rows``, ``bytes``, ``worker``; for classification
+        Variables: ``rows``, ``bytes``, ``worker``, ``weight`` (sum of the row
+        weights; weighted data only); for classification
         ``class_count`` (partition x class) and ``label_tv_distance`` (total
         variation distance of each partition's label distribution from the
         global one, 0 = identical, 1 = disjoint); for regression
@@ -553,6 +608,8 @@ class PartitionedData:
             "worker": ("partition", np.array(workers, dtype=object).astype(str)),
             "imbalance": ((), imbalance),
         }
+        if self.partition_weights is not None:
+            data_vars["weight"] = ("partition", np.asarray(self.partition_weights))
         coords = {"partition": np.arange(self.n_partitions)}
         if self.classes is not None:
             counts = self._class_count
@@ -584,7 +641,7 @@ class PartitionedData:
             where = ", ".join(f"{w}: {c}" for w, c in sorted(counts.items()))
         labels = ("regression" if self.classes is None and self.y is not None
                   else "unlabelled" if self.y is None else f"{self.n_classes} classes")
-        lazy = "" if self.persisted else ", lazy"
+        lazy = ("" if self.persisted else ", lazy") + (", weighted" if self.w is not None else "")
         return (f"PartitionedData(scheme={self.scheme!r}, seed={self.seed}, "
                 f"n_partitions={self.n_partitions}, n_rows={self.n_rows}, "
                 f"n_features={self.n_features}, dtype={self.dtype}, {labels}, "
@@ -609,7 +666,7 @@ def _human_bytes(n):
 # --------------------------------------------------------------------------
 def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None,
               shards_per_partition=2, alpha=0.5, persist=True, check_finite=True,
-              x="X"):
+              x="X", sample_weight=None):
     """Cut (X, y) into balanced row partitions held on the workers of a Dask cluster.
 
     Parameters
@@ -631,6 +688,9 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     check_finite : reject NaN/inf in X and y (checked in the same pass that
         builds the partitions).
     x : variable name of X in a Dataset / group source.
+    sample_weight : (n_rows,) non-negative row weights (numpy or dask), cut
+        with their rows; every loss and gradient sum is then weighted, and
+        means divide by the total weight.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -679,6 +739,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
         if _is_dask(ys):
             ys = ys.compute()
         labels, is_class = _prepare_labels(ys, dtype, n, check_finite)
+    weights = None if sample_weight is None else _prepare_weights(sample_weight, dtype, n)
 
     # --- plan and placement ------------------------------------------------
     plan = make_plan(n, labels if is_class else None, n_partitions, scheme, seed,
@@ -704,7 +765,9 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     params = {"shards_per_partition": int(shards_per_partition)} if scheme == "shards" else (
         {"alpha": float(alpha)} if scheme == "dirichlet" else {})
     common = dict(source_rows=plan, scheme=scheme, seed=seed, classes=classes,
-                  class_count=class_count, params=params)
+                  class_count=class_count, params=params,
+                  weight_sums=None if weights is None else _weight_sums(weights, plan))
+    wname = f"dml-w-{uuid.uuid4().hex}"
 
     # --- materialise -------------------------------------------------------
     if placement is not None:
@@ -717,12 +780,15 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
             del x_chunk_futures, Xs, persisted    # the scheduler keeps what the tasks need
         yf = None if labels is None else _scatter_parts(
             client, lambda p: labels[plan[p]], n_partitions, yname, y_ndim, placement)
+        wf = None if weights is None else _scatter_parts(
+            client, lambda p: weights[plan[p]], n_partitions, wname, 1, placement)
         _raise_first_error(xf)
         Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2)
         yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype,
                                                         y_ndim)
+        wd = None if wf is None else _array_from_blocks(wf, wname, y_chunks[:1], dtype, 1)
         return PartitionedData(Xd, yd, client=client, placement=placement, x_futures=xf,
-                               y_futures=yf, persisted=True, **common)
+                               y_futures=yf, persisted=True, w=wd, w_futures=wf, **common)
 
     if persist:                          # no client: numpy partitions in this process
         parts = [_take_rows(Xs, r, dtype, check_finite) for r in plan]
@@ -732,7 +798,14 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     yd = (None if labels is None
           else _array_from_blocks([labels[r] for r in plan], yname, y_chunks, labels.dtype,
                                   y_ndim))
-    return PartitionedData(Xd, yd, persisted=persist, **common)
+    wd = (None if weights is None
+          else _array_from_blocks([weights[r] for r in plan], wname, y_chunks[:1], dtype, 1))
+    return PartitionedData(Xd, yd, persisted=persist, w=wd, **common)
+
+
+def _weight_sums(weights, plan):
+    """Total weight of every partition (float64)."""
+    return np.array([weights[r].sum(dtype=np.float64) for r in plan])
 
 
 def _cluster_shuffle(client, chunk_futures, lengths, plan, placement, name, n_features,
@@ -827,7 +900,7 @@ def _keep_or_move(lengths, holders, workers):
 
 
 def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.5,
-                       seed=0):
+                       seed=0, sample_weight=None):
     """Partitions of a dask ``X`` that use its chunks where they lie: no rows move.
 
     ``X`` (and a dask ``y``) is persisted on ``client`` (a no-op for data
@@ -844,14 +917,15 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
     ``max_imbalance`` x the mean chunk, or an empty chunk) or X is not a dask array with
     one column block, this returns ``partition(X, y, scheme="iid",
     seed=seed, client=client, check_finite=check_finite)`` instead (which
-    moves every row; its ``scheme`` says so).
+    moves every row; its ``scheme`` says so). ``sample_weight`` travels as
+    the labels do.
     """
     from distributed import futures_of
 
     Xs, ys = _source_arrays(X, y, "X")
     if not _is_dask(Xs) or Xs.ndim != 2 or Xs.numblocks[1] != 1:
         return partition(X, y, scheme="iid", seed=seed, client=client,
-                         check_finite=check_finite)
+                         check_finite=check_finite, sample_weight=sample_weight)
     dtype = _x_dtype(Xs.dtype)
     to_persist = [Xs] + ([ys] if _is_dask(ys) else [])
     persisted = client.persist(to_persist)
@@ -872,7 +946,7 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
               or lengths.max() > max_imbalance * lengths.mean())
     if skewed:
         return partition(X, y, scheme="iid", seed=seed, client=client,
-                         check_finite=check_finite)
+                         check_finite=check_finite, sample_weight=sample_weight)
     placement = _keep_or_move(lengths, holders, workers)
     ys = persisted[1].compute() if _is_dask(ys) else ys
     labels, is_class = (None, False) if ys is None else _prepare_labels(ys, dtype, n,
@@ -887,6 +961,10 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
     yf = None if labels is None else _scatter_parts(
         client, lambda p: labels[offsets[p]:offsets[p + 1]], P, yname,
         1 if labels is None else labels.ndim, placement)
+    weights = None if sample_weight is None else _prepare_weights(sample_weight, dtype, n)
+    wname = f"dml-w-{uuid.uuid4().hex}"
+    wf = None if weights is None else _scatter_parts(
+        client, lambda p: weights[offsets[p]:offsets[p + 1]], P, wname, 1, placement)
     _raise_first_error(xf)
     classes = class_count = None
     if is_class:
@@ -902,6 +980,9 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
     yd = None if yf is None else _array_from_blocks(
         yf, yname, (sizes,) + ((((int(labels.shape[1]),),) if labels.ndim == 2 else ())),
         labels.dtype, labels.ndim)
+    wd = None if wf is None else _array_from_blocks(wf, wname, (sizes,), dtype, 1)
     return PartitionedData(Xd, yd, source_rows=plan, scheme="chunks", seed=seed,
                            classes=classes, class_count=class_count, client=client,
-                           placement=placement, x_futures=xf, y_futures=yf, persisted=True)
+                           placement=placement, x_futures=xf, y_futures=yf, persisted=True,
+                           w=wd, w_futures=wf,
+                           weight_sums=None if weights is None else _weight_sums(weights, plan))

@@ -37,6 +37,10 @@ intercepts are never penalised):
     than two classes ``models.Softmax`` (multinomial, K coefficient vectors);
   * MLPs: mean loss (+ ``alpha / batch`` weight decay per step, scikit-learn's
     scaling of its L2 term on mini-batches).
+With ``fit(X, y, sample_weight=w)`` (and ``class_weight`` on the classifiers,
+whose per-class factors multiply ``w``, as in scikit-learn) every sum over
+rows is weighted and n above becomes sum w: the objectives are scikit-learn's
+weighted ones (a weight of 2 is the row counted twice).
 
 The GLMs' default solver is full-batch L-BFGS (``SyncSGD(batch_size=None)`` +
 ``optim.LBFGS``): one tree-reduced (loss, gradient) per function evaluation.
@@ -208,7 +212,7 @@ def _resolve_strategy(strategy, *, batch_size):
                      f"got {strategy!r}")
 
 
-def _partition(X, y, placement, n_partitions, seed, in_place=False):
+def _partition(X, y, placement, n_partitions, seed, in_place=False, sample_weight=None):
     """PartitionedData for ``(X, y)`` where the fit runs.
 
     ``in_place`` (full-batch solvers, whose gradient does not depend on how
@@ -219,7 +223,8 @@ def _partition(X, y, placement, n_partitions, seed, in_place=False):
     from .data import partition, partition_in_place
 
     if in_place and n_partitions is None and placement.client is not None and _is_dask(X):
-        return partition_in_place(X, y, client=placement.client, seed=seed)
+        return partition_in_place(X, y, client=placement.client, seed=seed,
+                                  sample_weight=sample_weight)
 
     if n_partitions is None:
         n_partitions = placement.n_workers
@@ -228,9 +233,47 @@ def _partition(X, y, placement, n_partitions, seed, in_place=False):
         # client=False + persist=False: the partitions stay in this process even
         # when a default client exists (computed with the synchronous scheduler).
         return partition(X, y, n_partitions=n_partitions, seed=seed, client=False,
-                         persist=False, check_finite=_is_dask(X))
+                         persist=False, check_finite=_is_dask(X), sample_weight=sample_weight)
     return partition(X, y, n_partitions=n_partitions, seed=seed, client=placement.client,
-                     check_finite=_is_dask(X))
+                     check_finite=_is_dask(X), sample_weight=sample_weight)
+
+
+def _row_weights(estimator, X, sample_weight, codes=None):
+    """Row weights of a fit: ``sample_weight`` (validated as scikit-learn does)
+    times the class weights of ``estimator.class_weight`` (None, "balanced" or
+    {label: weight}) for class codes ``codes``; None when every weight is 1."""
+    from sklearn.utils.class_weight import compute_class_weight
+    from sklearn.utils.validation import _check_sample_weight
+
+    class_weight = getattr(estimator, "class_weight", None)
+    if sample_weight is None and class_weight is None:
+        return None
+    n = X.shape[0]
+    if sample_weight is None:
+        w = np.ones(n)
+    elif _is_dask(sample_weight):
+        w = np.asarray(sample_weight.compute(), dtype=np.float64)
+    else:
+        w = _check_sample_weight(sample_weight, np.empty((n, 0)), dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight: expected shape ({n},), got {w.shape}")
+    if class_weight is not None:
+        if codes is None or codes.ndim != 1:
+            raise ValueError("class_weight needs 1-D class labels (not a multilabel y)")
+        # "balanced" counts the rows by their sample weights, as scikit-learn does
+        factors = compute_class_weight(class_weight, classes=estimator.classes_,
+                                       y=estimator.classes_[codes],
+                                       sample_weight=None if sample_weight is None else w)
+        w = w * factors[codes]
+    if np.isfinite(w).all() and (w < 0).any():
+        row = int(np.argmin(w))
+        raise ValueError(f"sample_weight must be >= 0, got {w[row]} at row {row}")
+    return w
+
+
+def _total_weight(n, weights):
+    """The n of the objectives: the row count, or the total weight."""
+    return float(n) if weights is None else float(np.sum(weights, dtype=np.float64))
 
 
 def _seed(random_state):
@@ -264,8 +307,9 @@ class _NoIntercept(Model):
         params[self._bias] = 0
         return params
 
-    def loss_grad(self, params, X, y, grad, trainable=None):
-        loss = self.inner.loss_grad(params, X, y, grad, trainable=trainable)
+    def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None):
+        loss = self.inner.loss_grad(params, X, y, grad, trainable=trainable,
+                                    sample_weight=sample_weight)
         grad[self._bias] = 0
         return loss
 
@@ -427,7 +471,7 @@ class _DMLEstimator(BaseEstimator):
             return X.map_blocks(method, drop_axis=1, dtype=dtype)
         return X.map_blocks(method, chunks=(X.chunks[0], (n_columns,)), dtype=dtype)
 
-    def _run(self, model, X, y, plan, *, seed, in_place=False):
+    def _run(self, model, X, y, plan, *, seed, in_place=False, sample_weight=None):
         """Place, partition and fit; ``plan(data) -> (strategy, optimizer, fit kwargs)``.
 
         Returns the ``FitResult`` (and sets ``history_``).
@@ -436,7 +480,8 @@ class _DMLEstimator(BaseEstimator):
 
         where = _placement(self.client, X)
         try:
-            data = _partition(X, y, where, self.n_partitions, seed, in_place=in_place)
+            data = _partition(X, y, where, self.n_partitions, seed, in_place=in_place,
+                              sample_weight=sample_weight)
             strategy, optimizer, kwargs = plan(data)
             result = fit(model, data, strategy, optimizer, client=where.client or False,
                          seed=seed, progress=False, **kwargs)
@@ -467,7 +512,7 @@ class _DMLEstimator(BaseEstimator):
 # ---------------------------------------------------------------------------
 class _GLM(_DMLEstimator):
 
-    def _solve(self, model, X, y, weight_decay, *, seed):
+    def _solve(self, model, X, y, weight_decay, *, seed, sample_weight=None):
         """Fit a GLM from zero; returns the flat parameters and sets ``n_iter_``."""
         from .strategies import SyncSGD
 
@@ -481,7 +526,7 @@ class _GLM(_DMLEstimator):
                                  weight_decay=weight_decay)
             result = self._run(model, X, y, lambda data: (
                 strategy, solver, {"steps": self.max_iter, "init_params": init}), seed=seed,
-                in_place=True)
+                in_place=True, sample_weight=sample_weight)
             done = getattr(result.strategy, "lbfgs_result_", None)
             self.n_iter_ = int(result.steps)
             # In float32 the line search may stop at the precision of the sums
@@ -495,7 +540,8 @@ class _GLM(_DMLEstimator):
                 strategy.batch_size = 256
             solver = optim.Adam(lr=0.01, weight_decay=weight_decay)
             result = self._run(model, X, y, lambda data: (
-                strategy, solver, {"epochs": self.max_iter, "init_params": init}), seed=seed)
+                strategy, solver, {"epochs": self.max_iter, "init_params": init}), seed=seed,
+                sample_weight=sample_weight)
             self.n_iter_ = int(self.max_iter)
         params = np.asarray(result.params)
         if not np.isfinite(params).all():
@@ -511,8 +557,9 @@ class LinearRegression(RegressorMixin, _GLM):
     never penalised) with full-batch L-BFGS by default. ``tol`` is L-BFGS's
     gradient tolerance (on the objective divided by 2n), ``max_iter`` its
     iteration limit. ``strategy``, ``n_partitions``, ``client``: see the
-    module docstring. Fitted: ``coef_`` (n_features,), ``intercept_``,
-    ``n_features_in_``, ``n_iter_``, ``history_``.
+    module docstring. ``fit(X, y, sample_weight)``: the weighted objective
+    ``sum_i w_i (y_i - x_i w - b)^2 + alpha ||w||^2``. Fitted: ``coef_``
+    (n_features,), ``intercept_``, ``n_features_in_``, ``n_iter_``, ``history_``.
     """
 
     def __init__(self, alpha=0.0, fit_intercept=True, tol=1e-6, max_iter=200,
@@ -526,7 +573,7 @@ class LinearRegression(RegressorMixin, _GLM):
         self.client = client
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         from .models import Linear
 
         _check_positive("alpha", self.alpha, allow_zero=True)
@@ -535,11 +582,13 @@ class LinearRegression(RegressorMixin, _GLM):
         X, y = self._validate(X, y, reset=True)
         dtype = _float_dtype(X)
         y = np.asarray(y, dtype=dtype)
-        n = X.shape[0]
+        weights = _row_weights(self, X, sample_weight)
+        n = _total_weight(X.shape[0], weights)
         model = Linear(self.n_features_in_)
         if not self.fit_intercept:
             model = _NoIntercept(model)
-        params = self._solve(model, X, y, float(self.alpha) / n, seed=_seed(self.random_state))
+        params = self._solve(model, X, y, float(self.alpha) / n, seed=_seed(self.random_state),
+                             sample_weight=weights)
         coef, intercept = _glm_params(model, params, self.n_features_in_)
         self.coef_ = coef[0]
         self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
@@ -561,6 +610,8 @@ class LogisticRegression(ClassifierMixin, _GLM):
     the multinomial (softmax) model. Labels may be any values; ``classes_``
     maps them. ``tol``: L-BFGS's gradient tolerance on the objective divided
     by ``C n`` (as scikit-learn's lbfgs); ``max_iter``: its iteration limit.
+    ``fit(X, y, sample_weight)`` and ``class_weight`` (None, "balanced" or
+    {label: weight}): ``C sum_i w_i loss_i + 1/2 ||W||^2``, as scikit-learn.
     Fitted: ``coef_`` (1 or K, n_features), ``intercept_``, ``classes_``,
     ``n_features_in_``, ``n_iter_`` (shape (1,), as scikit-learn's lbfgs),
     ``history_``.
@@ -569,8 +620,10 @@ class LogisticRegression(ClassifierMixin, _GLM):
     _is_classifier = True
 
     def __init__(self, C=1.0, penalty="l2", fit_intercept=True, tol=1e-4, max_iter=100,
-                 strategy="sync", n_partitions=None, client=None, random_state=None):
+                 strategy="sync", n_partitions=None, client=None, random_state=None,
+                 class_weight=None):
         self.C = C
+        self.class_weight = class_weight
         self.penalty = penalty
         self.fit_intercept = fit_intercept
         self.tol = tol
@@ -580,7 +633,7 @@ class LogisticRegression(ClassifierMixin, _GLM):
         self.client = client
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         from .models import Logistic, Softmax
 
         _check_positive("C", self.C)
@@ -595,13 +648,15 @@ class LogisticRegression(ClassifierMixin, _GLM):
         if k < 2:
             raise ValueError("This solver needs samples of at least 2 classes in the data, "
                              f"but the data contains only one class: {self.classes_[0]!r}")
-        n = X.shape[0]
+        codes = codes.astype(np.int64)
+        weights = _row_weights(self, X, sample_weight, codes)
+        n = _total_weight(X.shape[0], weights)
         model = Logistic(self.n_features_in_) if k == 2 else Softmax(self.n_features_in_, k)
         if not self.fit_intercept:
             model = _NoIntercept(model)
         decay = 1.0 / (float(self.C) * n) if self.penalty == "l2" else 0.0
-        params = self._solve(model, X, codes.astype(np.int64), decay,
-                             seed=_seed(self.random_state))
+        params = self._solve(model, X, codes, decay, seed=_seed(self.random_state),
+                             sample_weight=weights)
         self.coef_, intercept = _glm_params(model, params, self.n_features_in_)
         self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
         # scikit-learn's shape: (1,) for binary and multinomial fits
@@ -724,12 +779,27 @@ class _MLP(_DMLEstimator):
         return sizes
 
     # ---- input standardisation --------------------------------------------------
-    def _input_stats(self, X, dtype):
+    def _input_stats(self, X, dtype, sample_weight=None):
         """Per-feature (centre, scale) of X: mean and standard deviation (float64
-        sums), scale 1 for constant features; (None, None) when not standardizing."""
+        sums; weighted by ``sample_weight``), scale 1 for constant features;
+        (None, None) when not standardizing."""
         if not self.standardize:
             return None, None
-        if _is_dask(X):
+        if sample_weight is not None:
+            w = np.asarray(sample_weight, dtype=np.float64)
+            if _is_dask(X):
+                import dask
+                import dask.array as da
+
+                wd = da.from_array(w, chunks=(X.chunks[0],))[:, None]
+                total = float(w.sum())
+                center = ((X * wd).sum(axis=0, dtype=np.float64) / total).compute()
+                var = ((((X - center) ** 2) * wd).sum(axis=0, dtype=np.float64) / total)
+                std = np.sqrt(dask.compute(var)[0])
+            else:
+                center = np.average(X, axis=0, weights=w)
+                std = np.sqrt(np.average((X - center) ** 2, axis=0, weights=w))
+        elif _is_dask(X):
             import dask
 
             center, std = dask.compute(X.mean(axis=0, dtype=np.float64),
@@ -793,7 +863,7 @@ class _MLP(_DMLEstimator):
         """True when ``fit`` continues from the fitted weights (``warm_start``)."""
         return bool(self.warm_start) and hasattr(self, "params_")
 
-    def _train(self, X, y, n_out, *, partial, warm=False):
+    def _train(self, X, y, n_out, *, partial, warm=False, sample_weight=None):
         """Fit (or continue, ``partial``: one epoch) the network; sets the fitted attributes."""
         from .models import MLP
         from .strategies import SyncSGD
@@ -807,12 +877,12 @@ class _MLP(_DMLEstimator):
             self.model_ = MLP([self.n_features_in_, *sizes, n_out],
                               activation=self.activation, output=self._model_output())
             self._trained_ = self.model_.init(self._seed_, dtype=dtype)
-            self._center_, self._scale_ = self._input_stats(X, dtype)
+            self._center_, self._scale_ = self._input_stats(X, dtype, sample_weight)
             self.loss_curve_, self.n_iter_, self.t_ = [], 0, 0
         init = self._trained_.astype(dtype, copy=False)
         validate = None
         if self.early_stopping and not partial and self.solver != "lbfgs":
-            X, y, validate = self._validation_split(X, y)
+            X, y, sample_weight, validate = self._validation_split(X, y, sample_weight)
         X = self._standardized(X)
         if warm and not partial:
             self.n_iter_ = 0                    # scikit-learn: epochs of THIS fit
@@ -820,12 +890,13 @@ class _MLP(_DMLEstimator):
         seed = self._seed_ + len(self.loss_curve_)
         n = X.shape[0]
         lbfgs = self.solver == "lbfgs" and not partial
+        n_weight = _total_weight(n, sample_weight)
         box = {}
 
         def plan(data):
             if lbfgs:
                 solver = optim.LBFGS(max_iter=self.max_iter, tol=self.tol,
-                                     weight_decay=float(self.alpha) / n)
+                                     weight_decay=float(self.alpha) / n_weight)
                 return SyncSGD(batch_size=None), solver, {"steps": self.max_iter,
                                                           "init_params": init}
             batch = self._batch_rows(data)
@@ -843,7 +914,7 @@ class _MLP(_DMLEstimator):
             return strategy, optimizer, {"epochs": 1 if partial else int(self.max_iter),
                                          "init_params": init, "callbacks": (box["monitor"],)}
 
-        result = self._run(self.model_, X, y, plan, seed=seed)
+        result = self._run(self.model_, X, y, plan, seed=seed, sample_weight=sample_weight)
         if lbfgs:
             self.loss_curve_ = [float(v) for v in result.history["loss"].values]
             self.n_iter_ = int(result.steps)
@@ -881,20 +952,24 @@ class _MLP(_DMLEstimator):
         self.intercepts_ = [views[name]["b"] for name in self.model_.layer_names]
         return self
 
-    def _validation_split(self, X, y):
-        """``(X_train, y_train, validate)``: ``validation_fraction`` of the rows held
-        out (stratified for classifiers, seeded by ``random_state``, as
+    def _validation_split(self, X, y, sample_weight=None):
+        """``(X_train, y_train, w_train, validate)``: ``validation_fraction`` of the
+        rows held out (stratified for classifiers, seeded by ``random_state``, as
         scikit-learn's ``early_stopping``); ``validate(params)`` scores them
-        (accuracy, or R^2 for regression) with parameters of the standardized space."""
+        (accuracy, or R^2 for regression; weighted by their ``sample_weight``)
+        with parameters of the standardized space."""
         from sklearn.metrics import accuracy_score, r2_score
         from sklearn.model_selection import train_test_split
 
         if _is_dask(X):
             X = X.compute()
         stratify = y if self._is_classifier and y.ndim == 1 else None
-        X_tr, X_val, y_tr, y_val = train_test_split(
-            X, y, random_state=self._seed_, test_size=self.validation_fraction,
+        w = np.ones(X.shape[0]) if sample_weight is None else sample_weight
+        X_tr, X_val, y_tr, y_val, w_tr, w_val = train_test_split(
+            X, y, w, random_state=self._seed_, test_size=self.validation_fraction,
             stratify=stratify)
+        if sample_weight is None:
+            w_tr = w_val = None
         if X_tr.shape[0] < 1 or X_val.shape[0] < 1:
             raise ValueError("early_stopping: too few rows for validation_fraction="
                              f"{self.validation_fraction}")
@@ -904,12 +979,12 @@ class _MLP(_DMLEstimator):
         def validate(params):
             out = np.asarray(model.predict(np.asarray(params, dtype=Xv.dtype), Xv))
             if model.is_multilabel:
-                return accuracy_score(y_val, out > 0.5)        # subset accuracy
+                return accuracy_score(y_val, out > 0.5, sample_weight=w_val)   # subset accuracy
             if self._is_classifier:
-                return accuracy_score(y_val, out.argmax(axis=1))
-            return r2_score(y_val, out.reshape(np.shape(y_val)))
+                return accuracy_score(y_val, out.argmax(axis=1), sample_weight=w_val)
+            return r2_score(y_val, out.reshape(np.shape(y_val)), sample_weight=w_val)
 
-        return X_tr, y_tr, validate
+        return X_tr, y_tr, w_tr, validate
 
     def _forward(self, X):
         X = self._check_X(X)
@@ -954,7 +1029,8 @@ _MLP_DOC_PARAMS = """
     ``partial_fit`` runs one epoch from the current weights with a constant
     learning rate, continuing the optimizer state (Adam's moments, SGD's
     velocity, the step count) of the previous ``partial_fit`` or ``fit`` call;
-    ``fit`` starts a new optimizer. ``warm_start=True``: ``fit``
+    ``fit`` starts a new optimizer. ``fit`` and ``partial_fit`` take
+    ``sample_weight`` (weighted mean losses). ``warm_start=True``: ``fit``
     continues from the fitted weights (same classes required); as in
     scikit-learn, ``loss_curve_`` and ``t_`` accumulate and ``n_iter_``
     counts the epochs of the latest fit. ``standardize=True`` (default)
@@ -1017,7 +1093,7 @@ class MLPClassifier(ClassifierMixin, _MLP):
             return codes
         return codes.astype(_float_dtype(X))
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         warm = self._warm()
         X, y = self._validate(X, y, reset=not warm)
         if not warm:
@@ -1028,9 +1104,10 @@ class MLPClassifier(ClassifierMixin, _MLP):
             raise ValueError(f"warm_start: y has classes {np.unique(y).tolist()}, the fitted "
                              f"model {self.classes_.tolist()}; pass warm_start=False")
         codes = self._targets(self._encode(y, first=not warm), X)
-        return self._train(X, codes, len(self.classes_), partial=False, warm=warm)
+        return self._train(X, codes, len(self.classes_), partial=False, warm=warm,
+                           sample_weight=_row_weights(self, X, sample_weight))
 
-    def partial_fit(self, X, y, classes=None):
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
         """One epoch on ``(X, y)`` from the current weights; ``classes`` needed on
         the first call (for a multilabel y, ``classes_`` is ``arange(n_labels)``)."""
         first = not hasattr(self, "params_")
@@ -1042,7 +1119,8 @@ class MLPClassifier(ClassifierMixin, _MLP):
             raise ValueError(f"classes={classes!r} differs from the classes of the first "
                              f"call, {self.classes_.tolist()}")
         codes = self._targets(self._encode(y, classes, first=first), X)
-        return self._train(X, codes, len(self.classes_), partial=True)
+        return self._train(X, codes, len(self.classes_), partial=True,
+                           sample_weight=_row_weights(self, X, sample_weight))
 
     def predict_proba(self, X):
         """(n, n_classes) class probabilities; multilabel: (n, n_labels) per-label
@@ -1083,21 +1161,23 @@ class MLPRegressor(RegressorMixin, _MLP):
         self._check_outputs(k, first)
         return y
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         warm = self._warm()
         X, y = self._validate(X, y, reset=not warm)
         if not warm:
             for name in ("params_", "model_", "_trained_"):
                 self.__dict__.pop(name, None)
         y = self._targets(y, X, first=not warm)
-        return self._train(X, y, self.n_outputs_, partial=False, warm=warm)
+        return self._train(X, y, self.n_outputs_, partial=False, warm=warm,
+                           sample_weight=_row_weights(self, X, sample_weight))
 
-    def partial_fit(self, X, y):
+    def partial_fit(self, X, y, sample_weight=None):
         """One epoch on ``(X, y)`` from the current weights."""
         first = not hasattr(self, "params_")
         X, y = self._validate(X, y, reset=first)
         y = self._targets(y, X, first=first)
-        return self._train(X, y, self.n_outputs_, partial=True)
+        return self._train(X, y, self.n_outputs_, partial=True,
+                           sample_weight=_row_weights(self, X, sample_weight))
 
     def predict(self, X):
         """(n,) predictions for a 1-D training y, (n, n_outputs) for a 2-D one."""

@@ -71,7 +71,8 @@ def message_cap(model, n_parts):
 
 
 class PartitionExecutor:
-    """Holds ``[(partition id, X, y), ...]`` of one worker and runs local computations."""
+    """Holds ``[(partition id, X, y, w), ...]`` of one worker (``w``: row weights
+    or None) and runs local computations; built from ``(X, y, w)`` triples."""
 
     # what the driver may call over the channel (``channel.ChannelServer``)
     CHANNEL_METHODS = ("configure", "rows", "loss_grad", "local_train", "open_peers",
@@ -80,8 +81,8 @@ class PartitionExecutor:
 
     def __init__(self, model, partition_ids, *arrays):
         self.model = model
-        self.parts = [(int(pid), arrays[2 * i], self._labels(arrays[2 * i], arrays[2 * i + 1]))
-                      for i, pid in enumerate(partition_ids)]
+        self.parts = [(int(pid), arrays[3 * i], self._labels(arrays[3 * i], arrays[3 * i + 1]),
+                       arrays[3 * i + 2]) for i, pid in enumerate(partition_ids)]
         self.params = None
         self.trainable = None
         self.idx = None
@@ -184,14 +185,14 @@ class PartitionExecutor:
                 total += other[1]
             loss = sum(p[0] for p in everyone)
             rows = sum(p[2] for p in everyone)
-            total /= rows
+            total /= local.mean_divisor(rows)
             state = _update_slice(optimizer, total, state, values, lo, hi)
             if sharded:
                 for j, piece in enumerate(self._mesh.exchange(values[lo:hi], "values")):
                     if j != me:
                         values[bounds[j]:bounds[j + 1]] = piece
             self._replica[2] = state
-            losses.append(loss / rows)
+            losses.append(loss / local.mean_divisor(rows))
             ends.append(time.perf_counter() - t0)
         return losses, ends
 
@@ -216,7 +217,7 @@ class PartitionExecutor:
             mesh.close()
 
     def rows(self):
-        return [X.shape[0] for _, X, _ in self.parts]
+        return [X.shape[0] for _, X, _, _ in self.parts]
 
     def loss_grad(self, values, step, batch_size, seed, buffers=None):
         """Sum over local partitions of (loss sum, grad sum, rows) on the batch of ``step``.
@@ -229,8 +230,8 @@ class PartitionExecutor:
             local.loss_grad_sum(self.model, params, X, y,
                                 local.batch_slice(X.shape[0], batch_size, step, seed, pid),
                                 self.trainable, self.idx,
-                                out=None if buffers is None else buffers[i])
-            for i, (pid, X, y) in enumerate(self.parts)
+                                out=None if buffers is None else buffers[i], w=w)
+            for i, (pid, X, y, w) in enumerate(self.parts)
         ]
         return partials[0] if len(partials) == 1 else add_partials(*partials)
 
@@ -246,7 +247,8 @@ class PartitionExecutor:
         finite, is reported in ``failed`` and left out of the sums. ``fail``: ids
         that raise on purpose (the failure-policy testing hook).
         Returns ``(sum_k n_k * w_k in float64 or None, sum_k n_k, loss sum, rows
-        seen, ids that counted, failed [(id, message)])``, ``n_k`` = client k's rows.
+        seen, ids that counted, failed [(id, message)])``, ``n_k`` = client k's
+        rows (its total row weight on weighted data).
         """
         if (local_epochs is None) == (local_steps is None):
             raise ValueError("give exactly one of local_epochs, local_steps")
@@ -254,11 +256,13 @@ class PartitionExecutor:
         wanted = None if partitions is None else set(int(p) for p in partitions)
         fail = set(int(p) for p in fail)
         weighted, weight, loss, rows, ids, failed = None, 0, 0.0, 0, [], []
-        for pid, X, y in self.parts:
+        for pid, X, y, w in self.parts:
             if wanted is not None and pid not in wanted:
                 continue
             n_k = int(X.shape[0])
             n_steps = local_steps or local_epochs * local.n_batches(n_k, batch_size)
+            if w is not None:
+                n_k = float(w.sum(dtype=np.float64))
             try:
                 if pid in fail:
                     raise RuntimeError(f"injected failure of client {pid} in round {round_}")
@@ -266,7 +270,7 @@ class PartitionExecutor:
                     self.model, optimizer, params, X, y, batch_size=batch_size,
                     n_steps=n_steps, seed=seed, partition=pid,
                     first_step=int(round_) * n_steps, trainable=self.trainable,
-                    idx=self.idx, proximal_mu=proximal_mu)
+                    idx=self.idx, proximal_mu=proximal_mu, w=w)
                 if not (np.isfinite(new).all() and np.isfinite(loss_k)):
                     raise FloatingPointError(f"client {pid}: non-finite weights or loss")
             except Exception as exc:  # noqa: BLE001 — the failure policy is the caller's
@@ -357,10 +361,11 @@ class ExecutorPool:
         ids_by_worker: dict[str, list[int]] = {}
         if client is None:
             blocks = [(np.asarray(xb.compute(scheduler="sync")),
-                       np.asarray(yb.compute(scheduler="sync")))
-                      for xb, yb in zip(data.x_blocks(), data.y_blocks())]
+                       np.asarray(yb.compute(scheduler="sync")),
+                       None if wb is None else np.asarray(wb.compute(scheduler="sync")))
+                      for xb, yb, wb in zip(data.x_blocks(), data.y_blocks(), data.w_blocks())]
             self.executors = [PartitionExecutor(model, list(range(len(blocks))),
-                                                *[a for xy in blocks for a in xy])]
+                                                *[a for xyw in blocks for a in xyw])]
             self.workers = ["in-process"]
             self.partition_ids = [list(range(len(blocks)))]
             return

@@ -4,6 +4,8 @@ These are pure functions of (model, parameters, local rows): they never mutate
 their inputs, so a Dask task or an executor on a worker can call them on the
 worker's own copy of the data. Every quantity returned is a SUM over rows,
 with the row count beside it, so any tree of additions combines them exactly.
+With row weights ``w`` the sums are weighted and the total weight of the rows
+takes the row count's place (a weight of 2 counts the row twice).
 
 Mini-batches are contiguous row slices (a partition's rows are already
 shuffled by ``dml.partition``), so selecting one copies nothing; the ORDER of
@@ -53,26 +55,41 @@ def trainable_index(model, trainable):
     return np.flatnonzero(model.trainable_mask(trainable))
 
 
-def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=None, out=None):
+def mean_divisor(count):
+    """What turns a (weighted) sum into a mean: the row count or total weight,
+    or 1 when it is 0 (rows of weight 0 only: every weighted sum is 0 too)."""
+    return count if count > 0 else 1
+
+
+def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=None, out=None,
+                  w=None):
     """(loss sum, gradient sum over the trainable entries, row count) on ``X[rows]``.
 
     ``trainable``: layer names (None = all); ``idx``: their flat indices
     (``trainable_index``), passed by callers that cache it. ``out``: a buffer
     of ``params``' shape and dtype for the full gradient (reused by loops).
+    ``w``: row weights of X (None = 1 each): weighted sums, and the rows'
+    total weight (a float) in place of the count.
     """
     Xb, yb = X[rows], y[rows]
+    wb = None if w is None else w[rows]
     grad = np.empty_like(params) if out is None else out
-    loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable)
+    if wb is None:
+        loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable)
+    else:
+        loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable, sample_weight=wb)
     if trainable is not None:
         grad = grad[trainable_index(model, trainable) if idx is None else idx]
-    return float(loss), grad, int(Xb.shape[0])
+    count = int(Xb.shape[0]) if wb is None else float(wb.sum(dtype=np.float64))
+    return float(loss), grad, count
 
 
 def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, partition,
-              first_step=0, trainable=None, idx=None, proximal_mu=0.0):
+              first_step=0, trainable=None, idx=None, proximal_mu=0.0, w=None):
     """Run ``n_steps`` optimizer steps on local mini-batches, starting from ``params``.
 
-    Returns ``(new trainable values, loss sum, rows seen)``. The optimizer state
+    Returns ``(new trainable values, loss sum, rows seen)`` (with row weights
+    ``w``: weighted means per step, the weight seen). The optimizer state
     starts fresh (``optimizer.init``) at step ``first_step`` so schedules go on.
     With ``proximal_mu`` (FedProx) each step's mean gradient gains
     ``mu * (w - w_start)`` on the trainable entries.
@@ -90,8 +107,9 @@ def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, part
         rows = batch_slice(X.shape[0], batch_size, first_step + k, seed, partition)
         if trainable is not None:
             params[idx] = values
-        loss, grad, n = loss_grad_sum(model, params, X, y, rows, trainable, idx, out=buffer)
-        grad /= n
+        loss, grad, n = loss_grad_sum(model, params, X, y, rows, trainable, idx, out=buffer,
+                                      w=w)
+        grad /= mean_divisor(n)
         if proximal_mu:
             grad += proximal_mu * (values - anchor)
         state = optimizer.update(grad, state, values)

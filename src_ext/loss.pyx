@@ -29,8 +29,10 @@ Three layers, as in scikit-learn's ``_loss.pyx.tp``:
 
 Naming: ``loss_grad_<loss>(X, y, coef, grad_out, ...) -> loss_sum``.  Every
 kernel returns the SUM of the per-row losses and overwrites ``grad_out`` with
-the SUM of the per-row gradients; the caller divides once.  ``coef`` and
-``grad_out`` use the Model layout: W (row-major) then b.
+the SUM of the per-row gradients; the caller divides once.  With
+``sample_weight=w`` both sums are weighted (sum_i w_i loss_i, sum_i w_i grad_i):
+a weight of 2 is the row counted twice, and the caller divides by sum w.
+``coef`` and ``grad_out`` use the Model layout: W (row-major) then b.
 """
 import numpy as np
 from cython cimport floating
@@ -43,18 +45,18 @@ cdef extern from "loss_kernels.h" nogil:
     int dml_simd_request
     int dml_cpu_has_avx2()
     int dml_use_avx2()
-    int dml_glm_d(int kind, const double *X, const double *y, int64_t n, int64_t p,
-                  const double *coef, double *grad, int compute_grad,
+    int dml_glm_d(int kind, const double *X, const double *y, const double *w, int64_t n,
+                  int64_t p, const double *coef, double *grad, int compute_grad,
                   double *loss_out, int *bad_out)
-    int dml_glm_f(int kind, const float *X, const float *y, int64_t n, int64_t p,
-                  const float *coef, float *grad, int compute_grad,
+    int dml_glm_f(int kind, const float *X, const float *y, const float *w, int64_t n,
+                  int64_t p, const float *coef, float *grad, int compute_grad,
                   double *loss_out, int *bad_out)
-    int dml_softmax_d(const double *X, const int64_t *y, int64_t n, int64_t p,
-                      int64_t K, const double *coef, double *grad, int compute_grad,
-                      double *loss_out, int *bad_out)
-    int dml_softmax_f(const float *X, const int64_t *y, int64_t n, int64_t p,
-                      int64_t K, const float *coef, float *grad, int compute_grad,
-                      double *loss_out, int *bad_out)
+    int dml_softmax_d(const double *X, const int64_t *y, const double *w, int64_t n,
+                      int64_t p, int64_t K, const double *coef, double *grad,
+                      int compute_grad, double *loss_out, int *bad_out)
+    int dml_softmax_f(const float *X, const int64_t *y, const float *w, int64_t n,
+                      int64_t p, int64_t K, const float *coef, float *grad,
+                      int compute_grad, double *loss_out, int *bad_out)
     void dml_vexp_d(const double *x, double *out, int64_t n)
     void dml_vexp_f(const float *x, float *out, int64_t n)
     void dml_vlog_d(const double *x, double *out, int64_t n)
@@ -113,61 +115,86 @@ def _raise_non_finite(name, loss):
 
 # ---- fused-type cores ---------------------------------------------------------
 def _glm(int kind, const floating[:, ::1] X, const floating[::1] y,
-         const floating[::1] coef, floating[::1] grad_out, bint compute_grad):
+         const floating[::1] w, const floating[::1] coef, floating[::1] grad_out,
+         bint compute_grad):
     """Squared (kind 0) or logistic (kind 1) loss sum; writes grad_out.
 
-    IN  X (n, p), y (n), coef (p + 1): w then b
-    OUT grad_out (p + 1): sum over rows of dloss/d(w, b)
-    Returns (loss_sum, bad_label_flag).
+    IN  X (n, p), y (n), w (n) row weights or None (all 1), coef (p + 1): w then b
+    OUT grad_out (p + 1): sum over rows of w_i dloss_i/d(w, b)
+    Returns (sum_i w_i loss_i, bad_label_flag).
     """
     cdef int64_t n = X.shape[0], p = X.shape[1]
     cdef double loss = 0.0
     cdef int bad = 0, rc
     cdef const floating *xp = &X[0, 0] if n > 0 and p > 0 else NULL
     cdef const floating *yp = &y[0] if n > 0 else NULL
+    cdef const floating *wp = &w[0] if w is not None and n > 0 else NULL
     with nogil:
         if floating is double:
-            rc = dml_glm_d(kind, xp, yp, n, p, &coef[0], &grad_out[0],
+            rc = dml_glm_d(kind, xp, yp, wp, n, p, &coef[0], &grad_out[0],
                            compute_grad, &loss, &bad)
         else:
-            rc = dml_glm_f(kind, xp, yp, n, p, &coef[0], &grad_out[0],
+            rc = dml_glm_f(kind, xp, yp, wp, n, p, &coef[0], &grad_out[0],
                            compute_grad, &loss, &bad)
     if rc != 0:
         raise MemoryError("loss kernel: could not allocate scratch buffers")
     return loss, bad
 
 
-def _softmax(const floating[:, ::1] X, const long long[::1] y, const floating[::1] coef,
-             floating[::1] grad_out, int64_t n_classes, bint compute_grad):
+def _softmax(const floating[:, ::1] X, const long long[::1] y, const floating[::1] w,
+             const floating[::1] coef, floating[::1] grad_out, int64_t n_classes,
+             bint compute_grad):
     """Softmax cross-entropy loss sum; writes grad_out.
 
-    IN  X (n, p), y (n) int64 labels, coef (p*K + K): W (p, K) row-major then b
-    OUT grad_out (p*K + K)
-    Returns (loss_sum, bad_label_flag).
+    IN  X (n, p), y (n) int64 labels, w (n) row weights or None (all 1),
+        coef (p*K + K): W (p, K) row-major then b
+    OUT grad_out (p*K + K): weighted sums over rows
+    Returns (sum_i w_i loss_i, bad_label_flag).
     """
     cdef int64_t n = X.shape[0], p = X.shape[1]
     cdef double loss = 0.0
     cdef int bad = 0, rc
     cdef const floating *xp = &X[0, 0] if n > 0 and p > 0 else NULL
     cdef const int64_t *yp = <const int64_t *> &y[0] if n > 0 else NULL
+    cdef const floating *wp = &w[0] if w is not None and n > 0 else NULL
     with nogil:
         if floating is double:
-            rc = dml_softmax_d(xp, yp, n, p, n_classes, &coef[0], &grad_out[0],
+            rc = dml_softmax_d(xp, yp, wp, n, p, n_classes, &coef[0], &grad_out[0],
                                compute_grad, &loss, &bad)
         else:
-            rc = dml_softmax_f(xp, yp, n, p, n_classes, &coef[0], &grad_out[0],
+            rc = dml_softmax_f(xp, yp, wp, n, p, n_classes, &coef[0], &grad_out[0],
                                compute_grad, &loss, &bad)
     if rc != 0:
         raise MemoryError("loss kernel: could not allocate scratch buffers")
     return loss, bad
 
 
+def _check_weight(name, X, sample_weight):
+    """``sample_weight`` as the kernels take it: None, or (n,) contiguous of X's dtype."""
+    if sample_weight is None:
+        return None
+    if not isinstance(sample_weight, np.ndarray):
+        raise ValueError(
+            f"{name}: sample_weight must be a numpy array, got {type(sample_weight).__name__}")
+    if sample_weight.shape != (X.shape[0],):
+        raise ValueError(f"{name}: sample_weight must have shape ({X.shape[0]},), "
+                         f"got {sample_weight.shape}")
+    if sample_weight.dtype != X.dtype:
+        raise ValueError(
+            f"{name}: dtype mix: X is {X.dtype} but sample_weight is {sample_weight.dtype} "
+            "(sample_weight must have X's dtype)")
+    if not sample_weight.flags.c_contiguous:
+        raise ValueError(f"{name}: sample_weight must be contiguous")
+    return sample_weight
+
+
 # ---- public kernels -------------------------------------------------------------
-def loss_grad_squared(X, y, coef, grad_out, *, bint compute_grad=True):
+def loss_grad_squared(X, y, coef, grad_out, *, sample_weight=None, bint compute_grad=True):
     """Squared error: returns sum_i (x_i.w + b - y_i)^2 / 2, fills grad_out.
 
     IN  X (n, p) float32/float64 C-contiguous (read-only is fine)
     IN  y (n) dtype of X;  coef (p + 1) dtype of X: w then b
+    IN  sample_weight (n) dtype of X, or None (all 1): every sum is weighted
     OUT grad_out (p + 1) dtype of X: overwritten with the sum over rows of the
         gradient (zeros if compute_grad is False)
     Raises ValueError on bad shapes/dtypes or NaN/inf in the inputs.
@@ -175,17 +202,19 @@ def loss_grad_squared(X, y, coef, grad_out, *, bint compute_grad=True):
     name = "loss_grad_squared"
     _check_common(name, X, coef, grad_out, X.shape[1] + 1 if X.ndim == 2 else -1)
     _check_y_float(name, X, y)
-    loss, _ = _glm(KIND_SQUARED, X, y, coef, grad_out, compute_grad)
+    w = _check_weight(name, X, sample_weight)
+    loss, _ = _glm(KIND_SQUARED, X, y, w, coef, grad_out, compute_grad)
     if not isfinite(loss):
         _raise_non_finite(name, loss)
     return loss
 
 
-def loss_grad_logistic(X, y, coef, grad_out, *, bint compute_grad=True):
+def loss_grad_logistic(X, y, coef, grad_out, *, sample_weight=None, bint compute_grad=True):
     """Log-loss: returns sum_i log(1 + exp(z_i)) - y_i z_i, z = X.w + b.
 
     IN  X (n, p) float32/float64 C-contiguous (read-only is fine)
     IN  y (n) dtype of X, values in {0, 1};  coef (p + 1): w then b
+    IN  sample_weight (n) dtype of X, or None (all 1): every sum is weighted
     OUT grad_out (p + 1): overwritten with sum_i (sigmoid(z_i) - y_i) (x_i, 1)
         (zeros if compute_grad is False)
     Raises ValueError on bad shapes/dtypes, labels other than 0/1, NaN/inf.
@@ -193,7 +222,8 @@ def loss_grad_logistic(X, y, coef, grad_out, *, bint compute_grad=True):
     name = "loss_grad_logistic"
     _check_common(name, X, coef, grad_out, X.shape[1] + 1 if X.ndim == 2 else -1)
     _check_y_float(name, X, y)
-    loss, bad = _glm(KIND_LOGISTIC, X, y, coef, grad_out, compute_grad)
+    w = _check_weight(name, X, sample_weight)
+    loss, bad = _glm(KIND_LOGISTIC, X, y, w, coef, grad_out, compute_grad)
     if bad:
         wrong = y[(y != 0) & (y != 1)]
         raise ValueError(
@@ -204,12 +234,14 @@ def loss_grad_logistic(X, y, coef, grad_out, *, bint compute_grad=True):
     return loss
 
 
-def loss_grad_softmax(X, y, coef, grad_out, n_classes, *, bint compute_grad=True):
+def loss_grad_softmax(X, y, coef, grad_out, n_classes, *, sample_weight=None,
+                      bint compute_grad=True):
     """Softmax cross-entropy: returns sum_i logsumexp(z_i) - z_{i, y_i}.
 
     IN  X (n, p) float32/float64 C-contiguous (read-only is fine)
     IN  y (n) int64 labels in [0, n_classes)
     IN  coef (p*K + K): W (p, K) row-major then b (K), K = n_classes
+    IN  sample_weight (n) dtype of X, or None (all 1): every sum is weighted
     OUT grad_out (p*K + K): overwritten with the sum over rows of
         x_i (softmax(z_i) - onehot(y_i)) and (softmax(z_i) - onehot(y_i))
         (zeros if compute_grad is False)
@@ -229,7 +261,8 @@ def loss_grad_softmax(X, y, coef, grad_out, n_classes, *, bint compute_grad=True
         raise ValueError(f"{name}: y must be int64 class labels, got {y.dtype}")
     if not y.flags.c_contiguous:
         raise ValueError(f"{name}: y must be contiguous")
-    loss, bad = _softmax(X, y, coef, grad_out, n_classes, compute_grad)
+    w = _check_weight(name, X, sample_weight)
+    loss, bad = _softmax(X, y, w, coef, grad_out, n_classes, compute_grad)
     if bad:
         wrong = y[(y < 0) | (y >= n_classes)]
         raise ValueError(

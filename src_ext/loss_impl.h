@@ -330,26 +330,32 @@ INL VEC FN(pw_glm_vec)(int kind, VEC zv, VEC yv, VEC *rv, IVEC *badv) {
     return l;
 }
 
-static ATTR double FN(pw_glm)(int kind, const REAL *z, const REAL *y, REAL *r,
-                              int64_t m, double *rsum, int *bad) {
+/* The pointwise stage of one block: r = w * dloss/dz, returns sum w * loss
+ * (w = NULL: unit weights).  IN z, y, w (m); OUT r (m); IN/OUT *rsum += sum r. */
+static ATTR double FN(pw_glm)(int kind, const REAL *z, const REAL *y, const REAL *w,
+                              REAL *r, int64_t m, double *rsum, int *bad) {
     VEC lacc = {0}, racc = {0};
     IVEC badv = {0};
     int64_t i = 0;
     for (; i + VL <= m; i += VL) {
         VEC rv;
-        lacc += FN(pw_glm_vec)(kind, FN(ld)(z + i), FN(ld)(y + i), &rv, &badv);
+        VEC lv = FN(pw_glm_vec)(kind, FN(ld)(z + i), FN(ld)(y + i), &rv, &badv);
+        if (w) { VEC wv = FN(ld)(w + i); lv *= wv; rv *= wv; }
+        lacc += lv;
         racc += rv;
         FN(st)(r + i, rv);
     }
     double loss = FN(hsum)(lacc), rs = FN(hsum)(racc);
     if (i < m) {
-        REAL zt[VL], yt[VL];
+        REAL zt[VL], yt[VL], wt[VL];
         for (int l = 0; l < VL; l++) {
             zt[l] = i + l < m ? z[i + l] : 0;
             yt[l] = i + l < m ? y[i + l] : 0;
+            wt[l] = i + l < m && w ? w[i + l] : 1;
         }
         VEC rv;
         VEC lv = FN(pw_glm_vec)(kind, FN(ld)(zt), FN(ld)(yt), &rv, &badv);
+        if (w) { VEC wv = FN(ld)(wt); lv *= wv; rv *= wv; }
         for (int l = 0; i + l < m; l++) {
             loss += lv[l];
             rs += rv[l];
@@ -370,11 +376,12 @@ static int64_t FN(block_rows)(int64_t p, int64_t align) {
 }
 
 /* Squared (kind 0) / logistic (kind 1) loss and gradient over all rows.
- * IN X (n, p), y (n), coef (p + 1); OUT grad (p + 1) (zeros if !compute_grad);
- * OUT *loss_out (sum of losses), *bad_out (1 if a logistic label is not 0/1).
+ * IN X (n, p), y (n), w (n) row weights or NULL (all 1), coef (p + 1);
+ * OUT grad (p + 1): sum_i w_i dloss_i/d(w, b) (zeros if !compute_grad);
+ * OUT *loss_out (sum_i w_i loss_i), *bad_out (1 if a logistic label is not 0/1).
  * Returns 0, or -1 if scratch memory could not be allocated. */
-static ATTR int FN(glm_driver)(int kind, const REAL *X, const REAL *y, int64_t n,
-                               int64_t p, const REAL *coef, REAL *grad,
+static ATTR int FN(glm_driver)(int kind, const REAL *X, const REAL *y, const REAL *w,
+                               int64_t n, int64_t p, const REAL *coef, REAL *grad,
                                int compute_grad, double *loss_out, int *bad_out) {
     const int64_t B = FN(block_rows)(p, 4);
     REAL *buf = (REAL *)malloc(sizeof(REAL) * (size_t)(2 * B + p));
@@ -391,7 +398,7 @@ static ATTR int FN(glm_driver)(int kind, const REAL *X, const REAL *y, int64_t n
         const REAL *pf = (dml_prefetch_blocks > 0 && i0 + B * (1 + dml_prefetch_blocks) <= n)
                              ? Xb + dml_prefetch_blocks * B * p : NULL;
         FN(gemv_rows)(Xb, m, p, coef, b, z);
-        loss += FN(pw_glm)(kind, z, y + i0, r, m, &rsum, &bad);
+        loss += FN(pw_glm)(kind, z, y + i0, w ? w + i0 : NULL, r, m, &rsum, &bad);
         if (compute_grad) {
             FN(gemvT_rows)(Xb, m, p, r, gblk, pf);
             if (++nb == DML_FLUSH_BLOCKS) {
@@ -502,11 +509,12 @@ static ATTR void FN(gemm_bwd)(const REAL *X, int64_t m, int64_t p, const REAL *R
  * IN/OUT Z (m, Kp): logits in, R = softmax(Z) - onehot(y) out (padding
  * columns hold -inf logits and give 0).  IN y (m); IN/OUT gb (Kp): += column
  * sums of softmax(Z) (the -1 of the one-hot is counted in ycount);
- * IN/OUT ycount (K); scratch s, zy (m rounded up to VL).
- * loss_i = log sum_k exp(z_ik - max_i) - (z_iy - max_i).  Returns the sum. */
+ * IN/OUT ycount (K); scratch s, zy, ws (m rounded up to VL).  IN w (m) row
+ * weights or NULL (all 1): R's rows, gb and ycount are weighted.
+ * loss_i = log sum_k exp(z_ik - max_i) - (z_iy - max_i).  Returns sum w_i loss_i. */
 static ATTR double FN(pw_softmax)(REAL *Z, int64_t m, int64_t Kp, const int64_t *y,
-                                  int64_t K, REAL *gb, double *ycount, REAL *s,
-                                  REAL *zy, int *bad) {
+                                  const REAL *w, int64_t K, REAL *gb, double *ycount,
+                                  REAL *s, REAL *zy, REAL *ws, int *bad) {
     const int64_t nv = Kp / VL;
     for (int64_t i = 0; i < m; i++) {
         REAL *zr = Z + i * Kp;
@@ -528,11 +536,18 @@ static ATTR double FN(pw_softmax)(REAL *Z, int64_t m, int64_t Kp, const int64_t 
     for (int64_t i = m; i < mp; i++) { s[i] = 1; zy[i] = 0; }
     double loss = 0;
     VEC lacc = {0};
-    for (int64_t i = 0; i < mp; i += VL) lacc += FN(vlog)(FN(ld)(s + i)) - FN(ld)(zy + i);
+    if (w) {
+        for (int64_t i = 0; i < mp; i++) ws[i] = i < m ? w[i] : 0;
+        for (int64_t i = 0; i < mp; i += VL)
+            lacc += (FN(vlog)(FN(ld)(s + i)) - FN(ld)(zy + i)) * FN(ld)(ws + i);
+    } else {
+        for (int64_t i = 0; i < mp; i += VL) lacc += FN(vlog)(FN(ld)(s + i)) - FN(ld)(zy + i);
+    }
     loss = FN(hsum)(lacc);
     for (int64_t i = 0; i < m; i++) {
         REAL *zr = Z + i * Kp;
-        VEC inv = FN(splat)(1 / s[i]);
+        const REAL wi = w ? w[i] : 1;
+        VEC inv = FN(splat)(wi / s[i]);
         for (int64_t c = 0; c < nv; c++) {
             VEC pr = FN(ld)(zr + c * VL) * inv;
             FN(st)(zr + c * VL, pr);
@@ -540,29 +555,30 @@ static ATTR double FN(pw_softmax)(REAL *Z, int64_t m, int64_t Kp, const int64_t 
         }
         int64_t yi = y[i];
         if (yi < 0 || yi >= K) yi = 0;
-        zr[yi] -= 1;
-        ycount[yi] += 1;
+        zr[yi] -= wi;
+        ycount[yi] += wi;
     }
     return loss;
 }
 
 /* Softmax cross-entropy loss and gradient over all rows.
- * IN X (n, p), y (n) int64 in [0, K), coef (p*K + K); OUT grad (p*K + K)
- * (zeros if !compute_grad); OUT *loss_out, *bad_out (1 if a label is outside
+ * IN X (n, p), y (n) int64 in [0, K), w (n) row weights or NULL (all 1),
+ * coef (p*K + K); OUT grad (p*K + K): weighted sums (zeros if !compute_grad);
+ * OUT *loss_out (sum_i w_i loss_i), *bad_out (1 if a label is outside
  * [0, K)).  Returns 0, or -1 if scratch memory could not be allocated. */
-static ATTR int FN(softmax_driver)(const REAL *X, const int64_t *y, int64_t n,
+static ATTR int FN(softmax_driver)(const REAL *X, const int64_t *y, const REAL *w, int64_t n,
                                    int64_t p, int64_t K, const REAL *coef, REAL *grad,
                                    int compute_grad, double *loss_out, int *bad_out) {
     const int64_t Kp = K + (VL - K % VL) % VL;
     int64_t B = FN(block_rows)(p, VL);
     const int64_t Bp = B + VL;
-    size_t nreal = (size_t)(p * Kp * 2 + Kp * 2 + B * Kp + 2 * Bp);
+    size_t nreal = (size_t)(p * Kp * 2 + Kp * 2 + B * Kp + 3 * Bp);
     REAL *buf = (REAL *)malloc(sizeof(REAL) * nreal);
     double *gacc = (double *)calloc((size_t)(p * K + 2 * K), sizeof(double));
     if (!buf || !gacc) { free(buf); free(gacc); return -1; }
     memset(buf, 0, sizeof(REAL) * nreal);
     REAL *Wp = buf, *G = Wp + p * Kp, *bp = G + p * Kp, *gb = bp + Kp;
-    REAL *Z = gb + Kp, *s = Z + B * Kp, *zy = s + Bp;
+    REAL *Z = gb + Kp, *s = Z + B * Kp, *zy = s + Bp, *ws = zy + Bp;
     double *ycount = gacc + p * K + K;
     for (int64_t j = 0; j < p; j++)
         for (int64_t k = 0; k < K; k++) Wp[j * Kp + k] = coef[j * K + k];
@@ -575,7 +591,8 @@ static ATTR int FN(softmax_driver)(const REAL *X, const int64_t *y, int64_t n,
         const REAL *pf = (dml_prefetch_blocks > 0 && i0 + B * (1 + dml_prefetch_blocks) <= n)
                              ? Xb + dml_prefetch_blocks * B * p : NULL;
         FN(gemm_fwd)(Xb, m, p, Wp, bp, Kp, Z, pf);
-        loss += FN(pw_softmax)(Z, m, Kp, y + i0, K, gb, ycount, s, zy, &bad);
+        loss += FN(pw_softmax)(Z, m, Kp, y + i0, w ? w + i0 : NULL, K, gb, ycount, s, zy,
+                                 ws, &bad);
         if (compute_grad) {
             FN(gemm_bwd)(Xb, m, p, Z, Kp, G);
             if (++nb == DML_FLUSH_BLOCKS) {

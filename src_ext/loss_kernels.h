@@ -139,17 +139,17 @@ static inline int dml_use_avx2(void) {
 #endif
 
 #define DML_DEFINE_PUBLIC(sfx, T)                                                  \
-static inline int dml_glm##sfx(int kind, const T *X, const T *y, int64_t n, int64_t p,    \
-                        const T *coef, T *grad, int compute_grad,                  \
+static inline int dml_glm##sfx(int kind, const T *X, const T *y, const T *w, int64_t n,   \
+                        int64_t p, const T *coef, T *grad, int compute_grad,       \
                         double *loss_out, int *bad_out) {                          \
     return DML_DISPATCH(glm_driver, sfx,                                           \
-        (kind, X, y, n, p, coef, grad, compute_grad, loss_out, bad_out));          \
+        (kind, X, y, w, n, p, coef, grad, compute_grad, loss_out, bad_out));       \
 }                                                                                  \
-static inline int dml_softmax##sfx(const T *X, const int64_t *y, int64_t n, int64_t p,    \
-                            int64_t K, const T *coef, T *grad, int compute_grad,   \
-                            double *loss_out, int *bad_out) {                      \
+static inline int dml_softmax##sfx(const T *X, const int64_t *y, const T *w, int64_t n,   \
+                            int64_t p, int64_t K, const T *coef, T *grad,          \
+                            int compute_grad, double *loss_out, int *bad_out) {    \
     return DML_DISPATCH(softmax_driver, sfx,                                       \
-        (X, y, n, p, K, coef, grad, compute_grad, loss_out, bad_out));             \
+        (X, y, w, n, p, K, coef, grad, compute_grad, loss_out, bad_out));          \
 }                                                                                  \
 static inline void dml_vexp##sfx(const T *x, T *out, int64_t n) {                         \
     DML_DISPATCH(exp_array, sfx, (x, out, n));                                     \

@@ -180,16 +180,16 @@ cdef void _col_sum(const floating *d, Py_ssize_t rows, Py_ssize_t cols,
 
 
 cdef Py_ssize_t _softmax_xent(floating *z, const floating *b,
-                              const int64_t *labels, Py_ssize_t rows,
+                              const int64_t *labels, const floating *w, Py_ssize_t rows,
                               Py_ssize_t k, double *loss) noexcept nogil:
-    """IN/OUT z: logits without bias -> D = softmax(z + b) - onehot(y).
+    """IN/OUT z: logits without bias -> D = w_i (softmax(z + b) - onehot(y)).
 
-    Adds sum of (logsumexp(z) - z_y) to *loss. Returns -1, or the row (in this
-    block) of the first label outside [0, k).
+    Adds sum of w_i (logsumexp(z) - z_y) to *loss (w NULL: all 1). Returns -1,
+    or the row (in this block) of the first label outside [0, k).
     """
     cdef Py_ssize_t i, j
     cdef int64_t y
-    cdef floating m, s, e, zy, inv
+    cdef floating m, s, e, zy, inv, wi = 1
     cdef floating *row
     cdef double acc = 0
     for i in range(rows):
@@ -210,52 +210,59 @@ cdef Py_ssize_t _softmax_xent(floating *z, const floating *b,
             row[j] = e
             s += e
         # NaN or inf logits make s or m non-finite, hence the loss.
-        acc += log(<double> s) + <double> m - <double> zy
-        inv = 1 / s
+        if w != NULL:
+            wi = w[i]
+        acc += <double> wi * (log(<double> s) + <double> m - <double> zy)
+        inv = wi / s
         for j in range(k):
             row[j] *= inv
-        row[y] -= 1
+        row[y] -= wi
     loss[0] += acc
     return -1
 
 
 cdef void _squared(floating *z, const floating *b, const floating *y,
-                   Py_ssize_t ldy, Py_ssize_t rows, Py_ssize_t k,
+                   Py_ssize_t ldy, const floating *w, Py_ssize_t rows, Py_ssize_t k,
                    double *loss) noexcept nogil:
-    """IN/OUT z: prediction without bias -> D = z + b - y; *loss += 1/2 sum D^2."""
+    """IN/OUT z: prediction without bias -> D = w_i (z + b - y);
+    *loss += 1/2 sum w_i (z + b - y)^2 (w NULL: all 1)."""
     cdef Py_ssize_t i, j
-    cdef floating d
+    cdef floating d, wi = 1
     cdef floating *row
     cdef double acc = 0
     for i in range(rows):
         row = z + i * k
+        if w != NULL:
+            wi = w[i]
         for j in range(k):
             d = row[j] + b[j] - y[i * ldy + j]
-            row[j] = d
-            acc += <double> d * d
+            row[j] = wi * d
+            acc += <double> wi * d * d
     loss[0] += 0.5 * acc
 
 
 cdef void _sigmoid_xent(floating *z, const floating *b, const floating *y,
-                        Py_ssize_t ldy, Py_ssize_t rows, Py_ssize_t k,
+                        Py_ssize_t ldy, const floating *w, Py_ssize_t rows, Py_ssize_t k,
                         double *loss) noexcept nogil:
-    """IN/OUT z: logits without bias -> D = sigmoid(z + b) - y (y in [0, 1]).
+    """IN/OUT z: logits without bias -> D = w_i (sigmoid(z + b) - y) (y in [0, 1]).
 
-    Adds sum over rows and outputs of log1p(exp(-|z|)) + max(z, 0) - y z
-    (binary cross-entropy, stable for either sign) to *loss.
+    Adds sum over rows and outputs of w_i (log1p(exp(-|z|)) + max(z, 0) - y z)
+    (binary cross-entropy, stable for either sign) to *loss (w NULL: all 1).
     """
     cdef Py_ssize_t i, j
-    cdef floating t, yt
+    cdef floating t, yt, wi = 1
     cdef floating *row
     cdef double acc = 0
     for i in range(rows):
         row = z + i * k
+        if w != NULL:
+            wi = w[i]
         for j in range(k):
             t = row[j] + b[j]
             yt = y[i * ldy + j]
-            acc += <double> (_log1p(_exp(-(t if t >= 0 else -t))) + (t if t > 0 else 0)
-                             - yt * t)
-            row[j] = _sigmoid(t) - yt
+            acc += <double> wi * (_log1p(_exp(-(t if t >= 0 else -t))) + (t if t > 0 else 0)
+                                  - yt * t)
+            row[j] = wi * (_sigmoid(t) - yt)
     loss[0] += acc
 
 
@@ -464,7 +471,8 @@ cdef Layout _check_common(const floating[:, :] X, const floating[::1] params,
 
 
 cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
-                           const floating *Y, Py_ssize_t ldy, int output,
+                           const floating *Y, Py_ssize_t ldy, const floating *weights,
+                           int output,
                            const floating[::1] params, sizes_obj, int act,
                            trainable, floating[::1] grad, floating[::1] work,
                            Py_ssize_t block_rows, Py_ssize_t *bad_row) except? -1:
@@ -527,14 +535,17 @@ cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
                 _forward_hidden(xp + r0 * ldx, ldx, rows, &params[0], &sizes[0],
                                 offs, n_layers, act, acts, acts[n_layers - 1], probe)
                 if labels != NULL:
-                    r = _softmax_xent(acts[n_layers - 1], b_last, labels + r0, rows, k, &loss)
+                    r = _softmax_xent(acts[n_layers - 1], b_last, labels + r0,
+                                      weights + r0 if weights != NULL else NULL, rows, k, &loss)
                     if r >= 0:
                         bad_row[0] = r0 + r
                         break
                 elif output == OUT_SIGMOID:
-                    _sigmoid_xent(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy, rows, k, &loss)
+                    _sigmoid_xent(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy,
+                                  weights + r0 if weights != NULL else NULL, rows, k, &loss)
                 else:
-                    _squared(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy, rows, k, &loss)
+                    _squared(acts[n_layers - 1], b_last, Y + r0 * ldy, ldy,
+                             weights + r0 if weights != NULL else NULL, rows, k, &loss)
                 if lowest < n_layers:
                     _backward_block(xp + r0 * ldx, ldx, rows, &params[0], &sizes[0],
                                     offs, n_layers, act, fp, lowest, r0 == 0,
@@ -588,15 +599,28 @@ def _check_activation(int activation):
                          f"2 (identity) or 3 (logistic)")
 
 
+cdef const floating *_weights_ptr(const floating[::1] sample_weight, Py_ssize_t n) except? NULL:
+    """The row weights' pointer, NULL for None; checks the length."""
+    if sample_weight is None:
+        return NULL
+    if sample_weight.shape[0] != n:
+        raise ValueError(f"sample_weight: expected {n} weights, got {sample_weight.shape[0]}")
+    if n == 0:
+        return NULL
+    return &sample_weight[0]
+
+
 def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
                       const floating[::1] params, sizes, int activation,
                       trainable, floating[::1] grad, floating[::1] work,
-                      Py_ssize_t block_rows):
+                      Py_ssize_t block_rows, const floating[::1] sample_weight=None):
     """Softmax cross-entropy MLP: SUM loss and SUM gradient over the rows of X.
 
     IN  X (n, sizes[0]), unit column stride (any row stride); y (n,) int64
         labels in [0, sizes[L]); params flat; sizes (L+1,) widths (int64);
         activation 0 relu / 1 tanh / 2 identity / 3 logistic; trainable None (all) or (L,) uint8 flags.
+    IN  sample_weight None (all 1) or (n,) row weights of X's dtype: the loss
+        and gradient sums are weighted (sum_i w_i loss_i).
     OUT grad (n_params,): overwritten (unflagged layers = 0).
     work: at least ``workspace_size(sizes, block_rows)`` floats.
     Returns (loss_sum, bad_row): bad_row = -1, or the first row whose label is
@@ -610,7 +634,8 @@ def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
     cdef Py_ssize_t bad_row = -1
     cdef int64_t dummy = 0
     cdef const int64_t *labels = &y[0] if y.shape[0] > 0 else &dummy
-    loss = _run_loss_grad(X, labels, <const floating *> NULL, 0, OUT_SOFTMAX, params,
+    cdef const floating *wp = _weights_ptr(sample_weight, X.shape[0])
+    loss = _run_loss_grad(X, labels, <const floating *> NULL, 0, wp, OUT_SOFTMAX, params,
                           _as_sizes(sizes),
                           activation, trainable, grad, work, block_rows, &bad_row)
     return loss, bad_row
@@ -619,7 +644,8 @@ def loss_grad_softmax(const floating[:, :] X, const int64_t[::1] y,
 cdef double _loss_grad_targets(const floating[:, :] X, const floating[:, :] Y,
                                int output, const floating[::1] params, sizes,
                                int activation, trainable, floating[::1] grad,
-                               floating[::1] work, Py_ssize_t block_rows) except? -1:
+                               floating[::1] work, Py_ssize_t block_rows,
+                               const floating[::1] sample_weight) except? -1:
     """The float-target losses (squared, sigmoid cross-entropy): checks Y, runs."""
     make_packing_buffer_resident()
     _check_activation(activation)
@@ -634,14 +660,15 @@ cdef double _loss_grad_targets(const floating[:, :] X, const floating[:, :] Y,
     cdef Py_ssize_t bad_row = -1
     cdef floating dummy = 0
     cdef const floating *yp = &Y[0, 0] if Y.shape[0] > 0 else &dummy
-    return _run_loss_grad(X, NULL, yp, ldy, output, params, sizes, activation, trainable,
+    cdef const floating *wp = _weights_ptr(sample_weight, X.shape[0])
+    return _run_loss_grad(X, NULL, yp, ldy, wp, output, params, sizes, activation, trainable,
                           grad, work, block_rows, &bad_row)
 
 
 def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
                       const floating[::1] params, sizes, int activation,
                       trainable, floating[::1] grad, floating[::1] work,
-                      Py_ssize_t block_rows):
+                      Py_ssize_t block_rows, const floating[::1] sample_weight=None):
     """Linear-output MLP with loss 1/2 sum (y_hat - y)^2: SUM loss and gradient.
 
     IN  Y (n, sizes[L]) targets, unit column stride; the rest as in
@@ -649,13 +676,13 @@ def loss_grad_squared(const floating[:, :] X, const floating[:, :] Y,
         Y or params hold a NaN or inf).
     """
     return _loss_grad_targets(X, Y, OUT_LINEAR, params, sizes, activation, trainable,
-                              grad, work, block_rows)
+                              grad, work, block_rows, sample_weight)
 
 
 def loss_grad_sigmoid(const floating[:, :] X, const floating[:, :] Y,
                       const floating[::1] params, sizes, int activation,
                       trainable, floating[::1] grad, floating[::1] work,
-                      Py_ssize_t block_rows):
+                      Py_ssize_t block_rows, const floating[::1] sample_weight=None):
     """Sigmoid outputs with binary cross-entropy summed over the sizes[L]
     outputs (multilabel): SUM loss and gradient over the rows of X.
 
@@ -664,7 +691,7 @@ def loss_grad_sigmoid(const floating[:, :] X, const floating[:, :] Y,
     Returns loss_sum (non-finite when X, Y or params hold a NaN or inf).
     """
     return _loss_grad_targets(X, Y, OUT_SIGMOID, params, sizes, activation, trainable,
-                              grad, work, block_rows)
+                              grad, work, block_rows, sample_weight)
 
 
 def forward(const floating[:, :] X, const floating[::1] params, sizes,

@@ -189,8 +189,9 @@ def test_partitions_live_evenly_on_the_workers(client):
     placed = data.workers()
     assert placed == [workers[p % len(workers)] for p in range(8)]
     futures = data.partition_futures()
-    who = client.who_has([f for pair in futures for f in pair])
-    for p, (xf, yf) in enumerate(futures):
+    who = client.who_has([f for xf, yf, _ in futures for f in (xf, yf)])
+    for p, (xf, yf, wf) in enumerate(futures):
+        assert wf is None                                    # unweighted
         assert who[xf.key] == (placed[p],) and who[yf.key] == (placed[p],)
     per_worker = {w: 0 for w in workers}
     for p, w in enumerate(placed):
@@ -199,7 +200,7 @@ def test_partitions_live_evenly_on_the_workers(client):
     # A task pinned to the partition's worker sees its numpy arrays without transfer.
     out = client.gather([client.submit(lambda a, b: (type(a), a.shape, len(b), _worker_address()),
                                        xf, yf, workers=[placed[p]], allow_other_workers=False)
-                         for p, (xf, yf) in enumerate(futures)])
+                         for p, (xf, yf, _) in enumerate(futures)])
     for p, (kind, shape, ny, where) in enumerate(out):
         assert kind is np.ndarray and shape == (data.partition_sizes[p], 4) and ny == shape[0]
         assert where == placed[p]
@@ -224,8 +225,8 @@ def test_dask_input_unknown_chunks_rebalanced(client):
     assert data.n_rows == n and data.partition_sizes.max() - data.partition_sizes.min() <= 1
     assert data.X.numblocks == (4, 1) and data.y.numblocks == (4,)
     workers = sorted(client.nthreads())       # (checked before computing: a compute may copy)
-    who = client.who_has([f for f, _ in data.partition_futures()])
-    assert [who[f.key] for f, _ in data.partition_futures()] == \
+    who = client.who_has([f for f, _, _ in data.partition_futures()])
+    assert [who[f.key] for f, _, _ in data.partition_futures()] == \
         [(workers[p % 2],) for p in range(4)]
     xs, ys = _blocks(data)
     ids = np.concatenate([b[:, 0] for b in xs]).astype(int)

@@ -20,9 +20,10 @@ class Model:
 
     Subclass contract:
       ``_layer_shapes`` -> list of (name, W shape, b shape), in layout order.
-      ``loss_grad(params, X, y, grad, trainable=None) -> float``: overwrites
-        ``grad`` (shape (n_params,), dtype of X) with the SUM over rows of the
-        per-row gradients and returns the SUM of per-row losses. With
+      ``loss_grad(params, X, y, grad, trainable=None, sample_weight=None)
+        -> float``: overwrites ``grad`` (shape (n_params,), dtype of X) with the
+        SUM over rows of the per-row gradients and returns the SUM of per-row
+        losses (with ``sample_weight`` (n,), both sums are weighted). With
         ``trainable`` (layer names), frozen layers' gradient entries are set to
         0 and, where backpropagation can stop early, not computed.
       ``predict(params, X)``.

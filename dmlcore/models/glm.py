@@ -104,12 +104,13 @@ class Linear(_GLM):
     is_classifier = False
     n_outputs = 1
 
-    def loss_grad(self, params, X, y, grad, trainable=None) -> float:
+    def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
+        w = _row_weights(X, sample_weight)
         if y.dtype != X.dtype or not y.flags.c_contiguous:
             y = np.ascontiguousarray(y, dtype=X.dtype)
-        return _loss.loss_grad_squared(X, y, params, grad,
+        return _loss.loss_grad_squared(X, y, params, grad, sample_weight=w,
                                        compute_grad=self._compute_grad(trainable))
 
     def predict(self, params, X) -> np.ndarray:
@@ -125,14 +126,15 @@ class Logistic(_GLM):
     n_outputs = 1
     n_classes = 2
 
-    def loss_grad(self, params, X, y, grad, trainable=None) -> float:
+    def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
+        w = _row_weights(X, sample_weight)
         if y.dtype != X.dtype or not y.flags.c_contiguous:
             if not (y.dtype.kind in "biuf"):
                 raise ValueError(f"y: labels must be 0/1 numbers or booleans, got {y.dtype}")
             y = np.ascontiguousarray(y, dtype=X.dtype)
-        return _loss.loss_grad_logistic(X, y, params, grad,
+        return _loss.loss_grad_logistic(X, y, params, grad, sample_weight=w,
                                         compute_grad=self._compute_grad(trainable))
 
     def predict(self, params, X) -> np.ndarray:
@@ -166,9 +168,10 @@ class Softmax(_GLM):
     def _layer_shapes(self):
         return [("linear", (self.n_features, self.n_classes), (self.n_classes,))]
 
-    def loss_grad(self, params, X, y, grad, trainable=None) -> float:
+    def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
+        w = _row_weights(X, sample_weight)
         if y.dtype != np.int64 or not y.flags.c_contiguous:
             if y.dtype.kind in "biu":
                 y = np.ascontiguousarray(y, dtype=np.int64)
@@ -180,7 +183,7 @@ class Softmax(_GLM):
                 y = yi
             else:
                 raise ValueError(f"y: class labels must be integers, got {y.dtype}")
-        return _loss.loss_grad_softmax(X, y, params, grad, self.n_classes,
+        return _loss.loss_grad_softmax(X, y, params, grad, self.n_classes, sample_weight=w,
                                        compute_grad=self._compute_grad(trainable))
 
     def predict(self, params, X) -> np.ndarray:
@@ -194,6 +197,16 @@ class Softmax(_GLM):
     def to_config(self) -> dict:
         return {"kind": self.kind, "n_features": self.n_features,
                 "n_classes": self.n_classes}
+
+
+def _row_weights(X, sample_weight):
+    """``sample_weight`` as the kernels take it: None, or (n,) contiguous of X's dtype."""
+    if sample_weight is None:
+        return None
+    w = np.asarray(sample_weight)
+    if w.shape != (X.shape[0],):
+        raise ValueError(f"sample_weight: expected shape ({X.shape[0]},), got {w.shape}")
+    return np.ascontiguousarray(w, dtype=X.dtype)
 
 
 def _check_positive_int(name, value) -> int:

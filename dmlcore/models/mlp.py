@@ -212,8 +212,10 @@ class MLP(Model):
             rows = max(1, min(max(n, 1), max(_MIN_BLOCK, min(_MAX_BLOCK, rows))))
         return rows, _scratch(per_row * rows + fixed, dtype)
 
-    def _raise_non_finite(self, params, X, y=None):
+    def _raise_non_finite(self, params, X, y=None, sample_weight=None):
         """The loss or probe came out non-finite: say which input is to blame."""
+        if sample_weight is not None and not np.isfinite(sample_weight).all():
+            raise ValueError("sample_weight: contains NaN or infinity")
         if not np.isfinite(X).all():
             rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
             raise ValueError(f"X: contains NaN or infinity (first at row {rows[0]})")
@@ -225,13 +227,15 @@ class MLP(Model):
             raise ValueError(f"params: contain NaN or infinity (first in {layer})")
 
     # ---- kernels ---------------------------------------------------------------
-    def loss_grad(self, params, X, y, grad, trainable=None, *, block_rows=None) -> float:
+    def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None, *,
+                  block_rows=None) -> float:
         """Overwrite ``grad`` with the SUM over rows of the gradient; return the
         SUM of the per-row losses (cross-entropy, 1/2 squared error, or binary
         cross-entropy summed over the outputs).
 
         ``trainable`` (layer names): frozen layers' entries are 0 and the
-        backward pass stops at the lowest trainable layer. ``block_rows``
+        backward pass stops at the lowest trainable layer. ``sample_weight``
+        (n,): both sums are weighted (sum_i w_i loss_i). ``block_rows``
         overrides the row-block size (memory bound) used by the kernel.
         """
         params = self._check_params(params)
@@ -248,9 +252,15 @@ class MLP(Model):
         y = self._check_y(y, n, params.dtype)
         flags = self._layer_flags(trainable)
         rows, work = self._workspace(n, params.dtype, True, block_rows)
+        w = None
+        if sample_weight is not None:
+            w = np.asarray(sample_weight)
+            if w.shape != (n,):
+                raise ValueError(f"sample_weight: expected shape ({n},), got {w.shape}")
+            w = np.ascontiguousarray(w, dtype=params.dtype)
         if self.is_classifier:
             loss, bad_row = _kernels.loss_grad_softmax(
-                X, y, params, self._sizes_arr, self._act, flags, grad, work, rows)
+                X, y, params, self._sizes_arr, self._act, flags, grad, work, rows, w)
             if bad_row >= 0:
                 grad[...] = 0
                 raise ValueError(
@@ -259,9 +269,9 @@ class MLP(Model):
         else:
             kernel = (_kernels.loss_grad_sigmoid if self.is_multilabel
                       else _kernels.loss_grad_squared)
-            loss = kernel(X, y, params, self._sizes_arr, self._act, flags, grad, work, rows)
+            loss = kernel(X, y, params, self._sizes_arr, self._act, flags, grad, work, rows, w)
         if not math.isfinite(loss):
-            self._raise_non_finite(params, X, y)
+            self._raise_non_finite(params, X, y, w)
         return float(loss)
 
     def predict(self, params, X, *, block_rows=None) -> np.ndarray:

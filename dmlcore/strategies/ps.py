@@ -178,11 +178,12 @@ class _Server:
 
     # ---- updates -------------------------------------------------------------
     def _apply(self, grad_sum, loss_sum, rows, nbytes, staleness, pid, slot):
-        grad = grad_sum / rows
+        grad = grad_sum / local.mean_divisor(rows)
         self.opt_state = self.optimizer.update(grad.astype(self.dtype, copy=False),
                                                self.opt_state, self.values)
         self.count += 1
-        self.records.append((loss_sum / rows, int(nbytes), int(staleness), pid, slot))
+        self.records.append((loss_sum / local.mean_divisor(rows), int(nbytes), int(staleness),
+                             pid, slot))
         if self.count % self.checkpoint_every == 0:
             self._checkpoint()
         if self.count >= self.stop_at:
@@ -327,7 +328,8 @@ def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed,
     secede()                       # a long-running task: do not hold a slot of the pool
     idx = local.trainable_index(model, trainable)
     params = np.array(params, copy=True)
-    parts = {pid: (arrays[2 * i], arrays[2 * i + 1]) for i, pid in enumerate(pids)}
+    parts = {pid: (arrays[3 * i], arrays[3 * i + 1], arrays[3 * i + 2])
+             for i, pid in enumerate(pids)}
     transfer = None if transfer is None else np.dtype(transfer)
     exchange = _exchange_function(server)
     version, push, pushes, i = -1, None, 0, 0
@@ -350,14 +352,14 @@ def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed,
                 params[:] = values
             else:
                 params[idx] = values
-        X, y = parts[pid]
+        X, y, w = parts[pid]
         rows = local.batch_slice(X.shape[0], batch_size, clock, seed, pid)
-        loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, trainable, idx)
+        loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, trainable, idx, w=w)
         if slow.get(pid):
             time.sleep(slow[pid])
         kind, payload = "sum", grad
         if transfer is not None:
-            mean = (grad / n).astype(transfer)
+            mean = (grad / local.mean_divisor(n)).astype(transfer)
             if np.isfinite(mean).all():
                 kind, payload = "mean", mean
         push = (pid, clock, loss, n, kind, payload)

@@ -58,7 +58,7 @@ from ..optim import LBFGS
 from .base import Strategy
 
 
-def _partition_loss_grad(model, values, frozen, X, y, step, batch_size, seed, pid, trainable):
+def _partition_loss_grad(model, values, frozen, X, y, w, step, batch_size, seed, pid, trainable):
     """Task body of the "tasks" transport: one partition's (loss, grad, rows) sums."""
     if trainable is None:
         params = values
@@ -66,7 +66,7 @@ def _partition_loss_grad(model, values, frozen, X, y, step, batch_size, seed, pi
         params = frozen.copy()
         params[local.trainable_index(model, trainable)] = values
     rows = local.batch_slice(X.shape[0], batch_size, step, seed, pid)
-    return local.loss_grad_sum(model, params, X, y, rows, trainable)
+    return local.loss_grad_sum(model, params, X, y, rows, trainable, w=w)
 
 
 class SyncSGD(Strategy):
@@ -122,12 +122,12 @@ class SyncSGD(Strategy):
                 values = ctx.trainable_values()
                 if self.local_steps == 1:
                     loss, grad, rows, nbytes = evaluate(values, step)
-                    grad /= rows
+                    grad /= local.mean_divisor(rows)
                     ctx.opt_state = ctx.optimizer.update(grad, ctx.opt_state, values)
                 else:
                     values, loss, rows, nbytes = self._local_round(ctx, pool, values, step)
                 ctx.set_trainable_values(values)
-                yield {"loss": loss / rows, "bytes_sent": nbytes}
+                yield {"loss": loss / local.mean_divisor(rows), "bytes_sent": nbytes}
         finally:
             close()
 
@@ -155,10 +155,10 @@ class SyncSGD(Strategy):
         n_workers = len(set(workers))
 
         def evaluate(values, step):
-            futures = [client.submit(_partition_loss_grad, model, values, frozen, X, y, step,
+            futures = [client.submit(_partition_loss_grad, model, values, frozen, X, y, w, step,
                                      self.batch_size, ctx.seed, pid, ctx.trainable,
                                      workers=[workers[pid]], pure=False)
-                       for pid, (X, y) in enumerate(parts)]
+                       for pid, (X, y, w) in enumerate(parts)]
             loss, grad, rows = tree_reduce(client, futures, self.fan_in,
                                            workers=workers).result()
             return loss, grad, rows, vbytes * (len(parts) + n_workers)
@@ -211,7 +211,7 @@ class SyncSGD(Strategy):
             raise RuntimeError(f"local training failed on partition {failed[0][0]}: "
                                f"{failed[0][1]}")
         weighted, weight, loss, rows = add_partials(*[r[:4] for r in results])
-        new = (weighted / weight).astype(values.dtype)
+        new = (weighted / local.mean_divisor(weight)).astype(values.dtype)
         nbytes = 0 if ctx.client is None else 2 * values.nbytes * len(pool)
         return new, loss, rows, nbytes
 
@@ -231,6 +231,7 @@ class SyncSGD(Strategy):
         def loss_grad(values):
             loss, grad, rows, nbytes = evaluate(values, 0)
             spent["bytes"] += nbytes
+            rows = local.mean_divisor(rows)
             return loss / rows, grad / rows
 
         def callback(x, loss):

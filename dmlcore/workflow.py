@@ -85,7 +85,7 @@ _NESTED_OPTIMIZER = {"server_optimizer"}           # a {kind: ...} optimizer ins
 _FIT_RESERVED = {"model", "data", "strategy", "optimizer", "eval_data", "init_params",
                  "client", "checkpoint_dir", "resume", "callbacks", "progress"}
 # partition() keywords that are not data settings
-_PARTITION_RESERVED = {"X", "y", "client", "persist", "x", "n_partitions"}
+_PARTITION_RESERVED = {"X", "y", "client", "persist", "x", "n_partitions", "sample_weight"}
 
 # Types/ranges of keywords whose defaults do not tell (None defaults, counts).
 # kind: "int" | "number" | "bool" | "str" | "strlist" | "any"; min; nullable
@@ -564,6 +564,26 @@ def _check_source(check, source, path, wf, test=False):
     return out
 
 
+def _check_weights_file(check, name, wf):
+    """``data.weights``: a ``.npy`` file of one weight per training row."""
+    path = ("data", "weights")
+    if not isinstance(name, str) or not name.endswith(".npy"):
+        check.fail(path, f"expected the path of a .npy file of row weights, got {_describe(name)}")
+    file = _resolve_path(wf, name)
+    if not file.exists():
+        check.fail(path, f"weights file not found: {name} (looked for {file})")
+    return str(file)
+
+
+def _load_weights(file, n_rows):
+    """The row weights of ``data.weights`` (float64, one per source row)."""
+    w = np.load(file, mmap_mode="r", allow_pickle=False)
+    if w.ndim != 1 or w.shape[0] != n_rows:
+        raise ValueError(f"the weights file holds shape {w.shape}; expected one weight per "
+                         f"row of the source ({n_rows})")
+    return np.asarray(w, dtype=np.float64)
+
+
 def _resolve_path(wf, name):
     """``name`` (a data path from the workflow) as an absolute path; relative to its folder."""
     p = Path(name).expanduser()
@@ -578,9 +598,9 @@ def _check_data(check, cfg, wf):
 
     params = {n: p for n, p in _signature_params(partition).items()
               if n not in _PARTITION_RESERVED}
-    allowed = set(params) | {"source", "test", "partitions", "max_rows", "dtype"}
+    allowed = set(params) | {"source", "test", "partitions", "max_rows", "dtype", "weights"}
     check.keys(data, ("data",), allowed, required=("source",))
-    check.arguments(data, ("data",), params, skip=("source", "test", "dtype"))
+    check.arguments(data, ("data",), params, skip=("source", "test", "dtype", "weights"))
     from .data import SCHEMES
 
     if "scheme" in data and data["scheme"] not in SCHEMES:
@@ -589,6 +609,8 @@ def _check_data(check, cfg, wf):
         check.fail(("data", "dtype"), f"{data['dtype']!r} is not one of float32, float64")
     out = dict(data)
     out["source"] = _check_source(check, data["source"], ("data", "source"), wf)
+    if "weights" in data:
+        out["weights"] = _check_weights_file(check, data["weights"], wf)
     if out["source"]["kind"] == "fashion_mnist" and isinstance(data["source"], str):
         out["source"]["split"] = "train"
     test = data.get("test")
@@ -959,8 +981,14 @@ def prepare_data(spec, client, wf, say=None):
     with _located(check, ("data", "source")):
         X, y = _load_source(d["source"], client)
         _check_shapes(X, y)
+    weights = None
+    if "weights" in d:
+        with _located(check, ("data", "weights")):
+            weights = _load_weights(d["weights"], int(X.shape[0]))
+    with _located(check, ("data", "source")):
         if "max_rows" in d:
             X, y = X[:d["max_rows"]], y[:d["max_rows"]]
+            weights = None if weights is None else weights[:d["max_rows"]]
     eval_data = None
     test = d.get("test")
     if test is not None and "holdout" in test:
@@ -973,11 +1001,13 @@ def prepare_data(spec, client, wf, say=None):
         if _is_dask(X):     # synthetic and file data sets: the last rows are the holdout
             Xt, yt = X[n - k:], y[n - k:]
             X, y = X[:n - k], y[:n - k]
+            weights = None if weights is None else weights[:n - k]
         else:
             order = np.random.default_rng(d.get("seed", 0)).permutation(n)
             Xt, yt = X[order[n - k:]], y[order[n - k:]]
             keep = np.sort(order[:n - k])
             X, y = X[keep], y[keep]
+            weights = None if weights is None else weights[keep]
         with _located(check, ("data", "test")):
             eval_data = (_to_numpy(Xt, client), _to_numpy(yt, client))
     elif test is not None:
@@ -1016,7 +1046,9 @@ def prepare_data(spec, client, wf, say=None):
             eval_data = (np.ascontiguousarray(Xt, dtype=np.dtype(X.dtype) if np.dtype(
                 X.dtype).kind == "f" else np.float64), yt)
     kwargs = {k: v for k, v in d.items()
-              if k not in ("source", "test", "partitions", "max_rows", "dtype")}
+              if k not in ("source", "test", "partitions", "max_rows", "dtype", "weights")}
+    if weights is not None:
+        kwargs["sample_weight"] = weights
     if "partitions" in d:
         kwargs["n_partitions"] = d["partitions"]
     say(f"partitioning {int(X.shape[0])} rows x {int(X.shape[1])} features into "

@@ -342,3 +342,37 @@ def test_validate_reports_missing_fashion_mnist_files(tmp_path, capsys, monkeypa
         "fashion_mnist", "{kind: softmax}")))
     assert rc == 2 and err.count("\n") == 1, err
     assert "Fashion-MNIST files not found" in err and "apt-get install" in err and ":3:" in err
+
+
+def test_data_weights_file_travels_with_the_rows(files):
+    """``data.weights``: a .npy of row weights, relative to the workflow's folder;
+    the holdout split keeps each weight with its row."""
+    w = np.arange(60, dtype=np.float64) + 1.0
+    np.save(files / "w.npy", w)
+    text = with_source(f"{{path: {files}/X.npy, labels: {files}/y.npy}}").replace(
+        "  partitions: 2\n", "  partitions: 2\n  weights: w.npy\n  test: {split: 10}\n")
+    plan = workflow.validate(workflow.load(write(files, text)))
+    spec = plan.runs[0]
+    prepared = workflow.prepare_data(spec, None, plan.workflow)
+    data = prepared.data
+    assert data.is_weighted
+    X = np.load(files / "X.npy")
+    for rows, Xb, wb in zip(data.source_rows, data.x_blocks(), data.w_blocks()):
+        Xb, wb = np.asarray(Xb.compute()), np.asarray(wb.compute())
+        # every partition row is a source row whose weight came along (w = row + 1)
+        src = [int(np.flatnonzero((X == r).all(axis=1))[0]) for r in Xb]
+        np.testing.assert_array_equal(wb, w[src])
+    assert sum(len(r) for r in data.source_rows) == 50
+
+
+@pytest.mark.parametrize("weights, fragment", [
+    ("w.txt", "expected the path of a .npy file"),
+    ("nope.npy", "weights file not found"),
+    ("w_short.npy", "one weight per row of the source (60)"),
+])
+def test_bad_weights_file_exit_2_one_line(files, capsys, weights, fragment):
+    np.save(files / "w_short.npy", np.ones(59))
+    text = with_source(f"{{path: {files}/X.npy, labels: {files}/y.npy}}").replace(
+        "  partitions: 2\n", f"  partitions: 2\n  weights: {weights}\n")
+    rc, out, err = run_main(capsys, "run", write(files, text))
+    assert rc == 2 and err.count("\n") == 1 and fragment in err and "data.weights" in err, err

@@ -1,6 +1,6 @@
 """The data plane on TLS against TCP: the same SyncSGD runs on a tcp:// and a
-tls:// LocalCluster (2 workers x 1 thread, certificates from ``openssl`` in a
-temporary directory), one after the other in this process.
+tls:// LocalCluster (2 workers x 1 thread each, certificates from ``openssl``
+in a temporary directory), driven from this process.
 
 1. Step overhead: 16 tiny partitions (100 x 10), full batch, driver-side
    updates (one channel round per step) and mini-batches with the replicated
@@ -8,6 +8,9 @@ temporary directory), one after the other in this process.
 2. The Fashion-MNIST ``dml.MLPClassifier(hidden_layer_sizes=(256,))`` fit with
    its defaults (partitioning inside the timed fit). Goal: TLS <= 1.3 x TCP.
    ``--small``: 6,000 rows; without the Debian data, synthetic 784-feature rows.
+Both clusters stay up and the runs alternate between them (``--repeat``
+rounds; the fastest run of each case is shown), so load drifting on a shared
+host does not land on one protocol.
 Bytes per step: what crossed the loopback interface (``/proc/net/dev``, both
 directions, Dask's own traffic included) during the timed fit, over its steps.
 
@@ -90,6 +93,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--small", action="store_true", help="6000 rows, 1 epoch MLP")
     parser.add_argument("--skip-mlp", action="store_true")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="alternating runs of each case per protocol (the fastest is shown)")
     args = parser.parse_args(argv)
 
     import dmlcore as dml
@@ -102,19 +107,24 @@ def main(argv=None):
     mlp_params = {"max_iter": 1} if args.small else {}
     out = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for protocol in ("tcp", "tls"):
-            cluster, client = _cluster(protocol, workdir)
-            try:
-                small = dml.partition(Xs, ys, n_partitions=16, seed=0, client=client)
-                model = dml.models.Logistic(10)
+        # Both clusters stay up and the runs alternate (tcp, tls, tcp, tls...):
+        # on a shared host the load drifts, and a ratio of neighbours is stable.
+        clusters = {protocol: _cluster(protocol, workdir) for protocol in ("tcp", "tls")}
+        try:
+            small = {p: dml.partition(Xs, ys, n_partitions=16, seed=0, client=c)
+                     for p, (_, c) in clusters.items()}
+            model = dml.models.Logistic(10)
+            for _ in range(args.repeat):
                 for name, strategy in (
                         ("full batch, driver updates", dml.SyncSGD(batch_size=None)),
                         ("batch 16, replicated optimizer",
                          dml.SyncSGD(batch_size=16, apply_on="workers"))):
-                    out[protocol, name] = _timed_fit(dml, client, model, small, strategy,
-                                                     args.steps)
-                del small
-                if not args.skip_mlp:
+                    for protocol, (_, client) in clusters.items():
+                        out.setdefault((protocol, name), []).append(_timed_fit(
+                            dml, client, model, small[protocol], strategy, args.steps))
+            del small
+            for _ in range(0 if args.skip_mlp else args.repeat):
+                for protocol, (_, client) in clusters.items():
                     clf = MLPClassifier(hidden_layer_sizes=(256,), random_state=0,
                                         client=client, **mlp_params)
                     before = _loopback_bytes()
@@ -124,10 +134,14 @@ def main(argv=None):
                     steps = int(clf.history_.sizes["step"])
                     wire = ((_loopback_bytes() - before) / steps if before is not None
                             else float("nan"))
-                    out[protocol, "mlp"] = (seconds, wire, steps, float(clf.score(Xt, yt)))
-            finally:
+                    out.setdefault((protocol, "mlp"), []).append(
+                        (seconds, wire, steps, float(clf.score(Xt, yt))))
+        finally:
+            for cluster, client in clusters.values():
                 client.close()
                 cluster.close()
+    # the fastest of the repeats of each (the least disturbed run)
+    out = {key: min(runs, key=lambda r: r[0]) for key, runs in out.items()}
 
     print("1. step overhead, 16 partitions of 100 x 10 on 2 workers "
           f"({args.steps} steps, median)")

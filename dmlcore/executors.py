@@ -380,7 +380,8 @@ class ExecutorPool:
                           actor=True, workers=[w], allow_other_workers=False, pure=False)
             for w, ids in zip(self.workers, self.partition_ids)
         ]
-        self.executors = [f.result() for f in actor_futures]
+        with client.as_current():       # the handles call through this client, not the default
+            self.executors = [f.result() for f in actor_futures]
         self._actor_futures = actor_futures
         if not direct:
             return

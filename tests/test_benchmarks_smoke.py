@@ -18,7 +18,7 @@ SMALL_ARGS = {
     "bench_fedavg.py": ["--small"],
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
-    "bench_tls.py": ["--small", "--steps", "20"],
+    "bench_tls.py": ["--small", "--steps", "20", "--repeat", "1"],
 }
 
 

@@ -190,3 +190,20 @@ def test_sync_sgd_keeps_the_direct_path_on_a_tls_cluster(tmp_path, caplog, apply
                 and "tls" in r.getMessage()]
     np.testing.assert_array_equal(np.asarray(runs["actors"].params),
                                   np.asarray(runs["actor-calls"].params))
+
+
+def test_a_fit_uses_its_own_client_when_another_is_the_default(tmp_path, client):
+    """A TLS client made after the session's TCP client becomes Dask's default;
+    a fit on the TCP client must still call its actors through the TCP client
+    (they used to bind to the default client and be refused: "encryption
+    required"), for the executors and for the parameter server's actor."""
+    import dmlcore as dml
+
+    X, y = _problem()
+    data = dml.partition(X, y, 4, client=client)
+    with tls_local_cluster(tmp_path):                    # now the default client
+        for strategy in (dml.SyncSGD(batch_size=32, transport="actor-calls"),
+                         dml.ParameterServer(batch_size=32)):
+            result = dml.fit(dml.models.Logistic(6), data, strategy, dml.optim.SGD(lr=0.1),
+                             steps=20, client=client, progress=False, timeout=20)
+            assert np.isfinite(np.asarray(result.params)).all()

@@ -516,7 +516,8 @@ class ParameterServer(Strategy):
             checkpoint_every=self.checkpoint_every, transfer=self.transfer_dtype,
             remote_slots=remote, actor=True, workers=[server_worker],
             allow_other_workers=False, pure=False)
-        self._server = self._actor_future.result()
+        with client.as_current():       # the handle calls through this client, not the default
+            self._server = self._actor_future.result()
         self._server_worker = server_worker
         self._loop_workers = sorted(by_worker)
         self._last_liveness = time.monotonic()

@@ -25,19 +25,6 @@ def add_partials(*partials):
     return tuple(out)
 
 
-def weighted_sum(pairs):
-    """``(sum_k w_k v_k, sum_k w_k)`` of ``(vector, weight)`` pairs (FedAvg's numerator)."""
-    pairs = list(pairs)
-    if not pairs:
-        raise ValueError("weighted_sum: no (vector, weight) pairs")
-    total = np.zeros_like(pairs[0][0])
-    weight = 0.0
-    for vector, w in pairs:
-        total += w * vector
-        weight += w
-    return total, weight
-
-
 def tree_reduce(client, futures, fan_in=4, combine=add_partials, workers=None):
     """Reduce ``futures`` to one future with a tree of ``combine`` tasks of fan-in ``fan_in``.
 

@@ -75,7 +75,7 @@ class PartitionExecutor:
     or None) and runs local computations; built from ``(X, y, w)`` triples."""
 
     # what the driver may call over the channel (``channel.ChannelServer``)
-    CHANNEL_METHODS = ("configure", "rows", "loss_grad", "local_train", "open_peers",
+    CHANNEL_METHODS = ("configure", "loss_grad", "local_train", "open_peers",
                        "connect_peers", "start_replica", "replica_steps", "replica_state",
                        "close_replica")
 
@@ -215,9 +215,6 @@ class PartitionExecutor:
         mesh, self._mesh, self._replica = self._mesh, None, None
         if mesh is not None:
             mesh.close()
-
-    def rows(self):
-        return [X.shape[0] for _, X, _, _ in self.parts]
 
     def loss_grad(self, values, step, batch_size, seed, buffers=None):
         """Sum over local partitions of (loss sum, grad sum, rows) on the batch of ``step``.

@@ -1494,9 +1494,5 @@ def describe(plan):
     return "\n".join(lines)
 
 
-def dump_yaml(config):
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use the dmlcore command: dmlcore run WORKFLOW.yaml")

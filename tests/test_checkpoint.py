@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dmlcore import checkpoint as ckpt
-from dmlcore.aggregate import add_partials, tree_reduce, weighted_sum
+from dmlcore.aggregate import add_partials, tree_reduce
 from dmlcore.optim import SGD
 
 
@@ -45,15 +45,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
-def test_add_partials_and_weighted_sum():
+def test_add_partials():
     a = (1.0, np.array([1.0, 2.0]), 3)
     b = (2.0, np.array([10.0, 20.0]), 4)
     total = add_partials(a, b)
     assert total[0] == 3.0 and total[2] == 7
     np.testing.assert_array_equal(total[1], [11.0, 22.0])
     np.testing.assert_array_equal(a[1], [1.0, 2.0])          # inputs untouched
-    vec, weight = weighted_sum([(np.array([1.0, 0.0]), 3), (np.array([0.0, 1.0]), 1)])
-    np.testing.assert_array_equal(vec / weight, [0.75, 0.25])
 
 
 @pytest.mark.parametrize("fan_in", [2, 3, 8])

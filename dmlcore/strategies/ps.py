@@ -469,7 +469,6 @@ class ParameterServer(Strategy):
     # ---- set-up, monitoring, shutdown ----------------------------------------
     def _setup(self, ctx):
         self._client = ctx.client
-        self._ctx = ctx
         self._owns_dir = self.checkpoint_dir is None
         self._dir = Path(tempfile.mkdtemp(prefix="dmlcore-ps-") if self._owns_dir
                          else self.checkpoint_dir)

@@ -1,10 +1,9 @@
-"""Flat-vector reductions (dmlcore._ext.reduce) and optimizer updates
-(dmlcore._ext.optim) against NumPy one-liners; each optimizer drives a
-quadratic and the 2-D Rosenbrock function to its minimum."""
+"""Optimizer updates (dmlcore._ext.optim) against NumPy one-liners; each
+optimizer drives a quadratic and the 2-D Rosenbrock function to its minimum."""
 import numpy as np
 import pytest
 
-from dmlcore._ext import optim, reduce
+from dmlcore._ext import optim
 
 DTYPES = [np.float32, np.float64]
 
@@ -21,80 +20,6 @@ def read_only(a):
     a = a.copy()
     a.setflags(write=False)
     return a
-
-
-# ---- reduce -------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_axpy_and_sum_into(dtype):
-    x, y = vec(1001, 0, dtype), vec(1001, 1, dtype)
-    want = y + dtype(0.7) * x
-    out = reduce.axpy(0.7, read_only(x), y)
-    assert np.shares_memory(out, y)
-    np.testing.assert_allclose(y, want, **tol(dtype))
-    want = y + x
-    out = reduce.sum_into(y, read_only(x))
-    assert np.shares_memory(out, y)
-    np.testing.assert_allclose(y, want, **tol(dtype))
-    # non-contiguous input
-    big = vec(2002, 2, dtype)
-    want = y + big[::2]
-    reduce.sum_into(y, big[::2])
-    np.testing.assert_allclose(y, want, **tol(dtype))
-    # x is y: y += alpha * y
-    want = 3 * y
-    reduce.axpy(2.0, y, y)
-    np.testing.assert_allclose(y, want, **tol(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_dot_and_sq_norm(dtype):
-    x, y = vec(5000, 3, dtype), vec(5000, 4, dtype)
-    exact = float(np.dot(x.astype(np.float64), y.astype(np.float64)))
-    assert reduce.dot(read_only(x), read_only(y)) == pytest.approx(exact, rel=1e-12, abs=1e-12)
-    exact = float(np.sum(x.astype(np.float64) ** 2))
-    assert reduce.sq_norm(read_only(x)) == pytest.approx(exact, rel=1e-12)
-    assert isinstance(reduce.sq_norm(x), float)
-    assert reduce.sq_norm(np.empty(0, dtype)) == 0.0
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_weighted_mean(dtype):
-    k, n = 5, 777
-    V = np.random.default_rng(5).normal(size=(k, n)).astype(dtype)
-    w = np.array([1.0, 3.0, 0.0, 2.5, 7.0])
-    want = (w[:, None] * V.astype(np.float64)).sum(axis=0) / w.sum()
-    out = np.full(n, np.nan, dtype)
-    res = reduce.weighted_mean(read_only(V), w, out)
-    assert np.shares_memory(res, out) and res.dtype == dtype
-    np.testing.assert_allclose(out, want, **tol(dtype))
-    out2 = np.full(n, np.nan, dtype)
-    reduce.weighted_mean([read_only(v) for v in V], list(w), out2)
-    np.testing.assert_allclose(out2, want, **tol(dtype))
-    # equal weights: plain mean; integer weights
-    reduce.weighted_mean(V, np.ones(k, dtype=np.int64), out)
-    np.testing.assert_allclose(out, V.astype(np.float64).mean(axis=0), **tol(dtype))
-
-
-def test_reduce_errors():
-    x32, x64 = np.zeros(4, np.float32), np.zeros(4)
-    with pytest.raises(ValueError, match="does not match"):
-        reduce.axpy(1.0, x32, x64)
-    with pytest.raises(ValueError, match="expected length 4"):
-        reduce.sum_into(x64, np.zeros(5))
-    ro = read_only(x64)
-    with pytest.raises(ValueError, match="writable"):
-        reduce.axpy(1.0, x64, ro)
-    with pytest.raises(ValueError, match="float32 or float64"):
-        reduce.dot(np.zeros(4, np.int64), np.zeros(4, np.int64))
-    V = np.ones((2, 4))
-    with pytest.raises(ValueError, match="positive"):
-        reduce.weighted_mean(V, [0.0, 0.0], x64)
-    with pytest.raises(ValueError, match=">= 0"):
-        reduce.weighted_mean(V, [1.0, -1.0], x64)
-    with pytest.raises(ValueError, match="overlap"):
-        reduce.weighted_mean([V[0], x64], [1.0, 1.0], x64)
-    with pytest.raises(ValueError, match="expected 2 weights"):
-        reduce.weighted_mean([V[0], V[1]], [1.0], x64)
 
 
 # ---- optim: one step against NumPy ------------------------------------------------------

@@ -12,7 +12,7 @@ SMALL_ARGS = {
     "bench_kernels.py": ["--rows", "20000", "--cols", "20", "--repeat", "2"],
     "bench_mlp_optim.py": ["--small"],
     "bench_convex.py": ["--rows", "20000", "--cols", "10", "--chunks", "4"],
-    "bench_estimator.py": ["--rows", "20000", "--cols", "10", "--chunks", "4"],
+    "bench_estimator.py": ["--rows", "20000", "--cols", "10", "--chunks", "4", "--weighted"],
     "bench_sync_step.py": ["--rows", "20000", "--cols", "10", "--steps", "20"],
     "bench_fashion_mlp.py": ["--small", "--skip-sklearn"],
     "bench_fedavg.py": ["--small"],

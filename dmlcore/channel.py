@@ -1,11 +1,10 @@
 """A direct socket from the driver to one executor: the training step's data plane.
 
 Dask stays the control plane (placement, actors, failures); the per-step calls
-to the executors take this shorter path. Measured on the 2-core test machine,
-a round of calls to two Dask actors costs 5.6-6.6 ms with empty payloads and
-10.7-11.8 ms carrying a 0.8 MB float32 vector each way (the client's event
-loop thread, tornado streams and message framing on both sides); the same
-round over these sockets costs what the bytes cost to copy.
+to the executors take this shorter path. A round of Dask actor calls pays for
+the client's event loop thread, tornado streams and message framing on both
+sides; a round over these sockets costs about what the bytes cost to copy
+(figures: ``benchmarks/bench_sync_step.py`` and the README).
 
 Protocol (one connection per executor, one outstanding call at a time):
 

@@ -10,9 +10,9 @@ trainable parameters and optimizer state between the driver's sync points
 copy is authoritative again after each sync, so an executor can still be
 re-created at any sync point.
 
-Why executors for the hot path: a scheduler round trip per step costs ~10 ms
-in distributed (the client's batched-send interval). An actor call goes
-straight to the worker, but still costs ~3 ms here; so each executor also
+Why executors for the hot path: a scheduler round trip per step waits for the
+client's batched-send interval. An actor call goes straight to the worker,
+but still crosses the client's event loop; so each executor also
 opens a ``channel`` (a token-guarded socket served by a thread on its worker)
 and the per-step calls take that path, with Dask actors as the control plane
 and the fallback where workers do not talk TCP. The tree is the same:
@@ -288,8 +288,7 @@ def sharded_exchange(n, nbytes):
     """Whether ``n`` replicas of an ``nbytes`` vector use reduce-scatter +
     all-gather (two rounds, 2(n-1) vectors) rather than a full exchange of
     gradients (one round, n(n-1) vectors). Two replicas move the same bytes
-    either way and the single round is cheaper (measured: 1.7-1.9 ms against
-    3.2 ms per step for a tiny model, equal for the Fashion-MNIST MLP); above
+    either way and the single round is cheaper (one round trip fewer); above
     two, sharding wins once the extra vectors cost more than a round, taken
     here as 64 KiB per executor."""
     return n > 2 and (n - 2) * nbytes > 1 << 16

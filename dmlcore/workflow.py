@@ -1252,12 +1252,21 @@ def _checkpoint_dirs(out_dir, index=None):
     return live, done
 
 
+_CLAIM_LOCK = threading.Lock()      # the runs of a sweep claim one shared folder
+
+
 def _prepare_checkpoints(live, done, resume, model, check, say):
     """Set up the live checkpoint directory; returns whether fit should resume.
 
     Only folders dmlcore wrote are emptied or replaced (``outputs.claim_dir``);
-    the fixed output names are checked here, before training, too.
+    the fixed output names are checked here, before training, too. The runs of
+    a sweep call this from parallel threads: one at a time.
     """
+    with _CLAIM_LOCK:
+        return _prepare_checkpoints_locked(live, done, resume, model, check, say)
+
+
+def _prepare_checkpoints_locked(live, done, resume, model, check, say):
     from . import checkpoint as ckpt
     from . import outputs
 
@@ -1382,7 +1391,24 @@ def _nothing_to_do(out_dir, dirs, step, wf, say):
 
 
 def _resolved_config(plan):
-    return copy.deepcopy(plan.base_config)
+    """The workflow as run (``--set`` applied), its data files as absolute paths,
+    so the written ``config.yaml`` reruns the experiment from any folder."""
+    cfg = copy.deepcopy(plan.base_config)
+    data, spec_data = cfg.get("data"), plan.runs[0].data
+    if not isinstance(data, dict):
+        return cfg
+    pairs = [(data, spec_data)]
+    if isinstance(data.get("test"), dict) and "source" in spec_data.get("test", {}):
+        pairs.append((data["test"], spec_data["test"]))
+    for given, checked in pairs:
+        source, resolved = given.get("source"), checked["source"]
+        if isinstance(source, dict) and resolved.get("kind") == "files":
+            for key in ("path", "labels"):
+                if key in source and key in resolved:
+                    source[key] = resolved[key]
+    if "weights" in data:
+        data["weights"] = spec_data["weights"]
+    return cfg
 
 
 def _summary(metrics, out_dir, files, unit="steps"):

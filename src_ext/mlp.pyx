@@ -562,14 +562,13 @@ cdef double _run_loss_grad(const floating[:, :] X, const int64_t *labels,
 # ---- OpenBLAS packing buffer ----------------------------------------------------
 # OpenBLAS packs gemm operands into a 32 MB buffer that it mmaps once per
 # library; a page of it becomes resident only when a gemm first writes there.
-# Measured here: float32 gemm on the MLP's shapes (128-256 rows x 784 x 256)
-# ran at 12 GFLOP/s until a gemm with >= ~384 output rows and columns had run
-# in the process, and at 30-37 GFLOP/s afterwards (for the rest of the
-# process, in every thread); the buffer's resident part grew from 336 KB to
-# 832 KB. Our reading: the Haswell kernels prefetch ahead of the packed panels
-# into pages that small gemms never write, and on a virtual machine each
-# prefetch of a non-resident page costs a failed two-level page walk.
-# Two 512^3 gemms (~35 ms, once per process) write those pages.
+# On this project's machines float32 gemm on the MLP's shapes ran well below
+# its rate until one gemm with >= ~384 output rows and columns had run in the
+# process, and at full rate afterwards, in every thread (figures: the README).
+# Our reading: the Haswell kernels prefetch ahead of the packed panels into
+# pages that small gemms never write, and on a virtual machine each prefetch
+# of a non-resident page costs a failed two-level page walk. Two 512^3 gemms,
+# once per process, write those pages.
 cdef bint _packing_buffer_resident = False
 
 

@@ -376,3 +376,54 @@ def test_bad_weights_file_exit_2_one_line(files, capsys, weights, fragment):
         "  partitions: 2\n", f"  partitions: 2\n  weights: {weights}\n")
     rc, out, err = run_main(capsys, "run", write(files, text))
     assert rc == 2 and err.count("\n") == 1 and fragment in err and "data.weights" in err, err
+
+
+def test_written_config_names_data_files_by_absolute_path(files):
+    """config.yaml (the resolved workflow) reruns from any folder: relative data
+    paths of the workflow become absolute; --set overrides are in it."""
+    (files / "sub").mkdir()
+    for name in ("X.npy", "y.npy"):
+        (files / "sub" / name).write_bytes((files / name).read_bytes())
+    np.save(files / "sub" / "w.npy", np.ones(60))
+    text = with_source("{path: X.npy, labels: y.npy}").replace(
+        "  partitions: 2\n", "  partitions: 2\n  weights: w.npy\n")
+    plan = workflow.validate(workflow.load(write(files / "sub", text), ["train.epochs=3"]))
+    cfg = workflow._resolved_config(plan)
+    source = cfg["data"]["source"]
+    assert source["path"] == str(files / "sub" / "X.npy")
+    assert source["labels"] == str(files / "sub" / "y.npy")
+    assert cfg["data"]["weights"] == str(files / "sub" / "w.npy")
+    assert cfg["train"]["epochs"] == 3
+    again = workflow.validate(workflow.Workflow(config=cfg, name="config.yaml"))
+    assert again.runs[0].data["source"]["path"] == source["path"]
+
+
+def test_sweep_runs_claim_their_checkpoint_folders_concurrently(tmp_path):
+    """The runs of a sweep set up ``checkpoints.partial/NNN`` from parallel
+    threads; one of them must never see the shared folder half-claimed (it
+    used to fail "... exists and was not written by dmlcore")."""
+    import threading
+
+    from dmlcore.models import Logistic
+
+    errors = []
+    for trial in range(30):
+        out = tmp_path / f"out{trial}"
+        out.mkdir()
+        start = threading.Barrier(8)
+
+        def claim(i):
+            live, done = workflow._checkpoint_dirs(out, i)
+            start.wait()
+            try:
+                workflow._prepare_checkpoints(live, done, False, Logistic(3), None,
+                                              lambda m: None)
+            except Exception as exc:  # noqa: BLE001 — collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert not errors, errors[:3]

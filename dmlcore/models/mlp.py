@@ -32,8 +32,7 @@ def _scratch(size, dtype):
 
     Kernel workspaces come from here: a fresh multi-hundred-KB array per call
     costs page faults on every step (Dask workers return freed memory to the
-    OS above 64 KiB, MALLOC_TRIM_THRESHOLD_), which slowed a 3.6 ms MLP step
-    by ~1 ms on a worker.
+    OS above 64 KiB, MALLOC_TRIM_THRESHOLD_).
     """
     cached = getattr(_thread_scratch, "array", None)
     if cached is None or cached.size != size or cached.dtype != dtype:

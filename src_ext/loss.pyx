@@ -94,17 +94,23 @@ def _check_common(name, X, coef, grad_out, n_coef):
         raise ValueError(f"{name}: grad_out must be writeable")
 
 
-def _check_y_float(name, X, y):
-    if not isinstance(y, np.ndarray):
-        raise ValueError(f"{name}: y must be a numpy array, got {type(y).__name__}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"{name}: y must have shape ({X.shape[0]},), got {y.shape}")
-    if y.dtype != X.dtype:
+def _check_row_vector(name, X, arg, value):
+    """``value`` (argument ``arg``) as the kernels take it: (n,) contiguous of X's dtype."""
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{name}: {arg} must be a numpy array, got {type(value).__name__}")
+    if value.shape != (X.shape[0],):
+        raise ValueError(f"{name}: {arg} must have shape ({X.shape[0]},), got {value.shape}")
+    if value.dtype != X.dtype:
         raise ValueError(
-            f"{name}: dtype mix: X is {X.dtype} but y is {y.dtype} "
-            "(y must have X's dtype)")
-    if not y.flags.c_contiguous:
-        raise ValueError(f"{name}: y must be contiguous")
+            f"{name}: dtype mix: X is {X.dtype} but {arg} is {value.dtype} "
+            f"({arg} must have X's dtype)")
+    if not value.flags.c_contiguous:
+        raise ValueError(f"{name}: {arg} must be contiguous")
+    return value
+
+
+def _check_y_float(name, X, y):
+    _check_row_vector(name, X, "y", y)
 
 
 def _raise_non_finite(name, loss):
@@ -173,19 +179,7 @@ def _check_weight(name, X, sample_weight):
     """``sample_weight`` as the kernels take it: None, or (n,) contiguous of X's dtype."""
     if sample_weight is None:
         return None
-    if not isinstance(sample_weight, np.ndarray):
-        raise ValueError(
-            f"{name}: sample_weight must be a numpy array, got {type(sample_weight).__name__}")
-    if sample_weight.shape != (X.shape[0],):
-        raise ValueError(f"{name}: sample_weight must have shape ({X.shape[0]},), "
-                         f"got {sample_weight.shape}")
-    if sample_weight.dtype != X.dtype:
-        raise ValueError(
-            f"{name}: dtype mix: X is {X.dtype} but sample_weight is {sample_weight.dtype} "
-            "(sample_weight must have X's dtype)")
-    if not sample_weight.flags.c_contiguous:
-        raise ValueError(f"{name}: sample_weight must be contiguous")
-    return sample_weight
+    return _check_row_vector(name, X, "sample_weight", sample_weight)
 
 
 # ---- public kernels -------------------------------------------------------------

@@ -66,6 +66,23 @@ def _is_dask(a) -> bool:
     return isinstance(a, da.Array)
 
 
+def _is_sparse(a) -> bool:
+    import scipy.sparse as sp
+    return sp.issparse(a)
+
+
+def as_block(a):
+    """A computed partition block as the kernels take it: CSR stays CSR, else numpy."""
+    return a if _is_sparse(a) else np.asarray(a)
+
+
+def _nbytes(a) -> int:
+    """Bytes held by a numpy array or a CSR matrix (data + indices + indptr)."""
+    if _is_sparse(a):
+        return int(a.data.nbytes + a.indices.nbytes + a.indptr.nbytes)
+    return int(a.nbytes)
+
+
 def _source_arrays(X, y, x_name, y_name_default="y"):
     """Return (X, y) as numpy or dask arrays (y may be None)."""
     import xarray as xr
@@ -106,7 +123,9 @@ def _source_arrays(X, y, x_name, y_name_default="y"):
                 X = da.from_zarr(X)
         except ImportError:  # pragma: no cover - zarr is a dependency
             pass
-    if not _is_dask(X) and not isinstance(X, np.ndarray):
+    if _is_sparse(X):
+        X = X.tocsr()
+    elif not _is_dask(X) and not isinstance(X, np.ndarray):
         X = np.asarray(X)
     if y is not None and not _is_dask(y) and not isinstance(y, np.ndarray):
         y = np.asarray(y)
@@ -284,7 +303,17 @@ def _bad_values(what, problem, row):
 
 
 def _take_rows(X, rows, dtype, check_finite):
-    """Rows ``rows`` of X in ``dtype`` (one pass: gather, convert, NaN/inf check)."""
+    """Rows ``rows`` of X in ``dtype`` (one pass: gather, convert, NaN/inf check);
+    a CSR X gives a CSR part (its stored values are checked)."""
+    if _is_sparse(X):
+        part = X[rows].astype(dtype, copy=False)
+        part.sort_indices()
+        if check_finite:
+            problem = _finite_problem(part.data)
+            if problem:
+                row = int(np.searchsorted(part.indptr, problem[1], side="right") - 1)
+                raise _bad_values("X", problem, int(rows[row]))
+        return part
     part = np.asarray(np.take(X, rows, axis=0)).astype(dtype, copy=False)
     if check_finite:
         problem = _finite_problem(part)
@@ -348,11 +377,16 @@ def _chunk_plans(plan, lengths):
 # --------------------------------------------------------------------------
 # Building the dask arrays
 # --------------------------------------------------------------------------
-def _array_from_blocks(blocks, name, chunks, dtype, ndim):
-    """A dask array whose chunk p is ``blocks[p]`` (futures under the array's keys, or numpy)."""
+def _array_from_blocks(blocks, name, chunks, dtype, ndim, sparse=False):
+    """A dask array whose chunk p is ``blocks[p]`` (futures under the array's keys,
+    or numpy; ``sparse``: CSR chunks)."""
     import dask.array as da
     keys = [(name, p, 0) if ndim == 2 else (name, p) for p in range(len(blocks))]
-    meta = np.empty((0,) * ndim, dtype=dtype)
+    if sparse:
+        import scipy.sparse as sp
+        meta = sp.csr_matrix((0, 0), dtype=dtype)
+    else:
+        meta = np.empty((0,) * ndim, dtype=dtype)
     return da.Array(dict(zip(keys, blocks)), name, chunks, meta=meta)
 
 
@@ -368,7 +402,7 @@ def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=
         for p in (q for q in range(n_parts) if workers[q] == worker):
             key = (name, p, 0) if ndim == 2 else (name, p)
             batch[key] = make_part(p)
-            size += batch[key].nbytes
+            size += _nbytes(batch[key])
             if size >= batch_bytes:
                 futures_by_key = client.scatter(batch, workers=[worker])
                 for k, f in futures_by_key.items():
@@ -420,12 +454,14 @@ class PartitionedData:
 
     def __init__(self, X, y, *, source_rows, scheme, seed, classes, class_count,
                  client=None, placement=None, x_futures=None, y_futures=None,
-                 params=None, persisted=True, w=None, w_futures=None, weight_sums=None):
+                 params=None, persisted=True, w=None, w_futures=None, weight_sums=None,
+                 nnz=None):
         self.X = X
         self.y = y
         self.w = w
         self._w_futures = w_futures
         self.partition_weights = weight_sums     # (n_partitions,) float64, None unweighted
+        self.partition_nnz = nnz                 # (n_partitions,) stored entries; None dense
         self.source_rows = source_rows
         self.scheme = scheme
         self.seed = seed
@@ -464,13 +500,22 @@ class PartitionedData:
     def is_classification(self) -> bool:
         return self.classes is not None
 
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the partitions are scipy.sparse CSR matrices."""
+        return self.partition_nnz is not None
+
     def _partition_nbytes(self):
-        row = self.n_features * self.dtype.itemsize
+        if self.is_sparse:      # data + 8-byte indices per stored entry, indptr per row
+            x = self.partition_nnz * (self.dtype.itemsize + 8) + (self.partition_sizes + 1) * 8
+            row = 0
+        else:
+            x, row = 0, self.n_features * self.dtype.itemsize
         if self.y is not None:
             row += np.dtype(self.y.dtype).itemsize * (1 if self.y.ndim == 1 else self.y.shape[1])
         if self.w is not None:
             row += self.dtype.itemsize
-        return self.partition_sizes * row
+        return x + self.partition_sizes * row
 
     @property
     def nbytes(self) -> int:
@@ -533,11 +578,12 @@ class PartitionedData:
         if client is False:
             if self._x_futures is None and self.persisted:
                 return self
-            xs = [np.asarray(b) for b in self.client.gather(self._x_futures)] \
+            xs = [as_block(b) for b in self.client.gather(self._x_futures)] \
                 if self._x_futures is not None else [b.compute() for b in self.x_blocks()]
             ys = None if self.y is None else [np.asarray(b.compute()) for b in self.y_blocks()]
             ws = None if self.w is None else [np.asarray(b.compute()) for b in self.w_blocks()]
-            X = _array_from_blocks(xs, f"dml-X-{uuid.uuid4().hex}", self.X.chunks, self.dtype, 2)
+            X = _array_from_blocks(xs, f"dml-X-{uuid.uuid4().hex}", self.X.chunks, self.dtype, 2,
+                                   sparse=self.is_sparse)
             y = None if ys is None else _array_from_blocks(
                 ys, f"dml-y-{uuid.uuid4().hex}", self.y.chunks, self.y.dtype, self.y.ndim)
             w = None if ws is None else _array_from_blocks(
@@ -545,14 +591,15 @@ class PartitionedData:
             return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
                                    seed=self.seed, classes=self.classes,
                                    class_count=self._class_count, params=self.params,
-                                   w=w, weight_sums=self.partition_weights)
+                                   w=w, weight_sums=self.partition_weights,
+                                   nnz=self.partition_nnz)
         workers = _list_workers(client)
         placement = [workers[w] for w in _placement(self.partition_sizes, len(workers))]
         xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
         if self.persisted and self._x_futures is None:
             # In-process numpy chunks: scatter them straight to their workers.
             blocks = self.x_blocks()
-            xf = _scatter_parts(client, lambda p: np.asarray(blocks[p].compute(scheduler="sync")),
+            xf = _scatter_parts(client, lambda p: as_block(blocks[p].compute(scheduler="sync")),
                                 self.n_partitions, xname, 2, placement)
         else:
             # Lazy, or held by another client: compute there, then pin a copy.
@@ -574,7 +621,7 @@ class PartitionedData:
                                 self.n_partitions, wname, 1, placement)
             w = _array_from_blocks(wf, wname, self.w.chunks, self.dtype, 1)
         _raise_first_error(xf)
-        X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2)
+        X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2, sparse=self.is_sparse)
         y = None if yf is None else _array_from_blocks(yf, yname, self.y.chunks,
                                                         self.y.dtype, self.y.ndim)
         return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
@@ -582,14 +629,15 @@ class PartitionedData:
                                class_count=self._class_count, client=client,
                                placement=placement, x_futures=xf, y_futures=yf,
                                params=self.params, persisted=True, w=w, w_futures=wf,
-                               weight_sums=self.partition_weights)
+                               weight_sums=self.partition_weights, nnz=self.partition_nnz)
 
     # ---- diagnostics -----------------------------------------------------
     def skew_report(self):
         """``xarray.Dataset`` over ``partition`` (and ``class``) describing the split.
 
         Variables: ``rows``, ``bytes``, ``worker``, ``weight`` (sum of the row
-        weights; weighted data only); for classification
+        weights; weighted data only), ``nnz`` and ``nnz_imbalance`` (stored
+        entries per partition, max/mean; sparse data only); for classification
         ``class_count`` (partition x class) and ``label_tv_distance`` (total
         variation distance of each partition's label distribution from the
         global one, 0 = identical, 1 = disjoint); for regression
@@ -610,6 +658,10 @@ class PartitionedData:
         }
         if self.partition_weights is not None:
             data_vars["weight"] = ("partition", np.asarray(self.partition_weights))
+        if self.is_sparse:
+            data_vars["nnz"] = ("partition", np.asarray(self.partition_nnz))
+            data_vars["nnz_imbalance"] = ((), float(self.partition_nnz.max()
+                                                    / max(self.partition_nnz.mean(), 1)))
         coords = {"partition": np.arange(self.n_partitions)}
         if self.classes is not None:
             counts = self._class_count
@@ -641,7 +693,8 @@ class PartitionedData:
             where = ", ".join(f"{w}: {c}" for w, c in sorted(counts.items()))
         labels = ("regression" if self.classes is None and self.y is not None
                   else "unlabelled" if self.y is None else f"{self.n_classes} classes")
-        lazy = ("" if self.persisted else ", lazy") + (", weighted" if self.w is not None else "")
+        lazy = (("" if self.persisted else ", lazy") + (", weighted" if self.w is not None else "")
+                + (", sparse CSR" if self.is_sparse else ""))
         return (f"PartitionedData(scheme={self.scheme!r}, seed={self.seed}, "
                 f"n_partitions={self.n_partitions}, n_rows={self.n_rows}, "
                 f"n_features={self.n_features}, dtype={self.dtype}, {labels}, "
@@ -764,9 +817,12 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
     params = {"shards_per_partition": int(shards_per_partition)} if scheme == "shards" else (
         {"alpha": float(alpha)} if scheme == "dirichlet" else {})
+    sparse = _is_sparse(Xs)
     common = dict(source_rows=plan, scheme=scheme, seed=seed, classes=classes,
                   class_count=class_count, params=params,
-                  weight_sums=None if weights is None else _weight_sums(weights, plan))
+                  weight_sums=None if weights is None else _weight_sums(weights, plan),
+                  nnz=None if not sparse else np.array(
+                      [int(np.diff(Xs.indptr)[r].sum()) for r in plan], dtype=np.int64))
     wname = f"dml-w-{uuid.uuid4().hex}"
 
     # --- materialise -------------------------------------------------------
@@ -783,7 +839,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
         wf = None if weights is None else _scatter_parts(
             client, lambda p: weights[plan[p]], n_partitions, wname, 1, placement)
         _raise_first_error(xf)
-        Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2)
+        Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2, sparse=sparse)
         yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype,
                                                         y_ndim)
         wd = None if wf is None else _array_from_blocks(wf, wname, y_chunks[:1], dtype, 1)
@@ -792,7 +848,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
 
     if persist:                          # no client: numpy partitions in this process
         parts = [_take_rows(Xs, r, dtype, check_finite) for r in plan]
-        Xd = _array_from_blocks(parts, xname, x_chunks, dtype, 2)
+        Xd = _array_from_blocks(parts, xname, x_chunks, dtype, 2, sparse=sparse)
     else:
         Xd = _lazy_partitions(Xs, lengths, plan, xname, n_features, dtype, check_finite)
     yd = (None if labels is None
@@ -858,7 +914,11 @@ def _lazy_partitions(Xs, lengths, plan, name, n_features, dtype, check_finite):
                     [dask.delayed(_piece, pure=True)(split[b], p)
                      for b, cp in enumerate(chunk_plans) if cp[1][p]])
                  for p in range(len(plan))]
-    return da.concatenate([da.from_delayed(part, (len(r), n_features), dtype=dtype)
+    meta = None
+    if _is_sparse(Xs):
+        import scipy.sparse as sp
+        meta = sp.csr_matrix((0, 0), dtype=dtype)
+    return da.concatenate([da.from_delayed(part, (len(r), n_features), dtype=dtype, meta=meta)
                            for part, r in zip(parts, plan)], axis=0)
 
 

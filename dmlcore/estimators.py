@@ -431,6 +431,7 @@ class _DMLEstimator(BaseEstimator):
 
     _is_classifier = False
     _multi_output = False       # takes a 2-D y (n, outputs)
+    _sparse = False             # takes scipy.sparse X (used as CSR)
 
     def _validate(self, X, y=None, *, reset=True):
         """Validated ``(X, y)``; y is 1-D, or 2-D (n, k >= 2) for multi-output
@@ -442,7 +443,8 @@ class _DMLEstimator(BaseEstimator):
         else:
             X, y = validate_data(self, X, y, reset=reset, dtype=[np.float64, np.float32],
                                  y_numeric=not self._is_classifier,
-                                 multi_output=self._multi_output)
+                                 multi_output=self._multi_output,
+                                 accept_sparse="csr" if self._sparse else False)
         if y is not None and y.ndim == 2 and y.shape[1] == 1:
             from sklearn.utils.validation import column_or_1d
 
@@ -452,7 +454,8 @@ class _DMLEstimator(BaseEstimator):
     def _check_X(self, X):
         """Prediction input (numpy), validated against the fit."""
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32],
+                             accept_sparse="csr" if self._sparse else False)
 
     def _blockwise(self, method, X, n_columns=None, dtype=np.float64):
         """``method`` applied to every row block of a dask ``X`` (lazy dask result).
@@ -503,7 +506,7 @@ class _DMLEstimator(BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
+        tags.input_tags.sparse = self._sparse
         return tags
 
 
@@ -511,6 +514,7 @@ class _DMLEstimator(BaseEstimator):
 # generalised linear models
 # ---------------------------------------------------------------------------
 class _GLM(_DMLEstimator):
+    _sparse = True              # the CSR kernels stream scipy.sparse rows
 
     def _solve(self, model, X, y, weight_decay, *, seed, sample_weight=None):
         """Fit a GLM from zero; returns the flat parameters and sets ``n_iter_``."""

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import local
 from .aggregate import add_partials
+from .data import as_block
 from .channel import (DEFAULT_TIMEOUT, Channel, ChannelServer, PeerMesh, call_frames,
                       first_error, wait_all)
 
@@ -356,7 +357,7 @@ class ExecutorPool:
         self.channels = []
         ids_by_worker: dict[str, list[int]] = {}
         if client is None:
-            blocks = [(np.asarray(xb.compute(scheduler="sync")),
+            blocks = [(as_block(xb.compute(scheduler="sync")),
                        np.asarray(yb.compute(scheduler="sync")),
                        None if wb is None else np.asarray(wb.compute(scheduler="sync")))
                       for xb, yb, wb in zip(data.x_blocks(), data.y_blocks(), data.w_blocks())]

@@ -355,3 +355,197 @@ def _tuning(block_bytes=None, prefetch_blocks=None):
             raise ValueError("prefetch_blocks must be >= 0")
         dml_prefetch_blocks = prefetch_blocks
     return {"block_bytes": dml_block_bytes, "prefetch_blocks": dml_prefetch_blocks}
+
+
+# ---- CSR (scipy.sparse) kernels -------------------------------------------------
+# One pass over the stored entries of each row: z_i = sum_k data[k] w[indices[k]]
+# + b, the pointwise stage, then g[indices[k]] += data[k] r_i. Sums go to a
+# float64 accumulator (``acc``), so float32 totals keep float32 precision;
+# entries of features no row touches stay 0. Indices: int32 or int64
+# (``csr_index``), as scipy.sparse makes them.
+ctypedef fused csr_index:
+    int
+    long long
+
+DEF _CSR_BLOCK = 256              # rows whose exp/log go through the vector math at once
+
+
+def _glm_csr(int kind, const floating[::1] data, const csr_index[::1] indices,
+             const csr_index[::1] indptr, const floating[::1] y, const floating[::1] w,
+             const floating[::1] coef, double[::1] acc, bint compute_grad):
+    """Squared (kind 0) / logistic (kind 1) loss over CSR rows; ``acc`` (p + 1)
+    receives the gradient sums (zeroed by the caller). Returns (loss, bad).
+
+    Per block of rows: gather z, the pointwise stage with the vectorised exp
+    and log1p of ``loss_impl.h`` (per-row libm calls cost as much as the
+    gather), then scatter w_i r_i x_i into ``acc``."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1, p = coef.shape[0] - 1, i, k, i0, m, t
+    cdef double z, r, yi, wi, loss = 0.0, e
+    cdef int bad = 0
+    cdef const floating *wp = &w[0] if w is not None and n > 0 else NULL
+    cdef double[::1] zb = np.empty(_CSR_BLOCK), eb = np.empty(_CSR_BLOCK)
+    cdef double[::1] lb = np.empty(_CSR_BLOCK)
+    with nogil:
+        for i0 in range(0, n, _CSR_BLOCK):
+            m = min(_CSR_BLOCK, n - i0)
+            for t in range(m):
+                i = i0 + t
+                z = coef[p]
+                for k in range(indptr[i], indptr[i + 1]):
+                    z += <double> data[k] * coef[indices[k]]
+                zb[t] = z
+                eb[t] = -z if z >= 0 else z              # -|z|
+            if kind == KIND_LOGISTIC:
+                dml_vexp_d(&eb[0], &eb[0], m)            # exp(-|z|) in (0, 1]
+                dml_vlog1p_d(&eb[0], &lb[0], m)
+            for t in range(m):
+                i = i0 + t
+                z, yi = zb[t], y[i]
+                wi = wp[i] if wp != NULL else 1.0
+                if kind == KIND_SQUARED:
+                    r = z - yi
+                    loss += wi * 0.5 * r * r
+                else:
+                    if yi != 0 and yi != 1:
+                        bad = 1
+                    e = eb[t]
+                    loss += wi * (lb[t] + (z if z > 0 else 0.0) - yi * z)
+                    r = (1.0 if z >= 0 else e) / (1.0 + e) - yi
+                zb[t] = r * wi
+            if compute_grad:
+                for t in range(m):
+                    i = i0 + t
+                    r = zb[t]
+                    for k in range(indptr[i], indptr[i + 1]):
+                        acc[indices[k]] += <double> data[k] * r
+                    acc[p] += r
+    return loss, bad
+
+
+def _softmax_csr(const floating[::1] data, const csr_index[::1] indices,
+                 const csr_index[::1] indptr, const long long[::1] y, const floating[::1] w,
+                 const floating[::1] coef, Py_ssize_t K, double[::1] acc, bint compute_grad):
+    """Softmax cross-entropy over CSR rows; ``acc`` (p*K + K) receives the
+    gradient sums (zeroed by the caller). Per block of rows: gather the logits,
+    exp and log through the vectorised math, scatter the weighted residuals."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1, i, k, c, j, i0, m, t
+    cdef Py_ssize_t p = (coef.shape[0] - K) // K
+    cdef double mx, loss = 0.0, wi, x
+    cdef long long yi
+    cdef int bad = 0
+    cdef const floating *wp = &w[0] if w is not None and n > 0 else NULL
+    cdef double[:, ::1] Z = np.empty((_CSR_BLOCK, K))
+    cdef double[::1] zy = np.empty(_CSR_BLOCK), sb = np.empty(_CSR_BLOCK)
+    cdef double[::1] lb = np.empty(_CSR_BLOCK)
+    cdef double *zr
+    with nogil:
+        for i0 in range(0, n, _CSR_BLOCK):
+            m = min(_CSR_BLOCK, n - i0)
+            for t in range(m):
+                i = i0 + t
+                zr = &Z[t, 0]
+                for c in range(K):
+                    zr[c] = coef[p * K + c]
+                for k in range(indptr[i], indptr[i + 1]):
+                    j = indices[k]
+                    x = data[k]
+                    for c in range(K):
+                        zr[c] += x * coef[j * K + c]
+                mx = zr[0]
+                for c in range(1, K):
+                    if zr[c] > mx:
+                        mx = zr[c]
+                yi = y[i]
+                if yi < 0 or yi >= K:
+                    bad = 1
+                    yi = 0
+                zy[t] = zr[yi] - mx
+                for c in range(K):
+                    zr[c] -= mx
+            dml_vexp_d(&Z[0, 0], &Z[0, 0], m * K)
+            for t in range(m):
+                sb[t] = 0.0
+                for c in range(K):
+                    sb[t] += Z[t, c]
+            dml_vlog_d(&sb[0], &lb[0], m)
+            for t in range(m):
+                i = i0 + t
+                wi = wp[i] if wp != NULL else 1.0
+                yi = y[i] if 0 <= y[i] < K else 0
+                loss += wi * (lb[t] - zy[t])
+                zr = &Z[t, 0]
+                for c in range(K):
+                    zr[c] *= wi / sb[t]
+                zr[yi] -= wi
+            if compute_grad:
+                for t in range(m):
+                    i = i0 + t
+                    zr = &Z[t, 0]
+                    for k in range(indptr[i], indptr[i + 1]):
+                        j = indices[k]
+                        x = data[k]
+                        for c in range(K):
+                            acc[j * K + c] += x * zr[c]
+                    for c in range(K):
+                        acc[p * K + c] += zr[c]
+    return loss, bad
+
+
+def _check_csr(name, X, coef, grad_out, n_coef):
+    """The CSR arrays of ``X`` (a scipy.sparse matrix) as the kernels take them."""
+    import scipy.sparse as sp
+
+    if not sp.issparse(X) or X.format != "csr":
+        raise ValueError(f"{name}: X must be a scipy.sparse CSR matrix, got {type(X).__name__}")
+    if X.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: X dtype must be float32 or float64, got {X.dtype}")
+    for arg, val in (("coef", coef), ("grad_out", grad_out)):
+        if not isinstance(val, np.ndarray) or val.dtype != X.dtype:
+            raise ValueError(f"{name}: {arg} must be a numpy array of X's dtype {X.dtype}")
+        if val.shape != (n_coef,) or not val.flags.c_contiguous:
+            raise ValueError(f"{name}: {arg} must be contiguous with shape ({n_coef},)")
+    if not grad_out.flags.writeable:
+        raise ValueError(f"{name}: grad_out must be writeable")
+    index = np.intc if X.indices.dtype == X.indptr.dtype == np.int32 else np.longlong
+    indices, indptr = X.indices.astype(index, copy=False), X.indptr.astype(index, copy=False)
+    return (np.ascontiguousarray(X.data), np.ascontiguousarray(indices),
+            np.ascontiguousarray(indptr))
+
+
+def loss_grad_csr(kind, X, y, coef, grad_out, *, n_classes=None, sample_weight=None,
+                  bint compute_grad=True):
+    """The GLM losses of ``loss_grad_squared`` / ``_logistic`` / ``_softmax`` on a
+    scipy.sparse CSR ``X``, streaming its stored entries (no densifying).
+
+    IN  kind "squared" | "logistic" | "softmax"; X (n, p) CSR float32/float64;
+        y (n) of X's dtype (int64 labels for softmax); coef (p + 1) or
+        (p*K + K); sample_weight (n) of X's dtype or None
+    OUT grad_out: overwritten with the (weighted) sum over rows of the gradient
+    Returns the (weighted) loss sum; ValueError on bad labels or NaN/inf.
+    """
+    name = f"loss_grad_csr({kind})"
+    n, p = X.shape
+    K = 1 if kind != "softmax" else int(n_classes)
+    n_coef = p + 1 if kind != "softmax" else p * K + K
+    data, indices, indptr = _check_csr(name, X, coef, grad_out, n_coef)
+    w = _check_weight(name, X, sample_weight)
+    acc = np.zeros(n_coef, dtype=np.float64)
+    if kind == "softmax":
+        if not isinstance(y, np.ndarray) or y.shape != (n,) or y.dtype != np.int64:
+            raise ValueError(f"{name}: y must be int64 class labels of shape ({n},)")
+        loss, bad = _softmax_csr(data, indices, indptr, np.ascontiguousarray(y), w, coef, K,
+                                 acc, compute_grad)
+        if bad:
+            raise ValueError(f"{name}: labels must be in [0, {K})")
+    elif kind in ("squared", "logistic"):
+        _check_row_vector(name, X, "y", y)
+        loss, bad = _glm_csr(KIND_SQUARED if kind == "squared" else KIND_LOGISTIC, data,
+                             indices, indptr, y, w, coef, acc, compute_grad)
+        if bad:
+            raise ValueError(f"{name}: labels must be 0 or 1")
+    else:
+        raise ValueError(f"{name}: kind must be squared, logistic or softmax")
+    if not isfinite(loss):
+        _raise_non_finite(name, loss)
+    grad_out[...] = acc
+    return loss

@@ -19,6 +19,7 @@ SMALL_ARGS = {
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
     "bench_tls.py": ["--small", "--steps", "20", "--repeat", "1"],
+    "bench_sparse.py": ["--rows", "20000", "--cols", "2000", "--repeat", "2"],
 }
 
 

@@ -3,7 +3,9 @@
 Each is one layer named ``"linear"`` in the flat parameter vector (see
 ``base.Model``): ``W`` then ``b``.  ``loss_grad`` calls the fused one-pass
 kernels of ``dmlcore._ext.loss`` (sums over rows, no regularisation); this
-module only converts the inputs where needed and checks the layout.
+module only converts the inputs where needed and checks the layout. X may be
+a ``scipy.sparse`` matrix: it is used as CSR (converted once if another
+format) and streamed by the CSR kernels without densifying.
 
 ``init(seed)`` draws the weights from N(0, 0.01^2) with ``numpy.random.
 default_rng(seed)`` (seed-dependent and small, so the losses start near their
@@ -12,6 +14,7 @@ value at zero) and sets the biases to 0.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from .._ext import loss as _loss
 from .base import Model
@@ -47,7 +50,7 @@ class _GLM(Model):
     # ---- input conversion ------------------------------------------------
     def _prepare(self, params, X, grad=None):
         params = self._check_params(params)
-        X = np.asarray(X)
+        X = X.tocsr() if sp.issparse(X) else np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(
                 f"X: expected shape (n_samples, {self.n_features}), got {X.shape}")
@@ -55,7 +58,7 @@ class _GLM(Model):
             raise ValueError(
                 f"dtype mix: X is {X.dtype} but params are {params.dtype} "
                 "(X, params and grad must share a dtype)")
-        if not X.flags.c_contiguous:
+        if not sp.issparse(X) and not X.flags.c_contiguous:
             X = np.ascontiguousarray(X)
         if not params.flags.c_contiguous:
             params = np.ascontiguousarray(params)
@@ -85,12 +88,12 @@ class _GLM(Model):
     def decision_function(self, params, X) -> np.ndarray:
         """Raw linear predictor X W + b (shape (n,) for k = 1, else (n, k))."""
         params = self._check_params(params)
-        X = np.asarray(X, dtype=params.dtype)
+        X = X.tocsr().astype(params.dtype) if sp.issparse(X) else np.asarray(X, dtype=params.dtype)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(
                 f"X: expected shape (n_samples, {self.n_features}), got {X.shape}")
         v = self.views(params)["linear"]
-        z = X @ v["W"] + v["b"]
+        z = np.asarray(X @ v["W"]) + v["b"]
         return z
 
     def to_config(self) -> dict:
@@ -110,6 +113,9 @@ class Linear(_GLM):
         w = _row_weights(X, sample_weight)
         if y.dtype != X.dtype or not y.flags.c_contiguous:
             y = np.ascontiguousarray(y, dtype=X.dtype)
+        if sp.issparse(X):
+            return _loss.loss_grad_csr("squared", X, y, params, grad, sample_weight=w,
+                                       compute_grad=self._compute_grad(trainable))
         return _loss.loss_grad_squared(X, y, params, grad, sample_weight=w,
                                        compute_grad=self._compute_grad(trainable))
 
@@ -134,6 +140,9 @@ class Logistic(_GLM):
             if not (y.dtype.kind in "biuf"):
                 raise ValueError(f"y: labels must be 0/1 numbers or booleans, got {y.dtype}")
             y = np.ascontiguousarray(y, dtype=X.dtype)
+        if sp.issparse(X):
+            return _loss.loss_grad_csr("logistic", X, y, params, grad, sample_weight=w,
+                                       compute_grad=self._compute_grad(trainable))
         return _loss.loss_grad_logistic(X, y, params, grad, sample_weight=w,
                                         compute_grad=self._compute_grad(trainable))
 
@@ -183,6 +192,10 @@ class Softmax(_GLM):
                 y = yi
             else:
                 raise ValueError(f"y: class labels must be integers, got {y.dtype}")
+        if sp.issparse(X):
+            return _loss.loss_grad_csr("softmax", X, y, params, grad, n_classes=self.n_classes,
+                                       sample_weight=w,
+                                       compute_grad=self._compute_grad(trainable))
         return _loss.loss_grad_softmax(X, y, params, grad, self.n_classes, sample_weight=w,
                                        compute_grad=self._compute_grad(trainable))
 

@@ -19,7 +19,8 @@ SMALL_ARGS = {
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
     "bench_tls.py": ["--small", "--steps", "20", "--repeat", "1"],
-    "bench_sparse.py": ["--rows", "20000", "--cols", "2000", "--repeat", "2"],
+    "bench_sparse.py": ["--rows", "20000", "--cols", "2000", "--repeat", "2", "--fit",
+                        "--fit-rows", "5000"],
 }
 
 

@@ -71,8 +71,11 @@ def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=Non
     ``w``: row weights of X (None = 1 each): weighted sums, and the rows'
     total weight (a float) in place of the count.
     """
-    Xb, yb = X[rows], y[rows]
-    wb = None if w is None else w[rows]
+    if isinstance(rows, slice) and rows.indices(X.shape[0]) == (0, X.shape[0], 1):
+        Xb, yb, wb = X, y, w                # all rows: no slicing (a CSR slice is a copy)
+    else:
+        Xb, yb = X[rows], y[rows]
+        wb = None if w is None else w[rows]
     grad = np.empty_like(params) if out is None else out
     if wb is None:
         loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable)

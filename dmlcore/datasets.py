@@ -339,6 +339,9 @@ def _is_zarr(path: Path) -> bool:
         (path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
 
 
+_SPARSE_NPZ_KEYS = {"data", "indices", "indptr", "shape", "format"}
+
+
 def _open_container(path: Path):
     """Open ``path``: returns ('array', array) or ('group', {name: array-getter})."""
     if not path.exists():
@@ -346,7 +349,11 @@ def _open_container(path: Path):
     if path.suffix == ".npy":
         return "array", np.load(path, mmap_mode="r")
     if path.suffix == ".npz":
-        return "group", np.load(path)
+        archive = np.load(path)
+        if _SPARSE_NPZ_KEYS <= set(archive.files):     # written by scipy.sparse.save_npz
+            import scipy.sparse as sp
+            return "array", sp.load_npz(path).tocsr()
+        return "group", archive
     if _is_zarr(path):
         import zarr
         obj = zarr.open(str(path), mode="r")
@@ -386,7 +393,8 @@ def _group_get(group, name, path):
 def load_arrays(path, labels=None, *, x="X", y="y"):
     """Open a data file as ``(X, y)`` arrays without reading it into memory where possible.
 
-    ``path``: ``.npy`` (memory-mapped numpy), ``.npz``, a zarr array or group
+    ``path``: ``.npy`` (memory-mapped numpy), ``.npz`` (numpy's, or a sparse
+    matrix written by ``scipy.sparse.save_npz``: X is then CSR), a zarr array or group
     (dask array reading the store on the workers), or netCDF (via xarray,
     dask-backed). For containers with several variables, X is the
     variable ``x`` and y the variable ``y`` (None if absent). ``labels``: a

@@ -42,7 +42,10 @@ class FitResult:
 
 def evaluate(model, params, X, y):
     """``(mean loss, accuracy or NaN)`` of ``model`` on ``(X, y)`` in this process."""
-    X = np.ascontiguousarray(X, dtype=params.dtype)
+    import scipy.sparse as sp
+
+    X = (X.tocsr().astype(params.dtype) if sp.issparse(X)
+         else np.ascontiguousarray(X, dtype=params.dtype))
     y = np.asarray(y)
     out = np.asarray(model.predict(params, X), dtype=np.float64)
     tiny = 1e-15

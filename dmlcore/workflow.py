@@ -947,6 +947,10 @@ def _is_dask(a):
 
 
 def _to_numpy(a, client):
+    import scipy.sparse as sp
+
+    if sp.issparse(a):
+        return a.tocsr()
     if _is_dask(a):
         return np.asarray(client.compute(a).result() if client is not None else a.compute())
     return np.asarray(a)
@@ -971,6 +975,8 @@ def prepare_data(spec, client, wf, say=None):
     ``say`` (a print-like callable, optional) gets one line before loading, one
     before partitioning and a one-line summary of the partitions' skew.
     """
+    import scipy.sparse as sp
+
     from .data import partition
 
     say = say or (lambda message: None)
@@ -1016,6 +1022,9 @@ def prepare_data(spec, client, wf, say=None):
             _check_shapes(Xt, yt, "the test X")
             eval_data = (_to_numpy(Xt, client), _to_numpy(yt, client))
 
+    if sp.issparse(X) and spec.model_kind not in ("linear", "logistic", "softmax"):
+        check.fail(("model", "kind"), f"the data are sparse (a CSR .npz); model kind "
+                   f"{spec.model_kind!r} takes dense data: use linear, logistic or softmax")
     with _located(check, ("data", "source")):
         y = _to_numpy(y, client)
         y = _labels_for(y, classify, spec.model_kind, "the labels")
@@ -1034,8 +1043,9 @@ def prepare_data(spec, client, wf, say=None):
             if Xt.shape[1] != X.shape[1]:
                 raise ValueError(f"the test set has {Xt.shape[1]} features, the training "
                                  f"data {X.shape[1]}")
-            if Xt.dtype.kind != "f" or not np.isfinite(Xt).all():
-                bad = int((~np.isfinite(np.asarray(Xt, dtype=np.float64))).sum())
+            values = Xt.data if sp.issparse(Xt) else Xt
+            if values.dtype.kind != "f" or not np.isfinite(values).all():
+                bad = int((~np.isfinite(np.asarray(values, dtype=np.float64))).sum())
                 raise ValueError(f"the test X contains {bad} NaN or infinite value(s)")
             yt = _labels_for(yt, classify, spec.model_kind, "the test labels")
             if classify:
@@ -1043,8 +1053,9 @@ def prepare_data(spec, client, wf, say=None):
                 if outside.size:
                     raise ValueError(f"the test labels hold {outside[:5].tolist()}, outside "
                                      f"the classes 0..{n_outputs - 1} of the training data")
-            eval_data = (np.ascontiguousarray(Xt, dtype=np.dtype(X.dtype) if np.dtype(
-                X.dtype).kind == "f" else np.float64), yt)
+            dtype = np.dtype(X.dtype) if np.dtype(X.dtype).kind == "f" else np.float64
+            eval_data = (Xt.astype(dtype) if sp.issparse(Xt)
+                         else np.ascontiguousarray(Xt, dtype=dtype), yt)
     kwargs = {k: v for k, v in d.items()
               if k not in ("source", "test", "partitions", "max_rows", "dtype", "weights")}
     if weights is not None:

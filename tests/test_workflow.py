@@ -427,3 +427,32 @@ def test_sweep_runs_claim_their_checkpoint_folders_concurrently(tmp_path):
         for t in threads:
             t.join(timeout=30)
     assert not errors, errors[:3]
+
+
+def test_sparse_npz_source_runs_end_to_end(tmp_path, capsys):
+    """A CSR matrix saved by scipy.sparse.save_npz is a data source: the
+    partitions stay CSR, the holdout is scored, and an MLP is refused in one line."""
+    import json
+
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    X = sp.random(600, 50, density=0.1, format="csr", random_state=0)
+    y = (X @ rng.normal(size=50) > 0).astype(np.int64)
+    sp.save_npz(tmp_path / "X.npz", X)
+    np.save(tmp_path / "y.npy", y)
+    text = with_source("{path: X.npz, labels: y.npy}").replace(
+        "  partitions: 2\n", "  partitions: 2\n  test: {split: 100}\n").replace(
+        "{kind: sync, batch_size: 32}", "{kind: sync, batch_size: 32}").replace(
+        "train: {epochs: 1}", "train: {epochs: 20}")
+    path = write(tmp_path, text)
+    plan = workflow.validate(workflow.load(path))
+    prepared = workflow.prepare_data(plan.runs[0], None, plan.workflow)
+    assert prepared.data.is_sparse and sp.issparse(prepared.eval_data[0])
+    rc, out, err = run_main(capsys, "run", path, "--no-progress")
+    assert rc == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] > 0.8
+    mlp = path.read_text().replace("{kind: logistic}", "{kind: mlp, hidden: [8]}")
+    rc, out, err = run_main(capsys, "run", write(tmp_path, mlp, "mlp.yaml"))
+    assert rc == 2 and err.count("\n") == 1 and "sparse" in err and "model.kind" in err, err

@@ -382,12 +382,15 @@ def _array_from_blocks(blocks, name, chunks, dtype, ndim, sparse=False):
     or numpy; ``sparse``: CSR chunks)."""
     import dask.array as da
     keys = [(name, p, 0) if ndim == 2 else (name, p) for p in range(len(blocks))]
+    return da.Array(dict(zip(keys, blocks)), name, chunks, meta=_meta(dtype, ndim, sparse))
+
+
+def _meta(dtype, ndim, sparse):
+    """The empty block dask describes the chunks by: CSR or numpy."""
     if sparse:
         import scipy.sparse as sp
-        meta = sp.csr_matrix((0, 0), dtype=dtype)
-    else:
-        meta = np.empty((0,) * ndim, dtype=dtype)
-    return da.Array(dict(zip(keys, blocks)), name, chunks, meta=meta)
+        return sp.csr_matrix((0, 0), dtype=dtype)
+    return np.empty((0,) * ndim, dtype=dtype)
 
 
 def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=128 * 2**20):
@@ -821,8 +824,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     common = dict(source_rows=plan, scheme=scheme, seed=seed, classes=classes,
                   class_count=class_count, params=params,
                   weight_sums=None if weights is None else _weight_sums(weights, plan),
-                  nnz=None if not sparse else np.array(
-                      [int(np.diff(Xs.indptr)[r].sum()) for r in plan], dtype=np.int64))
+                  nnz=None if not sparse else _nnz_sums(np.diff(Xs.indptr), plan))
     wname = f"dml-w-{uuid.uuid4().hex}"
 
     # --- materialise -------------------------------------------------------
@@ -862,6 +864,11 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
 def _weight_sums(weights, plan):
     """Total weight of every partition (float64)."""
     return np.array([weights[r].sum(dtype=np.float64) for r in plan])
+
+
+def _nnz_sums(row_nnz, plan):
+    """Stored entries of every partition (int64), from each source row's count."""
+    return np.array([int(row_nnz[r].sum()) for r in plan], dtype=np.int64)
 
 
 def _cluster_shuffle(client, chunk_futures, lengths, plan, placement, name, n_features,
@@ -914,10 +921,7 @@ def _lazy_partitions(Xs, lengths, plan, name, n_features, dtype, check_finite):
                     [dask.delayed(_piece, pure=True)(split[b], p)
                      for b, cp in enumerate(chunk_plans) if cp[1][p]])
                  for p in range(len(plan))]
-    meta = None
-    if _is_sparse(Xs):
-        import scipy.sparse as sp
-        meta = sp.csr_matrix((0, 0), dtype=dtype)
+    meta = _meta(dtype, 2, _is_sparse(Xs))
     return da.concatenate([da.from_delayed(part, (len(r), n_features), dtype=dtype, meta=meta)
                            for part, r in zip(parts, plan)], axis=0)
 

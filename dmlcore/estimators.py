@@ -241,22 +241,21 @@ def _partition(X, y, placement, n_partitions, seed, in_place=False, sample_weigh
 def _row_weights(estimator, X, sample_weight, codes=None):
     """Row weights of a fit: ``sample_weight`` (validated as scikit-learn does)
     times the class weights of ``estimator.class_weight`` (None, "balanced" or
-    {label: weight}) for class codes ``codes``; None when every weight is 1."""
+    {label: weight}) for class codes ``codes``; None when every weight is 1.
+    Checked as ``data.partition`` checks weights (finite, >= 0, a positive
+    total), before anything uses them (the MLPs' input statistics)."""
     from sklearn.utils.class_weight import compute_class_weight
     from sklearn.utils.validation import _check_sample_weight
+
+    from .data import _prepare_weights
 
     class_weight = getattr(estimator, "class_weight", None)
     if sample_weight is None and class_weight is None:
         return None
     n = X.shape[0]
-    if sample_weight is None:
-        w = np.ones(n)
-    elif _is_dask(sample_weight):
-        w = np.asarray(sample_weight.compute(), dtype=np.float64)
-    else:
-        w = _check_sample_weight(sample_weight, np.empty((n, 0)), dtype=np.float64)
-    if w.shape != (n,):
-        raise ValueError(f"sample_weight: expected shape ({n},), got {w.shape}")
+    if _is_dask(sample_weight):
+        sample_weight = sample_weight.compute()
+    w = _check_sample_weight(sample_weight, np.empty((n, 0)), dtype=np.float64)
     if class_weight is not None:
         if codes is None or codes.ndim != 1:
             raise ValueError("class_weight needs 1-D class labels (not a multilabel y)")
@@ -265,10 +264,7 @@ def _row_weights(estimator, X, sample_weight, codes=None):
                                        y=estimator.classes_[codes],
                                        sample_weight=None if sample_weight is None else w)
         w = w * factors[codes]
-    if np.isfinite(w).all() and (w < 0).any():
-        row = int(np.argmin(w))
-        raise ValueError(f"sample_weight must be >= 0, got {w[row]} at row {row}")
-    return w
+    return _prepare_weights(w, np.dtype(np.float64), n)
 
 
 def _total_weight(n, weights):
@@ -790,19 +786,13 @@ class _MLP(_DMLEstimator):
         if not self.standardize:
             return None, None
         if sample_weight is not None:
-            w = np.asarray(sample_weight, dtype=np.float64)
-            if _is_dask(X):
-                import dask
-                import dask.array as da
+            import dask
+            import dask.array as da
 
-                wd = da.from_array(w, chunks=(X.chunks[0],))[:, None]
-                total = float(w.sum())
-                center = ((X * wd).sum(axis=0, dtype=np.float64) / total).compute()
-                var = ((((X - center) ** 2) * wd).sum(axis=0, dtype=np.float64) / total)
-                std = np.sqrt(dask.compute(var)[0])
-            else:
-                center = np.average(X, axis=0, weights=w)
-                std = np.sqrt(np.average((X - center) ** 2, axis=0, weights=w))
+            average = da.average if _is_dask(X) else np.average
+            center = average(X, axis=0, weights=sample_weight)
+            std = average((X - center) ** 2, axis=0, weights=sample_weight) ** 0.5
+            center, std = (np.asarray(v, dtype=np.float64) for v in dask.compute(center, std))
         elif _is_dask(X):
             import dask
 
@@ -968,12 +958,11 @@ class _MLP(_DMLEstimator):
         if _is_dask(X):
             X = X.compute()
         stratify = y if self._is_classifier and y.ndim == 1 else None
-        w = np.ones(X.shape[0]) if sample_weight is None else sample_weight
-        X_tr, X_val, y_tr, y_val, w_tr, w_val = train_test_split(
-            X, y, w, random_state=self._seed_, test_size=self.validation_fraction,
+        arrays = (X, y) if sample_weight is None else (X, y, sample_weight)
+        X_tr, X_val, y_tr, y_val, *weights = train_test_split(
+            *arrays, random_state=self._seed_, test_size=self.validation_fraction,
             stratify=stratify)
-        if sample_weight is None:
-            w_tr = w_val = None
+        w_tr, w_val = weights or (None, None)
         if X_tr.shape[0] < 1 or X_val.shape[0] < 1:
             raise ValueError("early_stopping: too few rows for validation_fraction="
                              f"{self.validation_fraction}")

@@ -44,8 +44,8 @@ def evaluate(model, params, X, y):
     """``(mean loss, accuracy or NaN)`` of ``model`` on ``(X, y)`` in this process."""
     import scipy.sparse as sp
 
-    X = (X.tocsr().astype(params.dtype) if sp.issparse(X)
-         else np.ascontiguousarray(X, dtype=params.dtype))
+    if not sp.issparse(X):                  # a sparse X goes to the GLM's predict as it is
+        X = np.ascontiguousarray(X, dtype=params.dtype)
     y = np.asarray(y)
     out = np.asarray(model.predict(params, X), dtype=np.float64)
     tiny = 1e-15

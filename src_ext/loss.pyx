@@ -72,16 +72,22 @@ DEF KIND_LOGISTIC = 1
 
 # ---- validation (O(1), Python level) ----------------------------------------
 def _check_common(name, X, coef, grad_out, n_coef):
-    for arg, val in (("X", X), ("coef", coef), ("grad_out", grad_out)):
-        if not isinstance(val, np.ndarray):
-            raise ValueError(f"{name}: {arg} must be a numpy array, got {type(val).__name__}")
+    if not isinstance(X, np.ndarray):
+        raise ValueError(f"{name}: X must be a numpy array, got {type(X).__name__}")
     if X.ndim != 2:
         raise ValueError(f"{name}: X must be 2-D, got shape {X.shape}")
-    if X.dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name}: X dtype must be float32 or float64, got {X.dtype}")
     if not X.flags.c_contiguous:
         raise ValueError(f"{name}: X must be C-contiguous")
+    _check_coef_grad(name, X, coef, grad_out, n_coef)
+
+
+def _check_coef_grad(name, X, coef, grad_out, n_coef):
+    """X's dtype, and ``coef``/``grad_out`` as (n_coef,) contiguous vectors of it."""
+    if X.dtype not in (np.float32, np.float64):
+        raise ValueError(f"{name}: X dtype must be float32 or float64, got {X.dtype}")
     for arg, val in (("coef", coef), ("grad_out", grad_out)):
+        if not isinstance(val, np.ndarray):
+            raise ValueError(f"{name}: {arg} must be a numpy array, got {type(val).__name__}")
         if val.dtype != X.dtype:
             raise ValueError(
                 f"{name}: dtype mix: X is {X.dtype} but {arg} is {val.dtype} "
@@ -111,6 +117,27 @@ def _check_row_vector(name, X, arg, value):
 
 def _check_y_float(name, X, y):
     _check_row_vector(name, X, "y", y)
+
+
+def _check_class_labels(name, X, y):
+    if not isinstance(y, np.ndarray):
+        raise ValueError(f"{name}: y must be a numpy array, got {type(y).__name__}")
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"{name}: y must have shape ({X.shape[0]},), got {y.shape}")
+    if y.dtype != np.int64:
+        raise ValueError(f"{name}: y must be int64 class labels, got {y.dtype}")
+    if not y.flags.c_contiguous:
+        raise ValueError(f"{name}: y must be contiguous")
+
+
+def _raise_bad_labels(name, y, n_classes=None):
+    """The kernel flagged a label: 0/1 expected (``n_classes`` None), else [0, K)."""
+    if n_classes is None:
+        wrong, allowed = y[(y != 0) & (y != 1)], "0 or 1"
+    else:
+        wrong, allowed = y[(y < 0) | (y >= n_classes)], f"in [0, {n_classes})"
+    raise ValueError(f"{name}: labels must be {allowed}, found {wrong[:5].tolist()} "
+                     f"({wrong.size} bad label(s))")
 
 
 def _raise_non_finite(name, loss):
@@ -219,10 +246,7 @@ def loss_grad_logistic(X, y, coef, grad_out, *, sample_weight=None, bint compute
     w = _check_weight(name, X, sample_weight)
     loss, bad = _glm(KIND_LOGISTIC, X, y, w, coef, grad_out, compute_grad)
     if bad:
-        wrong = y[(y != 0) & (y != 1)]
-        raise ValueError(
-            f"{name}: labels must be 0 or 1, found {wrong[:5].tolist()} "
-            f"({wrong.size} bad label(s))")
+        _raise_bad_labels(name, y)
     if not isfinite(loss):
         _raise_non_finite(name, loss)
     return loss
@@ -247,21 +271,11 @@ def loss_grad_softmax(X, y, coef, grad_out, n_classes, *, sample_weight=None,
         raise ValueError(f"{name}: n_classes must be >= 1, got {n_classes}")
     p = X.shape[1] if isinstance(X, np.ndarray) and X.ndim == 2 else -1
     _check_common(name, X, coef, grad_out, (p * n_classes + n_classes) if p >= 0 else -1)
-    if not isinstance(y, np.ndarray):
-        raise ValueError(f"{name}: y must be a numpy array, got {type(y).__name__}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"{name}: y must have shape ({X.shape[0]},), got {y.shape}")
-    if y.dtype != np.int64:
-        raise ValueError(f"{name}: y must be int64 class labels, got {y.dtype}")
-    if not y.flags.c_contiguous:
-        raise ValueError(f"{name}: y must be contiguous")
+    _check_class_labels(name, X, y)
     w = _check_weight(name, X, sample_weight)
     loss, bad = _softmax(X, y, w, coef, grad_out, n_classes, compute_grad)
     if bad:
-        wrong = y[(y < 0) | (y >= n_classes)]
-        raise ValueError(
-            f"{name}: labels must be in [0, {n_classes}), found {wrong[:5].tolist()} "
-            f"({wrong.size} bad label(s))")
+        _raise_bad_labels(name, y, n_classes)
     if not isfinite(loss):
         _raise_non_finite(name, loss)
     return loss
@@ -497,15 +511,7 @@ def _check_csr(name, X, coef, grad_out, n_coef):
 
     if not sp.issparse(X) or X.format != "csr":
         raise ValueError(f"{name}: X must be a scipy.sparse CSR matrix, got {type(X).__name__}")
-    if X.dtype not in (np.float32, np.float64):
-        raise ValueError(f"{name}: X dtype must be float32 or float64, got {X.dtype}")
-    for arg, val in (("coef", coef), ("grad_out", grad_out)):
-        if not isinstance(val, np.ndarray) or val.dtype != X.dtype:
-            raise ValueError(f"{name}: {arg} must be a numpy array of X's dtype {X.dtype}")
-        if val.shape != (n_coef,) or not val.flags.c_contiguous:
-            raise ValueError(f"{name}: {arg} must be contiguous with shape ({n_coef},)")
-    if not grad_out.flags.writeable:
-        raise ValueError(f"{name}: grad_out must be writeable")
+    _check_coef_grad(name, X, coef, grad_out, n_coef)
     index = np.intc if X.indices.dtype == X.indptr.dtype == np.int32 else np.longlong
     indices, indptr = X.indices.astype(index, copy=False), X.indptr.astype(index, copy=False)
     return (np.ascontiguousarray(X.data), np.ascontiguousarray(indices),
@@ -531,18 +537,16 @@ def loss_grad_csr(kind, X, y, coef, grad_out, *, n_classes=None, sample_weight=N
     w = _check_weight(name, X, sample_weight)
     acc = np.zeros(n_coef, dtype=np.float64)
     if kind == "softmax":
-        if not isinstance(y, np.ndarray) or y.shape != (n,) or y.dtype != np.int64:
-            raise ValueError(f"{name}: y must be int64 class labels of shape ({n},)")
-        loss, bad = _softmax_csr(data, indices, indptr, np.ascontiguousarray(y), w, coef, K,
-                                 acc, compute_grad)
+        _check_class_labels(name, X, y)
+        loss, bad = _softmax_csr(data, indices, indptr, y, w, coef, K, acc, compute_grad)
         if bad:
-            raise ValueError(f"{name}: labels must be in [0, {K})")
+            _raise_bad_labels(name, y, K)
     elif kind in ("squared", "logistic"):
         _check_row_vector(name, X, "y", y)
         loss, bad = _glm_csr(KIND_SQUARED if kind == "squared" else KIND_LOGISTIC, data,
                              indices, indptr, y, w, coef, acc, compute_grad)
         if bad:
-            raise ValueError(f"{name}: labels must be 0 or 1")
+            _raise_bad_labels(name, y)
     else:
         raise ValueError(f"{name}: kind must be squared, logistic or softmax")
     if not isfinite(loss):

@@ -105,6 +105,16 @@ class Model:
         return np.dtype(x_dtype)
 
     # ---- helpers for subclasses -------------------------------------------
+    @staticmethod
+    def _row_weights(n, sample_weight, dtype):
+        """``sample_weight`` as the kernels take it: None, or (n,) contiguous ``dtype``."""
+        if sample_weight is None:
+            return None
+        w = np.asarray(sample_weight)
+        if w.shape != (n,):
+            raise ValueError(f"sample_weight: expected shape ({n},), got {w.shape}")
+        return np.ascontiguousarray(w, dtype=dtype)
+
     def _check_params(self, params):
         params = np.asarray(params)
         if params.ndim != 1 or params.shape[0] != self.n_params:

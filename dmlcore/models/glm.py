@@ -20,6 +20,7 @@ from .._ext import loss as _loss
 from .base import Model
 
 _INIT_SCALE = 0.01
+_KERNELS = {"linear": "squared", "logistic": "logistic", "softmax": "softmax"}  # kind -> loss
 
 
 class _GLM(Model):
@@ -81,6 +82,17 @@ class _GLM(Model):
             raise ValueError(f"y: expected shape ({X.shape[0]},), got {y.shape}")
         return y
 
+    def _kernel(self, X, y, params, grad, w, trainable):
+        """The model's loss kernel on dense or CSR ``X`` (already prepared)."""
+        compute_grad = self._compute_grad(trainable)
+        K = self.n_classes if self.kind == "softmax" else None
+        if sp.issparse(X):
+            return _loss.loss_grad_csr(_KERNELS[self.kind], X, y, params, grad, n_classes=K,
+                                       sample_weight=w, compute_grad=compute_grad)
+        dense = getattr(_loss, "loss_grad_" + _KERNELS[self.kind])
+        args = (X, y, params, grad) + ((K,) if K is not None else ())
+        return dense(*args, sample_weight=w, compute_grad=compute_grad)
+
     def _compute_grad(self, trainable):
         self.trainable_mask(trainable)              # validates the names
         return trainable is None or "linear" in trainable
@@ -88,7 +100,8 @@ class _GLM(Model):
     def decision_function(self, params, X) -> np.ndarray:
         """Raw linear predictor X W + b (shape (n,) for k = 1, else (n, k))."""
         params = self._check_params(params)
-        X = X.tocsr().astype(params.dtype) if sp.issparse(X) else np.asarray(X, dtype=params.dtype)
+        X = (X.tocsr().astype(params.dtype, copy=False) if sp.issparse(X)
+             else np.asarray(X, dtype=params.dtype))
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ValueError(
                 f"X: expected shape (n_samples, {self.n_features}), got {X.shape}")
@@ -110,14 +123,10 @@ class Linear(_GLM):
     def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
-        w = _row_weights(X, sample_weight)
+        w = self._row_weights(X.shape[0], sample_weight, X.dtype)
         if y.dtype != X.dtype or not y.flags.c_contiguous:
             y = np.ascontiguousarray(y, dtype=X.dtype)
-        if sp.issparse(X):
-            return _loss.loss_grad_csr("squared", X, y, params, grad, sample_weight=w,
-                                       compute_grad=self._compute_grad(trainable))
-        return _loss.loss_grad_squared(X, y, params, grad, sample_weight=w,
-                                       compute_grad=self._compute_grad(trainable))
+        return self._kernel(X, y, params, grad, w, trainable)
 
     def predict(self, params, X) -> np.ndarray:
         """y-hat, shape (n,)."""
@@ -135,16 +144,12 @@ class Logistic(_GLM):
     def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
-        w = _row_weights(X, sample_weight)
+        w = self._row_weights(X.shape[0], sample_weight, X.dtype)
         if y.dtype != X.dtype or not y.flags.c_contiguous:
             if not (y.dtype.kind in "biuf"):
                 raise ValueError(f"y: labels must be 0/1 numbers or booleans, got {y.dtype}")
             y = np.ascontiguousarray(y, dtype=X.dtype)
-        if sp.issparse(X):
-            return _loss.loss_grad_csr("logistic", X, y, params, grad, sample_weight=w,
-                                       compute_grad=self._compute_grad(trainable))
-        return _loss.loss_grad_logistic(X, y, params, grad, sample_weight=w,
-                                        compute_grad=self._compute_grad(trainable))
+        return self._kernel(X, y, params, grad, w, trainable)
 
     def predict(self, params, X) -> np.ndarray:
         """P(y = 1 | x), shape (n,)."""
@@ -180,7 +185,7 @@ class Softmax(_GLM):
     def loss_grad(self, params, X, y, grad, trainable=None, sample_weight=None) -> float:
         params, X = self._prepare(params, X, grad)
         y = self._check_y_shape(X, y)
-        w = _row_weights(X, sample_weight)
+        w = self._row_weights(X.shape[0], sample_weight, X.dtype)
         if y.dtype != np.int64 or not y.flags.c_contiguous:
             if y.dtype.kind in "biu":
                 y = np.ascontiguousarray(y, dtype=np.int64)
@@ -192,12 +197,7 @@ class Softmax(_GLM):
                 y = yi
             else:
                 raise ValueError(f"y: class labels must be integers, got {y.dtype}")
-        if sp.issparse(X):
-            return _loss.loss_grad_csr("softmax", X, y, params, grad, n_classes=self.n_classes,
-                                       sample_weight=w,
-                                       compute_grad=self._compute_grad(trainable))
-        return _loss.loss_grad_softmax(X, y, params, grad, self.n_classes, sample_weight=w,
-                                       compute_grad=self._compute_grad(trainable))
+        return self._kernel(X, y, params, grad, w, trainable)
 
     def predict(self, params, X) -> np.ndarray:
         """Class probabilities, shape (n, n_classes)."""
@@ -210,16 +210,6 @@ class Softmax(_GLM):
     def to_config(self) -> dict:
         return {"kind": self.kind, "n_features": self.n_features,
                 "n_classes": self.n_classes}
-
-
-def _row_weights(X, sample_weight):
-    """``sample_weight`` as the kernels take it: None, or (n,) contiguous of X's dtype."""
-    if sample_weight is None:
-        return None
-    w = np.asarray(sample_weight)
-    if w.shape != (X.shape[0],):
-        raise ValueError(f"sample_weight: expected shape ({X.shape[0]},), got {w.shape}")
-    return np.ascontiguousarray(w, dtype=X.dtype)
 
 
 def _check_positive_int(name, value) -> int:

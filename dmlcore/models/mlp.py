@@ -251,12 +251,7 @@ class MLP(Model):
         y = self._check_y(y, n, params.dtype)
         flags = self._layer_flags(trainable)
         rows, work = self._workspace(n, params.dtype, True, block_rows)
-        w = None
-        if sample_weight is not None:
-            w = np.asarray(sample_weight)
-            if w.shape != (n,):
-                raise ValueError(f"sample_weight: expected shape ({n},), got {w.shape}")
-            w = np.ascontiguousarray(w, dtype=params.dtype)
+        w = self._row_weights(n, sample_weight, params.dtype)
         if self.is_classifier:
             loss, bad_row = _kernels.loss_grad_softmax(
                 X, y, params, self._sizes_arr, self._act, flags, grad, work, rows, w)

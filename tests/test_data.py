@@ -439,3 +439,164 @@ def test_two_dimensional_targets_travel_with_their_rows(client, where):
     np.testing.assert_array_equal(Yp[:, 2], Xp[:, 0] % 2)
     for p in range(data.n_partitions):
         assert data.y.blocks[p].compute().shape == (data.partition_sizes[p], 3)
+
+
+# --------------------------------------------------------------------------
+# Pinned partitions: the same seed and scheme give the same partitions, bit
+# for bit, on every materialisation path (expected digests were computed with
+# the code before the partition()/placed() restructuring)
+# --------------------------------------------------------------------------
+def _digest(data):
+    """sha256 (16 hex) of the plan, the partitions' bytes and the skew report
+    (less the worker addresses, which differ between paths)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in data.source_rows:
+        h.update(np.asarray(r, dtype=np.int64).tobytes() + b"|")
+    for blocks in (data.x_blocks(), data.y_blocks(), data.w_blocks()):
+        for b in blocks:
+            if b is None:
+                continue
+            v = b.compute()
+            if hasattr(v, "toarray"):
+                v = np.concatenate([v.indptr, v.indices]).tobytes() + v.data.tobytes()
+            h.update(np.asarray(v).tobytes() if not isinstance(v, bytes) else v)
+            h.update(str(getattr(b, "dtype", "")).encode())
+    rep = data.skew_report()
+    for name in sorted(rep.data_vars):
+        if name != "worker":
+            h.update(name.encode() + np.asarray(rep[name].values).tobytes())
+    h.update(repr(sorted((k, str(v)) for k, v in rep.attrs.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def _pinned_problem(sparse=False):
+    rng = np.random.default_rng(11)
+    n, d = 157, 4
+    X = rng.standard_normal((n, d))
+    X[rng.random((n, d)) < (0.6 if sparse else 0.0)] = 0.0
+    y = rng.integers(0, 5, n)
+    w = rng.uniform(0.1, 2.0, n)
+    return X, y, w
+
+
+def _pinned_variants(client, X, y, w, kwargs, sparse=False):
+    """(path name, PartitionedData) for every way partitions are materialised."""
+    import scipy.sparse as sp
+
+    Xsrc = sp.csr_matrix(X) if sparse else X
+    chunks = ((40, 57, 60), (X.shape[1],))
+    Xdask = da.from_array(X, chunks=chunks)
+    out = [("numpy-client", partition(Xsrc, y, client=client, sample_weight=w, **kwargs)),
+           ("numpy-local", partition(Xsrc, y, client=False, sample_weight=w, **kwargs)),
+           ("numpy-lazy", partition(Xsrc, y, client=False, persist=False, sample_weight=w,
+                                    **kwargs))]
+    if not sparse:
+        out += [("dask-client", partition(Xdask, da.from_array(y, chunks=chunks[:1]),
+                                          client=client, sample_weight=w, **kwargs)),
+                ("dask-unknown-chunks", partition(Xdask[Xdask[:, 0] < 99], y, client=client,
+                                                  sample_weight=w, **kwargs)),
+                ("dask-local", partition(Xdask, y, client=False, sample_weight=w, **kwargs)),
+                ("dask-lazy", partition(Xdask, y, client=False, persist=False,
+                                        sample_weight=w, **kwargs))]
+    by_name = dict(out)
+    out += [("local.placed(client)", by_name["numpy-local"].placed(client)),
+            ("lazy.placed(client)", by_name["numpy-lazy"].placed(client)),
+            ("client.placed(False)", by_name["numpy-client"].placed(False))]
+    return out
+
+
+PINNED = {   # (scheme, kwargs) -> (digest, worker index per partition on 2 workers)
+    "iid": (dict(n_partitions=6, scheme="iid", seed=3), "10f73bcaaeaa9503",
+            [0, 1, 0, 1, 0, 1]),
+    "shards": (dict(n_partitions=5, scheme="shards", seed=1, shards_per_partition=3),
+               "1a62bcef28366286", [0, 1, 1, 1, 0]),
+    "dirichlet": (dict(n_partitions=7, scheme="dirichlet", seed=2, alpha=0.3),
+                  "1dd3ae0abb82e977", [1, 1, 1, 1, 0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(PINNED))
+def test_partitions_are_pinned_on_every_path(client, scheme):
+    kwargs, digest, where = PINNED[scheme]
+    X, y, w = _pinned_problem()
+    workers = sorted(client.nthreads())
+    for path, data in _pinned_variants(client, X, y, w, kwargs):
+        assert _digest(data) == digest, path
+        if data.client is not None:
+            assert [workers.index(a) for a in data.workers()] == where, path
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_sparse_partitions_are_pinned(client, scheme):
+    kwargs = PINNED[scheme][0]
+    X, y, w = _pinned_problem(sparse=True)
+    digests = {path: _digest(data)
+               for path, data in _pinned_variants(client, X, y, w, kwargs, sparse=True)}
+    assert set(digests.values()) == {SPARSE_PINNED[scheme]}, digests
+
+
+SPARSE_PINNED = {"iid": "24119d614de228c2", "dirichlet": "25a71c9aa093878f"}
+
+
+def test_regression_partitions_are_pinned(client):
+    X, _, w = _pinned_problem()
+    y = X @ np.arange(1.0, 5.0)
+    digests = {path: _digest(data) for path, data in
+               _pinned_variants(client, X, y, w, dict(n_partitions=4, seed=5))}
+    assert set(digests.values()) == {REGRESSION_PINNED}, digests
+
+
+REGRESSION_PINNED = "c3365b12c6076b7c"
+
+
+_NAN = ("X contains 1 NaN value(s) (first at source row 13); remove or impute them before "
+        "partitioning, or pass check_finite=False")
+PINNED_ERRORS = {   # messages as the code before the restructuring wrote them
+    "nan-numpy-client": _NAN, "nan-numpy-local": _NAN,
+    "nan-csr-client": _NAN, "nan-csr-local": _NAN,
+    "shards-rows": "cannot cut 20 rows into 22 shards (11 partitions x 2 shards_per_partition)",
+    "shards-spp": "shards_per_partition must be >= 1, got 0",
+    "shards-nolabels": "scheme 'shards' needs labels y",
+    "dirichlet-rows": "cannot cut 20 rows into 21 non-empty partitions",
+    "dirichlet-alpha": "alpha must be > 0, got 0",
+    "n_partitions": "n_partitions must be >= 1, got 0",
+    "scheme": "unknown scheme 'x'; choose one of iid, shards, dirichlet",
+}
+
+
+def test_error_messages_are_pinned(client):
+    import scipy.sparse as sp
+
+    X = np.arange(60.0).reshape(20, 3)
+    y = np.arange(20) % 4
+    bad = X.copy()
+    bad[13, 1], bad[17, 2] = np.nan, np.inf
+    calls = {
+        "nan-numpy-client": lambda: partition(bad, y, 4, client=client),
+        "nan-numpy-local": lambda: partition(bad, y, 4, client=False),
+        "nan-csr-client": lambda: partition(sp.csr_matrix(bad), y, 4, client=client),
+        "nan-csr-local": lambda: partition(sp.csr_matrix(bad), y, 4, client=False),
+        "shards-rows": lambda: partition(X, y, 11, scheme="shards", client=False),
+        "shards-spp": lambda: partition(X, y, 2, scheme="shards", shards_per_partition=0,
+                                        client=False),
+        "shards-nolabels": lambda: partition(X, None, 2, scheme="shards", client=False),
+        "dirichlet-rows": lambda: partition(X, y, 21, scheme="dirichlet", client=False),
+        "dirichlet-alpha": lambda: partition(X, y, 2, scheme="dirichlet", alpha=0,
+                                             client=False),
+        "n_partitions": lambda: partition(X, y, 0, client=False),
+        "scheme": lambda: partition(X, y, 2, scheme="x", client=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == PINNED_ERRORS[name], name
+    # Chunks checked in parallel (dask source) or lazily name whichever bad row is met first.
+    either = r"^X contains 1 (NaN|infinite) value\(s\) \(first at source row (13|17)\); remove"
+    with pytest.raises(ValueError, match=either):
+        partition(da.from_array(bad, chunks=7), y, 4, client=client)
+    for lazy in (partition(bad, y, 4, client=False, persist=False),
+                 partition(da.from_array(bad, chunks=7), y, 4, client=False, persist=False)):
+        with pytest.raises(ValueError, match=either):
+            lazy.X.compute(scheduler="sync")

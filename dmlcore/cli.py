@@ -20,6 +20,8 @@ import time
 import traceback
 from pathlib import Path
 
+from ._util import first_line
+
 # numpy and everything heavy are imported inside the subcommand that needs them, so
 # `dmlcore --help` and a usage error return at once.
 
@@ -132,8 +134,8 @@ def _dispatch(command, args, debug):
         if isinstance(exc, WorkflowError):
             print(f"dmlcore {args.command}: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"dmlcore {args.command}: error: {type(exc).__name__}: {first}"
+        name, first = type(exc).__name__, first_line(exc)
+        print(f"dmlcore {args.command}: error: {name if first == name else f'{name}: {first}'}"
               + ("" if debug else " (run with --debug for the traceback)"), file=sys.stderr)
         return EXIT_ERROR
 
@@ -188,7 +190,7 @@ def _cmd_predict(args):
     except FileNotFoundError:
         raise WorkflowError(f"{args.model}: no such model file") from None
     except (ValueError, OSError, KeyError) as exc:
-        raise WorkflowError(f"{args.model}: not a dmlcore model file ({_first(exc)})") from None
+        raise WorkflowError(f"{args.model}: not a dmlcore model file ({first_line(exc)})") from None
     X = _open_input(args.data, args.var)
     if X.ndim != 2:
         raise WorkflowError(f"{args.data}: expected rows x features (2-D), got shape {X.shape}")
@@ -215,10 +217,6 @@ def _cmd_predict(args):
     return EXIT_OK
 
 
-def _first(exc):
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 def _model_inputs(model):
     n = getattr(model, "n_features", None)
     if n is None:
@@ -237,7 +235,7 @@ def _open_input(path, var):
 
         X, _ = load_arrays(p, x=var)
     except (ValueError, OSError, KeyError, ImportError) as exc:
-        raise WorkflowError(f"{path}: cannot read ({_first(exc)})") from None
+        raise WorkflowError(f"{path}: cannot read ({first_line(exc)})") from None
     return X
 
 
@@ -276,7 +274,7 @@ def _predict_chunks(model, params, X, proba, chunk_rows, name):
         try:
             yield start, _predict_block(model, params, np.asarray(block), proba)
         except ValueError as exc:
-            raise WorkflowError(f"{name}: {_first(exc)} (rows from {start})") from None
+            raise WorkflowError(f"{name}: {first_line(exc)} (rows from {start})") from None
 
 
 def _write_npy(out, chunks, n_rows):
@@ -311,23 +309,12 @@ def _predict_on_cluster(model, params, X, args, out):
     """Predict chunk by chunk with tasks on a Dask cluster; write the .npy on the client."""
     import dask.array as da
     import numpy as np
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
     from .workflow import WorkflowError
 
     n, rows = X.shape[0], args.chunk_rows
-    cluster = None
-    if args.scheduler:
-        try:
-            client = Client(args.scheduler, timeout=5)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise WorkflowError(f"cannot reach the Dask scheduler at {args.scheduler}: "
-                                f"{_first(exc)}") from None
-    else:
-        from .cluster import local_cluster
-
-        cluster = local_cluster()
-        client = Client(cluster)
+    client, close = _open_client(args.scheduler)
     try:
         model_f = client.scatter(model, broadcast=True)
         params_f = client.scatter(params, broadcast=True)
@@ -349,7 +336,7 @@ def _predict_on_cluster(model, params, X, args, out):
                 try:
                     value = future.result()
                 except ValueError as exc:
-                    raise WorkflowError(f"{args.data}: {_first(exc)} (rows from "
+                    raise WorkflowError(f"{args.data}: {first_line(exc)} (rows from "
                                         f"{start_of[future.key]})") from None
                 yield start_of[future.key], np.asarray(value)
                 future.release()
@@ -357,9 +344,19 @@ def _predict_on_cluster(model, params, X, args, out):
         _write_npy(out, results(), n_rows=n)
         return f"on {args.scheduler or 'an embedded LocalCluster'}, {len(starts)} chunks"
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        close()
+
+
+def _open_client(address, tls=None):
+    """``(client, close)`` from ``cluster.open_client``: ``address`` (5 s to connect), else
+    an embedded LocalCluster; its errors are bad input (exit code 2)."""
+    from .cluster import ClusterError, open_client
+    from .workflow import WorkflowError
+
+    try:
+        return open_client(address, tls=tls, timeout=5)
+    except ClusterError as exc:
+        raise WorkflowError(str(exc)) from None
 
 
 # ---- info ------------------------------------------------------------------------------
@@ -385,7 +382,7 @@ def _cmd_info(args):
         try:
             mod = importlib.import_module(f"dmlcore._ext.{name}")
         except ImportError as exc:
-            lines.append(f"  {name:<8} NOT IMPORTABLE ({_first(exc)}); build with "
+            lines.append(f"  {name:<8} NOT IMPORTABLE ({first_line(exc)}); build with "
                          f"`python setup.py build_ext --inplace`")
             continue
         funcs = sorted(k for k, v in vars(mod).items() if callable(v) and not k.startswith("_")
@@ -398,11 +395,16 @@ def _cmd_info(args):
         pools = threadpool_info()
     except Exception as exc:  # noqa: BLE001
         pools = []
-        lines.append(f"  unavailable ({_first(exc)})")
+        lines.append(f"  unavailable ({first_line(exc)})")
     for pool in pools:
         lines.append(f"  {pool.get('internal_api', '?')} {pool.get('version', '?')} "
                      f"({pool.get('threading_layer', '?')}, {pool.get('num_threads', '?')} "
                      f"threads) {pool.get('filepath', '')}")
+    from . import registry
+
+    lines.append("kinds (dmlcore.registry):")
+    for section in registry.SECTIONS:
+        lines.append(f"  {section:<10} {', '.join(registry.kinds(section))}")
     if args.scheduler:
         lines.extend(_cluster_info(args.scheduler, _tls_args(args)))
     print("\n".join(lines))
@@ -416,16 +418,7 @@ def _tls_args(args):
 
 
 def _cluster_info(address, tls=None):
-    from distributed import Client
-
-    from .cluster import security
-    from .workflow import WorkflowError
-
-    try:
-        client = Client(address, timeout=5, security=security(address, tls))
-    except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        raise WorkflowError(f"cannot reach the Dask scheduler at {address}: {_first(exc)}") \
-            from None
+    client, close = _open_client(address, tls)
     try:
         info = client.scheduler_info()
         workers = info.get("workers", {})
@@ -441,10 +434,10 @@ def _cluster_info(address, tls=None):
             for addr, ok in sorted(kernels.items()):
                 lines.append(f"  {addr}  kernels: {ok}")
         except Exception as exc:  # noqa: BLE001
-            lines.append(f"  kernels on workers: unknown ({_first(exc)})")
+            lines.append(f"  kernels on workers: unknown ({first_line(exc)})")
         return lines
     finally:
-        client.close()
+        close()
 
 
 def _worker_kernels():

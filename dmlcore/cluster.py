@@ -1,9 +1,11 @@
 """Finding or starting the Dask cluster, and per-worker set-up.
 
+``open_client(address, tls=..., timeout=...)`` is the one place a client is
+created: for a scheduler address (TLS through ``security``) or, without
+one, on an embedded ``LocalCluster`` bound to 127.0.0.1; it returns
+``(client, close)`` and reports bad input as ``ClusterError`` (one line).
 ``get_client(client)``: an explicit client is used as is; ``None`` takes the
-current default client or, when there is none, starts an embedded
-``LocalCluster`` bound to 127.0.0.1 that the caller closes with the returned
-``close``.
+current default client or, when there is none, opens an embedded cluster.
 ``KernelThreads`` is a WorkerPlugin that limits BLAS/OpenMP to one thread per
 worker thread (the cluster parallelises across partitions) and imports the
 compiled core once.
@@ -12,8 +14,14 @@ from __future__ import annotations
 
 import os
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Security
 from distributed.diagnostics.plugin import WorkerPlugin
+
+from ._util import first_line
+
+
+class ClusterError(ValueError):
+    """Bad cluster input (address, certificates, no workers): ``str(exc)`` is the one line."""
 
 
 class KernelThreads(WorkerPlugin):
@@ -70,8 +78,6 @@ def security(address, tls=None):
     if address and not is_tls:
         raise ValueError(f"certificates were given but the scheduler address {address} is not "
                          f"tls://")
-    from distributed import Security
-
     return Security(tls_ca_file=str(tls["ca_file"]), tls_client_cert=str(tls["cert"]),
                     tls_client_key=str(tls["key"]), require_encryption=True)
 
@@ -80,6 +86,44 @@ def prepare(client):
     """Register the per-worker set-up on ``client``'s workers (idempotent)."""
     client.register_plugin(KernelThreads(), name=KernelThreads.name)
     return client
+
+
+def open_client(address=None, *, tls=None, timeout=5.0, local=None, set_as_default=True,
+                wait_for_workers=False):
+    """``(client, close)``: a client of the scheduler at ``address``, else of a new
+    embedded cluster (``local_cluster(**local)``) that ``close`` shuts down too.
+
+    ``tls``: ``{ca_file, cert, key}`` for a ``tls://`` address. ``timeout``
+    (seconds) bounds the connection and, with ``wait_for_workers``, the wait
+    for a first worker. A bad TLS configuration, an unreachable scheduler or
+    one without workers is a ``ClusterError`` naming it in one line.
+    """
+    if not address:
+        cluster = local_cluster(**(local or {}))
+        client = Client(cluster, set_as_default=set_as_default)
+
+        def close():
+            client.close()
+            cluster.close()
+
+        return client, close
+    try:
+        sec = security(address, tls)
+    except ValueError as exc:
+        raise ClusterError(str(exc)) from None
+    try:
+        client = Client(address, timeout=timeout, set_as_default=set_as_default, security=sec)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} within "
+                           f"{timeout:g} s: {first_line(exc)}") from None
+    if wait_for_workers:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except (TimeoutError, OSError):
+            client.close()
+            raise ClusterError(f"the Dask scheduler at {address} has no workers "
+                               f"(waited {timeout:g} s)") from None
+    return client, client.close
 
 
 def get_client(client=None):
@@ -92,11 +136,5 @@ def get_client(client=None):
         return prepare(default_client()), lambda: None
     except ValueError:
         pass
-    cluster = local_cluster()
-    new = Client(cluster)
-
-    def close():
-        new.close()
-        cluster.close()
-
+    new, close = open_client()
     return prepare(new), close

@@ -239,6 +239,3 @@ class LBFGS:
     def __repr__(self):
         return (f"LBFGS(max_iter={self.max_iter}, tol={self.tol}, history={self.history}, "
                 f"weight_decay={self.weight_decay})")
-
-
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "lbfgs": LBFGS}

@@ -20,13 +20,27 @@ from .._ext import loss as _loss
 from .base import Model
 
 _INIT_SCALE = 0.01
-_KERNELS = {"linear": "squared", "logistic": "logistic", "softmax": "softmax"}  # kind -> loss
 
 
 class _GLM(Model):
     """Shared plumbing: one layer ``"linear"`` with W (n_features, k), b (k,)."""
 
     kind = None
+    # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)
+    inferred_keys = ("n_features",)   # constructor keywords filled in from the data
+    extra_keys = ()                   # file keys beyond the remaining constructor keywords
+    accepts_sparse = True             # trains on scipy.sparse CSR rows
+    binary = False                    # labels 0/1 only
+
+    @classmethod
+    def for_data(cls, n_features, n_outputs, **config):
+        """This kind for data of ``n_features`` columns (None: not known yet, a placeholder)."""
+        return cls(n_features=n_features or 4, **config)
+
+    @classmethod
+    def fixed_classes(cls, config):
+        """The class count ``config`` fixes (None: the labels tell)."""
+        return None
 
     def __init__(self, n_features: int):
         n_features = _check_positive_int("n_features", n_features)
@@ -85,11 +99,11 @@ class _GLM(Model):
     def _kernel(self, X, y, params, grad, w, trainable):
         """The model's loss kernel on dense or CSR ``X`` (already prepared)."""
         compute_grad = self._compute_grad(trainable)
-        K = self.n_classes if self.kind == "softmax" else None
+        K = self.n_classes if self.loss == "softmax" else None
         if sp.issparse(X):
-            return _loss.loss_grad_csr(_KERNELS[self.kind], X, y, params, grad, n_classes=K,
+            return _loss.loss_grad_csr(self.loss, X, y, params, grad, n_classes=K,
                                        sample_weight=w, compute_grad=compute_grad)
-        dense = getattr(_loss, "loss_grad_" + _KERNELS[self.kind])
+        dense = getattr(_loss, "loss_grad_" + self.loss)
         args = (X, y, params, grad) + ((K,) if K is not None else ())
         return dense(*args, sample_weight=w, compute_grad=compute_grad)
 
@@ -117,6 +131,7 @@ class Linear(_GLM):
     """Linear regression: y-hat = X w + b, loss 1/2 sum (y-hat - y)^2."""
 
     kind = "linear"
+    loss = "squared"  # the kernel of dmlcore._ext.loss
     is_classifier = False
     n_outputs = 1
 
@@ -137,6 +152,13 @@ class Logistic(_GLM):
     """Binary logistic regression: P(y=1) = sigmoid(X w + b), log-loss."""
 
     kind = "logistic"
+    loss = "logistic"  # the kernel of dmlcore._ext.loss
+    binary = True
+
+    @classmethod
+    def fixed_classes(cls, config):
+        return 2
+
     is_classifier = True
     n_outputs = 1
     n_classes = 2
@@ -166,6 +188,20 @@ class Softmax(_GLM):
     """Multinomial logistic regression: softmax(X W + b), cross-entropy."""
 
     kind = "softmax"
+    loss = "softmax"  # the kernel of dmlcore._ext.loss
+    inferred_keys = ("n_features", "n_classes")
+    extra_keys = ("n_classes",)       # may be given; else the labels tell
+
+    @classmethod
+    def for_data(cls, n_features, n_outputs, **config):
+        """Sized for ``n_features`` columns and ``n_outputs`` classes (unless ``n_classes``)."""
+        config.setdefault("n_classes", n_outputs or 3)
+        return cls(n_features=n_features or 4, **config)
+
+    @classmethod
+    def fixed_classes(cls, config):
+        return config.get("n_classes")
+
     is_classifier = True
 
     def __init__(self, n_features: int, n_classes: int):

@@ -52,6 +52,31 @@ class MLP(Model):
     cross-entropy summed over outputs.
     """
 
+    # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)
+    inferred_keys = ("sizes",)        # filled in from the data: [n_features, *hidden, K]
+    extra_keys = ("sizes", "hidden")  # sizes may be given; hidden: the widths in between
+    accepts_sparse = False
+    binary = False
+
+    @classmethod
+    def for_data(cls, n_features, n_outputs, **config):
+        """Sized ``[n_features, *hidden, n_outputs]`` unless ``sizes`` is given (then its
+        first width must be ``n_features``); None sizes: not known yet, placeholders."""
+        if "sizes" in config and "hidden" in config:
+            raise ValueError("give hidden (sizes inferred from the data) or sizes, not both")
+        hidden = config.pop("hidden", [])
+        if "sizes" not in config:
+            config["sizes"] = [n_features or 4, *hidden, n_outputs or 3]
+        elif n_features is not None and config["sizes"][0] != n_features:
+            raise ValueError(f"sizes starts with {config['sizes'][0]} inputs, the data have "
+                             f"{n_features} features")
+        return cls(**config)
+
+    @classmethod
+    def fixed_classes(cls, config):
+        """The output width ``sizes`` fixes (None: the labels tell)."""
+        return config["sizes"][-1] if "sizes" in config else None
+
     def __init__(self, sizes, activation="relu", output="softmax"):
         try:
             sizes = [int(s) for s in sizes]

@@ -71,6 +71,13 @@ class FedAvg(Strategy):
     """Federated Averaging over the partitions; see the module docstring."""
 
     name = "fedavg"
+    # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)
+    unit = "rounds"                   # a step is a round: train.rounds counts them
+    optimizer_keys = ("server_optimizer",)
+
+    @classmethod
+    def full_batch(cls, config):
+        return False
 
     def __init__(self, clients_per_round=0.1, local_epochs=1, batch_size=10, proximal_mu=0.0,
                  server_optimizer=None, accept_failures=True, trainable=None,

@@ -384,6 +384,13 @@ class ParameterServer(Strategy):
     """
 
     name = "ps"
+    # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)
+    unit = "steps"
+    optimizer_keys = ()
+
+    @classmethod
+    def full_batch(cls, config):
+        return False
 
     def __init__(self, consistency="async", staleness=2, batch_size=64, checkpoint_every=100,
                  checkpoint_dir=None, transfer_dtype=None, trainable=None,

@@ -71,6 +71,14 @@ class SyncSGD(Strategy):
     """Synchronous data-parallel training; see the module docstring."""
 
     name = "sync"
+    # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)
+    unit = "steps"                    # what train.steps counts
+    optimizer_keys = ()               # keywords that hold a {kind: ...} optimizer
+
+    @classmethod
+    def full_batch(cls, config):
+        """Whether ``config`` computes every step on all rows (what a batch solver needs)."""
+        return config.get("batch_size") is None and config.get("local_steps", 1) == 1
 
     def __init__(self, batch_size=None, fan_in=4, local_steps=1, transport="actors",
                  trainable=None, apply_on="workers"):

@@ -116,7 +116,35 @@ def test_kernels_flush_subnormals_and_restore_fp_state(dtype, tiny):
     # the caller's environment is restored: NumPy still produces subnormals
     a = np.full(4, tiny * 4, dtype)
     assert (a / dtype(2) != 0).all()
-    assert optim.FLUSH_TO_ZERO
+
+
+# FLUSH_TO_ZERO names the mechanism the kernels use on this machine (src_ext/optim.pyx).
+FTZ_KINDS = {"x86_64": "x86 MXCSR FTZ|DAZ", "amd64": "x86 MXCSR FTZ|DAZ",
+             "aarch64": "aarch64 FPCR.FZ", "arm64": "aarch64 FPCR.FZ"}
+
+
+def test_flush_to_zero_names_this_machines_mechanism():
+    import platform
+
+    expected = FTZ_KINDS.get(platform.machine().lower(), "software flush")
+    assert optim.FLUSH_TO_ZERO == expected
+
+
+@pytest.mark.parametrize("dtype,tiny", [(np.float32, 3e-39), (np.float64, 3e-309)])
+def test_subnormal_inputs_follow_the_named_mechanism(dtype, tiny):
+    """A subnormal gradient times a huge learning rate is a normal number: with
+    denormals-are-zero (x86 DAZ; aarch64 FZ flushes inputs too) the kernel reads
+    the gradient as 0 and leaves params alone; a software flush only flushes
+    results, so the step is taken."""
+    n = 64
+    p, g = np.zeros(n, dtype), np.full(n, tiny, dtype)
+    lr = 2.0 ** 60
+    assert np.finfo(dtype).tiny < lr * tiny            # the exact step is a normal number
+    optim.sgd_update(p, g, np.empty(0, dtype), lr)
+    if optim.FLUSH_TO_ZERO == "software flush":
+        np.testing.assert_allclose(p, -lr * dtype(tiny), rtol=1e-6)
+    else:
+        assert (p == 0).all(), p[:4]
 
 
 # ---- convergence: quadratic and Rosenbrock, kernels driven by a Python loop -------------

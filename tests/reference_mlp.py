@@ -84,3 +84,43 @@ def loss_grad(params, sizes, X, y, activation="relu", output="softmax"):
     grads.reverse()
     flat = np.concatenate([np.concatenate([gW.ravel(), gb]) for gW, gb in grads])
     return loss, flat.astype(params.dtype)
+
+
+# ---- local SGD and one FedAvg round, from the documented contract --------------------
+def batch_order(n_rows, batch_size, seed, epoch, partition):
+    """The row slices one epoch of one partition visits, in order: contiguous
+    slices of ``batch_size`` rows (the whole partition when batch_size is None
+    or >= n_rows), ordered by ``default_rng((seed, epoch, partition)).permutation``."""
+    if batch_size is None or batch_size >= n_rows:
+        return [slice(0, n_rows)]
+    n_batches = (n_rows + batch_size - 1) // batch_size
+    order = np.random.default_rng((seed, epoch, partition)).permutation(n_batches)
+    return [slice(j * batch_size, min((j + 1) * batch_size, n_rows)) for j in order]
+
+
+def local_sgd(params, sizes, X, y, *, lr, batch_size, epochs, seed, partition, first_epoch=0,
+              mu=0.0, activation="relu", output="softmax"):
+    """One client's local training in float64: ``epochs`` epochs of plain SGD
+    (no momentum, no weight decay) on the MEAN gradient of each mini-batch,
+    plus FedProx's ``mu * (w - w_start)``. Returns the new parameters (float64)."""
+    w = np.array(params, dtype=np.float64)
+    start = w.copy()
+    X = np.asarray(X, dtype=np.float64)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        for rows in batch_order(X.shape[0], batch_size, seed, epoch, partition):
+            _, g = loss_grad(w, sizes, X[rows], y[rows], activation, output)
+            w -= lr * (g / (rows.stop - rows.start) + mu * (w - start))
+    return w
+
+
+def fedavg_round(params, sizes, parts, clients, *, lr, batch_size, epochs, seed, round_=0,
+                 mu=0.0, activation="relu", output="softmax"):
+    """One FedAvg round over ``parts`` (a list of (X_k, y_k)): each client in
+    ``clients`` trains locally from ``params`` (``local_sgd``, local epochs
+    continuing at ``round_ * epochs``), and the new global model is the average
+    of the clients' models weighted by their row counts n_k (float64)."""
+    models = [local_sgd(params, sizes, *parts[k], lr=lr, batch_size=batch_size, epochs=epochs,
+                        seed=seed, partition=k, first_epoch=round_ * epochs, mu=mu,
+                        activation=activation, output=output) for k in clients]
+    weights = np.array([parts[k][0].shape[0] for k in clients], dtype=np.float64)
+    return np.einsum("k,kp->p", weights / weights.sum(), np.stack(models))

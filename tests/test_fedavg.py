@@ -1,14 +1,16 @@
 """FedAvg: one client = local training, exact n_k weighting, reproducible sampling,
 FedProx, server optimizers (FedAvgM), the failure policy, non-IID partitions.
 
-Oracles are independent of the strategy's loop: ``local.local_sgd`` run here
-on each client's rows, and NumPy weighted averages of its results.
+Oracles are independent of the library: ``reference_mlp.local_sgd`` (a float64
+NumPy MLP trained with plain SGD on each client's rows, in the documented batch
+order) and ``reference_mlp.fedavg_round`` (their n_k-weighted average).
 """
 import numpy as np
 import pytest
 
+import reference_mlp as ref
+
 import dmlcore as dml
-from dmlcore import local
 from dmlcore.strategies.fedavg import FedAvg, sample_clients
 
 
@@ -31,15 +33,10 @@ def _parts(data, client=None):
     return [(np.asarray(x), np.asarray(y)) for x, y in zip(xs, ys)]
 
 
-def _local(model, opt, params, X, y, pid, round_, epochs, batch, seed=0, mu=0.0):
-    nb = local.n_batches(X.shape[0], batch)
-    new, _, _ = local.local_sgd(model, opt, params, X, y, batch_size=batch,
-                                n_steps=epochs * nb, seed=seed, partition=pid,
-                                first_step=round_ * epochs * nb, proximal_mu=mu)
-    return new
-
-
-MODEL = dml.models.MLP([12, 8, 3])
+SIZES = [12, 8, 3]
+MODEL = dml.models.MLP(SIZES)
+# float32 runs against the float64 reference: rounding over tens of SGD steps
+TOL = dict(rtol=0, atol=2e-6)
 
 
 def test_one_client_equals_local_training(client):
@@ -51,10 +48,10 @@ def test_one_client_equals_local_training(client):
     (Xp, yp), = _parts(data, client)
     p0 = MODEL.init(3, dtype=np.float32)
     # plain SGD has no state, so two rounds of E=2 are one run of 4 local epochs
-    nb = local.n_batches(Xp.shape[0], 16)
-    expected, _, _ = local.local_sgd(MODEL, opt, p0, Xp, yp, batch_size=16, n_steps=4 * nb,
-                                     seed=3, partition=0)
-    np.testing.assert_array_equal(res.params, expected)
+    expected = ref.local_sgd(p0, SIZES, Xp, yp, lr=0.1, batch_size=16, epochs=4, seed=3,
+                             partition=0)
+    np.testing.assert_allclose(res.params, expected, **TOL)
+    assert np.abs(expected - p0).max() > 100 * TOL["atol"]     # it trained
     assert list(res.history["participants"].values) == [1, 1]
     assert (res.history["bytes_sent"] > 0).all()
 
@@ -73,13 +70,13 @@ def test_weights_by_n_k_exact_with_failure_dropped(client):
                   progress=False)
     p0 = MODEL.init(0, dtype=np.float32)
     parts = _parts(data, client)
-    models = {k: _local(MODEL, opt, p0, Xk, yk, k, 0, 1, 10) for k, (Xk, yk) in enumerate(parts)}
     kept = [0, 2, 3]
-    expected = np.average(np.stack([models[k].astype(np.float64) for k in kept]), axis=0,
-                          weights=sizes[kept]).astype(np.float32)
-    np.testing.assert_allclose(res.params, expected, rtol=0, atol=2e-7)
-    unweighted = np.mean([models[k] for k in kept], axis=0)
-    assert np.abs(unweighted - expected).max() > 1e-4   # the weights matter here
+    kw = dict(lr=0.05, batch_size=10, epochs=1, seed=0)
+    expected = ref.fedavg_round(p0, SIZES, parts, kept, **kw)
+    np.testing.assert_allclose(res.params, expected, **TOL)
+    unweighted = np.mean([ref.local_sgd(p0, SIZES, *parts[k], partition=k, **kw)
+                          for k in kept], axis=0)
+    assert np.abs(unweighted - expected).max() > 100 * TOL["atol"]   # the weights matter here
     assert int(res.history["participants"][0]) == 3
     assert int(res.history["failed"][0]) == 1
     np.testing.assert_array_equal(strategy.participation_.sel(step=1).values, [1, -1, 1, 1])
@@ -139,19 +136,21 @@ def test_fedprox_keeps_clients_near_global():
     opt = dml.optim.SGD(lr=0.05)
     p0 = MODEL.init(0, dtype=np.float32)
 
+    fitted = {}
+
     def drift(mu):
         res = dml.fit(MODEL, data, FedAvg(1.0, local_epochs=5, batch_size=5, proximal_mu=mu),
                       opt, rounds=1, client=False, progress=False)
+        fitted[mu] = res.params
         return float(np.linalg.norm(res.params - p0))
 
     free, prox = drift(0.0), drift(10.0)
     assert prox < 0.3 * free
-    # the oracle: FedProx's local steps run here
+    # the oracle: FedProx's local steps in the NumPy reference
     parts = _parts(data)
-    exp = [_local(MODEL, opt, p0, Xk, yk, k, 0, 5, 5, mu=10.0) for k, (Xk, yk) in
-           enumerate(parts)]
-    w = np.asarray(data.partition_sizes)
-    expected = np.average(np.stack(exp).astype(np.float64), axis=0, weights=w)
+    expected = ref.fedavg_round(p0, SIZES, parts, range(4), lr=0.05, batch_size=5, epochs=5,
+                                seed=0, mu=10.0)
+    np.testing.assert_allclose(fitted[10.0], expected, **TOL)
     assert abs(float(np.linalg.norm(expected - p0)) - prox) < 1e-5
 
 

@@ -41,26 +41,59 @@ def test_bsp_equals_sync_sgd(client):
     assert ParameterServer("bsp", batch_size=16).steps_per_epoch(data) == 7   # ceil(101/16)
 
 
-def test_ssp_bounds_staleness_under_a_slow_worker_and_async_does_not(client):
+def _held_back_run(client, consistency, open_at, steps=40):
+    """Partition 0's worker waits at its first mini-batch until the ``open_at``-th
+    update has been recorded (a gate opened by a callback, no sleeps)."""
+    from distributed import Event
+    from gates import GatedLogistic
+
     X, y = logistic_problem(n=400)
     data = dml.partition(X, y, n_partitions=2, seed=0, client=client)    # one per worker
-    model = dml.models.Logistic(X.shape[1])
-    runs = {}
-    for consistency in ("ssp", "async"):
-        strategy = ParameterServer(consistency, staleness=2, batch_size=8,
-                                   slow_partitions={0: 0.05})
-        runs[consistency] = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.1), steps=40,
-                                    client=client, progress=False)
-    ssp, asy = runs["ssp"], runs["async"]
+    held, other = data.workers()
+    assert held != other
+    gate = Event(f"ps-gate-{consistency}-{os.getpid()}", client=client)
+    gate.clear()
+    model = GatedLogistic(X.shape[1], worker=held, gate=gate.name)
+
+    def open_gate(step, record, params):
+        if step == open_at:
+            gate.set()
+
+    strategy = ParameterServer(consistency, staleness=2, batch_size=8)
+    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.1), steps=steps, client=client,
+                     callbacks=[open_gate], progress=False)
+    return result, result.history.partition.values.astype(int)
+
+
+def _clock_gaps(order):
+    """After each update: how far partition 1's clock is ahead of partition 0's."""
+    counts = np.cumsum(np.stack([order == 0, order == 1]), axis=1)
+    return counts[1] - counts[0]
+
+
+def test_ssp_bounds_staleness_under_a_held_back_worker(client):
+    # s = 2: partition 1 pushes clocks 0, 1, 2 and may not pull clock 3 (3 > C + s with
+    # C = 0) until partition 0 pushes. The gate opens at the 3rd update, so the 4th must
+    # come from partition 0.
+    ssp, order = _held_back_run(client, "ssp", open_at=3)
+    assert order.shape == (40,)
+    assert order[:4].tolist() == [1, 1, 1, 0]
+    assert np.abs(_clock_gaps(order)).max() <= 3         # at most s + 1 clocks apart, always
     stale = ssp.history.staleness.values
     assert stale.shape == (40,) and stale.max() <= 2
     counts = ssp.strategy.partition_updates_.values
-    assert counts[1] - counts[0] <= 3                    # at most s + 1 clocks apart
-    per_partition = np.bincount(ssp.history.partition.values.astype(int), minlength=2)
-    assert per_partition.tolist() == counts.tolist()
-    # Without the bound the fast worker runs ahead of the slow one by more than s + 1.
+    assert np.bincount(order, minlength=2).tolist() == counts.tolist()
+
+
+def test_async_lets_a_fast_worker_run_ahead_of_a_held_back_one(client):
+    # Without the bound, partition 1 alone makes the first 20 updates while partition 0
+    # waits at the gate: 20 clocks ahead, far beyond s + 1.
+    asy, order = _held_back_run(client, "async", open_at=20)
+    assert order.shape == (40,)
+    assert (order[:20] == 1).all()
+    assert _clock_gaps(order)[19] == 20
     counts = asy.strategy.partition_updates_.values
-    assert counts[1] - counts[0] > 3
+    assert np.bincount(order, minlength=2).tolist() == counts.tolist()
 
 
 def test_async_converges_to_the_optimum(client):
@@ -119,8 +152,9 @@ def test_trainable_layers_frozen_and_bytes_reduced(client):
     assert np.all(full.history.bytes_sent.values == 2 * model.n_params * 8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def three_workers():
+    """A fresh 3-worker cluster for each kill test (none inherits another's restarted worker)."""
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
@@ -139,7 +173,6 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     X, y = logistic_problem(n=1200, d=5, seed=2)
     data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
     model = dml.models.Logistic(X.shape[1])
-    client.wait_for_workers(3)
     strategy = ParameterServer("async", batch_size=16, checkpoint_every=20,
                                checkpoint_dir=tmp_path / "server")
     killed = {}
@@ -169,7 +202,6 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
 def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_workers):
     """Scattered partitions die with their worker: BSP carries on with the others."""
     client = three_workers
-    client.wait_for_workers(3)              # the previous test's victim has restarted
     X, y = logistic_problem(n=900, d=5, seed=4)
     data = dml.partition(X, y, n_partitions=3, seed=0, client=client)   # one per worker
     model = dml.models.Logistic(X.shape[1])

@@ -9,7 +9,6 @@ stderr naming the file, the YAML line and the key path.
 from __future__ import annotations
 
 import inspect
-import time
 from pathlib import Path
 
 import numpy as np
@@ -224,10 +223,8 @@ def test_unreachable_address_in_the_file_names_its_yaml_line(tmp_path, capsys):
 
 def test_unreachable_scheduler_is_bad_input(tmp_path, capsys):
     path = write(tmp_path, GOOD)
-    t0 = time.perf_counter()
     rc, _, err = run_main(capsys, "run", path, "--scheduler", "tcp://127.0.0.1:9")
     assert rc == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
-    assert time.perf_counter() - t0 < 20
     assert not (tmp_path / "out").exists()
 
 

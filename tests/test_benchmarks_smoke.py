@@ -1,7 +1,14 @@
-"""Every benchmark script runs end to end at a tiny size (its figures are not checked here)."""
+"""Every benchmark script runs end to end at a tiny size and prints the figures it promises.
+
+The values are not judged (speed lives in the benchmarks themselves): each
+expected line must be there, its figures must parse as finite, positive numbers
+(accuracies in (0, 1]), and the peers it compares against must be named.
+"""
 # Fashion-MNIST: tests marked ``fashion_mnist`` are skipped (conftest.py) with an install
 # hint when the files are absent, so this file passes on a machine without them.
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +23,7 @@ SMALL_ARGS = {
     "bench_convex.py": ["--rows", "20000", "--cols", "10", "--chunks", "4"],
     "bench_estimator.py": ["--rows", "20000", "--cols", "10", "--chunks", "4", "--weighted"],
     "bench_sync_step.py": ["--rows", "20000", "--cols", "10", "--steps", "20"],
-    "bench_fashion_mlp.py": ["--small", "--skip-sklearn"],
+    "bench_fashion_mlp.py": ["--small"],
     "bench_fedavg.py": ["--small"],
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
@@ -26,8 +33,113 @@ SMALL_ARGS = {
 }
 
 
+# A figure as printed: 12, 1.5, 3.99e-10, 7,481; nan and inf are captured so that they fail
+# the finiteness check with a clear message instead of failing to match.
+N = r"(nan|inf|[-+]?\d[\d,]*(?:\.\d*)?(?:e[-+]?\d+)?)"
+A = "acc"        # marks a pattern whose figures are accuracies: in (0, 1]
+
+# For each script: (pattern, kind) pairs, each of which must match a line of stdout
+# (re.MULTILINE; every group is a figure), and the peers' names that must appear.
+FIGURES = {
+    "bench_convex.py": [
+        (rf"^dmlcore lbfgs\s+{N}\s+{N}", None),                      # time, objective
+        (rf"^dask-ml lbfgs\s+{N}\s+{N}\s+\S+\s+{N}x", None),          # time, objective, ratio
+        (rf"dmlcore vs dask-ml lbfgs: {N}x faster", None),
+        (rf"dmlcore vs scikit-learn lbfgs \(1 process\): {N}x faster", None)],
+    "bench_estimator.py": [
+        (rf"^dmlcore, chunks in place\s+{N}\s+{N}", None),
+        (rf"^dask-ml lbfgs\s+{N}\s+{N}\s+{N}x", None),
+        (rf"weighted \(all 1\) / unweighted fit time, both warm: {N}", None),
+        (rf"dmlcore LogisticRegression vs dask-ml lbfgs: {N}x faster", None)],
+    "bench_fashion_mlp.py": [
+        (rf"scikit-learn MLPClassifier\(100,\), max_iter=20:\s+{N} s", None),
+        (rf"test accuracy {N}", A),
+        (rf"dmlcore MLPClassifier\(256,\) defaults, 2 workers:\s+{N} s \({N} s in the "
+         rf"training loop, {N} epochs, {N} steps, {N} ms/step\)", None),
+        (rf"time ratio dmlcore / scikit-learn: {N}", None)],
+    "bench_fedavg.py": [
+        (rf"^iid/FedSGD/\S+: rounds {N},.* max acc {N}, last-10 mean {N}", A),
+        (rf"^iid/FedAvg/\S+: rounds {N},.*\({N} s/round\)", None),
+        (rf"^shards/FedProx/\S+:.* max acc {N}", A),
+        (rf"^\| FedAvg \| 5 \| 10 \|.* \| {N} \|$", A)],        # non-IID max acc
+    "bench_kernels.py": [
+        (rf"stream \(np\.add\.reduce\)\s+{N} ms\s+{N} GB/s", None),
+        (rf"logistic f64 / stream\s+{N}", None),
+        (rf"numpy / logistic f64\s+{N}", None),
+        (rf"numpy / softmax K=10 f64\s+{N}", None),
+        (rf"weighted / unweighted logistic\s+{N}", None)],
+    "bench_mlp_optim.py": [
+        (rf"^float32\s+64\s+{N}\s+{N}\s+{N}\s+{N}\s+{N}", None),   # dmlcore, numpy, ratio
+        (rf"^float64\s+256\s+{N}\s+{N}\s+{N}\s+{N}\s+{N}", None),
+        (rf"rows\s+64: dmlcore {N} ms", None),
+        (rf"^numpy \(in place\)\s+{N}\s+{N}\s+{N}\s+\d+\s+{N}", None)],
+    "bench_partial.py": [
+        (rf"pretrained {N} steps on {N} rows in {N} s: test accuracy {N}", None),
+        (rf"^\| SyncSGD \| last layer \| {N} \| {N} \| {N} \| {N} \| {N} ms \| True \|$",
+         None),
+        (rf"^\| FedAvg\S* K=20 \| last layer \| {N} \| {N} \| {N} \| {N} \| {N} ms \| True \|$",
+         None),
+        (rf"layer2 \(last\)\s+{N} ms\s+\({N}x faster than all\)", None)],
+    "bench_ps.py": [
+        (rf"^\| async \| {N} \| {N} \| {N} \| {N} \|", None),
+        (rf"^\| sync \| {N} \| {N} \| {N} \| {N} \|", None),
+        (rf"^  async\s+updates/s x{N}\s+rows/s x{N}", None),
+        (rf"^  ssp\(2\)\s+updates/s x{N}\s+rows/s x{N}", None),
+        (rf"^  bsp\s+updates/s x{N}\s+rows/s x{N}", None),
+        (rf"^  async\s+done: {N} updates/s, acc {N}", None)],
+    "bench_sparse.py": [
+        (rf"logistic kernel / \(stream \+ scatter\)\s+{N}", None),
+        (rf"scipy / logistic kernel\s+{N}", None),
+        (rf"scikit-learn lbfgs \(1 process\)\s+{N} s\s+objective {N}", None),
+        (rf"dmlcore \(2 workers\)\s+{N} s\s+objective {N}.*sklearn time / this {N}x", None)],
+    "bench_sync_step.py": [
+        (rf"dmlcore SyncSGD \(actors\)\s+{N} ms/step", None),
+        (rf"naive Dask \(submit \+ gather \+ sum\)\s+{N} ms/step", None),
+        (rf"ratio naive / dmlcore: {N}x", None),
+        (rf"dmlcore SyncSGD step:\s+{N} ms", None),
+        (rf"dmlcore is {N}x faster", None),
+        (rf"local_steps=\s*16:\s+{N} ms per synchronisation,\s+{N} ms per local step "
+         rf"\({N}x throughput\)", None)],
+    "bench_tls.py": [
+        (rf"full batch, driver updates\s+tcp\s+{N} ms\s+tls\s+{N} ms\s+ratio {N}", None),
+        (rf"batch 16, replicated optimizer\s+tcp\s+{N} ms\s+tls\s+{N} ms\s+ratio {N}", None),
+        (rf"tcp\s+{N} s \(accuracy {N}\)\s+tls\s+{N} s \(accuracy {N}\)\s+ratio {N}", None),
+        (rf"loopback bytes/step tcp {N}\s+tls {N}", None)],
+}
+
+PEERS = {
+    "bench_convex.py": ["dask-ml", "scikit-learn"],
+    "bench_estimator.py": ["dask-ml"],
+    "bench_fashion_mlp.py": ["scikit-learn"],
+    "bench_fedavg.py": ["FedSGD", "FedProx", "FedAvgM"],
+    "bench_kernels.py": ["numpy"],
+    "bench_mlp_optim.py": ["numpy"],
+    "bench_partial.py": ["all layers"],
+    "bench_ps.py": ["sync", "bsp", "ssp(2)"],
+    "bench_sparse.py": ["scipy", "scikit-learn", "dask-ml"],
+    "bench_sync_step.py": ["naive Dask"],
+    "bench_tls.py": ["tcp", "tls"],
+}
+
+
+def check_figures(script, stdout):
+    """Every promised line is printed with finite, positive figures; the peers are named."""
+    for pattern, kind in FIGURES[script]:
+        match = re.search(pattern, stdout, re.MULTILINE)
+        assert match, f"{script}: no line matching {pattern!r} in:\n{stdout[-3000:]}"
+        for text in match.groups():
+            value = float(text.replace(",", ""))
+            assert math.isfinite(value) and value > 0, (
+                f"{script}: figure {text!r} is not finite and positive in {match.group(0)!r}")
+            if kind == A and "." in text:
+                assert value <= 1, f"{script}: accuracy {text!r} > 1 in {match.group(0)!r}"
+    for peer in PEERS[script]:
+        assert peer in stdout, f"{script}: the peer {peer!r} is not named in its output"
+
+
 def test_every_benchmark_has_a_smoke_run():
     assert sorted(p.name for p in BENCH.glob("bench_*.py")) == sorted(SMALL_ARGS)
+    assert sorted(FIGURES) == sorted(PEERS) == sorted(SMALL_ARGS)
 
 
 NEEDS_FASHION_MNIST = {"bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
@@ -43,4 +155,4 @@ def test_benchmark_smoke(script, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / script), *SMALL_ARGS[script]],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.strip(), "a benchmark prints its figures"
+    check_figures(script, proc.stdout)

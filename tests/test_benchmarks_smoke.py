@@ -145,9 +145,16 @@ def test_every_benchmark_has_a_smoke_run():
 NEEDS_FASHION_MNIST = {"bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
 
 
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=pytest.mark.fashion_mnist) if s in NEEDS_FASHION_MNIST else s
-    for s in sorted(SMALL_ARGS)])
+# Seconds each: the two kernel benchmarks stay in the quick subset (-m "not slow").
+QUICK = {"bench_kernels.py", "bench_mlp_optim.py"}
+
+
+def _marks(script):
+    return ([pytest.mark.fashion_mnist] if script in NEEDS_FASHION_MNIST else []) + (
+        [] if script in QUICK else [pytest.mark.slow])
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=_marks(s)) for s in sorted(SMALL_ARGS)])
 def test_benchmark_smoke(script, tmp_path):
     root = str(BENCH.parent)
     env = dict(os.environ, MPLBACKEND="Agg",

@@ -168,6 +168,7 @@ def three_workers():
         cluster.close()
 
 
+@pytest.mark.slow                   # a fresh 3-process cluster each
 def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     client = three_workers
     X, y = logistic_problem(n=1200, d=5, seed=2)
@@ -199,6 +200,7 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     assert all(r["ended"] == "stopped" for r in strategy.loop_results_)
 
 
+@pytest.mark.slow                   # a fresh 3-process cluster each
 def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_workers):
     """Scattered partitions die with their worker: BSP carries on with the others."""
     client = three_workers

@@ -92,6 +92,7 @@ def test_metrics_hold_the_strategy_configuration_only(quickstart_run):
     assert metrics["strategy"] == config
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_has_nothing_to_do(quickstart_run):
     out, _ = quickstart_run
     before = _snapshot(out)
@@ -151,6 +152,7 @@ def test_model_file_predicts_like_in_process(quickstart_run, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected.argmax(axis=1))
 
 
+@pytest.mark.slow
 def test_predict_chunk_by_chunk_on_a_cluster(quickstart_run, scheduler, tmp_path):
     """.npy and zarr inputs predicted in chunks by tasks on the cluster, as in-process."""
     import zarr
@@ -174,6 +176,7 @@ def test_predict_chunk_by_chunk_on_a_cluster(quickstart_run, scheduler, tmp_path
         np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
 
 
+@pytest.mark.slow
 def test_failed_run_leaves_earlier_outputs_untouched(quickstart_run, scheduler, tmp_path):
     out, _ = quickstart_run
     before = _snapshot(out)
@@ -219,8 +222,9 @@ def test_every_workflow_has_a_test_setting():
     assert {p.name for p in WORKFLOWS.glob("*.yaml")} == set(SHORT)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.fashion_mnist) if n.startswith("fashion_mnist") else n
+@pytest.mark.parametrize("name", [            # quickstart stays in the quick subset
+    pytest.param(n, marks=([pytest.mark.fashion_mnist] if n.startswith("fashion_mnist") else [])
+                 + ([] if n == "quickstart.yaml" else [pytest.mark.slow]))
     for n in sorted(SHORT)])
 def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
     out = tmp_path / "out"
@@ -261,6 +265,7 @@ def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):
         assert metrics["eval_accuracy"] > 0.7
 
 
+@pytest.mark.slow
 def test_info_describes_the_cluster(scheduler):
     proc = dmlcore("info", "--scheduler", scheduler)
     assert proc.returncode == 0, proc.stderr
@@ -271,6 +276,7 @@ def test_info_describes_the_cluster(scheduler):
 
 
 # ---- --resume after a SIGKILL ------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path):
     out = tmp_path / "out"
     args = ["run", WORKFLOWS / "quickstart.yaml", "--no-progress",

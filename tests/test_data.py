@@ -517,7 +517,8 @@ PINNED = {   # (scheme, kwargs) -> (digest, worker index per partition on 2 work
 }
 
 
-@pytest.mark.parametrize("scheme", sorted(PINNED))
+@pytest.mark.parametrize("scheme", [             # iid stays in the quick subset
+    pytest.param(s, marks=() if s == "iid" else pytest.mark.slow) for s in sorted(PINNED)])
 def test_partitions_are_pinned_on_every_path(client, scheme):
     kwargs, digest, where = PINNED[scheme]
     X, y, w = _pinned_problem()
@@ -528,7 +529,7 @@ def test_partitions_are_pinned_on_every_path(client, scheme):
             assert [workers.index(a) for a in data.workers()] == where, path
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", pytest.param("dirichlet", marks=pytest.mark.slow)])
 def test_sparse_partitions_are_pinned(client, scheme):
     kwargs = PINNED[scheme][0]
     X, y, w = _pinned_problem(sparse=True)
@@ -540,6 +541,7 @@ def test_sparse_partitions_are_pinned(client, scheme):
 SPARSE_PINNED = {"iid": "24119d614de228c2", "dirichlet": "25a71c9aa093878f"}
 
 
+@pytest.mark.slow
 def test_regression_partitions_are_pinned(client):
     X, _, w = _pinned_problem()
     y = X @ np.arange(1.0, 5.0)

@@ -31,7 +31,8 @@ def run_fault(action, apply_on, optimizer):
 CASES = [("workers", "sgd"), ("driver", "sgd"), ("driver", "lbfgs")]
 
 
-@pytest.mark.parametrize("apply_on,optimizer", CASES)
+@pytest.mark.parametrize("apply_on,optimizer", [     # the first case stays in the quick subset
+    pytest.param(*case, marks=() if case == CASES[0] else pytest.mark.slow) for case in CASES])
 def test_a_worker_raising_ends_the_fit_with_its_error(apply_on, optimizer):
     out = run_fault("raise", apply_on, optimizer)
     assert out["type"] == "MemoryError", out
@@ -39,6 +40,7 @@ def test_a_worker_raising_ends_the_fit_with_its_error(apply_on, optimizer):
     assert out["seconds"] < 5.0, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("apply_on,optimizer", CASES)
 def test_a_frozen_worker_ends_the_fit_after_the_deadline(apply_on, optimizer):
     out = run_fault("stop", apply_on, optimizer)

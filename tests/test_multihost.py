@@ -16,6 +16,8 @@ from dask_processes import dask_cluster
 
 import dmlcore as dml
 
+pytestmark = pytest.mark.slow           # two network namespaces, real dask processes
+
 
 def _ip(*args, check=True):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)

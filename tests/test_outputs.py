@@ -76,6 +76,7 @@ def test_a_name_taken_by_a_user_file_fails_before_anything_is_written(tmp_path, 
 
 
 # ---- through the command line -----------------------------------------------------------
+@pytest.mark.slow
 def test_cli_runs_keep_user_files_and_refuse_foreign_names(tmp_path):
     from test_cli import QUICK, WORKFLOWS, dmlcore
 

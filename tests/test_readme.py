@@ -58,6 +58,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
         assert sum(code.count(old) for code in PYTHON_BLOCKS) == 1, old
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_python_block_runs_as_a_script(index, tmp_path):
@@ -101,6 +102,7 @@ def _command(line, workdir):
     return [sys.executable, "-m", "dmlcore.cli", *args]
 
 
+@pytest.mark.slow
 @pytest.mark.fashion_mnist
 def test_shell_lines_run_offline(tmp_path):
     workdir = _workdir(tmp_path)

@@ -62,6 +62,7 @@ def _sk_best_score():
     return GridSearchCV(SkLogistic(), GRID, cv=CV).fit(X, y).best_score_
 
 
+@pytest.mark.slow
 def test_dask_ml_grid_search_on_the_dask_scheduler_does_not_deadlock():
     pytest.importorskip("dask_ml")
     out = _run_script("""
@@ -75,6 +76,7 @@ def test_dask_ml_grid_search_on_the_dask_scheduler_does_not_deadlock():
     assert score == pytest.approx(_sk_best_score(), abs=0.02)
 
 
+@pytest.mark.slow
 def test_sklearn_grid_search_on_joblib_dask_backend_does_not_deadlock():
     out = _run_script("""
         import joblib
@@ -96,7 +98,8 @@ def test_clone_keeps_the_client(client):
     assert copy.get_params()["C"] == 0.5
 
 
-@pytest.mark.parametrize("explicit", [False, True], ids=["default-client", "explicit-client"])
+@pytest.mark.parametrize("explicit", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["default-client", "explicit-client"])
 @pytest.mark.parametrize("kind", ["numpy", "dask"])
 def test_grid_search_and_cross_val_score(client, explicit, kind):
     X, y = _data()
@@ -127,6 +130,7 @@ def test_unknown_chunk_sizes(client):
     np.testing.assert_array_equal(np.asarray(ours.predict(Xd)), ref.predict(X))
 
 
+@pytest.mark.slow
 def test_dask_input_without_client_fits_in_process():
     """No client: the fit runs here (no cluster started), like dask-ml's."""
     out = subprocess.run([sys.executable, "-c", textwrap.dedent("""

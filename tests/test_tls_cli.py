@@ -45,6 +45,7 @@ def _flags(c):
     return ["--tls-ca-file", c["ca_file"], "--tls-cert", c["cert"], "--tls-key", c["key"]]
 
 
+@pytest.mark.slow
 def test_info_and_run_over_tls(tls_scheduler, certs, tmp_path):
     proc = dmlcore("info", "--scheduler", tls_scheduler, *_flags(certs["client"]), timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -67,6 +68,7 @@ def test_info_and_run_over_tls(tls_scheduler, certs, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_wrong_or_missing_certificates_are_one_line(tls_scheduler, certs, tmp_path):
     for args in (_flags(certs["wrong"]), []):
         for cmd in (["info", "--scheduler", tls_scheduler],

@@ -131,6 +131,7 @@ def test_tls_mesh_exchanges_in_lockstep(security):
             m.close()
 
 
+@pytest.mark.slow
 def test_mesh_refuses_a_plain_peer(security):
     tls = PeerMesh("127.0.0.1", timeout=3, ssl_contexts=_contexts(security, "worker"))
     plain = PeerMesh("127.0.0.1", timeout=3)
@@ -159,7 +160,7 @@ def _problem(n=800, d=6):
     return X, (X @ rng.normal(size=d) > 0).astype(np.int64)
 
 
-@pytest.mark.parametrize("apply_on", ["workers", "driver"])
+@pytest.mark.parametrize("apply_on", [pytest.param("workers", marks=pytest.mark.slow), "driver"])
 def test_sync_sgd_keeps_the_direct_path_on_a_tls_cluster(tmp_path, caplog, apply_on):
     import dmlcore as dml
     from dmlcore.executors import ExecutorPool
@@ -192,6 +193,7 @@ def test_sync_sgd_keeps_the_direct_path_on_a_tls_cluster(tmp_path, caplog, apply
                                   np.asarray(runs["actor-calls"].params))
 
 
+@pytest.mark.slow
 def test_a_fit_uses_its_own_client_when_another_is_the_default(tmp_path, client):
     """A TLS client made after the session's TCP client becomes Dask's default;
     a fit on the TCP client must still call its actors through the TCP client

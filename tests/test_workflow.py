@@ -221,6 +221,7 @@ def test_unreachable_address_in_the_file_names_its_yaml_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_scheduler_is_bad_input(tmp_path, capsys):
     path = write(tmp_path, GOOD)
     rc, _, err = run_main(capsys, "run", path, "--scheduler", "tcp://127.0.0.1:9")
@@ -428,6 +429,7 @@ def test_sweep_runs_claim_their_checkpoint_folders_concurrently(tmp_path):
     assert not errors, errors[:3]
 
 
+@pytest.mark.slow
 def test_sparse_npz_source_runs_end_to_end(tmp_path, capsys):
     """A CSR matrix saved by scipy.sparse.save_npz is a data source: the
     partitions stay CSR, the holdout is scored, and an MLP is refused in one line."""

@@ -50,7 +50,11 @@ import os
 import uuid
 from pathlib import Path
 
+from typing import NamedTuple
+
 import numpy as np
+
+from ._util import is_dask
 
 __all__ = ["partition", "partition_in_place", "PartitionedData", "SCHEMES", "make_plan"]
 
@@ -61,11 +65,6 @@ _DIRICHLET_TRIES = 100
 # --------------------------------------------------------------------------
 # Input normalisation
 # --------------------------------------------------------------------------
-def _is_dask(a) -> bool:
-    import dask.array as da
-    return isinstance(a, da.Array)
-
-
 def _is_sparse(a) -> bool:
     import scipy.sparse as sp
     return sp.issparse(a)
@@ -115,7 +114,7 @@ def _source_arrays(X, y, x_name, y_name_default="y"):
         X = X.data
     if isinstance(y, xr.DataArray):
         y = y.data
-    if not _is_dask(X):
+    if not is_dask(X):
         try:
             import zarr
             if isinstance(X, zarr.Array):
@@ -125,9 +124,9 @@ def _source_arrays(X, y, x_name, y_name_default="y"):
             pass
     if _is_sparse(X):
         X = X.tocsr()
-    elif not _is_dask(X) and not isinstance(X, np.ndarray):
+    elif not is_dask(X) and not isinstance(X, np.ndarray):
         X = np.asarray(X)
-    if y is not None and not _is_dask(y) and not isinstance(y, np.ndarray):
+    if y is not None and not is_dask(y) and not isinstance(y, np.ndarray):
         y = np.asarray(y)
     return X, y
 
@@ -163,7 +162,7 @@ def _prepare_labels(y: np.ndarray, x_dtype: np.dtype, n: int, check_finite: bool
 
 def _prepare_weights(sample_weight, x_dtype: np.dtype, n: int):
     """Row weights as a 1-D array of X's dtype; one clear error for a bad one."""
-    if _is_dask(sample_weight):
+    if is_dask(sample_weight):
         sample_weight = sample_weight.compute()
     w = np.asarray(sample_weight)
     if w.ndim != 1 or w.shape[0] != n:
@@ -443,6 +442,272 @@ def _default_client():
 # --------------------------------------------------------------------------
 # PartitionedData
 # --------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------
+# Materialisers: where the blocks are made and held
+# --------------------------------------------------------------------------
+def _chunk_futures(Xp):
+    """The futures of a persisted dask array's row chunks, in row order (one column block)."""
+    from distributed import futures_of
+
+    by_key = {f.key: f for f in futures_of(Xp)}
+    return [by_key[(Xp.name, b, 0)] for b in range(Xp.numblocks[0])]
+
+
+def _unknown_rows(Xs) -> bool:
+    return any(np.isnan(c) for c in Xs.chunks[0])
+
+
+class _Chunks(NamedTuple):
+    """A dask source X ready to split: one handle per row chunk (future or delayed) and
+    its row count (int)."""
+    handles: list
+    lengths: list
+
+
+class _Blocks(NamedTuple):
+    """One array's partitions: ``blocks[p]`` holds partition p's rows (numpy or CSR,
+    a future under the key ``(name, p[, 0])``, or a delayed object), ``dtype`` the
+    blocks' dtype and ``tail`` the shape after the row axis ((n_features,), () or (k,))."""
+    blocks: list
+    name: str
+    dtype: np.dtype
+    tail: tuple
+    sparse: bool = False
+
+
+def _to_dask(b: _Blocks, sizes):
+    """The dask array whose chunk p is ``b.blocks[p]`` with ``sizes[p]`` rows."""
+    import dask.array as da
+    from dask.delayed import Delayed
+
+    tail = tuple(int(k) for k in b.tail)
+    if b.blocks and isinstance(b.blocks[0], Delayed):
+        meta = _meta(b.dtype, 1 + len(tail), b.sparse)
+        return da.concatenate([da.from_delayed(part, (int(s),) + tail, dtype=b.dtype, meta=meta)
+                               for part, s in zip(b.blocks, sizes)], axis=0)
+    chunks = (tuple(int(s) for s in sizes),) + tuple((k,) for k in tail)
+    return _array_from_blocks(b.blocks, b.name, chunks, b.dtype, 1 + len(tail), sparse=b.sparse)
+
+
+def _new_name(kind):
+    return f"dml-{kind}-{uuid.uuid4().hex}"
+
+
+class _InProcess:
+    """Makes partitions as numpy (or CSR) blocks in this process.
+
+    The three materialisers (here, ``_Lazy``, ``_Cluster``) share one interface:
+    ``source`` readies the source, ``place(sizes)`` fixes where partition p lives,
+    ``blocks`` holds parts built by the client, ``take``/``shuffle`` cut X by the
+    plan, ``tasks``/``map`` run one task per partition/item.
+    """
+    client = None
+    placement = None              # worker address per partition (None: not on a cluster)
+    persisted = True
+
+    def source(self, Xs, ys):
+        """``(X, y)`` ready to cut: a dask X (and y) computed here."""
+        if not is_dask(Xs):
+            return Xs, ys
+        import dask
+        return dask.compute(Xs, ys) if is_dask(ys) else (Xs.compute(), ys)
+
+    def place(self, sizes):
+        """Fix where each of the ``len(sizes)`` partitions lives."""
+        self.n_parts = len(sizes)
+
+    def blocks(self, make_part, kind, dtype, tail, sparse=False) -> _Blocks:
+        """``make_part(p)`` (built here) for every partition, held where p lives."""
+        return _Blocks([make_part(p) for p in range(self.n_parts)], _new_name(kind),
+                       np.dtype(dtype), tuple(tail), sparse)
+
+    def take(self, X, plan, dtype, check_finite) -> _Blocks:
+        """Partition p = rows ``plan[p]`` of an in-memory X, in ``dtype``, checked."""
+        return self.blocks(lambda p: _take_rows(X, plan[p], dtype, check_finite), "X", dtype,
+                           (int(X.shape[1]),), _is_sparse(X))
+
+    def shuffle(self, src: _Chunks, plan, dtype, check_finite, n_features) -> _Blocks:
+        """Partition p = rows ``plan[p]`` of a chunked X: one split task per source chunk
+        (gather, convert, NaN/inf check), one piece per (chunk, partition) that has rows
+        for it, one assembly per partition where it lives. X never visits the client."""
+        P, B = len(plan), len(src.lengths)
+        chunk_plans = _chunk_plans(plan, src.lengths)
+        offsets = [int(o) for o in np.concatenate([[0], np.cumsum(src.lengths)])[:-1]]
+        tag = uuid.uuid4().hex
+        split = self.map(_split_chunk, src.handles, self.put_each(chunk_plans),
+                         [dtype.str] * B, [check_finite] * B, offsets,
+                         keys=[f"dml-split-{tag}-{b}" for b in range(B)])
+        wanted = [(b, p) for b, (_, counts, _) in enumerate(chunk_plans) for p in range(P)
+                  if counts[p]]
+        found = self.map(_piece, [split[b] for b, _ in wanted], [p for _, p in wanted],
+                         keys=[f"dml-piece-{tag}-{b}-{p}" for b, p in wanted])
+        pieces = [[] for _ in range(P)]
+        for (b, p), f in zip(wanted, found):
+            pieces[p].append(f)
+        return self.tasks(_assemble, [len(r) for r in plan], [n_features] * P, [dtype.str] * P,
+                          pieces, kind="X", dtype=dtype, tail=(n_features,))
+
+    def tasks(self, fn, *iterables, kind, dtype, tail, sparse=False) -> _Blocks:
+        """Partition p = ``fn(*args_p)``, computed where p lives."""
+        name = _new_name(kind)
+        keys = [(name, p, 0) if tail else (name, p) for p in range(self.n_parts)]
+        return _Blocks(self.map(fn, *iterables, keys=keys, pinned=True), name, np.dtype(dtype),
+                       tuple(tail), sparse)
+
+    def map(self, fn, *iterables, keys, pinned=False):
+        """``fn(*args)`` for every item of ``zip(*iterables)`` (key ``keys[i]``)."""
+        return [fn(*args) for args in zip(*iterables)]
+
+    def put_each(self, objs):
+        """``objs`` as task arguments."""
+        return list(objs)
+
+
+class _Lazy(_InProcess):
+    """Makes partitions as a lazy dask computation, validated when it is computed."""
+    persisted = False
+
+    def source(self, Xs, ys):
+        if not is_dask(Xs):
+            return Xs, ys
+        lengths = (list(Xs.chunks[0]) if not _unknown_rows(Xs)
+                   else list(Xs.map_blocks(_block_rows, chunks=(1,), drop_axis=1,
+                                           dtype=np.int64).compute()))
+        return _Chunks(list(Xs.to_delayed().ravel()), lengths), ys
+
+    def take(self, X, plan, dtype, check_finite):
+        import dask
+        src = dask.delayed(X, name=_new_name("source"))
+        return _Blocks(self.map(_take_rows, [src] * len(plan), plan, [dtype.str] * len(plan),
+                                [check_finite] * len(plan), keys=None),
+                       "", np.dtype(dtype), (int(X.shape[1]),), _is_sparse(X))
+
+    def map(self, fn, *iterables, keys, pinned=False):
+        import dask
+        return [dask.delayed(fn, pure=True)(*args) for args in zip(*iterables)]
+
+
+class _Cluster(_InProcess):
+    """Makes partitions on ``client``'s workers: partition p held by ``placement[p]``
+    (given, or chosen by ``place`` among ``workers``)."""
+
+    def __init__(self, client, workers, placement=None):
+        self.client, self.workers = client, workers
+        self.placement = placement
+        self.n_parts = None if placement is None else len(placement)
+
+    def source(self, Xs, ys):
+        """A dask X (and y) persisted on the cluster; X as its chunks' futures."""
+        if not is_dask(Xs):
+            return Xs, ys
+        persisted = self.client.persist([Xs] + ([ys] if is_dask(ys) else []))
+        handles = _chunk_futures(persisted[0])
+        lengths = (self.client.gather(self.client.map(len, handles))
+                   if _unknown_rows(persisted[0]) else list(persisted[0].chunks[0]))
+        return _Chunks(handles, lengths), (persisted[1] if is_dask(ys) else ys)
+
+    def place(self, sizes):
+        super().place(sizes)
+        self.placement = [self.workers[w] for w in _placement(sizes, len(self.workers))]
+
+    def blocks(self, make_part, kind, dtype, tail, sparse=False):
+        name = _new_name(kind)
+        futures = _scatter_parts(self.client, make_part, self.n_parts, name, 1 + len(tail),
+                                 self.placement)
+        return _Blocks(futures, name, np.dtype(dtype), tuple(tail), sparse)
+
+    def map(self, fn, *iterables, keys, pinned=False):
+        """One task per item under ``keys``; ``pinned``: task p only on ``placement[p]``."""
+        if not pinned:
+            return self.client.map(fn, *iterables, key=keys)
+        args, out = list(zip(*iterables)), [None] * len(keys)
+        for worker in sorted(set(self.placement)):
+            mine = [p for p in range(len(keys)) if self.placement[p] == worker]
+            futures = self.client.map(fn, *(list(a) for a in zip(*[args[p] for p in mine])),
+                                      key=[keys[p] for p in mine], workers=[worker],
+                                      allow_other_workers=False)
+            for p, f in zip(mine, futures):
+                out[p] = f
+        return out
+
+    def put_each(self, objs):
+        return self.client.scatter(list(objs), hash=False)
+
+
+def _materialiser(client, workers, persist):
+    """Where ``partition`` makes the partitions: lazily (``persist=False``), on
+    ``client``'s workers, or in this process (no client)."""
+    if not persist:
+        return _Lazy()
+    return _InProcess() if client is None else _Cluster(client, workers)
+
+
+def _held(run, layout, x, y, w):
+    """The PartitionedData of the blocks ``x`` (``y``, ``w``: _Blocks or None) that
+    ``run`` made; on a cluster, waits for X's blocks, raising the first task's error
+    (bad data: a ValueError)."""
+    on_cluster = run.client is not None
+    if on_cluster:
+        _raise_first_error(x.blocks)
+    sizes = [len(r) for r in layout.source_rows]
+    X, Y, W = (None if b is None else _to_dask(b, sizes) for b in (x, y, w))
+    fx, fy, fw = (b.blocks if on_cluster and b is not None else None for b in (x, y, w))
+    return PartitionedData(X, Y, w=W, layout=layout, client=run.client,
+                           placement=run.placement, x_futures=fx, y_futures=fy, w_futures=fw,
+                           persisted=run.persisted)
+
+
+# --------------------------------------------------------------------------
+# What every copy of the same partitions shares: plan, labels, weights
+# --------------------------------------------------------------------------
+class _TargetStats(NamedTuple):
+    """Regression targets per partition: ``mean`` and ``std``, each (n_partitions,) in
+    y's dtype (over all of a partition's values for 2-D targets)."""
+    mean: np.ndarray
+    std: np.ndarray
+
+
+class _Layout(NamedTuple):
+    """The partitions' plan and summaries, the same wherever their blocks are held."""
+    source_rows: list            # one int64 array of source rows per partition
+    scheme: str
+    seed: int
+    params: dict                 # the scheme's parameters
+    classes: np.ndarray | None   # sorted class labels (classification)
+    label_counts: np.ndarray | None    # (n_partitions, n_classes) int64 (classification)
+    target_stats: _TargetStats | None  # regression
+    weight_sums: np.ndarray | None     # (n_partitions,) float64 (weighted)
+    nnz: np.ndarray | None             # (n_partitions,) int64 stored entries (CSR)
+
+
+def _layout(plan, scheme, seed, params, labels, is_class, weights, row_nnz=None):
+    """The _Layout of ``plan`` for these labels (None, class labels or float targets),
+    row weights (None or (n,)) and stored entries per source row (CSR; else None)."""
+    classes = counts = stats = None
+    if is_class:
+        classes = np.unique(labels)
+        counts = np.stack([np.bincount(np.searchsorted(classes, labels[r]),
+                                       minlength=len(classes)) for r in plan])
+    elif labels is not None:
+        stats = _TargetStats(np.array([labels[r].mean() for r in plan]),
+                             np.array([labels[r].std() for r in plan]))
+    return _Layout(plan, scheme, seed, dict(params), classes, counts, stats,
+                   None if weights is None else _weight_sums(weights, plan),
+                   None if row_nnz is None else _nnz_sums(row_nnz, plan))
+
+
+def _weight_sums(weights, plan):
+    """Total weight of every partition (float64)."""
+    return np.array([weights[r].sum(dtype=np.float64) for r in plan])
+
+
+def _nnz_sums(row_nnz, plan):
+    """Stored entries of every partition (int64), from each source row's count."""
+    return np.array([int(row_nnz[r].sum()) for r in plan], dtype=np.int64)
+
+
 class PartitionedData:
     """Row partitions of (X, y) as dask arrays with one chunk per partition.
 
@@ -455,28 +720,33 @@ class PartitionedData:
     array per partition), ``client`` (None if the data live in this process).
     """
 
-    def __init__(self, X, y, *, source_rows, scheme, seed, classes, class_count,
-                 client=None, placement=None, x_futures=None, y_futures=None,
-                 params=None, persisted=True, w=None, w_futures=None, weight_sums=None,
-                 nnz=None):
+    def __init__(self, X, y, *, layout, client=None, placement=None, x_futures=None,
+                 y_futures=None, persisted=True, w=None, w_futures=None):
         self.X = X
         self.y = y
         self.w = w
+        self._layout = layout
         self._w_futures = w_futures
-        self.partition_weights = weight_sums     # (n_partitions,) float64, None unweighted
-        self.partition_nnz = nnz                 # (n_partitions,) stored entries; None dense
-        self.source_rows = source_rows
-        self.scheme = scheme
-        self.seed = seed
-        self.classes = classes
-        self._class_count = class_count
+        self.partition_weights = layout.weight_sums   # (n_partitions,) float64, None unweighted
+        self.partition_nnz = layout.nnz               # (n_partitions,) stored entries; None dense
+        self.source_rows = layout.source_rows
+        self.scheme = layout.scheme
+        self.seed = layout.seed
+        self.classes = layout.classes
+        self._label_counts = layout.label_counts      # (n_partitions, n_classes); None: no classes
+        self._target_stats = layout.target_stats      # _TargetStats; None: no float targets
         self.client = client
         self._placement = placement          # worker address per partition (planned)
         self._x_futures = x_futures
         self._y_futures = y_futures
-        self.params = dict(params or {})
+        self.params = dict(layout.params)
         self.persisted = persisted
-        self.partition_sizes = np.array([len(r) for r in source_rows], dtype=np.int64)
+        self.partition_sizes = np.array([len(r) for r in self.source_rows], dtype=np.int64)
+
+    @property
+    def _class_count(self):
+        """The label count matrix ((n_partitions, n_classes) int64), or None."""
+        return self._label_counts
 
     # ---- shape -----------------------------------------------------------
     @property
@@ -576,63 +846,30 @@ class PartitionedData:
 
         ``client=False``: an in-process copy (numpy chunks in the graph).
         """
-        if client is None or (self._x_futures is not None and self.client is client):
+        here = self._x_futures is None and self.persisted      # numpy chunks in this process
+        if client is None or (self._x_futures is not None and self.client is client) or (
+                client is False and here):
             return self
-        if client is False:
-            if self._x_futures is None and self.persisted:
-                return self
-            xs = [as_block(b) for b in self.client.gather(self._x_futures)] \
-                if self._x_futures is not None else [b.compute() for b in self.x_blocks()]
-            ys = None if self.y is None else [np.asarray(b.compute()) for b in self.y_blocks()]
-            ws = None if self.w is None else [np.asarray(b.compute()) for b in self.w_blocks()]
-            X = _array_from_blocks(xs, f"dml-X-{uuid.uuid4().hex}", self.X.chunks, self.dtype, 2,
-                                   sparse=self.is_sparse)
-            y = None if ys is None else _array_from_blocks(
-                ys, f"dml-y-{uuid.uuid4().hex}", self.y.chunks, self.y.dtype, self.y.ndim)
-            w = None if ws is None else _array_from_blocks(
-                ws, f"dml-w-{uuid.uuid4().hex}", self.w.chunks, self.dtype, 1)
-            return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
-                                   seed=self.seed, classes=self.classes,
-                                   class_count=self._class_count, params=self.params,
-                                   w=w, weight_sums=self.partition_weights,
-                                   nnz=self.partition_nnz)
-        workers = _list_workers(client)
-        placement = [workers[w] for w in _placement(self.partition_sizes, len(workers))]
-        xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
-        if self.persisted and self._x_futures is None:
-            # In-process numpy chunks: scatter them straight to their workers.
-            blocks = self.x_blocks()
-            xf = _scatter_parts(client, lambda p: as_block(blocks[p].compute(scheduler="sync")),
-                                self.n_partitions, xname, 2, placement)
-        else:
-            # Lazy, or held by another client: compute there, then pin a copy.
-            Xp = client.persist(self.X)
-            from distributed import futures_of
-            by_key = {f.key: f for f in futures_of(Xp)}
-            src = [by_key[(Xp.name, p, 0)] for p in range(self.n_partitions)]
-            xf = [client.submit(_identity, f, key=(xname, p, 0), workers=[placement[p]],
-                                allow_other_workers=False) for p, f in enumerate(src)]
-        yf = None
-        if self.y is not None:
-            yblocks = self.y_blocks()
-            yf = _scatter_parts(client, lambda p: np.asarray(yblocks[p].compute()),
-                                self.n_partitions, yname, self.y.ndim, placement)
-        wf = w = None
-        if self.w is not None:
-            wblocks, wname = self.w_blocks(), f"dml-w-{uuid.uuid4().hex}"
-            wf = _scatter_parts(client, lambda p: np.asarray(wblocks[p].compute()),
-                                self.n_partitions, wname, 1, placement)
-            w = _array_from_blocks(wf, wname, self.w.chunks, self.dtype, 1)
-        _raise_first_error(xf)
-        X = _array_from_blocks(xf, xname, self.X.chunks, self.dtype, 2, sparse=self.is_sparse)
-        y = None if yf is None else _array_from_blocks(yf, yname, self.y.chunks,
-                                                        self.y.dtype, self.y.ndim)
-        return PartitionedData(X, y, source_rows=self.source_rows, scheme=self.scheme,
-                               seed=self.seed, classes=self.classes,
-                               class_count=self._class_count, client=client,
-                               placement=placement, x_futures=xf, y_futures=yf,
-                               params=self.params, persisted=True, w=w, w_futures=wf,
-                               weight_sums=self.partition_weights, nnz=self.partition_nnz)
+        run = _InProcess() if client is False else _Cluster(client, _list_workers(client))
+        run.place(self.partition_sizes)
+        if client is False or here:
+            x = run.blocks(self._fetch(self.X, self._x_futures), "X", self.dtype,
+                           (self.n_features,), self.is_sparse)
+        else:   # lazy, or held by another client: compute there, then pin a copy
+            x = run.tasks(_identity, _chunk_futures(client.persist(self.X)), kind="X",
+                          dtype=self.dtype, tail=(self.n_features,), sparse=self.is_sparse)
+        y = None if self.y is None else run.blocks(self._fetch(self.y, self._y_futures), "y",
+                                                   self.y.dtype, self.y.shape[1:])
+        w = None if self.w is None else run.blocks(self._fetch(self.w, self._w_futures), "w",
+                                                   self.dtype, ())
+        return _held(run, self._layout, x, y, w)
+
+    def _fetch(self, arr, futures):
+        """``p -> partition p of arr`` as numpy or CSR, fetched from the cluster or computed."""
+        if futures is not None:
+            return lambda p: as_block(self.client.gather(futures[p]))
+        scheduler = "sync" if self.persisted else None      # numpy chunks in this process
+        return lambda p: as_block(arr.blocks[p].compute(scheduler=scheduler))
 
     # ---- diagnostics -----------------------------------------------------
     def skew_report(self):
@@ -666,25 +903,32 @@ class PartitionedData:
             data_vars["nnz_imbalance"] = ((), float(self.partition_nnz.max()
                                                     / max(self.partition_nnz.mean(), 1)))
         coords = {"partition": np.arange(self.n_partitions)}
-        if self.classes is not None:
-            counts = self._class_count
-            global_p = counts.sum(axis=0) / counts.sum()
-            with np.errstate(invalid="ignore", divide="ignore"):
-                local_p = counts / counts.sum(axis=1, keepdims=True)
-            tv = 0.5 * np.abs(local_p - global_p).sum(axis=1)
-            data_vars["class_count"] = (("partition", "class"), counts)
+        if self._label_counts is not None:
+            tv = self.label_tv_distance()
+            data_vars["class_count"] = (("partition", "class"), self._label_counts)
             data_vars["label_tv_distance"] = ("partition", tv)
             data_vars["max_label_tv_distance"] = ((), float(np.nanmax(tv)))
             coords["class"] = self.classes
-        elif self._class_count is not None:
-            mean, std = self._class_count
-            data_vars["label_mean"] = ("partition", mean)
-            data_vars["label_std"] = ("partition", std)
+        elif self._target_stats is not None:
+            data_vars["label_mean"] = ("partition", self._target_stats.mean)
+            data_vars["label_std"] = ("partition", self._target_stats.std)
         attrs = {"scheme": self.scheme, "seed": int(self.seed),
                  "n_rows": self.n_rows, "n_features": self.n_features,
                  "imbalance": imbalance, **{k: v for k, v in self.params.items()
                                             if isinstance(v, (int, float, str))}}
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    def label_tv_distance(self):
+        """Total variation distance of each partition's label mix from the global one:
+        (n_partitions,) float64, 0 = identical, 1 = disjoint (NaN for an empty
+        partition); None without class labels."""
+        counts = self._label_counts
+        if counts is None:
+            return None
+        global_p = counts.sum(axis=0) / counts.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            local_p = counts / counts.sum(axis=1, keepdims=True)
+        return 0.5 * np.abs(local_p - global_p).sum(axis=1)
 
     def __repr__(self):
         sizes = self.partition_sizes
@@ -753,177 +997,47 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     Xs, ys = _source_arrays(X, y, x)
     if Xs.ndim != 2:
         raise ValueError(f"X must be 2-D (rows x features), got shape {Xs.shape}")
-    dtype = _x_dtype(Xs.dtype)
-    if client is None:
-        client = _default_client()
-    elif client is False:               # explicitly in this process
-        client = None
+    if is_dask(Xs) and Xs.numblocks[1] != 1:
+        Xs = Xs.rechunk({1: -1})
+    dtype, n_features = _x_dtype(Xs.dtype), int(Xs.shape[1])
+    client = _default_client() if client is None else (None if client is False else client)
     workers = _list_workers(client) if client is not None else None
-    if n_partitions is None:
-        n_partitions = 2 * len(workers) if workers else 2
-    n_partitions = int(n_partitions)
-    if n_partitions < 1:
-        raise ValueError(f"n_partitions must be >= 1, got {n_partitions}")
-    n_features = int(Xs.shape[1])
-
-    # --- source on the cluster, labels on the client ----------------------
-    x_chunk_futures = lengths = persisted = None
-    if _is_dask(Xs):
-        if Xs.numblocks[1] != 1:
-            Xs = Xs.rechunk({1: -1})
-        if client is not None and persist:
-            from distributed import futures_of
-            to_persist = [Xs] + ([ys] if _is_dask(ys) else [])
-            persisted = client.persist(to_persist)
-            Xs = persisted[0]
-            by_key = {f.key: f for f in futures_of(Xs)}
-            x_chunk_futures = [by_key[(Xs.name, b, 0)] for b in range(Xs.numblocks[0])]
-            if _is_dask(ys):
-                ys = persisted[1]
-            if any(np.isnan(c) for c in Xs.chunks[0]):
-                lengths = client.gather(client.map(len, x_chunk_futures))
-        elif persist:
-            import dask
-            Xs, ys = dask.compute(Xs, ys) if _is_dask(ys) else (Xs.compute(), ys)
-        if lengths is None and _is_dask(Xs):
-            lengths = (list(Xs.chunks[0]) if not any(np.isnan(c) for c in Xs.chunks[0])
-                       else list(Xs.map_blocks(_block_rows, chunks=(1,),
-                                               drop_axis=1, dtype=np.int64).compute()))
-    n = int(sum(lengths)) if lengths is not None else int(Xs.shape[0])
-    labels, is_class = None, False
-    if ys is not None:
-        if _is_dask(ys):
-            ys = ys.compute()
-        labels, is_class = _prepare_labels(ys, dtype, n, check_finite)
+    n_partitions = _n_partitions(n_partitions, workers)
+    run = _materialiser(client, workers, persist)
+    src, ys = run.source(Xs, ys)        # a dask X: on the cluster (persisted) or chunked lazily
+    del Xs
+    n = int(sum(src.lengths)) if isinstance(src, _Chunks) else int(src.shape[0])
+    labels, is_class = (None, False) if ys is None else _prepare_labels(
+        ys.compute() if is_dask(ys) else ys, dtype, n, check_finite)
     weights = None if sample_weight is None else _prepare_weights(sample_weight, dtype, n)
-
-    # --- plan and placement ------------------------------------------------
     plan = make_plan(n, labels if is_class else None, n_partitions, scheme, seed,
                      shards_per_partition=shards_per_partition, alpha=alpha)
-    sizes = np.array([len(r) for r in plan], dtype=np.int64)
-    placement = None
-    if workers is not None and persist:
-        placement = [workers[w] for w in _placement(sizes, len(workers))]
-    classes = class_count = None
-    if is_class:
-        classes = np.unique(labels)
-        class_count = np.stack([np.bincount(np.searchsorted(classes, labels[r]),
-                                            minlength=len(classes)) for r in plan])
-    elif labels is not None:
-        class_count = (np.array([labels[r].mean() for r in plan]),
-                       np.array([labels[r].std() for r in plan]))
-    x_chunks = (tuple(int(s) for s in sizes), (n_features,))
-    y_chunks = (tuple(int(s) for s in sizes),)
-    y_ndim = 1 if labels is None else labels.ndim
-    if y_ndim == 2:
-        y_chunks += ((int(labels.shape[1]),),)
-    xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
-    params = {"shards_per_partition": int(shards_per_partition)} if scheme == "shards" else (
-        {"alpha": float(alpha)} if scheme == "dirichlet" else {})
-    sparse = _is_sparse(Xs)
-    common = dict(source_rows=plan, scheme=scheme, seed=seed, classes=classes,
-                  class_count=class_count, params=params,
-                  weight_sums=None if weights is None else _weight_sums(weights, plan),
-                  nnz=None if not sparse else _nnz_sums(np.diff(Xs.indptr), plan))
-    wname = f"dml-w-{uuid.uuid4().hex}"
-
-    # --- materialise -------------------------------------------------------
-    if placement is not None:
-        if x_chunk_futures is None:      # numpy source: gather here, scatter to the workers
-            xf = _scatter_parts(client, lambda p: _take_rows(Xs, plan[p], dtype, check_finite),
-                                n_partitions, xname, 2, placement)
-        else:                            # dask source: shuffle on the cluster
-            xf = _cluster_shuffle(client, x_chunk_futures, lengths, plan, placement,
-                                  xname, n_features, dtype, check_finite)
-            del x_chunk_futures, Xs, persisted    # the scheduler keeps what the tasks need
-        yf = None if labels is None else _scatter_parts(
-            client, lambda p: labels[plan[p]], n_partitions, yname, y_ndim, placement)
-        wf = None if weights is None else _scatter_parts(
-            client, lambda p: weights[plan[p]], n_partitions, wname, 1, placement)
-        _raise_first_error(xf)
-        Xd = _array_from_blocks(xf, xname, x_chunks, dtype, 2, sparse=sparse)
-        yd = None if yf is None else _array_from_blocks(yf, yname, y_chunks, labels.dtype,
-                                                        y_ndim)
-        wd = None if wf is None else _array_from_blocks(wf, wname, y_chunks[:1], dtype, 1)
-        return PartitionedData(Xd, yd, client=client, placement=placement, x_futures=xf,
-                               y_futures=yf, persisted=True, w=wd, w_futures=wf, **common)
-
-    if persist:                          # no client: numpy partitions in this process
-        parts = [_take_rows(Xs, r, dtype, check_finite) for r in plan]
-        Xd = _array_from_blocks(parts, xname, x_chunks, dtype, 2, sparse=sparse)
-    else:
-        Xd = _lazy_partitions(Xs, lengths, plan, xname, n_features, dtype, check_finite)
-    yd = (None if labels is None
-          else _array_from_blocks([labels[r] for r in plan], yname, y_chunks, labels.dtype,
-                                  y_ndim))
-    wd = (None if weights is None
-          else _array_from_blocks([weights[r] for r in plan], wname, y_chunks[:1], dtype, 1))
-    return PartitionedData(Xd, yd, persisted=persist, w=wd, **common)
+    run.place([len(r) for r in plan])
+    sparse = not isinstance(src, _Chunks) and _is_sparse(src)
+    layout = _layout(plan, scheme, seed, _scheme_params(scheme, shards_per_partition, alpha),
+                     labels, is_class, weights, np.diff(src.indptr) if sparse else None)
+    x = (run.shuffle(src, plan, dtype, check_finite, n_features) if isinstance(src, _Chunks)
+         else run.take(src, plan, dtype, check_finite))
+    del src                             # the scheduler keeps what the tasks need
+    y = None if labels is None else run.blocks(lambda p: labels[plan[p]], "y", labels.dtype,
+                                               labels.shape[1:])
+    w = None if weights is None else run.blocks(lambda p: weights[plan[p]], "w", dtype, ())
+    return _held(run, layout, x, y, w)
 
 
-def _weight_sums(weights, plan):
-    """Total weight of every partition (float64)."""
-    return np.array([weights[r].sum(dtype=np.float64) for r in plan])
+def _n_partitions(n_partitions, workers) -> int:
+    """The partition count asked for, else 2 x the workers (2 without a cluster); >= 1."""
+    n = int(n_partitions) if n_partitions is not None else (2 * len(workers) if workers else 2)
+    if n < 1:
+        raise ValueError(f"n_partitions must be >= 1, got {n}")
+    return n
 
 
-def _nnz_sums(row_nnz, plan):
-    """Stored entries of every partition (int64), from each source row's count."""
-    return np.array([int(row_nnz[r].sum()) for r in plan], dtype=np.int64)
-
-
-def _cluster_shuffle(client, chunk_futures, lengths, plan, placement, name, n_features,
-                     dtype, check_finite):
-    """Split every source chunk on its worker; assemble each partition on its own worker."""
-    P = len(plan)
-    chunk_plans = _chunk_plans(plan, lengths)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
-    plan_futures = client.scatter(chunk_plans, hash=False)
-    tag = uuid.uuid4().hex
-    split = client.map(_split_chunk, chunk_futures, plan_futures, [dtype.str] * len(lengths),
-                       [check_finite] * len(lengths), [int(o) for o in offsets],
-                       key=[f"dml-split-{tag}-{b}" for b in range(len(lengths))])
-    wanted = [(b, p) for b, (_, counts, _) in enumerate(chunk_plans) for p in range(P)
-              if counts[p]]
-    piece_futures = client.map(_piece, [split[b] for b, _ in wanted], [p for _, p in wanted],
-                               key=[f"dml-piece-{tag}-{b}-{p}" for b, p in wanted])
-    pieces = [[] for _ in range(P)]
-    for (b, p), f in zip(wanted, piece_futures):
-        pieces[p].append(f)
-    out = [None] * P
-    for worker in sorted(set(placement)):
-        mine = [p for p in range(P) if placement[p] == worker]
-        futs = client.map(_assemble, [len(plan[p]) for p in mine], [n_features] * len(mine),
-                          [dtype.str] * len(mine), [pieces[p] for p in mine],
-                          key=[(name, p, 0) for p in mine], workers=[worker],
-                          allow_other_workers=False)
-        for p, f in zip(mine, futs):
-            out[p] = f
-    return out
-
-
-def _lazy_partitions(Xs, lengths, plan, name, n_features, dtype, check_finite):
-    """The same computation as a lazy dask array (``persist=False``)."""
-    import dask
-    import dask.array as da
-
-    if not _is_dask(Xs):
-        src = dask.delayed(Xs, name=f"dml-source-{uuid.uuid4().hex}")
-        parts = [dask.delayed(_take_rows, pure=True)(src, r, dtype.str, check_finite)
-                 for r in plan]
-    else:
-        chunk_plans = _chunk_plans(plan, lengths)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])[:-1]
-        blocks = Xs.to_delayed().ravel()
-        split = [dask.delayed(_split_chunk, pure=True)(blk, cp, dtype.str, check_finite, int(o))
-                 for blk, cp, o in zip(blocks, chunk_plans, offsets)]
-        parts = [dask.delayed(_assemble, pure=True)(
-                    len(plan[p]), n_features, dtype.str,
-                    [dask.delayed(_piece, pure=True)(split[b], p)
-                     for b, cp in enumerate(chunk_plans) if cp[1][p]])
-                 for p in range(len(plan))]
-    meta = _meta(dtype, 2, _is_sparse(Xs))
-    return da.concatenate([da.from_delayed(part, (len(r), n_features), dtype=dtype, meta=meta)
-                           for part, r in zip(parts, plan)], axis=0)
+def _scheme_params(scheme, shards_per_partition, alpha) -> dict:
+    """The parameters ``scheme`` uses, as the skew report's attrs show them."""
+    if scheme == "shards":
+        return {"shards_per_partition": int(shards_per_partition)}
+    return {"alpha": float(alpha)} if scheme == "dirichlet" else {}
 
 
 # --------------------------------------------------------------------------
@@ -984,69 +1098,36 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
     moves every row; its ``scheme`` says so). ``sample_weight`` travels as
     the labels do.
     """
-    from distributed import futures_of
-
     Xs, ys = _source_arrays(X, y, "X")
-    if not _is_dask(Xs) or Xs.ndim != 2 or Xs.numblocks[1] != 1:
-        return partition(X, y, scheme="iid", seed=seed, client=client,
-                         check_finite=check_finite, sample_weight=sample_weight)
+    fallback = dict(scheme="iid", seed=seed, client=client, check_finite=check_finite,
+                    sample_weight=sample_weight)
+    if not is_dask(Xs) or Xs.ndim != 2 or Xs.numblocks[1] != 1:
+        return partition(X, y, **fallback)
     dtype = _x_dtype(Xs.dtype)
-    to_persist = [Xs] + ([ys] if _is_dask(ys) else [])
-    persisted = client.persist(to_persist)
-    Xs = persisted[0]
-    by_key = {f.key: f for f in futures_of(Xs)}
-    chunk_futures = [by_key[(Xs.name, b, 0)] for b in range(Xs.numblocks[0])]
-    if any(np.isnan(c) for c in Xs.chunks[0]):
-        lengths = client.gather(client.map(len, chunk_futures))
-    else:
-        lengths = list(Xs.chunks[0])
+    persisted = client.persist([Xs] + ([ys] if is_dask(ys) else []))
+    chunk_futures = _chunk_futures(persisted[0])
+    lengths = (client.gather(client.map(len, chunk_futures)) if _unknown_rows(persisted[0])
+               else list(persisted[0].chunks[0]))
     _raise_first_error(chunk_futures)        # where they lie is known once they exist
     lengths = np.asarray(lengths, dtype=np.int64)
-    n = int(lengths.sum())
+    if len(lengths) == 0 or lengths.min() == 0 or lengths.max() > max_imbalance * lengths.mean():
+        return partition(X, y, **fallback)
     who = client.who_has(chunk_futures)
-    holders = [sorted(who.get(f.key, ()))[:1] for f in chunk_futures]
     workers = _list_workers(client)
-    skewed = (len(lengths) == 0 or lengths.min() == 0
-              or lengths.max() > max_imbalance * lengths.mean())
-    if skewed:
-        return partition(X, y, scheme="iid", seed=seed, client=client,
-                         check_finite=check_finite, sample_weight=sample_weight)
-    placement = _keep_or_move(lengths, holders, workers)
-    ys = persisted[1].compute() if _is_dask(ys) else ys
+    run = _Cluster(client, workers, _keep_or_move(
+        lengths, [sorted(who.get(f.key, ()))[:1] for f in chunk_futures], workers))
+    n = int(lengths.sum())
+    ys = persisted[1].compute() if is_dask(ys) else ys
     labels, is_class = (None, False) if ys is None else _prepare_labels(ys, dtype, n,
                                                                        check_finite)
+    weights = None if sample_weight is None else _prepare_weights(sample_weight, dtype, n)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     plan = [np.arange(offsets[b], offsets[b + 1], dtype=np.int64) for b in range(len(lengths))]
-    P = len(plan)
-    xname, yname = f"dml-X-{uuid.uuid4().hex}", f"dml-y-{uuid.uuid4().hex}"
-    xf = [client.submit(_as_partition, chunk_futures[p], dtype.str, check_finite,
-                        int(offsets[p]), key=(xname, p, 0), workers=[placement[p]],
-                        allow_other_workers=False) for p in range(P)]
-    yf = None if labels is None else _scatter_parts(
-        client, lambda p: labels[offsets[p]:offsets[p + 1]], P, yname,
-        1 if labels is None else labels.ndim, placement)
-    weights = None if sample_weight is None else _prepare_weights(sample_weight, dtype, n)
-    wname = f"dml-w-{uuid.uuid4().hex}"
-    wf = None if weights is None else _scatter_parts(
-        client, lambda p: weights[offsets[p]:offsets[p + 1]], P, wname, 1, placement)
-    _raise_first_error(xf)
-    classes = class_count = None
-    if is_class:
-        classes = np.unique(labels)
-        codes = np.searchsorted(classes, labels)
-        class_count = np.stack([np.bincount(codes[r[0]:r[-1] + 1], minlength=len(classes))
-                                for r in plan])
-    elif labels is not None:
-        class_count = (np.array([labels[r].mean() for r in plan]),
-                       np.array([labels[r].std() for r in plan]))
-    sizes = tuple(int(s) for s in lengths)
-    Xd = _array_from_blocks(xf, xname, (sizes, (int(Xs.shape[1]),)), dtype, 2)
-    yd = None if yf is None else _array_from_blocks(
-        yf, yname, (sizes,) + ((((int(labels.shape[1]),),) if labels.ndim == 2 else ())),
-        labels.dtype, labels.ndim)
-    wd = None if wf is None else _array_from_blocks(wf, wname, (sizes,), dtype, 1)
-    return PartitionedData(Xd, yd, source_rows=plan, scheme="chunks", seed=seed,
-                           classes=classes, class_count=class_count, client=client,
-                           placement=placement, x_futures=xf, y_futures=yf, persisted=True,
-                           w=wd, w_futures=wf,
-                           weight_sums=None if weights is None else _weight_sums(weights, plan))
+    x = run.tasks(_as_partition, chunk_futures, [dtype.str] * len(plan),
+                  [check_finite] * len(plan), [int(o) for o in offsets[:-1]], kind="X",
+                  dtype=dtype, tail=(int(Xs.shape[1]),))
+    rows = [slice(offsets[b], offsets[b + 1]) for b in range(len(plan))]
+    y = None if labels is None else run.blocks(lambda p: labels[rows[p]], "y", labels.dtype,
+                                               labels.shape[1:])
+    w = None if weights is None else run.blocks(lambda p: weights[rows[p]], "w", dtype, ())
+    return _held(run, _layout(plan, "chunks", seed, {}, labels, is_class, weights), x, y, w)

@@ -104,7 +104,7 @@ def main(argv=None):
             row["steps"] = steps
             row["t_target"], row["n_target"] = first_reach(result.history, args.target)
             if name == "async":
-                row["worker_updates"] = result.strategy.worker_updates_.values.tolist()
+                row["worker_updates"] = result.history.worker_updates.values.tolist()
             rows[name] = row
             print(f"  {name:11s} done: {row['rate']:.0f} updates/s, acc {row['acc']:.4f}",
                   flush=True)

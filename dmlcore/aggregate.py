@@ -13,7 +13,8 @@ import numpy as np
 
 
 def add_partials(*partials):
-    """Element-wise sum of tuples ``(scalar or vector, ...)``; vectors are not mutated."""
+    """Element-wise sum of tuples ``(scalar or vector, ...)``; vectors are not mutated.
+    The result has the first partial's type (a NamedTuple stays one)."""
     first = partials[0]
     out = [np.array(v, copy=True) if isinstance(v, np.ndarray) else v for v in first]
     for partial in partials[1:]:
@@ -22,7 +23,7 @@ def add_partials(*partials):
                 out[i] += value
             else:
                 out[i] = out[i] + value
-    return tuple(out)
+    return type(first)(*out) if hasattr(first, "_fields") else tuple(out)
 
 
 def tree_reduce(client, futures, fan_in=4, combine=add_partials, workers=None):

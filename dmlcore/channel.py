@@ -99,11 +99,20 @@ def _recv_exact(sock, n):
     return buf
 
 
+def _nbytes(frames):
+    return sum(memoryview(f).nbytes for f in frames)
+
+
 def _recv(sock, max_bytes=None):
     """One message from a blocking socket (``_Incoming`` reads it in one pump)."""
+    return _recv_counted(sock, max_bytes)[0]
+
+
+def _recv_counted(sock, max_bytes=None):
+    """``(message, bytes it took on the wire)`` from a blocking socket."""
     message = _Incoming([], max_bytes)
     message.pump(sock)
-    return message.value()
+    return message.value(), message.nbytes
 
 
 def _listen(host):
@@ -254,6 +263,9 @@ class Channel:
         _tune(self._sock, self.timeout)
         self._sock.sendall(token)
         self._pending = None
+        # bytes of calls written and of replies read (the message frames; TLS
+        # records add their own overhead below this count)
+        self.bytes_sent = self.bytes_received = 0
 
     def fileno(self):
         return -1 if self._sock is None else self._sock.fileno()
@@ -279,6 +291,7 @@ class Channel:
         except OSError as exc:
             self.close()
             raise PeerLost(f"worker {self.name}: sending {method} failed: {exc}") from exc
+        self.bytes_sent += _nbytes(frames)
         self._pending = _Reply(self, method)
         return self._pending
 
@@ -289,7 +302,8 @@ class Channel:
             raise PeerLost(f"worker {self.name}: channel closed before the reply to {method}")
         try:
             self._sock.settimeout(timeout)
-            ok, value = _recv(self._sock, self.max_bytes)
+            (ok, value), nbytes = _recv_counted(self._sock, self.max_bytes)
+            self.bytes_received += nbytes
         except ValueError as exc:           # a malformed reply
             self.close()
             raise PeerLost(f"worker {self.name}: malformed reply to {method} ({exc})") from exc
@@ -421,6 +435,12 @@ class _Incoming:
     def value(self):
         return wire.decode(self.payload, self.inbox)
 
+    @property
+    def nbytes(self):
+        """The message's size on the wire (once complete)."""
+        return (_HEADER.size + len(self.lengths) + len(self.payload)
+                + sum(len(b) for b in self.inbox))
+
 
 class PeerMesh:
     """Sockets between the executors of one run, every pair connected once.
@@ -448,6 +468,7 @@ class PeerMesh:
         self.index, self.size, self._socks = 0, 1, {}
         self._names = {}
         self._inbox = {}
+        self.bytes_sent = self.bytes_received = 0     # message frames, all peers
 
     def connect(self, index, addresses, timeout=None):
         timeout = self.timeout if timeout is None else float(timeout)
@@ -508,6 +529,7 @@ class PeerMesh:
                 frames[id(objs[j])] = _frames(objs[j])
         by_sock = {sock: j for j, sock in self._socks.items()}
         outgoing = {sock: _Outgoing(frames[id(objs[j])]) for sock, j in by_sock.items()}
+        self.bytes_sent += sum(_nbytes(frames[id(objs[j])]) for j in self._socks)
         inbox = self._inbox.setdefault(tag, {})
         incoming = {sock: _Incoming(inbox.setdefault(j, []), self.max_bytes)
                     for sock, j in by_sock.items()}
@@ -520,7 +542,7 @@ class PeerMesh:
             while outgoing or incoming:
                 for sock in [s for s in incoming if _pending(s)]:  # decrypted, unseen by poll
                     if incoming[sock].pump(sock):
-                        got[by_sock[sock]] = incoming.pop(sock).value()
+                        got[by_sock[sock]] = self._received(incoming.pop(sock))
                 if not (outgoing or incoming):
                     break
                 poller = select.poll()
@@ -544,7 +566,7 @@ class PeerMesh:
                             del outgoing[sock]
                     if sock in incoming and event & (select.POLLIN | broken):
                         if incoming[sock].pump(sock):
-                            got[by_sock[sock]] = incoming.pop(sock).value()
+                            got[by_sock[sock]] = self._received(incoming.pop(sock))
                     elif event & broken and sock not in incoming:
                         raise PeerLost("connection closed")
         except DataPlaneTimeout:
@@ -554,6 +576,10 @@ class PeerMesh:
             raise PeerLost(f"executor {self.index}: {who} failed or closed the exchange "
                            f"({exc})") from exc
         return [got[j] for j in range(self.size)]
+
+    def _received(self, message):
+        self.bytes_received += message.nbytes
+        return message.value()
 
     def close(self):
         self._listener.close()

@@ -181,12 +181,13 @@ def _check_positive(name, value, *, integer=False, allow_zero=False):
 
 
 def _resolve_strategy(strategy, *, batch_size):
-    """A Strategy instance from the ``strategy`` parameter (a copy: fits never mutate it)."""
+    """A Strategy instance from the ``strategy`` parameter (strategies hold
+    configuration only, so a given one serves as it is: fits never mutate it)."""
     from .strategies import SyncSGD
     from .strategies.base import Strategy
 
     if isinstance(strategy, Strategy):
-        return copy.deepcopy(strategy)
+        return strategy
     if strategy == "sync":
         return SyncSGD(batch_size=batch_size)
     if strategy in ("ps", "fedavg"):
@@ -527,7 +528,7 @@ class _GLM(_DMLEstimator):
             result = self._run(model, X, y, lambda data: (
                 strategy, solver, {"steps": self.max_iter, "init_params": init}), seed=seed,
                 in_place=True, sample_weight=sample_weight)
-            done = getattr(result.strategy, "lbfgs_result_", None)
+            done = result.solver_result
             self.n_iter_ = int(result.steps)
             # In float32 the line search may stop at the precision of the sums
             # (scipy's ABNORMAL...): that is convergence to float32 precision.
@@ -537,7 +538,7 @@ class _GLM(_DMLEstimator):
                               "increase max_iter or scale the data.", ConvergenceWarning)
         else:
             if isinstance(strategy, SyncSGD) and strategy.batch_size is None:
-                strategy.batch_size = 256
+                strategy = strategy.replace(batch_size=256)
             solver = optim.Adam(lr=0.01, weight_decay=weight_decay)
             result = self._run(model, X, y, lambda data: (
                 strategy, solver, {"epochs": self.max_iter, "init_params": init}), seed=seed,

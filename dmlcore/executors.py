@@ -3,12 +3,12 @@
 A ``PartitionExecutor`` lives on the worker that holds its partitions (as a
 Dask actor) and keeps REFERENCES to those partitions' arrays — the same
 objects the worker holds, no copies — plus the frozen parameters of a run.
-The driver (or the parameter server) owns the training state; under
-``SyncSGD(apply_on="workers")`` each executor also holds a REPLICA of the
-trainable parameters and optimizer state between the driver's sync points
-(``start_replica`` / ``replica_steps`` / ``replica_state``), and the driver's
-copy is authoritative again after each sync, so an executor can still be
-re-created at any sync point.
+Executors host computations; they do not contain algorithms: a strategy
+registers its worker-side functions with ``@hosted`` in its own module
+(SyncSGD's replicated steps, FedAvg's client training) and the driver calls
+them by name. The driver owns the training state; what a hosted function
+keeps between calls (a replica) lives in ``executor.run_state`` and can be
+rebuilt from the driver's copy at any sync point.
 
 Why executors for the hot path: a scheduler round trip per step waits for the
 client's batched-send interval. An actor call goes straight to the worker,
@@ -27,12 +27,12 @@ them concurrently.
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
 from . import local
 from .aggregate import add_partials
+from .messages import Partial
 from .data import as_block
 from .channel import (DEFAULT_TIMEOUT, Channel, ChannelServer, PeerMesh, call_frames,
                       first_error, wait_all)
@@ -71,25 +71,61 @@ def message_cap(model, n_parts):
     return 8 * 8 * n_params * (int(n_parts) + 1) + (1 << 20)
 
 
+def hosted(function):
+    """Register ``function(executor, *args, **kwargs)`` as a method executors
+    host: a strategy's worker-side step, written in the strategy's module and
+    called by name like the executor's own methods (``ExecutorPool.call``)."""
+    _HOSTED[function.__name__] = function
+    return function
+
+
+_HOSTED: dict = {}
+
+
+def _hosted():
+    """The hosted functions, every strategy module imported (workers too)."""
+    from . import strategies  # noqa: F401 - registers the strategies' functions
+
+    return _HOSTED
+
+
 class PartitionExecutor:
     """Holds ``[(partition id, X, y, w), ...]`` of one worker (``w``: row weights
-    or None) and runs local computations; built from ``(X, y, w)`` triples."""
+    or None) and runs local computations; built from ``(X, y, w)`` triples.
 
-    # what the driver may call over the channel (``channel.ChannelServer``)
-    CHANNEL_METHODS = ("configure", "loss_grad", "local_train", "open_peers",
-                       "connect_peers", "start_replica", "replica_steps", "replica_state",
-                       "close_replica")
+    Its own methods are the transport and the generic computation (the
+    trainable view, ``loss_grad``); a strategy's worker-side algorithm is a
+    ``hosted`` function, which keeps its per-run state in ``self.run_state``
+    (dropped when the driver hangs up)."""
+
+    # the executor's own methods the driver may call over the channel; hosted
+    # functions are callable too (``channel.ChannelServer``)
+    OWN_METHODS = ("configure", "loss_grad", "open_peers", "connect_peers")
 
     def __init__(self, model, partition_ids, *arrays):
         self.model = model
         self.parts = [(int(pid), arrays[3 * i], self._labels(arrays[3 * i], arrays[3 * i + 1]),
                        arrays[3 * i + 2]) for i, pid in enumerate(partition_ids)]
         self.params = None
-        self.trainable = None
-        self.idx = None
-        self._channel = self._mesh = self._replica = None
+        self.view = model.trainable_view(None)
+        self._channel = self.mesh = None
+        self.run_state = None
         self._tls = None                    # (server, client) SSL contexts on TLS clusters
         self.timeout = DEFAULT_TIMEOUT
+
+    @property
+    def CHANNEL_METHODS(self):  # noqa: N802 - the name ChannelServer reads
+        return self.OWN_METHODS + tuple(_hosted())
+
+    def __getattr__(self, name):
+        function = _hosted().get(name) if not name.startswith("_") else None
+        if function is None:
+            raise AttributeError(f"{type(self).__name__} has no method {name!r}")
+        return lambda *args, **kwargs: function(self, *args, **kwargs)
+
+    def host(self, name, *args, **kwargs):
+        """Run the hosted function ``name`` here (the Dask-actor path to it)."""
+        return getattr(self, name)(*args, **kwargs)
 
     def _labels(self, X, y):
         """``y`` in the dtype the model's kernel takes, converted once (y is ~1/d of X)."""
@@ -99,16 +135,14 @@ class PartitionExecutor:
     def configure(self, params, trainable=None):
         """Keep the full parameters (frozen layers are taken from here) and the trainable set."""
         self.params = np.array(params, copy=True)
-        self.trainable = None if trainable is None else list(trainable)
-        self.idx = local.trainable_index(self.model, self.trainable)
+        self.view = self.model.trainable_view(trainable)
         return True
 
-    def _params(self, values):
+    def full_params(self, values):
         """Full parameter vector with ``values`` on the trainable entries."""
-        if self.trainable is None:
+        if self.view.index is None:
             return values
-        self.params[self.idx] = values
-        return self.params
+        return self.view.scatter(self.params, values)
 
     def open_channel(self, host, timeout=DEFAULT_TIMEOUT, tls=False):
         """Serve this executor's methods on a socket on ``host``; returns the
@@ -123,213 +157,55 @@ class PartitionExecutor:
         return self._channel.address
 
     def channel_closed(self):
-        """The driver hung up: drop the replica and the peer sockets."""
-        self.close_replica()
+        """The driver hung up: drop the run's state and the peer sockets."""
+        self.close_mesh()
 
-    # ---- replicated optimizer (DDP): see strategies/sync.py ---------------------
+    # ---- the peer mesh (executor <-> executor) ------------------------------------
     def open_peers(self, host):
         """Listen for the other executors; returns this executor's mesh address."""
-        self.close_replica()
-        self._mesh = PeerMesh(host, timeout=self.timeout,
-                              max_bytes=message_cap(self.model, len(self.parts)),
-                              ssl_contexts=self._tls)
-        return self._mesh.address
+        self.close_mesh()
+        self.mesh = PeerMesh(host, timeout=self.timeout,
+                             max_bytes=message_cap(self.model, len(self.parts)),
+                             ssl_contexts=self._tls)
+        return self.mesh.address
 
     def connect_peers(self, index, addresses):
-        return self._mesh.connect(index, addresses)
+        return self.mesh.connect(index, addresses)
 
-    def start_replica(self, values, optimizer, opt_state):
-        """Take the driver's trainable values and optimizer state as this replica's."""
-        self._replica = [np.array(values, copy=True), optimizer, opt_state]
-        return True
-
-    def replica_steps(self, first_step, n_steps, batch_size, seed):
-        """Run ``n_steps`` synchronous steps on the replica; returns (mean
-        losses, seconds since the call began at each step's end).
-
-        A step: the local (loss, grad, rows) sums, then the exchange that
-        ``sharded_exchange`` picks. Both add the partial gradients in executor
-        order (the driver's order, so the driver-applied path gets the same
-        bits), divide by the rows and apply the optimizer:
-        * full: every executor sends its whole gradient to every other and
-          updates the whole vector (one round; n(n-1) vectors move);
-        * sharded (ZeRO-1 style reduce-scatter + all-gather): executor j owns
-          slice j of the vector (``shard_bounds``), receives every peer's
-          gradient on that slice, updates that slice of the parameters and
-          of the optimizer state, and sends the new slice to every peer (two
-          rounds; 2(n-1) vectors move; 1/n of the update work each).
-        """
-        try:
-            return self._replica_steps(first_step, n_steps, batch_size, seed)
-        except BaseException:
-            self.close_replica()        # the peers stop waiting for this executor now
-            raise
-
-    def _replica_steps(self, first_step, n_steps, batch_size, seed):
-        values, optimizer, state = self._replica
-        n, me = self._mesh.size, self._mesh.index
-        sharded, bounds, (lo, hi) = self._replica_slices()
-        # buffers reused by every step: full gradient of each partition, the total
-        full = [np.empty_like(self._params(values)) for _ in self.parts]
-        total = np.empty(hi - lo, dtype=values.dtype)
-        losses, ends = [], []
-        t0 = time.perf_counter()
-        for step in range(int(first_step), int(first_step) + int(n_steps)):
-            loss, grad, rows = self.loss_grad(values, step, batch_size, seed, buffers=full)
-            if sharded:
-                everyone = self._mesh.alltoall(
-                    [(loss, grad[bounds[j]:bounds[j + 1]], rows) for j in range(n)], "grad")
-            else:
-                everyone = self._mesh.exchange((loss, grad, rows), "grad")
-            np.copyto(total, everyone[0][1])        # (p0 + p1) + p2 ...: the driver's order
-            for other in everyone[1:]:
-                total += other[1]
-            loss = sum(p[0] for p in everyone)
-            rows = sum(p[2] for p in everyone)
-            total /= local.mean_divisor(rows)
-            state = _update_slice(optimizer, total, state, values, lo, hi)
-            if sharded:
-                for j, piece in enumerate(self._mesh.exchange(values[lo:hi], "values")):
-                    if j != me:
-                        values[bounds[j]:bounds[j + 1]] = piece
-            self._replica[2] = state
-            losses.append(loss / local.mean_divisor(rows))
-            ends.append(time.perf_counter() - t0)
-        return losses, ends
-
-    def _replica_slices(self):
-        """``(sharded, bounds, (lo, hi))``: whether the exchange is sharded, the
-        slices' boundaries, and the slice [lo, hi) this replica updates (all of
-        the vector when not sharded)."""
-        size, n, me = self._replica[0].shape[0], self._mesh.size, self._mesh.index
-        sharded = sharded_exchange(n, self._replica[0].nbytes)
-        bounds = shard_bounds(size, n)
-        return sharded, bounds, ((bounds[me], bounds[me + 1]) if sharded else (0, size))
-
-    def replica_state(self):
-        """``(trainable values, optimizer state, (lo, hi))``: the state is
-        current on [lo, hi) only (the slice this executor updates)."""
-        values, _, state = self._replica
-        return values, state, self._replica_slices()[2]
-
-    def close_replica(self):
-        mesh, self._mesh, self._replica = self._mesh, None, None
+    def close_mesh(self):
+        """Close the peer sockets (the peers stop waiting for this executor) and
+        drop the run's state."""
+        mesh, self.mesh, self.run_state = self.mesh, None, None
         if mesh is not None:
             mesh.close()
 
+    # ---- generic computation ------------------------------------------------------
     def loss_grad(self, values, step, batch_size, seed, buffers=None):
-        """Sum over local partitions of (loss sum, grad sum, rows) on the batch of ``step``.
+        """``messages.Partial``: the sums over local partitions on the batch of ``step``.
 
         ``buffers``: one full-gradient buffer per partition, reused by loops
         (the returned gradient may then be a view of one of them).
         """
-        params = self._params(values)
+        params = self.full_params(values)
         partials = [
-            local.loss_grad_sum(self.model, params, X, y,
-                                local.batch_slice(X.shape[0], batch_size, step, seed, pid),
-                                self.trainable, self.idx,
-                                out=None if buffers is None else buffers[i], w=w)
+            Partial(*local.loss_grad_sum(
+                self.model, params, X, y,
+                local.batch_slice(X.shape[0], batch_size, step, seed, pid), self.view,
+                out=None if buffers is None else buffers[i], w=w))
             for i, (pid, X, y, w) in enumerate(self.parts)
         ]
         return partials[0] if len(partials) == 1 else add_partials(*partials)
 
-    def local_train(self, values, optimizer, *, round_, batch_size, seed, local_epochs=None,
-                    local_steps=None, proximal_mu=0.0, partitions=None, fail=()):
-        """Local SGD on each selected partition (client) from ``values``; sums taken here.
 
-        Client k runs ``local_steps`` steps, or ``local_epochs`` epochs of its
-        ``n_batches_k`` mini-batches, of ``batch_size`` rows; its local step
-        counter starts at ``round_ * (its steps per round)`` so every round
-        visits fresh mini-batch orders. ``partitions``: ids to train (None =
-        all). Clients are isolated: one that raises, or whose weights are not
-        finite, is reported in ``failed`` and left out of the sums. ``fail``: ids
-        that raise on purpose (the failure-policy testing hook).
-        Returns ``(sum_k n_k * w_k in float64 or None, sum_k n_k, loss sum, rows
-        seen, ids that counted, failed [(id, message)])``, ``n_k`` = client k's
-        rows (its total row weight on weighted data).
-        """
-        if (local_epochs is None) == (local_steps is None):
-            raise ValueError("give exactly one of local_epochs, local_steps")
-        params = self._params(values)
-        wanted = None if partitions is None else set(int(p) for p in partitions)
-        fail = set(int(p) for p in fail)
-        weighted, weight, loss, rows, ids, failed = None, 0, 0.0, 0, [], []
-        for pid, X, y, w in self.parts:
-            if wanted is not None and pid not in wanted:
-                continue
-            n_k = int(X.shape[0])
-            n_steps = local_steps or local_epochs * local.n_batches(n_k, batch_size)
-            if w is not None:
-                n_k = float(w.sum(dtype=np.float64))
-            try:
-                if pid in fail:
-                    raise RuntimeError(f"injected failure of client {pid} in round {round_}")
-                new, loss_k, rows_k = local.local_sgd(
-                    self.model, optimizer, params, X, y, batch_size=batch_size,
-                    n_steps=n_steps, seed=seed, partition=pid,
-                    first_step=int(round_) * n_steps, trainable=self.trainable,
-                    idx=self.idx, proximal_mu=proximal_mu, w=w)
-                if not (np.isfinite(new).all() and np.isfinite(loss_k)):
-                    raise FloatingPointError(f"client {pid}: non-finite weights or loss")
-            except Exception as exc:  # noqa: BLE001 — the failure policy is the caller's
-                failed.append((pid, f"{type(exc).__name__}: {exc}"))
-                continue
-            contribution = n_k * new.astype(np.float64)     # exact: n_k * float32 in float64
-            if weighted is None:
-                weighted = contribution
-            else:
-                weighted += contribution
-            weight += n_k
-            loss += loss_k
-            rows += rows_k
-            ids.append(pid)
-        return weighted, weight, loss, rows, ids, failed
-
-def sharded_exchange(n, nbytes):
-    """Whether ``n`` replicas of an ``nbytes`` vector use reduce-scatter +
-    all-gather (two rounds, 2(n-1) vectors) rather than a full exchange of
-    gradients (one round, n(n-1) vectors). Two replicas move the same bytes
-    either way and the single round is cheaper (one round trip fewer); above
-    two, sharding wins once the extra vectors cost more than a round, taken
-    here as 64 KiB per executor."""
-    return n > 2 and (n - 2) * nbytes > 1 << 16
-
-
-def shard_bounds(size, n):
-    """Boundaries of n near-equal contiguous slices of range(size): n + 1 ints."""
-    return [size * j // n for j in range(n + 1)]
-
-
-def _per_parameter(state, size):
-    """Names of the fields of an optimizer state that hold one entry per parameter."""
-    return [name for name, value in state._asdict().items()
-            if isinstance(value, np.ndarray) and value.shape == (size,)]
-
-
-def _update_slice(optimizer, grad, state, values, lo, hi):
-    """``optimizer.update`` on values[lo:hi] (in place) with the matching slices
-    of the state; returns the whole state with its step advanced. The update is
-    elementwise, so slices give the same bits as the whole vector."""
-    size = values.shape[0]
-    if (lo, hi) == (0, size):
-        return optimizer.update(grad, state, values)
-    names = _per_parameter(state, size)
-    sliced = state._replace(**{name: getattr(state, name)[lo:hi] for name in names})
-    new = optimizer.update(grad, sliced, values[lo:hi])
-    return new._replace(**{name: getattr(state, name) for name in names})
-
-
-def merge_states(pieces):
-    """The driver's optimizer state from each executor's ``replica_state``:
-    per-parameter fields taken slice by slice from their owners."""
-    values, state, _ = pieces[0]
-    size = values.shape[0]
-    names = _per_parameter(state, size)
-    merged = {name: np.empty_like(getattr(state, name)) for name in names}
-    for _, piece_state, (lo, hi) in pieces:
-        for name in names:
-            merged[name][lo:hi] = getattr(piece_state, name)[lo:hi]
-    return values, state._replace(**merged)
+def array_bytes(obj):
+    """Total ``nbytes`` of the NumPy arrays in nested tuples, lists and dicts."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (tuple, list)):
+        return sum(array_bytes(v) for v in obj)
+    if isinstance(obj, dict):
+        return sum(array_bytes(v) for v in obj.values())
+    return 0
 
 
 class _Done:
@@ -355,6 +231,7 @@ class ExecutorPool:
         self.client = client
         self.model, self.timeout = model, float(timeout)
         self.channels = []
+        self._actor_bytes = 0
         ids_by_worker: dict[str, list[int]] = {}
         if client is None:
             blocks = [(as_block(xb.compute(scheduler="sync")),
@@ -436,7 +313,10 @@ class ExecutorPool:
         if self.channels:
             return self.channels[index].submit(method, *args, **kwargs)
         executor = self.executors[index]
-        if self.client is not None:
+        if self.client is not None:         # a Dask actor: hosted functions go through host()
+            self._actor_bytes += array_bytes((args, kwargs))
+            if method in _hosted():
+                return executor.host(method, *args, **kwargs)
             return getattr(executor, method)(*args, **kwargs)
         try:
             return _Done(getattr(executor, method)(*args, **kwargs))
@@ -466,15 +346,25 @@ class ExecutorPool:
                        for i, a in enumerate(per_executor)]
         return self.results(futures, wait)
 
-    def results(self, futures, wait=None):
-        """The values of ``futures`` (one per executor, from ``submit``), all
-        waited on together; raises like ``call``."""
+    def results(self, futures, wait=None, indices=None):
+        """The values of ``futures`` (one per executor, from ``submit``; or of
+        the executors ``indices``), all waited on together; raises like ``call``."""
         outcomes = wait_all(futures, self.timeout if wait is None else float(wait),
                             grace=min(self.timeout, 2.0))
-        error = first_error(outcomes, self.workers)
+        names = self.workers if indices is None else [self.workers[i] for i in indices]
+        error = first_error(outcomes, names)
         if error is not None:
             raise error
-        return [value for _, value in outcomes]
+        values = [value for _, value in outcomes]
+        if self.client is not None and not self.channels:
+            self._actor_bytes += array_bytes(values)
+        return values
+
+    def traffic(self):
+        """Bytes that crossed between the driver and the executors so far: the
+        channels' message frames both ways, or, over Dask actor calls, the
+        arrays in the calls and their replies (0 in-process)."""
+        return self._actor_bytes + sum(c.bytes_sent + c.bytes_received for c in self.channels)
 
     def _close_channels(self):
         for channel in self.channels:

@@ -48,26 +48,19 @@ def _batch_order(nb, seed, epoch, partition):
     return order
 
 
-def trainable_index(model, trainable):
-    """Flat indices of the trainable entries, or None when every layer trains."""
-    if trainable is None:
-        return None
-    return np.flatnonzero(model.trainable_mask(trainable))
-
-
 def mean_divisor(count):
     """What turns a (weighted) sum into a mean: the row count or total weight,
     or 1 when it is 0 (rows of weight 0 only: every weighted sum is 0 too)."""
     return count if count > 0 else 1
 
 
-def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=None, out=None,
-                  w=None):
+def loss_grad_sum(model, params, X, y, rows=slice(None), view=None, out=None, w=None):
     """(loss sum, gradient sum over the trainable entries, row count) on ``X[rows]``.
 
-    ``trainable``: layer names (None = all); ``idx``: their flat indices
-    (``trainable_index``), passed by callers that cache it. ``out``: a buffer
-    of ``params``' shape and dtype for the full gradient (reused by loops).
+    ``view``: a ``TrainableView`` (None = every layer trains): frozen layers'
+    gradients are not computed where backpropagation can stop early, and the
+    gradient returned holds the trainable entries only. ``out``: a buffer of
+    ``params``' shape and dtype for the full gradient (reused by loops).
     ``w``: row weights of X (None = 1 each): weighted sums, and the rows'
     total weight (a float) in place of the count.
     """
@@ -77,41 +70,39 @@ def loss_grad_sum(model, params, X, y, rows=slice(None), trainable=None, idx=Non
         Xb, yb = X[rows], y[rows]
         wb = None if w is None else w[rows]
     grad = np.empty_like(params) if out is None else out
+    trainable = None if view is None else view.trainable
     if wb is None:
         loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable)
     else:
         loss = model.loss_grad(params, Xb, yb, grad, trainable=trainable, sample_weight=wb)
-    if trainable is not None:
-        grad = grad[trainable_index(model, trainable) if idx is None else idx]
+    if view is not None:
+        grad = view.gather(grad)
     count = int(Xb.shape[0]) if wb is None else float(wb.sum(dtype=np.float64))
     return float(loss), grad, count
 
 
 def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, partition,
-              first_step=0, trainable=None, idx=None, proximal_mu=0.0, w=None):
+              first_step=0, view=None, proximal_mu=0.0, w=None):
     """Run ``n_steps`` optimizer steps on local mini-batches, starting from ``params``.
 
     Returns ``(new trainable values, loss sum, rows seen)`` (with row weights
-    ``w``: weighted means per step, the weight seen). The optimizer state
-    starts fresh (``optimizer.init``) at step ``first_step`` so schedules go on.
-    With ``proximal_mu`` (FedProx) each step's mean gradient gains
+    ``w``: weighted means per step, the weight seen). ``view``: the
+    ``TrainableView`` (None = all layers). The optimizer state starts fresh
+    (``optimizer.init``) at step ``first_step`` so schedules go on. With
+    ``proximal_mu`` (FedProx) each step's mean gradient gains
     ``mu * (w - w_start)`` on the trainable entries.
     """
-    if trainable is not None and idx is None:
-        idx = trainable_index(model, trainable)
+    view = model.trainable_view(None) if view is None else view
     params = params.copy()
-    values = params if trainable is None else params[idx]
+    values = view.gather(params).copy() if view.index is not None else params
     anchor = values.copy() if proximal_mu else None
-    decay_mask = model.weight_mask() if idx is None else model.weight_mask()[idx]
-    state = optimizer.init(values, decay_mask)._replace(step=int(first_step))
+    state = optimizer.init(values, view.decay_mask)._replace(step=int(first_step))
     buffer = np.empty_like(params)
     loss_total, rows_total = 0.0, 0
     for k in range(n_steps):
         rows = batch_slice(X.shape[0], batch_size, first_step + k, seed, partition)
-        if trainable is not None:
-            params[idx] = values
-        loss, grad, n = loss_grad_sum(model, params, X, y, rows, trainable, idx, out=buffer,
-                                      w=w)
+        view.scatter(params, values)
+        loss, grad, n = loss_grad_sum(model, params, X, y, rows, view, out=buffer, w=w)
         grad /= mean_divisor(n)
         if proximal_mu:
             grad += proximal_mu * (values - anchor)

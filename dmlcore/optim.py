@@ -99,6 +99,8 @@ def _mask_bytes(decay_mask, n):
 class _Optimizer:
     """Shared plumbing: the schedule and the learning rate at a step."""
 
+    batch_solver = False        # an (init, update) optimizer: one update per step
+
     def __init__(self, lr, schedule):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
@@ -196,6 +198,8 @@ class LBFGS:
     the projected-gradient tolerance (scikit-learn's meaning for lbfgs).
     """
 
+    batch_solver = True         # drives its own iterations (``iterations``); no init/update
+
     def __init__(self, max_iter=100, tol=1e-6, history=10, weight_decay=0.0, ftol=None):
         if max_iter < 1 or history < 1 or tol < 0 or weight_decay < 0:
             raise ValueError("LBFGS: need max_iter >= 1, history >= 1, tol >= 0, weight_decay >= 0")
@@ -235,6 +239,53 @@ class LBFGS:
                         options={"maxiter": self.max_iter, "gtol": self.tol,
                                  "ftol": self.ftol, "maxcor": self.history,
                                  "maxfun": 20 * self.max_iter})
+
+    def iterations(self, loss_grad, x0, decay_mask=None, max_iter=None):
+        """Run ``minimize`` in a thread; yields ``(x, data loss)`` after each
+        iteration and returns scipy's result (``result = yield from ...``).
+
+        At most ``max_iter`` iterations (default ``self.max_iter``). Closing
+        the generator stops the solver at its next evaluation; an error in
+        ``loss_grad`` is raised here.
+        """
+        import queue
+        import threading
+
+        solver = LBFGS(max_iter=max_iter or self.max_iter, tol=self.tol, history=self.history,
+                       weight_decay=self.weight_decay, ftol=self.ftol)
+        records: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def checked(x):
+            if stop.is_set():
+                raise StopIteration
+            return loss_grad(x)
+
+        def solve():
+            try:
+                result = solver.minimize(checked, x0, decay_mask,
+                                         callback=lambda x, loss: records.put(("step", x, loss)))
+                records.put(("done", result, None))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                records.put(("error", exc, None))
+
+        thread = threading.Thread(target=solve, name="dmlcore-lbfgs", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, payload, loss = records.get()
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    return payload
+                yield payload, float(loss)
+        finally:
+            stop.set()
+            while thread.is_alive():        # unblock a solver waiting to put a record
+                try:
+                    records.get(timeout=0.05)
+                except queue.Empty:
+                    pass
 
     def __repr__(self):
         return (f"LBFGS(max_iter={self.max_iter}, tol={self.tol}, history={self.history}, "

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
 
 from . import checkpoint as ckpt
 from .cluster import get_client
-from .optim import LBFGS
 from .strategies.base import RunContext
 
 
@@ -34,6 +33,13 @@ class FitResult:
     optimizer: object
     opt_state: object
     steps: int
+    # what the strategy reported that is not in the history: ``solver_result``
+    # (a batch solver's final result: scipy's for L-BFGS), ``loop_endings`` (PS)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def solver_result(self):
+        return self.info.get("solver_result")
 
     def predict(self, X):
         """``model.predict(params, X)``."""
@@ -127,17 +133,15 @@ def history_dataset(records, attrs=None):
     return xr.Dataset(data, coords={"step": steps}, attrs=attrs or {})
 
 
-def _sync_every(per_epoch, eval_every, checkpoint_every, callbacks):
-    """Steps between the points where the driver needs current parameters:
-    epoch ends, evaluations, checkpoints, and each callback's ``sync_every``
-    attribute (a callback without one is called with current ``params`` at
-    every step, and may stop the run at any step)."""
-    every = per_epoch
-    for k in (eval_every, checkpoint_every,
-              *(getattr(cb, "sync_every", 1) for cb in callbacks)):
-        if k:
-            every = math.gcd(every, int(k))
-    return max(every, 1)
+def _sync_periods(per_epoch, eval_every, checkpoint_every, callbacks):
+    """Periods (in steps) of the points where the driver needs current
+    parameters: epoch ends, evaluations, checkpoints, and each callback's
+    ``sync_every`` attribute (a callback without one is called with current
+    ``params`` at every step, and may stop the run at any step). A run of
+    steps ends at the first multiple of any of them (``RunContext.next_sync``)."""
+    periods = {per_epoch, eval_every, checkpoint_every,
+               *(getattr(cb, "sync_every", 1) for cb in callbacks)}
+    return tuple(sorted({max(int(k), 1) for k in periods if k}))
 
 
 def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, rounds=None,
@@ -174,105 +178,153 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     else:
         client, owned_close = get_client(client)
     try:
-        return _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data,
-                    init_params, client, seed, checkpoint_dir, resume, callbacks, progress,
-                    checkpoint_every, eval_every, float(timeout))
+        data = _as_partitioned(data, client, seed)
+        if data.n_features != getattr(model, "n_features", data.n_features):
+            raise ValueError(f"model expects {model.n_features} features, "
+                             f"data has {data.n_features}")
+        optimizer = optimizer if optimizer is not None else strategy.default_optimizer()
+        total = _total_steps(strategy, data, epochs, steps, rounds)
+        per_epoch = max(strategy.steps_per_epoch(data), 1)
+        eval_every = int(eval_every or per_epoch)
+        checkpoint_every = int(checkpoint_every or per_epoch)
+        if hasattr(optimizer, "set_horizon"):
+            optimizer.set_horizon(total)
+        ctx = _start(model, data, strategy, optimizer, client, seed, init_params, total,
+                     checkpoint_dir, resume)
+        ctx.timeout = float(timeout)
+        ctx.sync_periods = _sync_periods(per_epoch,
+                                         eval_every if eval_data is not None else 0,
+                                         checkpoint_every if checkpoint_dir else 0, callbacks)
+        return _Loop(ctx, strategy, eval_data, eval_every, checkpoint_dir, checkpoint_every,
+                     callbacks, progress).run()
     finally:
         owned_close()
 
 
-def _fit(model, data, strategy, optimizer, epochs, steps, rounds, eval_data, init_params,
-         client, seed, checkpoint_dir, resume, callbacks, progress, checkpoint_every,
-         eval_every, timeout=60.0):
-    data = _as_partitioned(data, client, seed)
-    if data.n_features != getattr(model, "n_features", data.n_features):
-        raise ValueError(f"model expects {model.n_features} features, data has {data.n_features}")
-    optimizer = optimizer if optimizer is not None else strategy.default_optimizer()
-    total = _total_steps(strategy, data, epochs, steps, rounds)
-    per_epoch = max(strategy.steps_per_epoch(data), 1)
-    eval_every = int(eval_every or per_epoch)
-    checkpoint_every = int(checkpoint_every or per_epoch)
-    if hasattr(optimizer, "set_horizon"):
-        optimizer.set_horizon(total)
-
+def _start(model, data, strategy, optimizer, client, seed, init_params, total, checkpoint_dir,
+           resume):
+    """The run's ``RunContext`` at its first step: fresh, or restored from a checkpoint
+    (``ctx.extra["_records"]`` and ``["_run_id"]`` carry the restored history and id)."""
     dtype = np.dtype(data.dtype)
     params = (model.init(seed, dtype=dtype) if init_params is None
               else np.array(init_params, dtype=dtype, copy=True))
     model._check_params(params)
-    trainable = strategy.trainable
-    idx = None if trainable is None else np.flatnonzero(model.trainable_mask(trainable))
-    decay_mask = model.weight_mask() if idx is None else model.weight_mask()[idx]
-    values = params if idx is None else params[idx]
-    opt_state = None if isinstance(optimizer, LBFGS) else optimizer.init(values, decay_mask)
-
-    records, start, time_offset, extra = [], 0, 0.0, {}
-    run_id = ckpt.new_run_id()
+    view = model.trainable_view(strategy.trainable)
+    opt_state = (None if optimizer.batch_solver
+                 else optimizer.init(view.gather(params), view.decay_mask))
+    ctx = RunContext(model=model, data=data, optimizer=optimizer, params=params,
+                     opt_state=opt_state, client=client, seed=int(seed), start_step=0,
+                     total_steps=total, view=view)
+    records, run_id = [], ckpt.new_run_id()
+    saved = None
     if resume and checkpoint_dir is not None:
         saved = ckpt.latest(checkpoint_dir, run_id=None if resume is True else str(resume),
                             model_config=model.to_config())
-        if saved is not None:
-            run_id = saved["meta"].get("run_id") or run_id
-            params = saved["params"].astype(dtype)
-            start = saved["step"]
-            opt_state = ckpt.restore_state(opt_state, saved["opt"])
-            extra = dict(saved["extra"])
-            hist = saved["history"]
-            if "step" in hist:
-                records = [{k: float(v[i]) for k, v in hist.items()} for i in
-                           range(len(hist["step"]))]
-                for r in records:
-                    r["step"] = int(r["step"])
-                if records:
-                    time_offset = records[-1].get("wall_time", 0.0)
-    if start >= total:
-        raise ValueError(f"resume: the checkpoint is at step {start}, the run asks for {total}")
+    if saved is not None:
+        run_id = saved["meta"].get("run_id") or run_id
+        ctx.params = saved["params"].astype(dtype)
+        ctx.start_step = saved["step"]
+        ctx.opt_state = ckpt.restore_state(opt_state, saved["opt"])
+        ctx.extra = dict(saved["extra"])
+        hist = saved["history"]
+        if "step" in hist:
+            records = [{k: float(v[i]) for k, v in hist.items()} for i in
+                       range(len(hist["step"]))]
+            for r in records:
+                r["step"] = int(r["step"])
+    if ctx.start_step >= total:
+        raise ValueError(f"resume: the checkpoint is at step {ctx.start_step}, "
+                         f"the run asks for {total}")
+    ctx.outputs["_records"], ctx.outputs["_run_id"] = records, run_id
+    return ctx
 
-    ctx = RunContext(model=model, data=data, optimizer=optimizer, params=params,
-                     opt_state=opt_state, client=client, seed=int(seed), start_step=start,
-                     total_steps=total, trainable=trainable, trainable_idx=idx, extra=extra,
-                     sync_every=_sync_every(per_epoch, eval_every if eval_data is not None else 0,
-                                            checkpoint_every if checkpoint_dir else 0,
-                                            callbacks),
-                     timeout=timeout)
-    meta = {"model": model.to_config(), "strategy": repr(strategy), "seed": int(seed),
-            "total_steps": total}
 
-    def save_checkpoint(step):
+class _Loop:
+    """The step loop of one fit: records, evaluation, checkpoints, callbacks, progress."""
+
+    def __init__(self, ctx, strategy, eval_data, eval_every, checkpoint_dir, checkpoint_every,
+                 callbacks, progress):
+        self.ctx, self.strategy, self.eval_data = ctx, strategy, eval_data
+        self.eval_every, self.callbacks = eval_every, callbacks
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.progress = progress
+        self.records = ctx.outputs.pop("_records")
+        self.run_id = ctx.outputs.pop("_run_id")
+        self.meta = {"model": ctx.model.to_config(), "strategy": repr(strategy),
+                     "seed": ctx.seed, "total_steps": ctx.total_steps}
+
+    def save_checkpoint(self, step):
+        ctx, records = self.ctx, self.records
         hist = {k: [r.get(k, np.nan) for r in records] for k in
                 {key for r in records for key in r}}
-        ckpt.save(checkpoint_dir, step, ctx.params, ctx.opt_state, hist, ctx.extra, meta,
-                  run_id=run_id)
+        ckpt.save(self.checkpoint_dir, step, ctx.params, ctx.opt_state, hist, ctx.extra,
+                  self.meta, run_id=self.run_id)
 
-    bar = _Progress(progress, total, start, strategy)
-    t0 = time.perf_counter()
-    step = start
-    runner = strategy.run(ctx)
-    try:
-        for record in runner:
-            step += 1
-            record = dict(record)
-            record["step"] = step
-            record["wall_time"] = time_offset + record.pop("_time", time.perf_counter()) - t0
-            if eval_data is not None and (step % eval_every == 0 or step == total):
-                record["eval_loss"], record["eval_accuracy"] = evaluate(
-                    model, ctx.params, *eval_data)
-            records.append(record)
-            bar.update(record)
-            if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == total):
-                save_checkpoint(step)
-            if any(cb(step, record, ctx.params) for cb in callbacks):
-                break
-            if step >= total:
-                break
-    finally:
-        runner.close()
-        bar.close()
-    if eval_data is not None and records and "eval_loss" not in records[-1]:
-        records[-1]["eval_loss"], records[-1]["eval_accuracy"] = evaluate(
-            model, ctx.params, *eval_data)
-    if checkpoint_dir is not None and records and step % checkpoint_every and step != total:
-        save_checkpoint(step)
-    history = history_dataset(records, attrs={
-        "model": repr(model), "strategy": repr(strategy), "optimizer": repr(optimizer),
-        "seed": int(seed), "n_partitions": int(data.n_partitions), "run_id": run_id})
-    return FitResult(model, ctx.params, history, strategy, optimizer, ctx.opt_state, step)
+    def evaluate_into(self, record):
+        record["eval_loss"], record["eval_accuracy"] = evaluate(
+            self.ctx.model, self.ctx.params, *self.eval_data)
+
+    def run(self):
+        ctx, total, records = self.ctx, self.ctx.total_steps, self.records
+        time_offset = records[-1].get("wall_time", 0.0) if records else 0.0
+        step = ctx.start_step
+        bar = _Progress(self.progress, total, step, self.strategy)
+        runner = None
+        t0 = time.perf_counter()
+        try:
+            runner = self.strategy.run(ctx)
+            for record in runner:
+                step += 1
+                record = dict(record)
+                record["step"] = step
+                record["wall_time"] = time_offset + record.pop("_time", time.perf_counter()) - t0
+                if self.eval_data is not None and (step % self.eval_every == 0 or step == total):
+                    self.evaluate_into(record)
+                records.append(record)
+                bar.update(record)
+                if self.checkpoint_dir is not None and (step % self.checkpoint_every == 0
+                                                        or step == total):
+                    self.save_checkpoint(step)
+                if any(cb(step, record, ctx.params) for cb in self.callbacks):
+                    break
+                if step >= total:
+                    break
+        finally:
+            if runner is not None:
+                runner.close()
+            bar.close()
+        if self.eval_data is not None and records and "eval_loss" not in records[-1]:
+            self.evaluate_into(records[-1])
+        if (self.checkpoint_dir is not None and records and step % self.checkpoint_every
+                and step != total):
+            self.save_checkpoint(step)
+        history = history_dataset(records, attrs={
+            "model": repr(ctx.model), "strategy": repr(self.strategy),
+            "optimizer": repr(ctx.optimizer), "seed": ctx.seed,
+            "n_partitions": int(ctx.data.n_partitions), "run_id": self.run_id})
+        history = _with_outputs(history, ctx)
+        info = {k: v for k, v in ctx.outputs.items() if not isinstance(v, xr.DataArray)}
+        return FitResult(ctx.model, ctx.params, history, self.strategy, ctx.optimizer,
+                         ctx.opt_state, step, info)
+
+
+def _with_outputs(history, ctx):
+    """The history with what the strategy reported beyond per-step scalars:
+    ``ctx.outputs`` DataArrays (their own dimensions, a ``step`` one aligned
+    with the history's) and ``ctx.events`` as variables over ``event``."""
+    for name, value in ctx.outputs.items():
+        if isinstance(value, xr.DataArray):
+            steps = history["step"].values
+            if "step" in value.dims and not np.array_equal(value["step"].values, steps):
+                value = value.reindex(step=steps)
+            history[name] = value
+    if ctx.events:
+        keys = sorted({k for e in ctx.events for k in e})
+        for key in keys:
+            values = [e.get(key) for e in ctx.events]
+            if all(isinstance(v, (int, float, np.integer, np.floating)) for v in values):
+                column = np.array(values, dtype=np.float64)
+            else:
+                column = np.array(["" if v is None else str(v) for v in values], dtype=str)
+            history[f"event_{key}"] = ("event", column)
+    return history

@@ -9,7 +9,7 @@ shape. What may travel, and nothing else (``TypeError`` on encode,
 * None, bool, int, float, str, bytes; lists, tuples, dicts (any such keys);
 * NumPy arrays and scalars of boolean or numeric dtypes;
 * the optimizers of ``dmlcore.optim`` (their kind and constructor keywords,
-  schedule included) and their state NamedTuples, plus ``Call``/``Reply``;
+  schedule included) and their state NamedTuples, ``Call``/``Reply`` and ``messages.MESSAGES``;
 * exceptions: the type name, if in ``ERRORS``, and the message; any other
   type arrives as ``RuntimeError("TypeName: message")``.
 """
@@ -52,9 +52,11 @@ def _optim():
 
 @functools.cache
 def _named_tuples():
+    from .messages import MESSAGES
+
     optim = _optim()
     return {"Call": Call, "Reply": Reply, "SGDState": optim.SGDState,
-            "AdamState": optim.AdamState}
+            "AdamState": optim.AdamState, **MESSAGES}
 
 
 @functools.cache

@@ -79,13 +79,15 @@ def test_weights_by_n_k_exact_with_failure_dropped(client):
     assert np.abs(unweighted - expected).max() > 100 * TOL["atol"]   # the weights matter here
     assert int(res.history["participants"][0]) == 3
     assert int(res.history["failed"][0]) == 1
-    np.testing.assert_array_equal(strategy.participation_.sel(step=1).values, [1, -1, 1, 1])
-    # per worker with sampled clients: params down (float32); per worker with a
-    # counted client: its float64 partial sum back
+    np.testing.assert_array_equal(res.history.participation.sel(step=1).values, [1, -1, 1, 1])
+    # what the transport counted: per worker with sampled clients the params
+    # down (float32), per worker with a counted client its float64 partial sum
+    # back, plus the calls' headers (under 4 KiB a call)
     workers = data.workers()
     down = len({workers[k] for k in range(4)})
     up = len({workers[k] for k in kept})
-    assert int(res.history["bytes_sent"][0]) == MODEL.n_params * (4 * down + 8 * up)
+    payload = MODEL.n_params * (4 * down + 8 * up)
+    assert payload <= int(res.history["bytes_sent"][0]) <= payload + 4096 * down
 
 
 def test_failure_propagates_when_not_accepted(client):
@@ -115,12 +117,12 @@ def test_sampling_reproducible_and_resumable(tmp_path):
         return strategy, dml.fit(MODEL, data, strategy, opt, client=False, seed=5,
                                  progress=False, **kw)
 
-    s1, r1 = run(rounds=4)
+    _, r1 = run(rounds=4)
     _, r2 = run(rounds=4)
     np.testing.assert_array_equal(r1.params, r2.params)
     for rnd in range(4):
         np.testing.assert_array_equal(
-            np.flatnonzero(s1.participation_.sel(step=rnd + 1).values == 1),
+            np.flatnonzero(r1.history.participation.sel(step=rnd + 1).values == 1),
             sample_clients(5, rnd, 10, 3))
     assert (r1.history["participants"] == 3).all()
     assert (r1.history["bytes_sent"] == 0).all()          # in-process: nothing crosses

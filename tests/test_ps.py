@@ -17,6 +17,27 @@ def logistic_problem(n=600, d=5, seed=0, dtype=np.float64):
     return X, y
 
 
+def _hosts_a_server():
+    from dmlcore.strategies import ps
+
+    return bool(ps._SERVERS)
+
+
+def _server_worker(client):
+    """The worker whose process holds the live parameter server (worker processes)."""
+    holders = [w for w, here in client.run(_hosts_a_server).items() if here]
+    assert len(holders) == 1, holders
+    return holders[0]
+
+
+def _events(history):
+    """The history's events as dicts (variables ``event_<key>`` over ``event``)."""
+    names = [v for v in history.data_vars if v.startswith("event_")]
+    n = history.sizes.get("event", 0)
+    return [{name[len("event_"):]: history[name].values[i].item() for name in names}
+            for i in range(n)]
+
+
 def full_loss(model, params, X, y):
     grad = np.empty_like(params)
     return model.loss_grad(params, X, y, grad) / len(y)
@@ -36,8 +57,8 @@ def test_bsp_equals_sync_sgd(client):
     np.testing.assert_allclose(ps.history.loss.values, sync.history.loss.values, rtol=1e-10)
     assert list(ps.history.step.values) == list(range(1, 13))
     assert np.all(ps.history.staleness.values == 0)
-    assert ps.strategy.partition_updates_.values.tolist() == [12, 12, 12]
-    assert ps.strategy.worker_updates_.sum() == 36
+    assert ps.history.partition_updates.values.tolist() == [12, 12, 12]
+    assert ps.history.worker_updates.sum() == 36
     assert ParameterServer("bsp", batch_size=16).steps_per_epoch(data) == 7   # ceil(101/16)
 
 
@@ -81,7 +102,7 @@ def test_ssp_bounds_staleness_under_a_held_back_worker(client):
     assert np.abs(_clock_gaps(order)).max() <= 3         # at most s + 1 clocks apart, always
     stale = ssp.history.staleness.values
     assert stale.shape == (40,) and stale.max() <= 2
-    counts = ssp.strategy.partition_updates_.values
+    counts = ssp.history.partition_updates.values
     assert np.bincount(order, minlength=2).tolist() == counts.tolist()
 
 
@@ -92,7 +113,7 @@ def test_async_lets_a_fast_worker_run_ahead_of_a_held_back_one(client):
     assert order.shape == (40,)
     assert (order[:20] == 1).all()
     assert _clock_gaps(order)[19] == 20
-    counts = asy.strategy.partition_updates_.values
+    counts = asy.history.partition_updates.values
     assert np.bincount(order, minlength=2).tolist() == counts.tolist()
 
 
@@ -174,13 +195,12 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     X, y = logistic_problem(n=1200, d=5, seed=2)
     data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
     model = dml.models.Logistic(X.shape[1])
-    strategy = ParameterServer("async", batch_size=16, checkpoint_every=20,
-                               checkpoint_dir=tmp_path / "server")
+    strategy = ParameterServer("async", batch_size=16)
     killed = {}
 
     def kill_server(step, record, params):
         if step == 50:
-            address = strategy._server_worker
+            address = _server_worker(client)
             pid = client.run(os.getpid, workers=[address])[address]
             os.kill(pid, signal.SIGKILL)
             killed["address"] = address
@@ -188,16 +208,17 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=120, client=client,
                      callbacks=[kill_server], progress=False)
     assert result.steps == 120 and len(result.history.step) == 120
-    assert len(strategy.recoveries_) == 1, strategy.recoveries_
-    (recovery,) = strategy.recoveries_
-    assert recovery["dead_workers"] == [killed["address"]]
+    (recovery,) = _events(result.history)
+    assert recovery["worker"] == killed["address"]
+    assert recovery["what"] == "parameter server restarted"
     assert recovery["server_worker"] != killed["address"]
-    assert recovery["checkpoint_step"] % 20 == 0
-    assert 0 <= recovery["updates_lost"] < 20
-    assert result.history.updates_lost.sum() == recovery["updates_lost"]
-    assert recovery["partitions_dropped"] == []
+    # the driver's last snapshot holds at least the updates the history showed
+    # before the kill: the new server resumes from it (no rewind), none is lost
+    assert 50 <= recovery["from_update"] < 120
+    assert recovery["updates_lost"] == 0 and result.history.updates_lost.sum() == 0
+    assert recovery["partitions_dropped"] == "[]"
     assert full_loss(model, result.params, X, y) < 0.9 * np.log(2)
-    assert all(r["ended"] == "stopped" for r in strategy.loop_results_)
+    assert all(r["ended"] == "stopped" for r in result.info["loop_endings"])
 
 
 @pytest.mark.slow                   # a fresh 3-process cluster each
@@ -207,13 +228,13 @@ def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_work
     X, y = logistic_problem(n=900, d=5, seed=4)
     data = dml.partition(X, y, n_partitions=3, seed=0, client=client)   # one per worker
     model = dml.models.Logistic(X.shape[1])
-    strategy = ParameterServer("bsp", batch_size=16, checkpoint_every=10)
+    strategy = ParameterServer("bsp", batch_size=16)
     killed = {}
 
     def kill_data_worker(step, record, params):
         if step == 15:
             placement = data.workers()
-            address = next(w for w in placement if w != strategy._server_worker)
+            address = next(w for w in placement if w != _server_worker(client))
             killed["partitions"] = [p for p, w in enumerate(placement) if w == address]
             pid = client.run(os.getpid, workers=[address])[address]
             os.kill(pid, signal.SIGKILL)
@@ -222,11 +243,11 @@ def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_work
     result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=40, client=client,
                      callbacks=[kill_data_worker], progress=False)
     assert len(result.history.step) == 40
-    (recovery,) = strategy.recoveries_
-    assert recovery["dead_workers"] == [killed["address"]]
-    assert recovery["updates_lost"] == 0                 # the live server checkpointed first
-    assert recovery["partitions_dropped"] == killed["partitions"]
+    (recovery,) = _events(result.history)
+    assert recovery["worker"] == killed["address"]
+    assert recovery["updates_lost"] == 0                 # the live server was halted first
+    assert recovery["partitions_dropped"] == str(killed["partitions"])
     assert np.all(result.history.staleness.values == 0)
-    counts = strategy.partition_updates_.values
+    counts = result.history.partition_updates.values
     for p in range(3):
         assert (counts[p] < 40) == (p in killed["partitions"])

@@ -61,43 +61,48 @@ def test_sync_full_batch_step_oracle():
     np.testing.assert_array_equal(res.params[~mask], p0[~mask])
 
 
-def _share(trainable):
-    return MODEL.trainable_mask(trainable).sum() / MODEL.n_params
+def _share(trainable, model=MODEL):
+    return model.trainable_mask(trainable).sum() / model.n_params
+
+
+# bytes are what the transport counted (headers included): a model whose
+# vectors dwarf the ~0.3 KB of headers per message shows the payload's share
+WIDE = dml.models.MLP([10, 256, 64, 3])
 
 
 @pytest.mark.parametrize("transport", ["actors", "tasks"])
 def test_sync_frozen_bit_identical_and_bytes_scale(client, transport):
     X, y = _blobs()
     data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
-    p0 = MODEL.init(0, dtype=np.float32)
+    p0 = WIDE.init(0, dtype=np.float32)
     kw = dict(client=client, steps=3, progress=False)
     opt = dml.optim.SGD(lr=0.1, momentum=0.9)
-    part = dml.fit(MODEL, data, dml.SyncSGD(batch_size=16, transport=transport,
-                                            trainable=["layer2"]), opt, **kw)
-    full = dml.fit(MODEL, data, dml.SyncSGD(batch_size=16, transport=transport), opt, **kw)
-    mask = MODEL.trainable_mask(["layer2"])
+    part = dml.fit(WIDE, data, dml.SyncSGD(batch_size=16, transport=transport,
+                                           trainable=["layer1"]), opt, **kw)
+    full = dml.fit(WIDE, data, dml.SyncSGD(batch_size=16, transport=transport), opt, **kw)
+    mask = WIDE.trainable_mask(["layer1"])
     np.testing.assert_array_equal(part.params[~mask], p0[~mask])    # bit-identical
     assert np.abs(part.params[mask] - p0[mask]).max() > 1e-4        # and the rest trained
     ratio = part.history["bytes_sent"].values / full.history["bytes_sent"].values
-    np.testing.assert_allclose(ratio, _share(["layer2"]), rtol=1e-12)
+    np.testing.assert_allclose(ratio, _share(["layer1"], WIDE), rtol=0.02)
     assert (full.history["bytes_sent"] > 0).all()
 
 
 def test_fedavg_frozen_bit_identical_and_bytes_scale(client):
     X, y = _blobs()
     data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
-    p0 = MODEL.init(0, dtype=np.float32)
+    p0 = WIDE.init(0, dtype=np.float32)
     opt = dml.optim.SGD(lr=0.1)
     kw = dict(client=client, rounds=2, progress=False)
     trainable = ["layer1", "layer2"]
-    part = dml.fit(MODEL, data, FedAvg(1.0, local_epochs=1, batch_size=10,
-                                       trainable=trainable), opt, **kw)
-    full = dml.fit(MODEL, data, FedAvg(1.0, local_epochs=1, batch_size=10), opt, **kw)
-    mask = MODEL.trainable_mask(trainable)
+    part = dml.fit(WIDE, data, FedAvg(1.0, local_epochs=1, batch_size=10,
+                                      trainable=trainable), opt, **kw)
+    full = dml.fit(WIDE, data, FedAvg(1.0, local_epochs=1, batch_size=10), opt, **kw)
+    mask = WIDE.trainable_mask(trainable)
     np.testing.assert_array_equal(part.params[~mask], p0[~mask])
     assert np.abs(part.params[mask] - p0[mask]).max() > 1e-4
     ratio = part.history["bytes_sent"].values / full.history["bytes_sent"].values
-    np.testing.assert_allclose(ratio, _share(trainable), rtol=1e-12)
+    np.testing.assert_allclose(ratio, _share(trainable, WIDE), rtol=0.02)
 
 
 def test_fedavg_partial_equals_local_oracle():
@@ -113,7 +118,7 @@ def test_fedavg_partial_equals_local_oracle():
     yp = np.asarray(data.y_blocks()[0].compute(scheduler="sync"))
     p0 = MODEL.init(0, dtype=np.float32)
     values, _, _ = local.local_sgd(MODEL, opt, p0, Xp, yp, batch_size=24, n_steps=10, seed=0,
-                                   partition=0, trainable=["layer2"])
+                                   partition=0, view=MODEL.trainable_view(["layer2"]))
     expected = p0.copy()
     expected[MODEL.trainable_mask(["layer2"])] = values
     np.testing.assert_array_equal(res.params, expected)

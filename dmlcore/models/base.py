@@ -94,6 +94,10 @@ class Model:
             mask[slices[name]] = True
         return mask
 
+    def trainable_view(self, trainable=None) -> "TrainableView":
+        """The trainable entries of this model's flat vector (``TrainableView``)."""
+        return TrainableView(self, trainable)
+
     def label_dtype(self, x_dtype) -> np.dtype:
         """The dtype ``loss_grad`` takes labels in without converting them.
 
@@ -133,3 +137,38 @@ class Model:
 
     def __hash__(self):
         return hash(repr(self))
+
+
+class TrainableView:
+    """The trainable entries of a model's flat parameter vector.
+
+    ``trainable``: layer names (None = every layer); ``index``: their flat
+    indices, or None when every entry trains (then ``gather`` returns the
+    vector itself and ``scatter`` copies into it). ``decay_mask``: the
+    model's ``weight_mask`` restricted to the trainable entries (what the
+    optimizers decay: weights, never biases).
+    """
+
+    def __init__(self, model, trainable=None):
+        self.trainable = None if trainable is None else list(trainable)
+        self.index = (None if self.trainable is None
+                      else np.flatnonzero(model.trainable_mask(self.trainable)))
+        mask = model.weight_mask()
+        self.decay_mask = mask if self.index is None else mask[self.index]
+
+    @property
+    def size(self) -> int:
+        return self.decay_mask.shape[0]
+
+    def gather(self, params):
+        """The trainable entries of ``params`` (``params`` itself when all train)."""
+        return params if self.index is None else params[self.index]
+
+    def scatter(self, params, values):
+        """Write ``values`` into the trainable entries of ``params`` (in place); returns it."""
+        if self.index is None:
+            if values is not params:
+                params[:] = values
+        else:
+            params[self.index] = values
+        return params

@@ -38,9 +38,8 @@ Each round is one history step with ``loss`` (mean local training loss over
 the counted clients' local steps), ``bytes_sent`` (the trainable parameters
 sent to each involved worker plus the float64 partial sums coming back; 0
 in-process), ``participants`` (clients that counted), ``sampled`` and
-``failed``. Who took part is kept as ``strategy.participation_``: an int8
-``xarray.DataArray`` (step, client) with 1 = counted, -1 = failed,
-0 = not sampled, aligned with the history's ``step``.
+``failed``. Who took part is the history's ``participation``: int8 over
+(step, client), 1 = counted, -1 = failed, 0 = not sampled.
 """
 from __future__ import annotations
 
@@ -49,10 +48,11 @@ import numbers
 
 import numpy as np
 
+from .. import local
 from ..aggregate import add_partials
 from ..checkpoint import restore_state
-from ..executors import ExecutorPool
-from ..optim import LBFGS
+from ..executors import ExecutorPool, hosted
+from ..messages import ClientSums
 from .base import Strategy
 
 
@@ -60,6 +60,55 @@ def sample_clients(seed, round_, n_clients, n_sampled):
     """Sorted ids of the ``n_sampled`` clients of round ``round_`` (no replacement)."""
     rng = np.random.default_rng((int(seed), int(round_)))
     return np.sort(rng.choice(int(n_clients), size=int(n_sampled), replace=False))
+
+
+@hosted
+def client_train(executor, values, optimizer, *, round_, batch_size, seed, local_epochs=None,
+                 local_steps=None, proximal_mu=0.0, partitions=None, fail=()):
+    """Local SGD on each selected client (partition) of ``executor`` from
+    ``values``; a ``ClientSums`` summed here (the first level of the tree).
+
+    Client k runs ``local_steps`` steps, or ``local_epochs`` epochs of its
+    mini-batches, of ``batch_size`` rows; its local step counter starts at
+    ``round_ * (its steps per round)`` so every round visits fresh mini-batch
+    orders. ``partitions``: ids to train (None = all). Clients are isolated:
+    one that raises, or whose weights are not finite, is reported in
+    ``failed`` and left out of the sums. ``fail``: ids that raise on purpose
+    (the failure-policy testing hook). ``n_k`` = client k's rows (its total
+    row weight on weighted data).
+    """
+    if (local_epochs is None) == (local_steps is None):
+        raise ValueError("give exactly one of local_epochs, local_steps")
+    params = executor.full_params(values)
+    wanted = None if partitions is None else set(int(p) for p in partitions)
+    fail = set(int(p) for p in fail)
+    sums = ClientSums(None, 0, 0.0, 0, [], [])
+    for pid, X, y, w in executor.parts:
+        if wanted is not None and pid not in wanted:
+            continue
+        n_k = int(X.shape[0])
+        n_steps = local_steps or local_epochs * local.n_batches(n_k, batch_size)
+        if w is not None:
+            n_k = float(w.sum(dtype=np.float64))
+        try:
+            if pid in fail:
+                raise RuntimeError(f"injected failure of client {pid} in round {round_}")
+            new, loss_k, rows_k = local.local_sgd(
+                executor.model, optimizer, params, X, y, batch_size=batch_size,
+                n_steps=n_steps, seed=seed, partition=pid, first_step=int(round_) * n_steps,
+                view=executor.view, proximal_mu=proximal_mu, w=w)
+            if not (np.isfinite(new).all() and np.isfinite(loss_k)):
+                raise FloatingPointError(f"client {pid}: non-finite weights or loss")
+        except Exception as exc:  # noqa: BLE001 — the failure policy is the caller's
+            sums.failed.append((pid, f"{type(exc).__name__}: {exc}"))
+            continue
+        contribution = n_k * new.astype(np.float64)     # exact: n_k * float32 in float64
+        if sums.weighted is not None:
+            contribution += sums.weighted
+        sums = sums._replace(weighted=contribution, weight=sums.weight + n_k,
+                             loss=sums.loss + loss_k, rows=sums.rows + rows_k)
+        sums.ids.append(pid)
+    return sums
 
 
 def weighted_average(weighted, weight, dtype):
@@ -102,7 +151,7 @@ class FedAvg(Strategy):
         if not float(proximal_mu) >= 0.0:
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu!r}")
         if server_optimizer is not None and (
-                isinstance(server_optimizer, LBFGS)
+                getattr(server_optimizer, "batch_solver", False)
                 or not (hasattr(server_optimizer, "init") and hasattr(server_optimizer, "update"))):
             raise ValueError(f"server_optimizer must be an (init, update) optimizer such as "
                              f"dml.optim.SGD, got {server_optimizer!r}")
@@ -138,13 +187,14 @@ class FedAvg(Strategy):
         return math.ceil(k / self.clients_sampled(k))
 
     # ---- the loop --------------------------------------------------------------
-    def run(self, ctx):
-        if isinstance(ctx.optimizer, LBFGS) or not hasattr(ctx.optimizer, "update"):
-            raise ValueError("FedAvg needs an (init, update) client optimizer such as "
-                             "dml.optim.SGD, not L-BFGS")
+    def run_batch(self, ctx):
+        raise ValueError("FedAvg needs an (init, update) client optimizer such as "
+                         "dml.optim.SGD, not L-BFGS")
+
+    def run_steps(self, ctx):
         n_clients = int(ctx.data.n_partitions)
         n_sampled = self.clients_sampled(n_clients)
-        pool = ExecutorPool(ctx.model, ctx.data, ctx.client)
+        pool = ExecutorPool(ctx.model, ctx.data, ctx.client, timeout=ctx.timeout)
         try:
             if ctx.trainable is not None:
                 pool.call("configure", ctx.params, ctx.trainable)
@@ -161,15 +211,14 @@ class FedAvg(Strategy):
                 for pid in clients:
                     by_executor.setdefault(where[int(pid)], []).append(int(pid))
                 fail = set(self.fail_clients.get(round_, ()))
+                before = pool.traffic()
                 futures = {e: self._submit(pool, e, values, ctx, round_, ids,
                                            [i for i in ids if i in fail])
                            for e, ids in sorted(by_executor.items())}
-                partials, failed, nbytes = [], {}, 0
+                partials, failed = [], {}
                 for e, future in futures.items():
-                    if ctx.client is not None:
-                        nbytes += values.nbytes
                     try:
-                        result = future.result()
+                        result = pool.results([future], indices=[e])[0]
                     except Exception as exc:  # the whole worker call failed
                         for pid in by_executor[e]:
                             failed[pid] = f"{type(exc).__name__}: {exc}"
@@ -178,18 +227,16 @@ class FedAvg(Strategy):
                                 f"FedAvg round {round_}: the call for clients {by_executor[e]} "
                                 f"failed: {type(exc).__name__}: {exc}") from exc
                         continue
-                    weighted, weight, loss, rows, ids, errors = result
-                    for pid, message in errors:
+                    for pid, message in result.failed:
                         failed[pid] = message
-                    if errors and not self.accept_failures:
-                        pid, message = errors[0]
+                    if result.failed and not self.accept_failures:
+                        pid, message = result.failed[0]
                         raise RuntimeError(f"FedAvg round {round_}: client {pid} failed: "
                                            f"{message}")
-                    if weighted is not None:
-                        if ctx.client is not None:
-                            nbytes += weighted.nbytes
-                        partials.append((weighted, weight, loss, rows, ids))
-                counted = sorted(pid for p in partials for pid in p[4])
+                    if result.weighted is not None:
+                        partials.append(result)
+                nbytes = pool.traffic() - before
+                counted = sorted(pid for p in partials for pid in p.ids)
                 row = np.zeros(n_clients, dtype=np.int8)
                 row[counted] = 1
                 row[sorted(failed)] = -1
@@ -210,7 +257,7 @@ class FedAvg(Strategy):
                     mean_loss = float("nan")
                 ctx.extra["participation"] = np.stack(participation)
                 ctx.extra["participation_first"] = np.int64(first)
-                self._publish(participation, first)
+                ctx.outputs["participation"] = _participation_table(participation, first)
                 yield {"loss": mean_loss, "bytes_sent": nbytes,
                        "participants": len(counted), "sampled": len(clients),
                        "failed": len(failed)}
@@ -222,15 +269,12 @@ class FedAvg(Strategy):
         kwargs = dict(round_=round_, local_epochs=self.local_epochs,
                       batch_size=self.batch_size, seed=ctx.seed,
                       proximal_mu=self.proximal_mu, partitions=ids, fail=fail)
-        return pool.submit_one(executor, "local_train", values, ctx.optimizer, **kwargs)
+        return pool.submit_one(executor, "client_train", values, ctx.optimizer, **kwargs)
 
     def _server_state(self, ctx):
         if self.server_optimizer is None:
             return None
-        values = ctx.trainable_values()
-        mask = ctx.model.weight_mask()
-        mask = mask if ctx.trainable_idx is None else mask[ctx.trainable_idx]
-        state = self.server_optimizer.init(values, mask)
+        state = self.server_optimizer.init(ctx.trainable_values(), ctx.view.decay_mask)
         saved = {k[len("server/"):]: v for k, v in ctx.extra.items() if k.startswith("server/")}
         if saved:
             state = restore_state(state, saved)
@@ -255,14 +299,15 @@ class FedAvg(Strategy):
             return ctx.start_step, []
         return first, rows
 
-    def _publish(self, participation, first):
-        """``participation_``: (step, client) int8, step = round + 1 as in the history."""
-        import xarray as xr
 
-        table = np.stack(participation)
-        self.participation_ = xr.DataArray(
-            table, dims=("step", "client"),
-            coords={"step": np.arange(first + 1, first + 1 + table.shape[0]),
-                    "client": np.arange(table.shape[1])},
-            name="participation",
-            attrs={"meaning": "1 counted, -1 failed (dropped), 0 not sampled"})
+def _participation_table(participation, first):
+    """(step, client) int8 DataArray, step = round + 1 as in the history."""
+    import xarray as xr
+
+    table = np.stack(participation)
+    return xr.DataArray(
+        table, dims=("step", "client"),
+        coords={"step": np.arange(first + 1, first + 1 + table.shape[0]),
+                "client": np.arange(table.shape[1])},
+        name="participation",
+        attrs={"meaning": "1 counted, -1 failed (dropped), 0 not sampled"})

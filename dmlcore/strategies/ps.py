@@ -1,99 +1,53 @@
 """A parameter server in a Dask actor: BSP, SSP and asynchronous SGD.
 
-Design
-------
-*Server.* The trainable parameter entries, the optimizer state and the clocks
-live in one ``_Server`` Dask actor, placed on the live worker holding the
-fewest partitions (a spare worker when there is one, so that losing the
-server loses no data). Its methods are coroutines: they run on the worker's
-event loop one at a time (no locks), and a pull that must wait (SSP/BSP)
-awaits an event instead of blocking other calls.
+*Server.* The trainable entries, the optimizer state and the clocks live in
+one ``_Server`` actor on the live worker holding the fewest partitions (a
+spare worker when there is one). Its methods are coroutines on the worker's
+event loop, one at a time (no locks); a pull that must wait awaits an event.
 
-*Workers.* One long-running task per Dask worker holding partitions, pinned
-there, loops round-robin over that worker's partitions: pull the parameters
-for partition p, compute the SUM of (loss, gradient) over p's mini-batch with
-``local.loss_grad_sum``, push it. A push and the next pull travel in ONE actor
-call (``exchange``), and a pull sends the parameters only when they changed
-since the worker's last pull, so an update costs one round trip. Why one task
-per worker and not per partition: workers run one thread (``KernelThreads``);
-a task per partition would either queue behind the others (and deadlock BSP,
-whose clock needs every partition) or need ``secede`` and oversubscribe the
-cores. Each partition still has its own clock, so the consistency model below
-is per partition, whatever the placement (and it survives re-placement).
-Pushes and pulls carry only the trainable entries, as flat vectors; with
+*Workers.* One long-running task per worker holding partitions loops
+round-robin over them: pull, compute the SUMS over the partition's
+mini-batch (``local.loss_grad_sum``), push. A push and the next pull are ONE
+actor call (``exchange``: ``messages.Push`` in, ``messages.Pull`` out), and
+the values travel only when they changed since that worker's last pull. On
+the server's own worker the loop calls the server in-process. With
 ``transfer_dtype="float16"`` both directions travel as float16 (the push as
-the MEAN gradient, which keeps the values in float16's range; a message whose
-values do not fit falls back to full precision).
+the MEAN gradient; a message whose values do not fit goes in full precision).
 
-*Clocks and consistency* (Li et al., OSDI 2014; Ho et al., NIPS 2013). A
-partition's clock is the number of mini-batches it has pushed; the server
-clock ``C`` is the slowest partition's clock. Partition p at clock c may pull
-when ``c <= C`` (BSP), ``c <= C + staleness`` (SSP), always (async). BSP
-buffers the gradients of clock C and applies their sum divided by the total
-row count once every partition has pushed (one update per clock: the same
-update as ``SyncSGD(batch_size=b)`` on the same batches); SSP and async apply
-each push at once (one update per partition mini-batch). The staleness of an
-applied update is ``C`` at apply time (before counting the push) minus ``C``
-when its parameters were pulled: 0 under BSP, <= s under SSP, unbounded under
-async.
+*Clocks* (Li et al., OSDI 2014; Ho et al., NIPS 2013). A partition's clock is
+the number of mini-batches it pushed; the server clock C is the slowest
+active partition's. Partition p at clock c may pull when c <= C (BSP),
+c <= C + staleness (SSP), always (async). BSP applies the clock's summed
+gradient once every partition pushed (SyncSGD's update on the same batches);
+SSP and async apply each push. Staleness = C at apply time minus C at pull.
 
-*Records.* ``run`` polls the server (``drain``, one call every
-``poll_interval`` s, waiting for new updates) and yields one record per
-applied update: ``loss`` (mean over the update's rows), ``bytes_sent`` (pull
-and push bytes of that update that crossed a process boundary; the loop on
-the server's own worker costs 0), ``staleness``, ``partition`` and ``worker``
-(the partition and the worker slot that pushed it; NaN under BSP, where every
-partition contributes) and ``updates_lost`` (see below; 0 normally).
-``ctx.params`` and ``ctx.opt_state`` are the server's state as of the poll
-that brought the records, so at a record in the middle of a batch they may
-be a few updates ahead; after the last update they are exact: the server
-stops itself after exactly the requested number of updates. After the run,
-``strategy.worker_updates_`` (an ``xarray.DataArray`` over ``worker``
-addresses) and ``strategy.partition_updates_`` (over ``partition``) count the
-partition mini-batches applied, and ``strategy.recoveries_`` lists the
-recoveries; ``history.worker`` indexes ``strategy.worker_slots_``.
+*Records.* The driver polls (``snapshot``) every ``poll_interval`` s and
+yields one record per applied update (``messages.Update``): ``loss``,
+``bytes_sent``, ``staleness``, ``partition``/``worker`` (NaN under BSP),
+``updates_lost``. The history gains ``partition_updates`` (over
+``partition_id``) and ``worker_updates`` (over ``worker_address``): the
+mini-batches applied, and an event per recovery (``event_*``).
 
-*Resilience.* The server writes its state (trainable values, optimizer state,
-clocks) with ``checkpoint.save`` every ``checkpoint_every`` applied updates,
-atomically and before the next update is applied, into ``checkpoint_dir`` (a
-temporary directory removed at the end when None; on a multi-machine cluster
-give a directory every worker and the client share). When the server's
-worker dies, ``run`` re-creates the server from the newest checkpoint on a
-live worker, restarts the worker loops where the partitions now are, and
-carries on; the records already yielded after that checkpoint are lost
-updates (at most ``checkpoint_every - 1``): the next record reports their
-number in ``updates_lost`` and the run still ends after the requested number
-of records. When a worker running a loop dies (checked once a second) while
-the server lives, the server stops, checkpoints its exact state (BSP's
-half-collected clock is redone, not lost) and is re-created the same way:
-no update is lost. In both cases a partition whose data survive (replicas
-made with ``client.replicate``, or data the scheduler can recompute) is
-trained where its data now are; a partition whose data died with the worker
-(``dml.partition`` scatters the labels, so a partition dies with its
-worker) is dropped from training with a warning, BSP and SSP then wait only
-for the remaining ones. The server goes to the live worker holding the
-fewest partitions, so on a cluster with a spare worker losing it loses no
-data. ``strategy.recoveries_`` records each recovery (dead workers, new
-server worker, checkpoint used, updates lost, partitions dropped).
-
-``slow_partitions={partition: seconds}`` is a debugging aid: that partition's
-worker sleeps that long after each of its mini-batches (tests of the SSP
-bound, straggler experiments).
+*Resilience.* Every snapshot carries the server's whole state, so the driver
+always holds the state of the last update it yielded, whatever machine
+died. When the server's worker dies, a new server starts on a live worker
+from that snapshot (updates applied after it and never seen are lost and
+redone; none the history showed is lost). When a worker running a loop dies,
+the server is halted (exact state) and re-created the same way. A partition
+whose data died with its worker is dropped (BSP and SSP then wait only for
+the others); one whose data survive elsewhere trains there.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
-from pathlib import Path
+import uuid
 
 import numpy as np
 
-from .. import checkpoint as ckpt
 from .. import local
-from ..optim import LBFGS
+from ..messages import Pull, Push, Snapshot, Update
 from .base import Strategy
 
 logger = logging.getLogger("dmlcore.ps")
@@ -101,8 +55,8 @@ logger = logging.getLogger("dmlcore.ps")
 CONSISTENCY = ("bsp", "ssp", "async")
 _WAIT = "wait"            # exchange's answer when a pull is not allowed yet: ask again
 _MAX_WAIT = 1.0           # seconds a pull waits inside one exchange call
-_CALL_TIMEOUT = 60.0      # seconds before a worker loop gives up on the server
 _LOCAL_CALLS = True       # the loop on the server's own worker calls it without the network
+_SERVERS: dict = {}       # run token -> the _Server living in this process (its worker)
 
 
 def _copy_state(state):
@@ -127,12 +81,10 @@ def _pack(vector, transfer):
 class _Server:
     """Trainable values, optimizer state and clocks; see the module docstring."""
 
-    def __init__(self, *, consistency, staleness, optimizer, values, opt_state, clocks,
-                 active, count, stop_at, checkpoint_dir, checkpoint_every, transfer,
-                 remote_slots):
-        from distributed import get_worker
-
-        self.address = get_worker().address
+    def __init__(self, *, token, consistency, staleness, optimizer, values, opt_state, clocks,
+                 active, count, stop_at, transfer, remote_slots):
+        self.token = token
+        _SERVERS[token] = self
         self.consistency = consistency
         self.staleness = int(staleness)
         self.optimizer = optimizer
@@ -145,12 +97,10 @@ class _Server:
         self.pull_bytes = np.zeros(len(self.clocks), dtype=np.int64)
         self.count = int(count)
         self.stop_at = int(stop_at)
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_every = int(checkpoint_every)
         self.transfer = None if transfer is None else np.dtype(transfer)
         self.remote_slots = set(remote_slots)
-        self.records = []
-        self.pushes = {}                      # slot -> partition mini-batches since the last drain
+        self.updates = []
+        self.pushes = {}                      # slot -> partition mini-batches since the last snapshot
         self.partition_pushes = np.zeros(len(self.clocks), dtype=np.int64)
         self.stopped = self.count >= self.stop_at
         self.buffer = None                    # BSP: [grad sum, loss sum, rows, bytes, staleness]
@@ -182,31 +132,20 @@ class _Server:
         self.opt_state = self.optimizer.update(grad.astype(self.dtype, copy=False),
                                                self.opt_state, self.values)
         self.count += 1
-        self.records.append((loss_sum / local.mean_divisor(rows), int(nbytes), int(staleness),
-                             pid, slot))
-        if self.count % self.checkpoint_every == 0:
-            self._checkpoint()
+        self.updates.append(Update(loss_sum / local.mean_divisor(rows), int(nbytes),
+                                   int(staleness), pid, slot))
         if self.count >= self.stop_at:
             self.stopped = True
 
-    def _checkpoint(self):
-        clocks = self.clocks
-        if self.consistency == "bsp":       # pushes waiting in the buffer are redone
-            clocks = np.minimum(clocks, self._server_clock())
-        ckpt.save(self.checkpoint_dir, self.count, self.values, self.opt_state,
-                  extra={"clocks": clocks, "active": self.active},
-                  meta={"consistency": self.consistency, "server": self.address}, keep=2)
-
     def _push(self, slot, push):
-        pid, clock, loss_sum, rows, kind, payload = push
-        if self.stopped or not self.active[pid] or clock != self.clocks[pid]:
+        if self.stopped or not self.active[push.partition] or \
+                push.clock != self.clocks[push.partition]:
             return                                      # after a stop or a recovery
-        if kind == "mean":
-            grad_sum = payload.astype(self.dtype) * rows
-        else:
-            grad_sum = payload
+        pid = push.partition
+        grad_sum = (push.payload.astype(self.dtype) * push.rows if push.kind == "mean"
+                    else push.payload)
         remote = slot in self.remote_slots
-        nbytes = int(self.pull_bytes[pid]) + (payload.nbytes if remote else 0)
+        nbytes = int(self.pull_bytes[pid]) + (push.payload.nbytes if remote else 0)
         self.pull_bytes[pid] = 0
         before = self._server_clock()
         staleness = before - int(self.pulled_at[pid])
@@ -214,7 +153,7 @@ class _Server:
         self.partition_pushes[pid] += 1
         self.pushes[slot] = self.pushes.get(slot, 0) + 1
         if self.consistency != "bsp":
-            self._apply(grad_sum, loss_sum, rows, nbytes, staleness, pid, slot)
+            self._apply(grad_sum, push.loss, push.rows, nbytes, staleness, pid, slot)
             self._notify()
             return
         if self.buffer is None:
@@ -222,8 +161,8 @@ class _Server:
         else:
             self.buffer[0] += grad_sum
         buf = self.buffer
-        buf[1] += loss_sum
-        buf[2] += rows
+        buf[1] += push.loss
+        buf[2] += push.rows
         buf[3] += nbytes
         buf[4] = max(buf[4], staleness)
         if self._server_clock() > before:               # every partition pushed clock C
@@ -233,12 +172,11 @@ class _Server:
 
     # ---- the actor's interface ---------------------------------------------
     async def exchange(self, slot, push, pid, have_version):
-        """Apply ``push`` (or None), then pull for partition ``pid``.
+        """Apply ``push`` (a ``Push`` or None), then pull for partition ``pid``.
 
         Returns None when training is over, ``"wait"`` when the pull is not
-        allowed within ``_MAX_WAIT`` s (ask again), else ``(clock of pid,
-        version, values or None)`` (None: the caller's ``have_version`` is
-        current).
+        allowed within ``_MAX_WAIT`` s (ask again), else a ``Pull`` (its
+        values None when ``have_version`` is current).
         """
         if push is not None:
             self._push(slot, push)
@@ -255,45 +193,48 @@ class _Server:
             return None
         self.pulled_at[pid] = self._server_clock()
         if have_version == self.count:
-            return int(self.clocks[pid]), self.count, None
+            return Pull(int(self.clocks[pid]), self.count, None)
         values = _pack(self.values, self.transfer)
         self.pull_bytes[pid] += values.nbytes if slot in self.remote_slots else 0
-        return int(self.clocks[pid]), self.count, values
+        return Pull(int(self.clocks[pid]), self.count, values)
 
-    async def drain(self, wait):
-        """Records since the last drain (waiting up to ``wait`` s for one) and the state."""
-        if not self.records and not self.stopped:
+    async def snapshot(self, wait):
+        """A ``Snapshot``: the updates since the last one (waiting up to ``wait``
+        s for one) and the whole state. Under BSP the clocks are those of the
+        last applied update (pushes waiting in the buffer are redone)."""
+        if not self.updates and not self.stopped:
             try:
                 await asyncio.wait_for(self._changed().wait(), wait)
             except asyncio.TimeoutError:
                 pass
-        records, self.records = self.records, []
+        updates, self.updates = self.updates, []
         pushes, self.pushes = self.pushes, {}
         partition_pushes = self.partition_pushes.copy()
         self.partition_pushes[:] = 0
-        return {"records": records, "values": self.values.copy(),
-                "opt_state": _copy_state(self.opt_state), "count": self.count,
-                "stopped": self.stopped, "pushes": pushes,
-                "partition_pushes": partition_pushes}
+        clocks = self.clocks.copy()
+        if self.consistency == "bsp":
+            clocks = np.minimum(clocks, self._server_clock())
+        return Snapshot(updates, self.values.copy(), _copy_state(self.opt_state), self.count,
+                        clocks, self.active.copy(), self.stopped, pushes, partition_pushes)
 
     async def halt(self):
-        """Stop, checkpoint the current state and return the last records (``drain``'s shape)."""
+        """Stop and return the last ``Snapshot`` (the exact state)."""
         self.stopped = True
         self._notify()
-        self._checkpoint()
-        return await self.drain(0)
+        return await self.snapshot(0)
 
     async def stop(self):
         """End training: waiting and later pulls answer None."""
         self.stopped = True
         self._notify()
+        _SERVERS.pop(self.token, None)
         return self.count
 
 
 # ----------------------------------------------------------------------------
 # The worker loop (a long-running Dask task)
 # ----------------------------------------------------------------------------
-def _exchange_function(server):
+def _exchange_function(server, token, server_worker, timeout):
     """``exchange(...) -> reply`` for a worker loop; blocks until the server answers.
 
     On the server's own worker the call runs the actor's coroutine on the
@@ -304,20 +245,15 @@ def _exchange_function(server):
     from distributed import get_worker
     from distributed.utils import sync
 
-    try:
-        worker = get_worker()
-    except ValueError:
-        worker = None
-    here = worker.state.actors.get(server.key) if (
-        _LOCAL_CALLS and worker is not None and worker.address == server._address) else None
+    worker = get_worker()
+    here = _SERVERS.get(token) if _LOCAL_CALLS and worker.address == server_worker else None
     if here is not None:
-        return lambda *args: sync(worker.loop, here.exchange, *args,
-                                  callback_timeout=_CALL_TIMEOUT)
-    return lambda *args: server.exchange(*args).result(timeout=_CALL_TIMEOUT)
+        return lambda *args: sync(worker.loop, here.exchange, *args, callback_timeout=timeout)
+    return lambda *args: server.exchange(*args).result(timeout=timeout)
 
 
-def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed, transfer,
-                 slow, *arrays):
+def _worker_loop(server, token, server_worker, model, params, trainable, slot, pids,
+                 batch_size, seed, transfer, slow, timeout, *arrays):
     """Pull, compute, push round-robin over this worker's partitions until stopped.
 
     Returns ``{"slot", "pushes", "ended"}``; an unreachable server ends the loop
@@ -326,12 +262,12 @@ def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed,
     from distributed import secede
 
     secede()                       # a long-running task: do not hold a slot of the pool
-    idx = local.trainable_index(model, trainable)
+    view = model.trainable_view(trainable)
     params = np.array(params, copy=True)
     parts = {pid: (arrays[3 * i], arrays[3 * i + 1], arrays[3 * i + 2])
              for i, pid in enumerate(pids)}
     transfer = None if transfer is None else np.dtype(transfer)
-    exchange = _exchange_function(server)
+    exchange = _exchange_function(server, token, server_worker, timeout)
     version, push, pushes, i = -1, None, 0, 0
     while True:
         pid = pids[i % len(pids)]
@@ -345,16 +281,12 @@ def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed,
             return {"slot": slot, "pushes": pushes, "ended": "stopped"}
         if isinstance(reply, str):             # not allowed to pull yet: ask again
             continue
-        clock, new_version, values = reply
-        if values is not None:
-            version = new_version
-            if idx is None:
-                params[:] = values
-            else:
-                params[idx] = values
+        if reply.values is not None:
+            version = reply.version
+            view.scatter(params, reply.values)
         X, y, w = parts[pid]
-        rows = local.batch_slice(X.shape[0], batch_size, clock, seed, pid)
-        loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, trainable, idx, w=w)
+        rows = local.batch_slice(X.shape[0], batch_size, reply.clock, seed, pid)
+        loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, view, w=w)
         if slow.get(pid):
             time.sleep(slow[pid])
         kind, payload = "sum", grad
@@ -362,7 +294,7 @@ def _worker_loop(server, model, params, trainable, slot, pids, batch_size, seed,
             mean = (grad / local.mean_divisor(n)).astype(transfer)
             if np.isfinite(mean).all():
                 kind, payload = "mean", mean
-        push = (pid, clock, loss, n, kind, payload)
+        push = Push(pid, reply.clock, loss, n, kind, payload)
         i += 1
 
 
@@ -374,13 +306,11 @@ class ParameterServer(Strategy):
 
     ``consistency``: ``"bsp"`` | ``"ssp"`` | ``"async"``; ``staleness``: SSP's
     bound s (clocks); ``batch_size``: rows per partition mini-batch (None =
-    the whole partition); ``checkpoint_every``: server updates between
-    checkpoints; ``checkpoint_dir``: where (a temporary directory when None;
-    the directory belongs to the server: stale checkpoints in it are removed
-    at start); ``transfer_dtype``: None (the data's dtype) or ``"float16"``;
-    ``trainable``: layer names (frozen layers are neither computed nor sent);
-    ``poll_interval``: seconds between the driver's polls of the server;
-    ``slow_partitions``: ``{partition: seconds}`` (debugging stragglers).
+    the whole partition); ``transfer_dtype``: None (the data's dtype) or
+    ``"float16"``; ``trainable``: layer names (frozen layers are neither
+    computed nor sent); ``poll_interval``: seconds between the driver's
+    snapshots of the server; ``slow_partitions``: ``{partition: seconds}`` of
+    sleep after each of that partition's mini-batches (stragglers).
     """
 
     name = "ps"
@@ -392,9 +322,8 @@ class ParameterServer(Strategy):
     def full_batch(cls, config):
         return False
 
-    def __init__(self, consistency="async", staleness=2, batch_size=64, checkpoint_every=100,
-                 checkpoint_dir=None, transfer_dtype=None, trainable=None,
-                 poll_interval=0.05, slow_partitions=None):
+    def __init__(self, consistency="async", staleness=2, batch_size=64, transfer_dtype=None,
+                 trainable=None, poll_interval=0.05, slow_partitions=None):
         super().__init__(trainable)
         if consistency not in CONSISTENCY:
             raise ValueError(f"consistency {consistency!r} is not one of {', '.join(CONSISTENCY)}")
@@ -402,8 +331,6 @@ class ParameterServer(Strategy):
             raise ValueError(f"staleness must be >= 0, got {staleness}")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
-        if int(checkpoint_every) < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if transfer_dtype not in (None, "float16", np.float16):
             raise ValueError(f"transfer_dtype must be None or 'float16', got {transfer_dtype!r}")
         if not poll_interval > 0:
@@ -411,8 +338,6 @@ class ParameterServer(Strategy):
         self.consistency = consistency
         self.staleness = int(staleness)
         self.batch_size = None if batch_size is None else int(batch_size)
-        self.checkpoint_every = int(checkpoint_every)
-        self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
         self.transfer_dtype = None if transfer_dtype is None else "float16"
         self.poll_interval = float(poll_interval)
         self.slow_partitions = {int(k): float(v) for k, v in (slow_partitions or {}).items()}
@@ -421,263 +346,249 @@ class ParameterServer(Strategy):
         batches = [local.n_batches(int(n), self.batch_size) for n in data.partition_sizes]
         return max(batches) if self.consistency == "bsp" else sum(batches)
 
-    # ---- the loop ----------------------------------------------------------
-    def run(self, ctx):
-        if isinstance(ctx.optimizer, LBFGS):
-            raise ValueError("ParameterServer needs an (init, update) optimizer such as "
-                             "dml.optim.SGD or Adam, not LBFGS")
+    def run_steps(self, ctx):
         if ctx.client is None:
             raise ValueError("ParameterServer needs a Dask cluster (its server is a Dask "
                              "actor): pass client=... or let dml.fit start one")
-        self._setup(ctx)
+        return _Run(self, ctx).records()
+
+
+class _Run:
+    """One parameter-server run: the server actor, the worker loops, the
+    driver's last snapshot of the state, the counts and the recoveries."""
+
+    def __init__(self, strategy, ctx):
+        self.cfg, self.ctx, self.client = strategy, ctx, ctx.client
+        P = ctx.data.n_partitions
+        self.parts = ctx.data.partition_futures()
+        start = ctx.start_step if strategy.consistency == "bsp" else ctx.start_step // P
+        self.partition_counts = np.zeros(P, dtype=np.int64)
+        resumed = np.asarray(ctx.extra.get("partition_updates", ()), dtype=np.int64)
+        if resumed.shape == (P,):           # dml.fit(resume=True) restores ctx.extra
+            self.partition_counts += resumed
+        self.worker_counts, self.slots, self.dead = {}, [], set()
+        self.loops, self.actor_future, self.server = [], None, None
+        # the state to resume from should the server be lost: the last snapshot's
+        self.last = Snapshot([], ctx.trainable_values().copy(), _copy_state(ctx.opt_state),
+                             ctx.start_step, np.full(P, start, dtype=np.int64),
+                             np.ones(P, dtype=bool), False, {}, None)
+
+    # ---- the driver's loop ----------------------------------------------------
+    def records(self):
+        ctx, timeout = self.ctx, self.ctx.timeout
+        self.launch(self.last, ctx.data.workers())
         yielded, lost_pending = ctx.start_step, 0
         try:
             while True:
                 started = time.monotonic()
-                dead = self._dead_loop_workers()
+                dead = self.dead_loop_workers()
                 try:
-                    if dead:    # a data worker died: stop here (checkpointed), re-place
-                        out = self._server.halt().result(timeout=_CALL_TIMEOUT)
+                    if dead:    # a data worker died: stop here (exact state), re-place
+                        snap = self.server.halt().result(timeout=timeout)
                     else:
-                        out = self._server.drain(self.poll_interval).result(
-                            timeout=self.poll_interval + _CALL_TIMEOUT)
-                except Exception as exc:  # noqa: BLE001 - decided by _server_lost
-                    if not self._server_lost():
+                        snap = self.server.snapshot(self.cfg.poll_interval).result(
+                            timeout=self.cfg.poll_interval + timeout)
+                except Exception as exc:  # noqa: BLE001 - decided by server_lost
+                    if not self.server_lost():
                         raise
-                    lost_pending += self._recover(ctx, yielded, [self._server_worker], exc)
+                    lost_pending += self.recover(yielded, [self.server_worker], exc)
                     continue
                 if not dead:
-                    self._check_loops()
-                self._count(out)
-                records = out["records"]
-                if records:
-                    ctx.set_trainable_values(out["values"].astype(ctx.params.dtype, copy=False))
-                    ctx.opt_state = out["opt_state"]
-                    ctx.extra["partition_updates"] = self._partition_counts.copy()
-                for loss, nbytes, staleness, pid, slot in records:
+                    self.check_loops()
+                self.take(snap)
+                for update in snap.updates:
                     yielded += 1
-                    yield {"loss": float(loss), "bytes_sent": nbytes,
-                           "staleness": staleness,
-                           "partition": np.nan if pid is None else pid,
-                           "worker": np.nan if slot is None else slot,
+                    yield {"loss": float(update.loss), "bytes_sent": update.nbytes,
+                           "staleness": update.staleness,
+                           "partition": np.nan if update.partition is None else update.partition,
+                           "worker": np.nan if update.slot is None else update.slot,
                            "updates_lost": lost_pending}
                     lost_pending = 0
                 if dead:
-                    lost_pending += self._recover(ctx, yielded, dead, None)
+                    lost_pending += self.recover(yielded, dead, None)
                     continue
-                if out["stopped"] and not records and out["count"] >= self._stop_at:
+                if snap.stopped and not snap.updates and snap.count >= ctx.total_steps:
                     return
-                rest = self.poll_interval - (time.monotonic() - started)
+                rest = self.cfg.poll_interval - (time.monotonic() - started)
                 if rest > 0:
                     time.sleep(rest)
         finally:
-            self._shutdown()
+            self.shutdown()
 
-    # ---- set-up, monitoring, shutdown ----------------------------------------
-    def _setup(self, ctx):
-        self._client = ctx.client
-        self._owns_dir = self.checkpoint_dir is None
-        self._dir = Path(tempfile.mkdtemp(prefix="dmlcore-ps-") if self._owns_dir
-                         else self.checkpoint_dir)
-        for stale in ckpt.list_checkpoints(self._dir):
-            stale.unlink(missing_ok=True)
-        P = ctx.data.n_partitions
-        self._parts = ctx.data.partition_futures()
-        start = ctx.start_step if self.consistency == "bsp" else ctx.start_step // P
-        self._partition_counts = np.zeros(P, dtype=np.int64)
-        resumed = np.asarray(ctx.extra.get("partition_updates", ()), dtype=np.int64)
-        if resumed.shape == (P,):           # dml.fit(resume=True) restores ctx.extra
-            self._partition_counts += resumed
-        self._worker_counts = {}
-        self.worker_slots_ = []
-        self.recoveries_ = []
-        self._dead = set()
-        self._loops, self._actor_future, self._server = [], None, None
-        clocks, active = np.full(P, start, dtype=np.int64), np.ones(P, dtype=bool)
-        ckpt.save(self._dir, ctx.start_step, ctx.trainable_values(), ctx.opt_state,
-                  extra={"clocks": clocks, "active": active}, meta={"initial": True}, keep=2)
-        self._stop_at = ctx.total_steps
-        self._launch(ctx, ctx.trainable_values(), ctx.opt_state, clocks, active,
-                     ctx.start_step, self._stop_at, ctx.data.workers())
+    def take(self, snap):
+        """Keep ``snap`` as the state to resume from; publish state and counts."""
+        ctx = self.ctx
+        self.last = snap
+        if snap.updates:
+            ctx.set_trainable_values(snap.values.astype(ctx.params.dtype, copy=False))
+            ctx.opt_state = snap.opt_state
+        self.partition_counts += snap.partition_pushes
+        ctx.extra["partition_updates"] = self.partition_counts.copy()
+        for slot, n in snap.pushes.items():
+            address = self.slots[slot]
+            self.worker_counts[address] = self.worker_counts.get(address, 0) + n
+        self.publish()
 
-    def _launch(self, ctx, values, opt_state, clocks, active, count, stop_at, placement):
-        client = self._client
-        live = sorted(set(client.nthreads()) - self._dead)
+    def publish(self):
+        import xarray as xr
+
+        counts, addresses = self.partition_counts, sorted(self.worker_counts)
+        # (the per-step ``partition`` and ``worker`` variables name the pusher of
+        # each update, so these counts run over dimensions of their own)
+        self.ctx.outputs["partition_updates"] = xr.DataArray(
+            counts.copy(), dims="partition_id",
+            coords={"partition_id": np.arange(len(counts))})
+        self.ctx.outputs["worker_updates"] = xr.DataArray(
+            np.array([self.worker_counts[a] for a in addresses], dtype=np.int64),
+            dims="worker_address", coords={"worker_address": np.array(addresses, dtype=str)})
+
+    # ---- placement --------------------------------------------------------------
+    def launch(self, state, placement):
+        """Start a server from ``state`` (a ``Snapshot``) and the worker loops
+        on ``placement`` (partition -> worker, None for dropped ones)."""
+        ctx, cfg, client = self.ctx, self.cfg, self.client
+        live = sorted(set(client.nthreads()) - self.dead)
         if not live:
             raise RuntimeError("the Dask cluster has no live worker left for the parameter server")
         by_worker = {}
-        for pid in np.flatnonzero(active):
+        for pid in np.flatnonzero(state.active):
             by_worker.setdefault(placement[pid], []).append(int(pid))
         load = {w: len(by_worker.get(w, ())) for w in live}
-        server_worker = min(live, key=lambda w: (load[w], w))
+        self.server_worker = min(live, key=lambda w: (load[w], w))
         slots = {}
         for w in sorted(by_worker):
-            slots[w] = len(self.worker_slots_)
-            self.worker_slots_.append(w)
-        remote = [s for w, s in slots.items() if w != server_worker]
-        self._actor_future = client.submit(
-            _Server, consistency=self.consistency, staleness=self.staleness,
-            optimizer=ctx.optimizer, values=values, opt_state=opt_state, clocks=clocks,
-            active=active, count=count, stop_at=stop_at, checkpoint_dir=str(self._dir),
-            checkpoint_every=self.checkpoint_every, transfer=self.transfer_dtype,
-            remote_slots=remote, actor=True, workers=[server_worker],
-            allow_other_workers=False, pure=False)
+            slots[w] = len(self.slots)
+            self.slots.append(w)
+        token = uuid.uuid4().hex
+        self.actor_future = client.submit(
+            _Server, token=token, consistency=cfg.consistency, staleness=cfg.staleness,
+            optimizer=ctx.optimizer, values=state.values, opt_state=state.opt_state,
+            clocks=state.clocks, active=state.active, count=state.count,
+            stop_at=ctx.total_steps, transfer=cfg.transfer_dtype,
+            remote_slots=[s for w, s in slots.items() if w != self.server_worker],
+            actor=True, workers=[self.server_worker], allow_other_workers=False, pure=False)
         with client.as_current():       # the handle calls through this client, not the default
-            self._server = self._actor_future.result()
-        self._server_worker = server_worker
-        self._loop_workers = sorted(by_worker)
-        self._last_liveness = time.monotonic()
-        self._loops = []
-        for w, pids in sorted(by_worker.items()):
-            arrays = [f for pid in pids for f in self._parts[pid]]
-            self._loops.append(client.submit(
-                _worker_loop, self._server, ctx.model, ctx.params, ctx.trainable, slots[w], pids, self.batch_size, ctx.seed, self.transfer_dtype,
-                self.slow_partitions, *arrays, workers=[w], allow_other_workers=False,
-                pure=False))
+            self.server = self.actor_future.result(timeout=ctx.timeout)
+        self.loop_workers = sorted(by_worker)
+        self.last_liveness = time.monotonic()
+        self.loops = [client.submit(
+            _worker_loop, self.server, token, self.server_worker, ctx.model, ctx.params,
+            ctx.trainable, slots[w], pids, cfg.batch_size, ctx.seed, cfg.transfer_dtype,
+            cfg.slow_partitions, ctx.timeout, *[f for pid in pids for f in self.parts[pid]],
+            workers=[w], allow_other_workers=False, pure=False)
+            for w, pids in sorted(by_worker.items())]
 
-    def _count(self, out):
-        self._partition_counts += out["partition_pushes"]
-        for slot, n in out["pushes"].items():
-            address = self.worker_slots_[slot]
-            self._worker_counts[address] = self._worker_counts.get(address, 0) + n
-        import xarray as xr
-
-        self.partition_updates_ = xr.DataArray(
-            self._partition_counts.copy(), dims="partition", name="partition_updates",
-            coords={"partition": np.arange(len(self._partition_counts))})
-        addresses = sorted(self._worker_counts)
-        self.worker_updates_ = xr.DataArray(
-            np.array([self._worker_counts[a] for a in addresses], dtype=np.int64),
-            dims="worker", coords={"worker": np.array(addresses, dtype=str)},
-            name="worker_updates")
-
-    def _dead_loop_workers(self):
+    # ---- monitoring ---------------------------------------------------------------
+    def dead_loop_workers(self):
         """Workers running loops that left the cluster (checked at most once a second)."""
         now = time.monotonic()
-        if now - self._last_liveness < 1.0:
+        if now - self.last_liveness < 1.0:
             return []
-        self._last_liveness = now
-        live = set(self._client.nthreads())
-        return sorted({w for w in self._loop_workers if w not in live}
-                      - {self._server_worker})
+        self.last_liveness = now
+        live = set(self.client.nthreads())
+        return sorted({w for w in self.loop_workers if w not in live} - {self.server_worker})
 
-    def _check_loops(self):
+    def check_loops(self):
         """Raise the error of a worker loop that failed (a computation error)."""
-        for f in self._loops:
+        for f in self.loops:
             if f.status == "error":
                 f.result()
 
-    def _server_lost(self):
+    def server_lost(self):
         """True when the server's worker is gone (its actor with it)."""
-        if self._actor_future is None:
-            return False
         deadline = time.monotonic() + 10.0
         while True:
-            if self._actor_future.status in ("error", "lost", "cancelled"):
+            if self.actor_future.status in ("error", "lost", "cancelled"):
                 return True
-            if self._server_worker not in self._client.nthreads():
+            if self.server_worker not in self.client.nthreads():
                 return True
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.2)
 
-    def _recover(self, ctx, yielded, dead, exc):
-        """Re-create the server from the newest checkpoint after ``dead`` workers died.
-
-        Returns the number of updates lost (yielded after that checkpoint).
-        """
-        saved = ckpt.latest(self._dir)
-        if saved is None:
-            raise RuntimeError(
-                f"worker(s) {dead} died and no parameter-server checkpoint "
-                f"is readable in {self._dir} (on a multi-machine cluster give "
-                f"ParameterServer(checkpoint_dir=...) on storage every machine shares)") from exc
-        self._dead.update(dead)             # the scheduler may still list them for a moment
-        self._client.cancel(self._loops)    # they end at their next call of the dead server
-        self._loops = []
-        self._actor_future.release()
-        self._actor_future, self._server = None, None
-        active = saved["extra"]["active"].astype(bool)
-        placement, dropped = self._surviving_placement(active)
+    # ---- recovery -----------------------------------------------------------------
+    def recover(self, yielded, dead, exc):
+        """Re-create the server from the driver's last snapshot after ``dead``
+        workers died; returns the updates lost (yielded but not in the snapshot)."""
+        ctx, t0 = self.ctx, time.monotonic()
+        self.dead.update(dead)              # the scheduler may still list them for a moment
+        self.client.cancel(self.loops)      # they end at their next call of the dead server
+        self.loops = []
+        self.actor_future.release()
+        self.actor_future, self.server = None, None
+        state = self.last
+        active = state.active.copy()
+        placement, dropped = self.surviving_placement(active)
         if dropped:
             logger.warning("parameter server recovery: the data of partitions %s are lost "
                            "with worker %s; training goes on without them", dropped, dead)
             active[dropped] = False
         if not active.any():
             raise RuntimeError(f"every partition's data was lost with worker {dead}") from exc
-        lost = max(0, yielded - saved["step"])
-        self._stop_at = saved["step"] + (ctx.total_steps - yielded)
-        opt_state = ckpt.restore_state(ctx.opt_state, saved["opt"])
-        values = saved["params"].astype(ctx.params.dtype)
-        self._launch(ctx, values, opt_state, saved["extra"]["clocks"], active, saved["step"],
-                     self._stop_at, placement)
-        self.recoveries_.append({"dead_workers": dead, "server_worker": self._server_worker,
-                                 "checkpoint_step": saved["step"], "at_step": yielded,
-                                 "updates_lost": lost, "partitions_dropped": dropped})
-        logger.warning("parameter server re-created on %s from the checkpoint of update %d "
-                       "after %s died: %d update(s) lost", self._server_worker, saved["step"],
-                       dead, lost)
+        lost = max(0, yielded - state.count)
+        self.launch(state._replace(active=active), placement)
+        ctx.events.append({"step": yielded, "time": time.time(), "worker": ", ".join(dead),
+                           "what": "parameter server restarted",
+                           "server_worker": self.server_worker, "from_update": state.count,
+                           "updates_lost": lost, "partitions_dropped": str(dropped),
+                           "recovery_s": time.monotonic() - t0})
+        logger.warning("parameter server re-created on %s from update %d after %s died: "
+                       "%d update(s) lost", self.server_worker, state.count, dead, lost)
         return lost
 
-    def _surviving_placement(self, active, timeout=10.0):
+    def surviving_placement(self, active, timeout=10.0):
         """Where each partition's data live now, and the partitions whose data are lost."""
         from distributed import wait
 
-        futures = [f for pid in np.flatnonzero(active) for f in self._parts[pid]
+        futures = [f for pid in np.flatnonzero(active) for f in self.parts[pid]
                    if f is not None]
         try:       # data being recomputed by the scheduler
             wait([f for f in futures if f.status == "pending"], timeout=timeout)
         except Exception:  # noqa: BLE001 - timeouts and lost keys are judged below
             pass
-        live = set(self._client.nthreads()) - self._dead
+        live = set(self.client.nthreads()) - self.dead
         kept = [f for f in futures if f.status == "finished"]
         try:
-            who = self._client.who_has(kept) if kept else {}
+            who = self.client.who_has(kept) if kept else {}
         except Exception:  # noqa: BLE001 - a key forgotten meanwhile: ask one by one
             who = {}
             for f in kept:
                 try:
-                    who.update(self._client.who_has([f]))
+                    who.update(self.client.who_has([f]))
                 except Exception:  # noqa: BLE001
                     pass
         placement, dropped = [None] * len(active), []
         for pid in np.flatnonzero(active):
             holders = None
-            for f in self._parts[pid]:
+            for f in self.parts[pid]:
                 if f is None:
                     continue
                 here = {w for w in who.get(f.key, ()) if w in live}
                 holders = here if holders is None else holders & here
             if not holders or any(f is not None and f.status != "finished"
-                                  for f in self._parts[pid]):
+                                  for f in self.parts[pid]):
                 dropped.append(int(pid))
             else:
                 placement[pid] = sorted(holders)[0]
         return placement, dropped
 
-    def _shutdown(self):
-        """Stop the server, wait for the worker loops, release everything."""
+    def shutdown(self):
+        """Stop the server, wait for the worker loops (bounded), release everything."""
         from distributed import wait
 
-        client = getattr(self, "_client", None)
-        if client is None:
-            return
-        if self._server is not None:
+        timeout = self.ctx.timeout
+        if self.server is not None:
             try:
-                self._server.stop().result(timeout=_CALL_TIMEOUT)
+                self.server.stop().result(timeout=timeout)
             except Exception as exc:  # noqa: BLE001 - the loops end on their own then
                 logger.debug("parameter server stop failed: %r", exc)
-        loops = self._loops
         try:
-            wait(loops, timeout=_CALL_TIMEOUT + 5)
+            wait(self.loops, timeout=timeout + 5)
         except Exception:  # noqa: BLE001
             pass
-        self.loop_results_ = [f.result() if f.status == "finished" else f.status
-                              for f in self._loops]
-        client.cancel(loops)
-        if self._actor_future is not None:
-            self._actor_future.release()
-        self._loops, self._server, self._actor_future = [], None, None
-        if self._owns_dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
-        self._client = None
+        self.ctx.outputs["loop_endings"] = [f.result() if f.status == "finished" else f.status
+                                            for f in self.loops]
+        self.client.cancel(self.loops)
+        if self.actor_future is not None:
+            self.actor_future.release()
+        self.loops, self.server, self.actor_future = [], None, None

@@ -35,36 +35,169 @@ and the same update applied, so all replicas stay bit-identical to each other
 and to the ``"driver"`` path. With more than two executors and a large
 enough vector the exchange is a reduce-scatter + all-gather in which each
 executor updates its own slice (2(n-1) vectors moved per step instead of
-n(n-1); see ``executors.sharded_exchange``). The driver is off the step's
-critical path: it starts a run of steps and fetches the parameters and state
-back only at the steps where it needs them (``RunContext.sync_every``:
-evaluations, checkpoints, callbacks, epoch ends); when that is every step,
-the ``"driver"`` path runs instead (same bits, a driver round trip per step).
+n(n-1); see ``sharded_exchange``). The driver is off the step's critical
+path: it starts a run of steps that ends at the next point where it needs
+the parameters and state (``RunContext.next_sync``: evaluations,
+checkpoints, callbacks, epoch ends, wherever each falls); when that is every
+step, the ``"driver"`` path runs instead (same bits, a driver round trip per
+step). ``bytes_sent`` is what the transport counted: channel frames between
+driver and executors and mesh frames between executors.
 """
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import numpy as np
 
 from .. import local
 from ..aggregate import add_partials, tree_reduce
-from ..executors import ExecutorPool, merge_states, sharded_exchange
+from ..executors import ExecutorPool, hosted
+from ..messages import Partial, ReplicaRun, ReplicaState
 from ..optim import LBFGS
 from .base import Strategy
+from .fedavg import client_train  # noqa: F401 - local SGD is FedAvg's client step, hosted
 
 
+# ----------------------------------------------------------------------------
+# The replicated step (apply_on="workers"), hosted by every executor
+# ----------------------------------------------------------------------------
+def sharded_exchange(n, nbytes):
+    """Whether ``n`` replicas of an ``nbytes`` vector use reduce-scatter +
+    all-gather (two rounds, 2(n-1) vectors) rather than a full exchange of
+    gradients (one round, n(n-1) vectors). Two replicas move the same bytes
+    either way and the single round is cheaper (one round trip fewer); above
+    two, sharding wins once the extra vectors cost more than a round, taken
+    here as 64 KiB per executor."""
+    return n > 2 and (n - 2) * nbytes > 1 << 16
+
+
+def shard_bounds(size, n):
+    """Boundaries of n near-equal contiguous slices of range(size): n + 1 ints."""
+    return [size * j // n for j in range(n + 1)]
+
+
+def _per_parameter(state, size):
+    """Names of the fields of an optimizer state that hold one entry per parameter."""
+    return [name for name, value in state._asdict().items()
+            if isinstance(value, np.ndarray) and value.shape == (size,)]
+
+
+def _update_slice(optimizer, grad, state, values, lo, hi):
+    """``optimizer.update`` on values[lo:hi] (in place) with the matching slices
+    of the state; returns the whole state with its step advanced. The update is
+    elementwise, so slices give the same bits as the whole vector."""
+    size = values.shape[0]
+    if (lo, hi) == (0, size):
+        return optimizer.update(grad, state, values)
+    names = _per_parameter(state, size)
+    sliced = state._replace(**{name: getattr(state, name)[lo:hi] for name in names})
+    new = optimizer.update(grad, sliced, values[lo:hi])
+    return new._replace(**{name: getattr(state, name) for name in names})
+
+
+def merge_states(pieces):
+    """``(values, optimizer state)`` from each replica's ``ReplicaState``:
+    per-parameter fields taken slice by slice from their owners."""
+    values, state = pieces[0].values, pieces[0].opt_state
+    names = _per_parameter(state, values.shape[0])
+    merged = {name: np.empty_like(getattr(state, name)) for name in names}
+    for piece in pieces:
+        for name in names:
+            merged[name][piece.lo:piece.hi] = getattr(piece.opt_state, name)[piece.lo:piece.hi]
+    return values, state._replace(**merged)
+
+
+class _Replica:
+    """An executor's copy of the trainable values and optimizer state, and the
+    slice [lo, hi) of them it updates (all of it when the exchange is full)."""
+
+    def __init__(self, values, optimizer, opt_state, mesh):
+        self.values, self.optimizer, self.state = np.array(values, copy=True), optimizer, opt_state
+        size, n = self.values.shape[0], mesh.size
+        self.sharded = sharded_exchange(n, self.values.nbytes)
+        self.bounds = shard_bounds(size, n)
+        me = mesh.index
+        self.lo, self.hi = (self.bounds[me], self.bounds[me + 1]) if self.sharded else (0, size)
+
+
+@hosted
+def replica_start(executor, values, optimizer, opt_state):
+    """Take the driver's trainable values and optimizer state as this replica's."""
+    executor.run_state = _Replica(values, optimizer, opt_state, executor.mesh)
+    return True
+
+
+@hosted
+def replica_steps(executor, first_step, n_steps, batch_size, seed):
+    """Run ``n_steps`` synchronous steps on the replica; a ``ReplicaRun``.
+
+    A step: the local sums, then the exchange ``sharded_exchange`` picks. Both
+    add the partial gradients in executor order (the driver's order, so the
+    driver-applied path gets the same bits), divide by the rows and apply the
+    optimizer:
+    * full: every executor sends its whole gradient to every other and
+      updates the whole vector (one round; n(n-1) vectors move);
+    * sharded (ZeRO-1 style reduce-scatter + all-gather): executor j owns
+      slice j (``shard_bounds``), receives every peer's gradient on it,
+      updates that slice of the parameters and of the optimizer state, and
+      sends the new slice to every peer (two rounds; 2(n-1) vectors move).
+    An error closes the mesh, so the peers stop waiting at once.
+    """
+    try:
+        return _replica_steps(executor, executor.run_state, executor.mesh, int(first_step),
+                              int(n_steps), batch_size, seed)
+    except BaseException:
+        executor.close_mesh()
+        raise
+
+
+def _replica_steps(executor, replica, mesh, first_step, n_steps, batch_size, seed):
+    values, bounds, (lo, hi) = replica.values, replica.bounds, (replica.lo, replica.hi)
+    full = [np.empty_like(executor.full_params(values)) for _ in executor.parts]
+    total = np.empty(hi - lo, dtype=values.dtype)
+    run = ReplicaRun([], [], [])
+    t0 = time.perf_counter()
+    for step in range(first_step, first_step + n_steps):
+        sent = mesh.bytes_sent
+        mine = executor.loss_grad(values, step, batch_size, seed, buffers=full)
+        if replica.sharded:
+            everyone = mesh.alltoall([Partial(mine.loss, mine.grad[bounds[j]:bounds[j + 1]],
+                                              mine.rows) for j in range(mesh.size)], "grad")
+        else:
+            everyone = mesh.exchange(mine, "grad")
+        np.copyto(total, everyone[0].grad)          # (p0 + p1) + p2 ...: the driver's order
+        for other in everyone[1:]:
+            total += other.grad
+        loss = sum(p.loss for p in everyone)
+        rows = sum(p.rows for p in everyone)
+        total /= local.mean_divisor(rows)
+        replica.state = _update_slice(replica.optimizer, total, replica.state, values, lo, hi)
+        if replica.sharded:
+            for j, piece in enumerate(mesh.exchange(values[lo:hi], "values")):
+                if j != mesh.index:
+                    values[bounds[j]:bounds[j + 1]] = piece
+        run.losses.append(loss / local.mean_divisor(rows))
+        run.ends.append(time.perf_counter() - t0)
+        run.sent.append(mesh.bytes_sent - sent)
+    return run
+
+
+@hosted
+def replica_state(executor):
+    """This replica's ``ReplicaState`` (its optimizer state current on [lo, hi))."""
+    replica = executor.run_state
+    return ReplicaState(replica.values, replica.state, replica.lo, replica.hi)
+
+
+# ----------------------------------------------------------------------------
+# The strategy (driver side)
+# ----------------------------------------------------------------------------
 def _partition_loss_grad(model, values, frozen, X, y, w, step, batch_size, seed, pid, trainable):
-    """Task body of the "tasks" transport: one partition's (loss, grad, rows) sums."""
-    if trainable is None:
-        params = values
-    else:
-        params = frozen.copy()
-        params[local.trainable_index(model, trainable)] = values
+    """Task body of the "tasks" transport: one partition's ``Partial``."""
+    view = model.trainable_view(trainable)
+    params = values if view.index is None else view.scatter(frozen.copy(), values)
     rows = local.batch_slice(X.shape[0], batch_size, step, seed, pid)
-    return local.loss_grad_sum(model, params, X, y, rows, trainable, w=w)
+    return Partial(*local.loss_grad_sum(model, params, X, y, rows, view, w=w))
 
 
 class SyncSGD(Strategy):
@@ -110,24 +243,19 @@ class SyncSGD(Strategy):
         return -(-batches // self.local_steps)
 
     # ---- the loop ----------------------------------------------------------
-    def run(self, ctx):
-        if isinstance(ctx.optimizer, LBFGS):
-            if self.batch_size is not None or self.local_steps != 1:
-                raise ValueError("LBFGS needs SyncSGD(batch_size=None, local_steps=1)")
-            yield from self._run_lbfgs(ctx)
-            return
+    def run_steps(self, ctx):
         evaluate, pool, close = self._evaluator(ctx)
         try:
             # replicas pay off between sync points; syncing every step (a callback
             # without ``sync_every``, one step per epoch) is the driver path's job
             if (self.apply_on == "workers" and pool is not None and pool.channels
-                    and self.local_steps == 1 and ctx.sync_every > 1):
+                    and self.local_steps == 1 and not ctx.syncs_every_step):
                 yield from self._run_replicated(ctx, pool)
                 return
             for step in range(ctx.start_step, ctx.total_steps):
                 values = ctx.trainable_values()
                 if self.local_steps == 1:
-                    loss, grad, rows, nbytes = evaluate(values, step)
+                    (loss, grad, rows), nbytes = evaluate(values, step)
                     grad /= local.mean_divisor(rows)
                     ctx.opt_state = ctx.optimizer.update(grad, ctx.opt_state, values)
                 else:
@@ -137,21 +265,50 @@ class SyncSGD(Strategy):
         finally:
             close()
 
+    def run_batch(self, ctx):
+        """Full-batch L-BFGS: one tree-reduced (loss, grad) round trip per evaluation."""
+        if self.batch_size is not None or self.local_steps != 1:
+            raise ValueError("LBFGS needs SyncSGD(batch_size=None, local_steps=1)")
+        evaluate, _, close = self._evaluator(ctx)
+        spent = [0]
+
+        def loss_grad(values):
+            (loss, grad, rows), nbytes = evaluate(values, 0)
+            spent[0] += nbytes
+            rows = local.mean_divisor(rows)
+            return loss / rows, grad / rows
+
+        iterations = ctx.optimizer.iterations(
+            loss_grad, ctx.trainable_values().copy(), ctx.view.decay_mask,
+            max_iter=ctx.total_steps - ctx.start_step)
+        try:
+            while True:
+                try:
+                    values, loss = next(iterations)
+                except StopIteration as done:
+                    ctx.outputs["solver_result"] = done.value
+                    return
+                ctx.set_trainable_values(values)
+                nbytes, spent[0] = spent[0], 0
+                yield {"loss": loss, "bytes_sent": nbytes}
+        finally:
+            iterations.close()
+            close()
+
     def _evaluator(self, ctx):
-        """``(evaluate, pool, close)``; ``evaluate(values, step) -> (loss sum, grad sum, rows, bytes)``."""
+        """``(evaluate, pool, close)``; ``evaluate(values, step) -> (Partial, bytes)``."""
         model, data, client = ctx.model, ctx.data, ctx.client
-        vbytes = ctx.trainable_values().nbytes
         if self.transport != "tasks" or client is None:
             pool = ExecutorPool(model, data, client, direct=self.transport == "actors",
                                 timeout=ctx.timeout)
             if ctx.trainable is not None:
                 pool.call("configure", ctx.params, ctx.trainable)
-            crossing = 0 if client is None else 2 * vbytes * len(pool)
 
             def evaluate(values, step):
-                loss, grad, rows = add_partials(
-                    *pool.call("loss_grad", values, step, self.batch_size, ctx.seed))
-                return loss, grad, rows, crossing
+                before = pool.traffic()
+                total = add_partials(*pool.call("loss_grad", values, step, self.batch_size,
+                                                ctx.seed))
+                return total, pool.traffic() - before
 
             return evaluate, pool, pool.close
 
@@ -165,112 +322,54 @@ class SyncSGD(Strategy):
                                      self.batch_size, ctx.seed, pid, ctx.trainable,
                                      workers=[workers[pid]], pure=False)
                        for pid, (X, y, w) in enumerate(parts)]
-            loss, grad, rows = tree_reduce(client, futures, self.fan_in,
-                                           workers=workers).result()
-            return loss, grad, rows, vbytes * (len(parts) + n_workers)
+            total = tree_reduce(client, futures, self.fan_in, workers=workers).result()
+            # Dask moves these through the scheduler: the values to every task, one
+            # partial per worker back (what its tree level sends)
+            return total, values.nbytes * (len(parts) + n_workers)
 
         return evaluate, None, lambda: None
 
     def _run_replicated(self, ctx, pool):
         """The ``apply_on="workers"`` loop: runs of steps between sync points."""
         pool.connect_mesh()
-        values = ctx.trainable_values()
-        n = len(pool)
-        sharded = sharded_exchange(n, values.nbytes)
-        # bytes per step: see PartitionExecutor.replica_steps
-        per_step = (2 * (n - 1) if sharded else n * (n - 1)) * values.nbytes
-        state_bytes = values.nbytes + sum(
-            v.nbytes for v in ctx.opt_state if isinstance(v, np.ndarray))
-        pool.call("start_replica", values, ctx.optimizer, ctx.opt_state)
-        handoff = n * state_bytes                   # the driver's state to every replica
-        step, every = ctx.start_step, max(int(ctx.sync_every), 1)
+        before = pool.traffic()
+        pool.call("replica_start", ctx.trainable_values(), ctx.optimizer, ctx.opt_state)
+        step = ctx.start_step
         while step < ctx.total_steps:
-            end = min((step // every + 1) * every, ctx.total_steps)
+            end = ctx.next_sync(step)
             t0 = time.perf_counter()
             # each of the executors' exchanges has the deadline; the run of steps
             # as a whole gets it once per step
-            results = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed,
-                                wait=ctx.timeout * (end - step))
-            losses, ends = results[0]
-            if sharded:                             # each replica owns a slice of the state
+            runs = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed,
+                             wait=ctx.timeout * (end - step))
+            if sharded_exchange(len(pool), ctx.trainable_values().nbytes):                             # each replica owns a slice of the state
                 pieces = pool.call("replica_state")
             else:
                 pieces = pool.results([pool.submit_one(0, "replica_state")])
             new_values, ctx.opt_state = merge_states(pieces)
-            handoff += state_bytes * len(pieces)
-            for i, (loss, t) in enumerate(zip(losses, ends)):
-                record = {"loss": loss, "bytes_sent": per_step, "_time": t0 + t}
+            # the driver's calls (start, runs, states) count on the run's first step
+            driver = pool.traffic() - before
+            before += driver
+            for i, (loss, t) in enumerate(zip(runs[0].losses, runs[0].ends)):
+                record = {"loss": loss, "bytes_sent": sum(r.sent[i] for r in runs),
+                          "_time": t0 + t}
                 if i == 0:
-                    record["bytes_sent"] += handoff
-                    handoff = 0
-                if i == len(losses) - 1:
+                    record["bytes_sent"] += driver
+                if i == len(runs[0].losses) - 1:
                     ctx.set_trainable_values(new_values)
                 yield record
             step = end
 
     def _local_round(self, ctx, pool, values, step):
-        results = pool.call("local_train", values, ctx.optimizer, round_=step,
+        before = pool.traffic()
+        results = pool.call("client_train", values, ctx.optimizer, round_=step,
                             local_steps=self.local_steps, batch_size=self.batch_size,
                             seed=ctx.seed)
-        failed = [f for r in results for f in r[5]]
+        failed = [f for r in results for f in r.failed]
         if failed:
             raise RuntimeError(f"local training failed on partition {failed[0][0]}: "
                                f"{failed[0][1]}")
-        weighted, weight, loss, rows = add_partials(*[r[:4] for r in results])
+        total = add_partials(*[r[:4] for r in results])
+        weighted, weight, loss, rows = total
         new = (weighted / local.mean_divisor(weight)).astype(values.dtype)
-        nbytes = 0 if ctx.client is None else 2 * values.nbytes * len(pool)
-        return new, loss, rows, nbytes
-
-    def _run_lbfgs(self, ctx):
-        """Drive scipy's L-BFGS-B in a thread; yield one record per iteration."""
-        evaluate, _, close = self._evaluator(ctx)
-        records: queue.Queue = queue.Queue(maxsize=1)
-        stop = threading.Event()
-        spent = {"bytes": 0}
-        idx = ctx.trainable_idx
-        mask = ctx.model.weight_mask()
-        mask = mask if idx is None else mask[idx]
-        max_iter = ctx.total_steps - ctx.start_step
-        solver = LBFGS(max_iter=max_iter, tol=ctx.optimizer.tol, history=ctx.optimizer.history,
-                       weight_decay=ctx.optimizer.weight_decay, ftol=ctx.optimizer.ftol)
-
-        def loss_grad(values):
-            loss, grad, rows, nbytes = evaluate(values, 0)
-            spent["bytes"] += nbytes
-            rows = local.mean_divisor(rows)
-            return loss / rows, grad / rows
-
-        def callback(x, loss):
-            if stop.is_set():
-                raise StopIteration
-            records.put(("step", x, loss))
-
-        def solve():
-            try:
-                result = solver.minimize(loss_grad, ctx.trainable_values().copy(),
-                                         decay_mask=mask, callback=callback)
-                records.put(("done", result, None))
-            except BaseException as exc:  # handed to the consumer
-                records.put(("error", exc, None))
-
-        thread = threading.Thread(target=solve, name="dmlcore-lbfgs", daemon=True)
-        thread.start()
-        try:
-            while True:
-                kind, payload, loss = records.get()
-                if kind == "error":
-                    raise payload
-                if kind == "done":
-                    self.lbfgs_result_ = payload
-                    break
-                ctx.set_trainable_values(payload)
-                nbytes, spent["bytes"] = spent["bytes"], 0
-                yield {"loss": float(loss), "bytes_sent": nbytes}
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    records.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            close()
+        return new, loss, rows, pool.traffic() - before

@@ -11,7 +11,7 @@ What is specific to a kind lives on its class, found through
 * strategy: ``unit`` ("steps" or "rounds": what ``train`` lengths count),
   ``optimizer_keys`` (keywords holding a ``{kind: ...}`` optimizer),
   ``full_batch(config)``;
-* optimizer: a batch solver (L-BFGS) has ``minimize``, the others
+* optimizer: a batch solver (L-BFGS) says so (``batch_solver``), the others
   ``init``/``update``.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .parse import WorkflowError
 
 def is_batch_solver(kind):
     """Whether optimizer ``kind`` drives full-batch ``(loss, grad)`` evaluations itself."""
-    return hasattr(registry.resolve("optimizer", kind), "minimize")
+    return bool(getattr(registry.resolve("optimizer", kind), "batch_solver", False))
 
 
 def build_optimizer(kind, kwargs):

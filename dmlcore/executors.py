@@ -223,11 +223,14 @@ class _Done:
 class ExecutorPool:
     """One executor per worker holding partitions; ``call`` runs a method on all."""
 
-    def __init__(self, model, data, client=None, direct=True, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, model, data, client=None, direct=True, timeout=DEFAULT_TIMEOUT,
+                 placement=None):
         """``direct``: make the calls over ``channel`` sockets (workers on TCP;
         otherwise, or when the sockets cannot connect, Dask actor calls, the
         fallback logged once with its reason);
-        ``timeout``: the deadline of every data-plane wait (seconds)."""
+        ``timeout``: the deadline of every data-plane wait (seconds);
+        ``placement``: the worker of each partition (None: left out), default
+        where the data lie (``data.workers()``)."""
         self.client = client
         self.model, self.timeout = model, float(timeout)
         self.channels = []
@@ -244,8 +247,9 @@ class ExecutorPool:
             self.partition_ids = [list(range(len(blocks)))]
             return
         futures = data.partition_futures()
-        for pid, worker in enumerate(data.workers()):
-            ids_by_worker.setdefault(worker, []).append(pid)
+        for pid, worker in enumerate(data.workers() if placement is None else placement):
+            if worker is not None:
+                ids_by_worker.setdefault(worker, []).append(pid)
         self.workers = sorted(ids_by_worker)
         self.partition_ids = [ids_by_worker[w] for w in self.workers]
         actor_futures = [

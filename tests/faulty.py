@@ -1,7 +1,8 @@
 """Fault injection for tests/test_faults.py: a model that fails on one worker,
 and the script that runs one fit in a fresh process.
 
-Run as ``python tests/faulty.py ACTION APPLY_ON OPTIMIZER`` with ``tests/`` on
+Run as ``python tests/faulty.py ACTION APPLY_ON OPTIMIZER`` (OPTIMIZER ``ps``: the
+parameter server, SSP) with ``tests/`` on
 ``PYTHONPATH`` (the workers import this module to unpickle the model). It
 prints one JSON line: the error's type and message, the seconds ``fit`` took
 to raise, and the victim worker's address.
@@ -48,7 +49,10 @@ def main(action, apply_on, optimizer, timeout=5.0):
         victim = sorted(pids)[1]
         model = FaultyLogistic(X.shape[1])
         model.victim_pid, model.action = pids[victim], action
-        if optimizer == "lbfgs":
+        if optimizer == "ps":            # the parameter server's loops, SSP(2)
+            from dmlcore.strategies.ps import ParameterServer
+            strategy, opt = ParameterServer("ssp", batch_size=10), dml.optim.SGD(lr=0.1)
+        elif optimizer == "lbfgs":
             model.at_call = 5
             strategy, opt = dml.SyncSGD(batch_size=None), dml.optim.LBFGS()
         else:

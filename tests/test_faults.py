@@ -3,8 +3,8 @@
 Each fit runs in a fresh process (``tests/faulty.py``) under a hard timeout,
 on a 2-process LocalCluster with ``timeout=5``: a worker whose step raises
 MemoryError (the fit raises it within 5 s), and a SIGSTOPped worker (the fit
-raises within timeout + 5 s), for the replicated path, the driver path and
-L-BFGS.
+raises within timeout + 5 s), for the replicated path, the driver path,
+L-BFGS and the parameter server's worker loops.
 """
 import json
 import os
@@ -28,7 +28,7 @@ def run_fault(action, apply_on, optimizer):
     return json.loads(lines[-1])
 
 
-CASES = [("workers", "sgd"), ("driver", "sgd"), ("driver", "lbfgs")]
+CASES = [("workers", "sgd"), ("driver", "sgd"), ("driver", "lbfgs"), ("workers", "ps")]
 
 
 @pytest.mark.parametrize("apply_on,optimizer", [     # the first case stays in the quick subset

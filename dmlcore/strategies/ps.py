@@ -5,7 +5,8 @@ one ``_Server`` actor on the live worker holding the fewest partitions (a
 spare worker when there is one). Its methods are coroutines on the worker's
 event loop, one at a time (no locks); a pull that must wait awaits an event.
 
-*Workers.* One long-running task per worker holding partitions loops
+*Workers.* The executor of each worker holding partitions (``ExecutorPool``,
+as for the other strategies) hosts a loop, in a thread of its own, that goes
 round-robin over them: pull, compute the SUMS over the partition's
 mini-batch (``local.loss_grad_sum``), push. A push and the next pull are ONE
 actor call (``exchange``: ``messages.Push`` in, ``messages.Pull`` out), and
@@ -40,13 +41,16 @@ the others); one whose data survive elsewhere trains there.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import threading
 import time
 import uuid
 
 import numpy as np
 
 from .. import local
+from ..executors import ExecutorPool, hosted
 from ..messages import Pull, Push, Snapshot, Update
 from .base import Strategy
 
@@ -232,42 +236,83 @@ class _Server:
 
 
 # ----------------------------------------------------------------------------
-# The worker loop (a long-running Dask task)
+# The worker loop (hosted by each data worker's executor, in a thread of its own)
 # ----------------------------------------------------------------------------
-def _exchange_function(server, token, server_worker, timeout):
-    """``exchange(...) -> reply`` for a worker loop; blocks until the server answers.
+def _exchange_function(server, token, server_worker, timeout, worker):
+    """``exchange(...) -> reply`` for the loop on ``worker``; blocks until the server answers.
 
     On the server's own worker the call runs the actor's coroutine on the
     worker's event loop directly (where actor calls run anyway, so the
     server's state sees the same single-threaded order), without serialising
     the vectors or a network round trip; elsewhere it is an actor call.
     """
-    from distributed import get_worker
     from distributed.utils import sync
 
-    worker = get_worker()
     here = _SERVERS.get(token) if _LOCAL_CALLS and worker.address == server_worker else None
     if here is not None:
         return lambda *args: sync(worker.loop, here.exchange, *args, callback_timeout=timeout)
+    getattr(server, "exchange")    # binds the handle to this worker while its context is set
     return lambda *args: server.exchange(*args).result(timeout=timeout)
 
 
-def _worker_loop(server, token, server_worker, model, params, trainable, slot, pids,
-                 batch_size, seed, transfer, slow, timeout, *arrays):
-    """Pull, compute, push round-robin over this worker's partitions until stopped.
+class _Loop:
+    """One executor's worker loop: its thread, and its ending or error once done."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.ending = self.error = None
+
+    def run(self, *args):
+        try:
+            self.ending = _worker_loop(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported by ps_ending
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+@hosted
+def ps_start(executor, server, token, server_worker, slot, batch_size, seed, transfer, slow,
+             timeout):
+    """Start this executor's worker loop over its partitions (from the
+    parameters of its last ``configure``) and return at once."""
+    from distributed import get_worker
+
+    exchange = _exchange_function(server, token, server_worker, timeout, get_worker())
+    loop = executor.run_state = _Loop()
+    # the thread runs in this call's context, so code in it knows its worker
+    threading.Thread(target=contextvars.copy_context().run, daemon=True,
+                     name=f"dmlcore-ps-loop-{slot}",
+                     args=(loop.run, executor, exchange, slot, batch_size, seed, transfer,
+                           slow)).start()
+    return True
+
+
+@hosted
+def ps_ending(executor, wait=0.0):
+    """None while the loop runs (after ``wait`` s at most); then its ending
+    ``{"slot", "pushes", "ended"}``, or the error it raised."""
+    loop = executor.run_state
+    if not isinstance(loop, _Loop):
+        raise RuntimeError("no parameter-server loop was started on this executor")
+    if not loop.done.wait(float(wait)):
+        return None
+    if loop.error is not None:
+        raise loop.error
+    return loop.ending
+
+
+def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow):
+    """Pull, compute, push round-robin over the executor's partitions until stopped.
 
     Returns ``{"slot", "pushes", "ended"}``; an unreachable server ends the loop
     normally (the driver decides what to do), a computation error raises.
     """
-    from distributed import secede
-
-    secede()                       # a long-running task: do not hold a slot of the pool
-    view = model.trainable_view(trainable)
-    params = np.array(params, copy=True)
-    parts = {pid: (arrays[3 * i], arrays[3 * i + 1], arrays[3 * i + 2])
-             for i, pid in enumerate(pids)}
+    view, model = executor.view, executor.model
+    params = np.array(executor.params, copy=True)
+    parts = {pid: (X, y, w) for pid, X, y, w in executor.parts}
+    pids = sorted(parts)
     transfer = None if transfer is None else np.dtype(transfer)
-    exchange = _exchange_function(server, token, server_worker, timeout)
     version, push, pushes, i = -1, None, 0, 0
     while True:
         pid = pids[i % len(pids)]
@@ -367,7 +412,7 @@ class _Run:
         if resumed.shape == (P,):           # dml.fit(resume=True) restores ctx.extra
             self.partition_counts += resumed
         self.worker_counts, self.slots, self.dead = {}, [], set()
-        self.loops, self.actor_future, self.server = [], None, None
+        self.pool, self.actor_future, self.server = None, None, None
         # the state to resume from should the server be lost: the last snapshot's
         self.last = Snapshot([], ctx.trainable_values().copy(), _copy_state(ctx.opt_state),
                              ctx.start_step, np.full(P, start, dtype=np.int64),
@@ -393,8 +438,6 @@ class _Run:
                         raise
                     lost_pending += self.recover(yielded, [self.server_worker], exc)
                     continue
-                if not dead:
-                    self.check_loops()
                 self.take(snap)
                 for update in snap.updates:
                     yielded += 1
@@ -408,10 +451,14 @@ class _Run:
                     lost_pending += self.recover(yielded, dead, None)
                     continue
                 if snap.stopped and not snap.updates and snap.count >= ctx.total_steps:
+                    self.finish()
                     return
                 rest = self.cfg.poll_interval - (time.monotonic() - started)
                 if rest > 0:
                     time.sleep(rest)
+        except GeneratorExit:       # the fit has its steps (or stops early): end cleanly
+            self.finish()
+            raise
         finally:
             self.shutdown()
 
@@ -469,30 +516,37 @@ class _Run:
             actor=True, workers=[self.server_worker], allow_other_workers=False, pure=False)
         with client.as_current():       # the handle calls through this client, not the default
             self.server = self.actor_future.result(timeout=ctx.timeout)
-        self.loop_workers = sorted(by_worker)
         self.last_liveness = time.monotonic()
-        self.loops = [client.submit(
-            _worker_loop, self.server, token, self.server_worker, ctx.model, ctx.params,
-            ctx.trainable, slots[w], pids, cfg.batch_size, ctx.seed, cfg.transfer_dtype,
-            cfg.slow_partitions, ctx.timeout, *[f for pid in pids for f in self.parts[pid]],
-            workers=[w], allow_other_workers=False, pure=False)
-            for w, pids in sorted(by_worker.items())]
+        # the loops run in the executors of the workers holding the partitions
+        self.pool = ExecutorPool(ctx.model, ctx.data, client, direct=False, timeout=ctx.timeout,
+                                 placement=[w if state.active[p] else None
+                                            for p, w in enumerate(placement)])
+        self.loop_workers = list(self.pool.workers)
+        self.pool.call("configure", ctx.params, ctx.trainable)
+        self.pool.call("ps_start", per_executor=[
+            (self.server, token, self.server_worker, slots[w], cfg.batch_size, ctx.seed,
+             cfg.transfer_dtype, cfg.slow_partitions, ctx.timeout) for w in self.pool.workers])
 
     # ---- monitoring ---------------------------------------------------------------
     def dead_loop_workers(self):
-        """Workers running loops that left the cluster (checked at most once a second)."""
+        """Workers running loops that left the cluster; raises the error of a
+        loop that failed (a computation error, naming its worker). Checked at
+        most once a second."""
         now = time.monotonic()
         if now - self.last_liveness < 1.0:
             return []
         self.last_liveness = now
+        try:
+            self.pool.call("ps_ending", 0.0)
+        except Exception:
+            if not self.gone():
+                raise
+        return self.gone()
+
+    def gone(self):
+        """Loop workers (other than the server's) no longer in the cluster."""
         live = set(self.client.nthreads())
         return sorted({w for w in self.loop_workers if w not in live} - {self.server_worker})
-
-    def check_loops(self):
-        """Raise the error of a worker loop that failed (a computation error)."""
-        for f in self.loops:
-            if f.status == "error":
-                f.result()
 
     def server_lost(self):
         """True when the server's worker is gone (its actor with it)."""
@@ -512,8 +566,7 @@ class _Run:
         workers died; returns the updates lost (yielded but not in the snapshot)."""
         ctx, t0 = self.ctx, time.monotonic()
         self.dead.update(dead)              # the scheduler may still list them for a moment
-        self.client.cancel(self.loops)      # they end at their next call of the dead server
-        self.loops = []
+        self.pool.close()                   # live loops end at their next call of the dead server
         self.actor_future.release()
         self.actor_future, self.server = None, None
         state = self.last
@@ -572,23 +625,24 @@ class _Run:
                 placement[pid] = sorted(holders)[0]
         return placement, dropped
 
-    def shutdown(self):
-        """Stop the server, wait for the worker loops (bounded), release everything."""
-        from distributed import wait
-
+    def finish(self):
+        """Stop the server and wait for every loop's ending (within the
+        deadline); raises a loop's error, naming its worker."""
         timeout = self.ctx.timeout
+        self.server.stop().result(timeout=timeout)
+        self.server = None
+        self.ctx.outputs["loop_endings"] = self.pool.call("ps_ending", timeout,
+                                                          wait=timeout + 5)
+
+    def shutdown(self):
+        """Stop the server and release everything (after ``finish``, or an error)."""
         if self.server is not None:
             try:
-                self.server.stop().result(timeout=timeout)
+                self.server.stop().result(timeout=self.ctx.timeout)
             except Exception as exc:  # noqa: BLE001 - the loops end on their own then
                 logger.debug("parameter server stop failed: %r", exc)
-        try:
-            wait(self.loops, timeout=timeout + 5)
-        except Exception:  # noqa: BLE001
-            pass
-        self.ctx.outputs["loop_endings"] = [f.result() if f.status == "finished" else f.status
-                                            for f in self.loops]
-        self.client.cancel(self.loops)
+        if self.pool is not None:
+            self.pool.close()
         if self.actor_future is not None:
             self.actor_future.release()
-        self.loops, self.server, self.actor_future = [], None, None
+        self.pool, self.server, self.actor_future = None, None, None

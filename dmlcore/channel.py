@@ -1,39 +1,23 @@
-"""A direct socket from the driver to one executor: the training step's data plane.
+"""Direct sockets for the training step's data plane: driver <-> executor
+(``Channel``/``ChannelServer``) and executor <-> executor (``PeerMesh``).
+Dask stays the control plane (placement, actors, failures).
 
-Dask stays the control plane (placement, actors, failures); the per-step calls
-to the executors take this shorter path. A round of Dask actor calls pays for
-the client's event loop thread, tornado streams and message framing on both
-sides; a round over these sockets costs about what the bytes cost to copy
-(figures: ``benchmarks/bench_sync_step.py`` and the README).
-
-Protocol (one connection per executor, one outstanding call at a time):
-
-* The server (``ChannelServer``, a thread inside the executor's worker
-  process) listens on the worker's host, port chosen by the OS, and accepts
-  ONE connection whose first 16 bytes must be the random token it handed to
-  the driver through the authenticated actor call that opened it. The
-  listener closes after that connection (or after ``accept_timeout``).
-* A message is a header ``!QI`` (JSON length, buffer count), one ``!Q``
-  length per raw buffer, the JSON structure (``wire``: no pickle), then the
-  raw buffers: NumPy arrays travel without a copy into the structure and are
-  rebuilt over the received bytes.
-* Request: ``wire.Call(method, args, kwargs)``, ``method`` one of the
-  server's ``methods``; reply ``wire.Reply(ok, value or exception)``.
-  Closing the connection ends the server thread.
-* TLS: on a ``tls://`` cluster every socket is wrapped by the standard
-  library's ``ssl`` with the contexts of the cluster's ``distributed.Security``
-  (the executors' worker certificates, the driver's client certificate; both
-  ends verify the other against the cluster's CA) before the token is sent, so
-  no byte of a token, parameter or gradient travels in clear. Blocking
-  sockets read as plain ones; the mesh's non-blocking sockets also wait on
-  ``SSLWantRead/WriteError`` and drain the bytes that the SSL object has
-  already decrypted (``pending()``), which ``poll`` cannot see.
-* Limits: a message whose header declares more than ``max_bytes`` is refused
-  before anything is allocated (``MessageTooLarge``) and the connection
-  closed. Every wait of the driver and of the mesh has a deadline
-  (``timeout``; ``DataPlaneTimeout``), every socket has TCP keepalive, and a
-  failed peer is reported as ``PeerLost`` so callers can tell the original
-  error from its consequences.
+* Opening: the server thread listens on the worker's host (OS-chosen port)
+  and accepts ONE connection whose first 16 bytes are the random token it
+  handed out through the authenticated actor call that opened it.
+* Message: header ``!QI`` (JSON length, buffer count), one ``!Q`` length per
+  raw buffer, the JSON structure (``wire``: no pickle), the raw buffers
+  (arrays rebuilt over the received bytes). Request ``wire.Call(method,
+  args, kwargs)`` with ``method`` in the server's allow-list; reply
+  ``wire.Reply(ok, value or exception)``; one outstanding call per channel.
+* TLS (``tls://`` clusters): every socket is wrapped by ``ssl`` with the
+  cluster's ``distributed.Security`` contexts (both ends verified against its
+  CA) before the token is sent; nothing travels in clear.
+* Limits: a header declaring more than ``max_bytes`` is refused before any
+  allocation (``MessageTooLarge``) and the connection closed; every wait has
+  a deadline (``DataPlaneTimeout``); sockets keep alive; a failed peer is
+  ``PeerLost``, so callers tell an original error from its consequences.
+* ``bytes_sent``/``bytes_received``: the message frames written and read.
 """
 from __future__ import annotations
 

@@ -1,48 +1,27 @@
 """Balanced row partitions of a data set, persisted where they will be used.
 
-Design
-------
 ``partition(X, y, ...)`` turns a source (numpy, memory-mapped ``.npy``, dask,
-xarray, zarr, netCDF) into a ``PartitionedData``: dask arrays ``X`` and ``y``
-with ONE row chunk per partition, each chunk held in memory on one worker.
+xarray, zarr, netCDF, scipy.sparse) into a ``PartitionedData``: dask arrays
+``X``, ``y`` (and row weights ``w``) with ONE row chunk per partition, each
+held in memory on one worker.
 
-1. *Normalise.* X must be 2-D and y 1-D of the same length. X keeps float32
-   or float64, anything else becomes float64; integer/bool y become int64
-   class labels, float y take X's dtype (regression).
-2. *Plan.* A plan is one array of source row numbers per partition (kept as
-   ``source_rows``). It is computed on the client from the labels only
-   (8 bytes a row, the size of the plan itself): ``iid`` shuffles and cuts
-   into near-equal parts; ``shards`` sorts by label (ties in seeded random
-   order), cuts ``n_partitions * shards_per_partition`` shards and deals them;
-   ``dirichlet`` splits each class over the partitions with Dir(alpha)
-   proportions. Rows inside a non-iid partition are shuffled (seeded) so that
-   local mini-batches are not label-sorted.
-3. *Place.* Partition p goes to worker ``placement[p]``: longest-processing-
-   time greedy over the partitions' rows (sorted workers, ties to the lowest
-   index) for unequal partitions (dirichlet), which keeps the bytes per worker
-   balanced; ``p mod W`` when the sizes are within one row (iid, shards).
-4. *Materialise, validating in the same pass.*
-   - numpy source: each part is gathered on the client (one pass over the
-     rows: dtype conversion + NaN/inf check) and scattered straight to its
-     worker under the array's own key ``(name, p, 0)``.
-   - dask source: the source is persisted on the cluster; each source chunk
-     is split by one task into per-partition pieces (gather + conversion +
-     NaN/inf check), one small task per (chunk, partition) selects a piece, and
-     one assembly task per partition, pinned to its worker with
-     ``allow_other_workers=False``, writes the pieces into place. X never
-     travels through the client; unknown chunk sizes (after boolean
-     filtering) are measured on the workers. y (labels) is brought to the
-     client, where the plan needs it, and its parts are scattered.
-   - no client: the same gathers in this process; ``persist=False`` builds
-     the same computation lazily (validation happens when it is computed).
-   ``partition`` waits for the partitions, so a bad value raises here.
-5. *Row weights* (``sample_weight``) travel as labels do: checked on the
-   client (finite, >= 0, a positive total), cut by the same plan, scattered
-   to the partition's worker in X's dtype.
-
-The training strategies call ``partition_futures()`` and submit one task per
-partition with ``workers=[data.workers()[p]]``: each task receives that
-partition's numpy arrays without any transfer.
+1. *Normalise*: X is 2-D, float32 or float64 (else float64; sparse -> CSR);
+   integer/bool y -> int64 class labels, float y -> X's dtype (regression).
+2. *Plan* (on the client, from the labels only): one array of source rows per
+   partition (``source_rows``). ``iid`` shuffles and cuts near-equal parts;
+   ``shards`` deals ``n_partitions * shards_per_partition`` label-sorted
+   shards; ``dirichlet`` splits each class with Dir(alpha) proportions; rows
+   inside a non-iid partition are shuffled (seeded).
+3. *Place*: ``p mod W`` for near-equal sizes, else longest-processing-time
+   greedy over the rows, so bytes per worker stay balanced.
+4. *Materialise and validate in one pass* (dtype conversion, NaN/inf check):
+   a numpy source is cut here and scattered to each part's worker; a dask
+   source is split on the cluster and each part assembled on its own worker
+   (X never visits the client); without a client the same happens in this
+   process, or lazily with ``persist=False``. A bad value raises here.
+5. *Row weights* (``sample_weight``): checked on the client (finite, >= 0,
+   positive total) and cut by the same plan, in X's dtype.
+Strategies read ``partition_futures()`` and ``workers()`` (no transfer).
 """
 from __future__ import annotations
 

@@ -1,28 +1,21 @@
 """Per-worker executors: where the partitions' kernels run, one per worker.
 
-A ``PartitionExecutor`` lives on the worker that holds its partitions (as a
-Dask actor) and keeps REFERENCES to those partitions' arrays — the same
-objects the worker holds, no copies — plus the frozen parameters of a run.
-Executors host computations; they do not contain algorithms: a strategy
-registers its worker-side functions with ``@hosted`` in its own module
-(SyncSGD's replicated steps, FedAvg's client training) and the driver calls
-them by name. The driver owns the training state; what a hosted function
-keeps between calls (a replica) lives in ``executor.run_state`` and can be
+A ``PartitionExecutor`` is a Dask actor on the worker that holds its
+partitions and keeps REFERENCES to their arrays (no copies), plus a run's
+frozen parameters. Executors host computations, they do not contain
+algorithms: a strategy registers its worker-side functions with ``@hosted``
+in its own module (SyncSGD's replica steps, FedAvg's client training, the
+parameter server's loop) and the driver calls them by name. What a hosted
+function keeps between calls lives in ``executor.run_state`` and can be
 rebuilt from the driver's copy at any sync point.
 
-Why executors for the hot path: a scheduler round trip per step waits for the
-client's batched-send interval. An actor call goes straight to the worker,
-but still crosses the client's event loop; so each executor also
-opens a ``channel`` (a token-guarded socket served by a thread on its worker)
-and the per-step calls take that path, with Dask actors as the control plane
-and the fallback where workers do not talk TCP. The tree is the same:
-partitions are summed on their worker, then the workers' partials are summed
-on the driver (or, for replicas, on every executor after a ``PeerMesh``
-exchange, in the same order).
-
-``ExecutorPool`` creates one executor per worker holding partitions (or one
-in-process executor when there is no cluster) and calls a method on all of
-them concurrently.
+The per-step calls take a ``channel`` socket to each executor (Dask actor
+calls where workers are not on TCP/TLS, or with ``direct=False``). The tree
+is the same either way: partitions are summed on their worker, then the
+workers' partials on the driver (or on every replica after a ``PeerMesh``
+exchange, in the same order). ``ExecutorPool`` creates one executor per
+worker holding partitions (one in-process executor without a cluster) and
+calls a method on all of them concurrently, with a deadline.
 """
 from __future__ import annotations
 

@@ -1,45 +1,27 @@
 """Federated Averaging (McMahan et al. 2017), FedProx and server optimizers (FedAvgM).
 
-Clients are the partitions of the data (K = ``data.n_partitions``). Round r:
+Clients are the partitions (K = ``data.n_partitions``). Round r:
 
-1. sample m = max(round(C * K), 1) clients without replacement with
-   ``numpy.random.default_rng((seed, r))`` — a pure function of (seed, round),
-   so a run is reproducible and resumes from the round number alone;
-2. send the current global (trainable) parameters once to every worker that
-   holds a sampled client; each client runs ``local_epochs`` epochs of
-   mini-batch SGD on its own rows (``batch_size`` rows a step, ``None`` = the
-   whole local set: ``local_epochs=1, batch_size=None`` is FedSGD) with the
-   fit's optimizer, fresh optimizer state every round, FedProx's proximal
-   term ``proximal_mu/2 ||w - w_global||^2`` when ``proximal_mu > 0``;
-3. each worker sums ``n_k * w_k`` and ``n_k`` over its clients in float64 (the
-   first level of the tree), the driver adds the workers' partials (the second
-   level) and divides once: the exact n_k-weighted average ``w_avg``;
-4. ``server_optimizer=None``: the global model becomes ``w_avg``; otherwise the
-   server treats ``delta = w_global - w_avg`` as a pseudo-gradient and applies
-   ``server_optimizer`` (any (init, update) optimizer of ``dml.optim``:
-   ``SGD(lr=1.0, momentum=0.9)`` is FedAvgM, ``Adam`` is FedAdam) — composition,
-   no subclasses. Its state persists across rounds (``ctx.extra``).
+1. sample m = max(round(C * K), 1) clients with ``default_rng((seed, r))`` (a
+   pure function of (seed, round): reproducible, resumable from the round);
+2. each sampled client runs ``local_epochs`` epochs of mini-batch SGD on its
+   rows (``batch_size=None``: the whole local set; ``local_epochs=1`` then is
+   FedSGD) from the global trainable values with the fit's optimizer (fresh
+   state each round, local steps continuing at ``r * steps per round``),
+   plus FedProx's ``proximal_mu/2 ||w - w_global||^2``;
+3. each worker sums ``n_k * w_k`` and ``n_k`` over its clients in float64, the
+   driver adds the workers' sums and divides once (exact n_k-weighted mean);
+4. the global model becomes that mean, or, with ``server_optimizer`` (any
+   ``dml.optim`` (init, update) optimizer: ``SGD(momentum=0.9)`` is FedAvgM),
+   takes a step along ``w_global - w_avg``; its state persists across rounds.
 
-A client's local steps continue at ``r * local_epochs * n_batches_k``, so each
-round visits fresh permutations of its mini-batches (``local.batch_slice``).
-The client optimizer's schedule is therefore evaluated at that local step
-counter; use a constant learning rate or a schedule meant in local steps.
-
-Failure policy (``accept_failures``): a client whose local computation raises,
-or whose weights come back non-finite (a diverged client), is dropped from
-that round's average when ``accept_failures=True``; when a whole worker's call
-fails, all of its sampled clients are dropped. With ``accept_failures=False``
-the first failure raises ``RuntimeError`` naming the client. A round in which
-no client counts leaves the model unchanged (``loss`` is NaN).
-``fail_clients={round: [client ids]}`` is a testing hook: those clients raise
-inside their worker-side computation in those rounds (rounds count from 0).
-
-Each round is one history step with ``loss`` (mean local training loss over
-the counted clients' local steps), ``bytes_sent`` (the trainable parameters
-sent to each involved worker plus the float64 partial sums coming back; 0
-in-process), ``participants`` (clients that counted), ``sampled`` and
-``failed``. Who took part is the history's ``participation``: int8 over
-(step, client), 1 = counted, -1 = failed, 0 = not sampled.
+Failures: a client that raises or returns non-finite weights is dropped from
+its round (``accept_failures=True``) or raises ``RuntimeError`` naming it; a
+round where no client counts leaves the model unchanged (``loss`` NaN).
+``fail_clients={round: [ids]}`` is the testing hook. History per round:
+``loss``, ``bytes_sent`` (transport-counted), ``participants``, ``sampled``,
+``failed``, and ``participation`` (int8 over (step, client): 1 counted, -1
+failed, 0 not sampled).
 """
 from __future__ import annotations
 

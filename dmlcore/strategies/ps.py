@@ -1,42 +1,27 @@
 """A parameter server in a Dask actor: BSP, SSP and asynchronous SGD.
 
-*Server.* The trainable entries, the optimizer state and the clocks live in
-one ``_Server`` actor on the live worker holding the fewest partitions (a
-spare worker when there is one). Its methods are coroutines on the worker's
-event loop, one at a time (no locks); a pull that must wait awaits an event.
+*Server*: the trainable values, optimizer state and clocks in one ``_Server``
+actor (coroutines on its worker's event loop, one at a time) on the live
+worker holding the fewest partitions. *Workers*: each data worker's executor
+(``ExecutorPool``) hosts a loop, in a thread of its own, round-robin over its
+partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
+the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
+only when changed; in-process on the server's own worker). ``float16``
+transfer sends values and MEAN gradients as float16 where they fit.
 
-*Workers.* The executor of each worker holding partitions (``ExecutorPool``,
-as for the other strategies) hosts a loop, in a thread of its own, that goes
-round-robin over them: pull, compute the SUMS over the partition's
-mini-batch (``local.loss_grad_sum``), push. A push and the next pull are ONE
-actor call (``exchange``: ``messages.Push`` in, ``messages.Pull`` out), and
-the values travel only when they changed since that worker's last pull. On
-the server's own worker the loop calls the server in-process. With
-``transfer_dtype="float16"`` both directions travel as float16 (the push as
-the MEAN gradient; a message whose values do not fit goes in full precision).
+*Clocks* (Li et al. 2014; Ho et al. 2013): a partition's clock counts its
+pushes; the server clock C is the slowest active one. Clock c may pull when
+c <= C (BSP), c <= C + staleness (SSP), always (async). BSP applies the summed
+gradient of a clock once all pushed (SyncSGD's update); SSP/async apply each
+push. Staleness = C at apply minus C at pull.
 
-*Clocks* (Li et al., OSDI 2014; Ho et al., NIPS 2013). A partition's clock is
-the number of mini-batches it pushed; the server clock C is the slowest
-active partition's. Partition p at clock c may pull when c <= C (BSP),
-c <= C + staleness (SSP), always (async). BSP applies the clock's summed
-gradient once every partition pushed (SyncSGD's update on the same batches);
-SSP and async apply each push. Staleness = C at apply time minus C at pull.
-
-*Records.* The driver polls (``snapshot``) every ``poll_interval`` s and
-yields one record per applied update (``messages.Update``): ``loss``,
-``bytes_sent``, ``staleness``, ``partition``/``worker`` (NaN under BSP),
-``updates_lost``. The history gains ``partition_updates`` (over
-``partition_id``) and ``worker_updates`` (over ``worker_address``): the
-mini-batches applied, and an event per recovery (``event_*``).
-
-*Resilience.* Every snapshot carries the server's whole state, so the driver
-always holds the state of the last update it yielded, whatever machine
-died. When the server's worker dies, a new server starts on a live worker
-from that snapshot (updates applied after it and never seen are lost and
-redone; none the history showed is lost). When a worker running a loop dies,
-the server is halted (exact state) and re-created the same way. A partition
-whose data died with its worker is dropped (BSP and SSP then wait only for
-the others); one whose data survive elsewhere trains there.
+*Records*: one per applied update (``loss``, ``bytes_sent``, ``staleness``,
+``partition``/``worker``, ``updates_lost``); the history adds
+``partition_updates``, ``worker_updates`` and an event per recovery.
+*Resilience*: each snapshot the driver polls carries the whole state. A lost
+server restarts on a live worker from the last snapshot; a lost loop worker
+halts the server (exact state) and re-places the loops; partitions whose
+data died are dropped. A loop's error or a frozen worker ends the fit.
 """
 from __future__ import annotations
 

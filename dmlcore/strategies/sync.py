@@ -1,47 +1,26 @@
 """Synchronous data-parallel SGD (DDP semantics), local SGD, and full-batch L-BFGS.
 
-One step: broadcast the trainable parameters once per worker, compute on every
-partition where it lives the SUM of (loss, gradient) over ``batch_size`` rows
-(all rows when ``batch_size=None``), sum the partials — first on each worker,
-then across workers with fan-in ``fan_in`` — divide once by the row count and
-apply the optimizer on the driver. The effective batch is ``batch_size`` times
-the number of partitions.
+One step: every partition computes, where it lives, the SUM of (loss,
+gradient) over ``batch_size`` rows (all rows for ``batch_size=None``); the
+partials are summed on each worker, then across workers (fan-in
+``fan_in``), divided once by the row count (total weight), and one optimizer
+update is applied. The effective batch is ``batch_size`` x partitions.
 
-``local_steps=k`` (local SGD): every partition runs k optimizer steps on its
-own mini-batches from the broadcast parameters, and the driver replaces the
-parameters by the row-weighted average of the partitions' results: one round
-trip per k steps.
-
-With ``optimizer=dml.optim.LBFGS(...)`` (full batch only) every function
-evaluation, line-search trials included, is ONE tree-reduced (loss, gradient)
-round trip; each L-BFGS iteration is one step of the history.
-
-``transport``: ``"actors"`` (default) runs the per-worker sums in executors
-pinned to the workers that hold the partitions and calls them over direct
-sockets (``channel``; Dask actor calls where workers are not on TCP);
-``"actor-calls"``: the same executors, called through Dask only (for
-firewalls that allow only Dask's ports; the optimizer then runs on the
-driver); ``"tasks"`` submits one Dask task per partition and reduces them with
-``aggregate.tree_reduce`` (a scheduler round per step, much slower, but the
-partials survive worker loss through the scheduler).
-
-``apply_on``: where the optimizer runs for mini-batch SGD/Adam with the
-actors transport. ``"driver"``: each step is a round trip, driver -> workers
-(parameters) -> driver (partials), the driver adds and updates. ``"workers"``
-(default; DDP): every executor holds a replica of the trainable parameters
-and the optimizer state and exchanges its partial sums directly with the
-other executors (``channel.PeerMesh``); the sums are added in executor order
-and the same update applied, so all replicas stay bit-identical to each other
-and to the ``"driver"`` path. With more than two executors and a large
-enough vector the exchange is a reduce-scatter + all-gather in which each
-executor updates its own slice (2(n-1) vectors moved per step instead of
-n(n-1); see ``sharded_exchange``). The driver is off the step's critical
-path: it starts a run of steps that ends at the next point where it needs
-the parameters and state (``RunContext.next_sync``: evaluations,
-checkpoints, callbacks, epoch ends, wherever each falls); when that is every
-step, the ``"driver"`` path runs instead (same bits, a driver round trip per
-step). ``bytes_sent`` is what the transport counted: channel frames between
-driver and executors and mesh frames between executors.
+* ``local_steps=k``: each partition runs k steps on its own mini-batches and
+  the parameters become the row-weighted average (one round trip per k steps).
+* A batch solver (``optim.LBFGS``, full batch only): every function
+  evaluation is ONE tree-reduced round trip; one iteration = one step.
+* ``transport``: ``"actors"`` (executors on the partitions' workers, called
+  over ``channel`` sockets), ``"actor-calls"`` (the same executors through
+  Dask only; driver-side updates), ``"tasks"`` (a Dask task per partition,
+  ``aggregate.tree_reduce``).
+* ``apply_on="workers"`` (default, DDP): each executor keeps a replica of the
+  trainable values and optimizer state and exchanges partial sums with the
+  others over a ``PeerMesh`` (reduce-scatter + all-gather, ``sharded_exchange``),
+  adding them in executor order, so every replica stays bit-identical to the
+  ``"driver"`` path (driver adds and updates). Replica runs end at the next
+  point the driver needs the state (``RunContext.next_sync``).
+* ``bytes_sent``: the frames the transport counted (channels and mesh).
 """
 from __future__ import annotations
 

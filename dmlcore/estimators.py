@@ -510,11 +510,32 @@ class _DMLEstimator(BaseEstimator):
 # ---------------------------------------------------------------------------
 # generalised linear models
 # ---------------------------------------------------------------------------
+def _l1_ratio(penalty, l1_ratio, allowed):
+    """The L1 share r in [0, 1] of a GLM's penalty (``r ||w||_1 + (1 - r)/2 ||w||^2``)."""
+    if penalty not in allowed:
+        names = ", ".join(repr(p) for p in allowed)
+        raise ValueError(f"penalty must be one of {names}; got {penalty!r}")
+    if penalty == "elasticnet" and l1_ratio is None:
+        raise ValueError("penalty='elasticnet' needs l1_ratio (a number in [0, 1])")
+    if l1_ratio is not None and (isinstance(l1_ratio, bool) or
+                                 not isinstance(l1_ratio, numbers.Real) or
+                                 not 0.0 <= float(l1_ratio) <= 1.0):
+        raise ValueError(f"l1_ratio must be a number in [0, 1], got {l1_ratio!r}")
+    if penalty == "l1":
+        return 1.0
+    if penalty is None:
+        if l1_ratio:
+            raise ValueError(f"penalty=None takes no l1_ratio, got {l1_ratio!r}")
+        return 0.0
+    return 0.0 if l1_ratio is None else float(l1_ratio)
+
+
 class _GLM(_DMLEstimator):
     _sparse = True              # the CSR kernels stream scipy.sparse rows
 
-    def _solve(self, model, X, y, weight_decay, *, seed, sample_weight=None):
-        """Fit a GLM from zero; returns the flat parameters and sets ``n_iter_``."""
+    def _solve(self, model, X, y, weight_decay, *, seed, sample_weight=None, l1=0.0):
+        """Fit a GLM from zero; returns the flat parameters and sets ``n_iter_``.
+        ``l1 > 0``: the objective gains ``l1 ||w||_1``, solved by OWL-QN."""
         from .strategies import SyncSGD
 
         dtype = _float_dtype(X)
@@ -522,9 +543,14 @@ class _GLM(_DMLEstimator):
         strategy = _resolve_strategy(self.strategy, batch_size=None)
         full_batch = (isinstance(strategy, SyncSGD) and strategy.batch_size is None
                       and strategy.local_steps == 1)
+        if l1 and not full_batch:
+            raise ValueError(f"{type(self).__name__}: an L1 penalty needs the full-batch "
+                             "solver (strategy='sync' with batch_size=None)")
         if full_batch:
-            solver = optim.LBFGS(max_iter=self.max_iter, tol=self.tol,
-                                 weight_decay=weight_decay)
+            solver = (optim.OWLQN(l1=l1, max_iter=self.max_iter, tol=self.tol,
+                                  weight_decay=weight_decay) if l1 else
+                      optim.LBFGS(max_iter=self.max_iter, tol=self.tol,
+                                  weight_decay=weight_decay))
             result = self._run(model, X, y, lambda data: (
                 strategy, solver, {"steps": self.max_iter, "init_params": init}), seed=seed,
                 in_place=True, sample_weight=sample_weight)
@@ -534,7 +560,8 @@ class _GLM(_DMLEstimator):
             # (scipy's ABNORMAL...): that is convergence to float32 precision.
             if done is None or (not done.success and dtype == np.float64):
                 why = "max_iter was reached" if done is None else done.message
-                warnings.warn(f"{type(self).__name__}: L-BFGS did not converge ({why}); "
+                warnings.warn(f"{type(self).__name__}: {type(solver).__name__} did not "
+                              f"converge ({why}); "
                               "increase max_iter or scale the data.", ConvergenceWarning)
         else:
             if isinstance(strategy, SyncSGD) and strategy.batch_size is None:
@@ -551,21 +578,27 @@ class _GLM(_DMLEstimator):
 
 
 class LinearRegression(RegressorMixin, _GLM):
-    """Least squares (ridge when ``alpha > 0``) trained on a Dask cluster.
+    """Least squares (ridge, lasso or elastic net) trained on a Dask cluster.
 
-    Minimises ``||y - X w - b||^2 + alpha ||w||^2`` (scikit-learn's ``Ridge``
-    objective; ``alpha=0`` is ordinary least squares; the intercept ``b`` is
-    never penalised) with full-batch L-BFGS by default. ``tol`` is L-BFGS's
-    gradient tolerance (on the objective divided by 2n), ``max_iter`` its
-    iteration limit. ``strategy``, ``n_partitions``, ``client``: see the
+    ``penalty="l2"`` (default): minimises ``||y - X w - b||^2 + alpha ||w||^2``
+    (scikit-learn's ``Ridge``; ``alpha=0`` is ordinary least squares) with
+    full-batch L-BFGS. ``penalty="l1"`` | ``"elasticnet"``: scikit-learn's
+    ``Lasso``/``ElasticNet`` objective ``1/(2n) ||y - X w - b||^2 + alpha r
+    ||w||_1 + alpha (1 - r)/2 ||w||^2`` with ``r = l1_ratio`` (1 for "l1"),
+    solved by OWL-QN. The intercept ``b`` is never penalised. ``tol`` is the
+    solver's gradient tolerance (on the objective divided by 2n for "l2"),
+    ``max_iter`` its iteration limit. ``strategy``, ``n_partitions``, ``client``: see the
     module docstring. ``fit(X, y, sample_weight)``: the weighted objective
     ``sum_i w_i (y_i - x_i w - b)^2 + alpha ||w||^2``. Fitted: ``coef_``
     (n_features,), ``intercept_``, ``n_features_in_``, ``n_iter_``, ``history_``.
     """
 
     def __init__(self, alpha=0.0, fit_intercept=True, tol=1e-6, max_iter=200,
-                 strategy="sync", n_partitions=None, client=None, random_state=None):
+                 strategy="sync", n_partitions=None, client=None, random_state=None,
+                 penalty="l2", l1_ratio=None):
         self.alpha = alpha
+        self.penalty = penalty
+        self.l1_ratio = l1_ratio
         self.fit_intercept = fit_intercept
         self.tol = tol
         self.max_iter = max_iter
@@ -588,7 +621,13 @@ class LinearRegression(RegressorMixin, _GLM):
         model = Linear(self.n_features_in_)
         if not self.fit_intercept:
             model = _NoIntercept(model)
-        params = self._solve(model, X, y, float(self.alpha) / n, seed=_seed(self.random_state),
+        ratio = _l1_ratio(self.penalty, self.l1_ratio, ("l2", "l1", "elasticnet"))
+        alpha = float(self.alpha)
+        if self.penalty == "l2" and not ratio:      # Ridge's alpha: on the sum of squares
+            decay, l1 = alpha / n, 0.0
+        else:                                       # ElasticNet's alpha: on the mean
+            decay, l1 = alpha * (1.0 - ratio), alpha * ratio
+        params = self._solve(model, X, y, decay, l1=l1, seed=_seed(self.random_state),
                              sample_weight=weights)
         coef, intercept = _glm_params(model, params, self.n_features_in_)
         self.coef_ = coef[0]
@@ -605,9 +644,12 @@ class LinearRegression(RegressorMixin, _GLM):
 class LogisticRegression(ClassifierMixin, _GLM):
     """Logistic regression, binary and multinomial, trained on a Dask cluster.
 
-    Minimises scikit-learn's objective ``C sum_i loss_i + 1/2 ||W||^2``
-    (``penalty=None``: no penalty; intercepts never penalised) with full-batch
-    L-BFGS: two classes use one coefficient vector (log-loss), more classes
+    Minimises scikit-learn's objective ``C sum_i loss_i + r ||W||_1 + (1 - r)/2
+    ||W||^2`` with ``r = l1_ratio``: ``penalty="l2"`` (r = 0 unless
+    ``l1_ratio`` says otherwise, as scikit-learn >= 1.8), ``"l1"`` (r = 1),
+    ``"elasticnet"`` (``l1_ratio`` required), ``None`` (no penalty);
+    intercepts are never penalised. Full-batch L-BFGS, or OWL-QN when r > 0
+    (exact zeros in ``coef_``). Two classes use one coefficient vector (log-loss), more classes
     the multinomial (softmax) model. Labels may be any values; ``classes_``
     maps them. ``tol``: L-BFGS's gradient tolerance on the objective divided
     by ``C n`` (as scikit-learn's lbfgs); ``max_iter``: its iteration limit.
@@ -622,8 +664,9 @@ class LogisticRegression(ClassifierMixin, _GLM):
 
     def __init__(self, C=1.0, penalty="l2", fit_intercept=True, tol=1e-4, max_iter=100,
                  strategy="sync", n_partitions=None, client=None, random_state=None,
-                 class_weight=None):
+                 class_weight=None, l1_ratio=None):
         self.C = C
+        self.l1_ratio = l1_ratio
         self.class_weight = class_weight
         self.penalty = penalty
         self.fit_intercept = fit_intercept
@@ -640,8 +683,7 @@ class LogisticRegression(ClassifierMixin, _GLM):
         _check_positive("C", self.C)
         _check_positive("tol", self.tol, allow_zero=True)
         _check_positive("max_iter", self.max_iter, integer=True)
-        if self.penalty not in ("l2", None):
-            raise ValueError(f"penalty must be 'l2' or None, got {self.penalty!r}")
+        ratio = _l1_ratio(self.penalty, self.l1_ratio, ("l2", "l1", "elasticnet", None))
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -655,9 +697,9 @@ class LogisticRegression(ClassifierMixin, _GLM):
         model = Logistic(self.n_features_in_) if k == 2 else Softmax(self.n_features_in_, k)
         if not self.fit_intercept:
             model = _NoIntercept(model)
-        decay = 1.0 / (float(self.C) * n) if self.penalty == "l2" else 0.0
-        params = self._solve(model, X, codes, decay, seed=_seed(self.random_state),
-                             sample_weight=weights)
+        scale = 0.0 if self.penalty is None else 1.0 / (float(self.C) * n)
+        params = self._solve(model, X, codes, scale * (1.0 - ratio), l1=scale * ratio,
+                             seed=_seed(self.random_state), sample_weight=weights)
         self.coef_, intercept = _glm_params(model, params, self.n_features_in_)
         self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)
         # scikit-learn's shape: (1,) for binary and multinomial fits

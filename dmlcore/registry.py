@@ -22,7 +22,7 @@ REGISTRY = {
                  "ps": "dmlcore.strategies.ps:ParameterServer",
                  "fedavg": "dmlcore.strategies.fedavg:FedAvg"},
     "optimizer": {"sgd": "dmlcore.optim:SGD", "adam": "dmlcore.optim:Adam",
-                  "lbfgs": "dmlcore.optim:LBFGS"},
+                  "lbfgs": "dmlcore.optim:LBFGS", "owlqn": "dmlcore.optim:OWLQN"},
     "synthetic": {"classification": "dmlcore.datasets:make_classification",
                   "regression": "dmlcore.datasets:make_regression"},
 }

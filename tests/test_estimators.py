@@ -151,7 +151,7 @@ def test_strategy_instance_and_errors():
     with pytest.raises(ValueError, match="strategy"):
         est.LogisticRegression(strategy="nope", client=False).fit(X, y)
     with pytest.raises(ValueError, match="penalty"):
-        est.LogisticRegression(penalty="l1", client=False).fit(X, y)
+        est.LogisticRegression(penalty="l3", client=False).fit(X, y)
     # a mini-batch strategy: the GLM falls back to Adam over max_iter epochs
     mb = est.LogisticRegression(strategy=dml.SyncSGD(batch_size=16), max_iter=30,
                                 client=False).fit(X, y)

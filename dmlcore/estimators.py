@@ -1,56 +1,27 @@
 """scikit-learn compatible estimators on top of ``dml.fit``.
 
-    import dmlcore as dml
-    clf = dml.LogisticRegression(C=1.0).fit(X, y)       # numpy or dask X, y
-    clf.predict(X), clf.predict_proba(X), clf.score(X, y)
+Each estimator validates its input as scikit-learn does (``validate_data``),
+builds a dmlcore model, partitions the data and calls ``dml.fit``; the
+fitted parameters become the usual attributes (``coef_``, ``classes_``,
+``n_iter_``, ``history_``...). ``client=``: a ``distributed.Client`` (that
+cluster), ``False`` (this process), ``None`` (the default client if any,
+else this process; no cluster is started). Inside a task on a Dask worker
+(dask-ml's or joblib-dask searches) the fit runs in that task. ``clone``
+keeps the client object; dask arrays of unknown chunk sizes are measured.
 
-Each estimator validates its input the scikit-learn way (``validate_data``),
-builds a dmlcore model, partitions the data and calls ``dml.fit`` with a
-strategy; the fitted parameters become the usual attributes (``coef_``,
-``intercept_``, ``classes_``, ``n_features_in_``, ``n_iter_``, ``history_``...).
+Objectives are scikit-learn's, written as a MEAN data loss over n rows (the
+total weight with ``sample_weight``/``class_weight``) plus penalties on the
+weights only (intercepts never): ``LinearRegression``: Ridge's ``||y - Xw -
+b||^2 + alpha ||w||^2`` -> weight_decay alpha/n, or Lasso/ElasticNet's
+objective (``penalty``, ``l1_ratio``); ``LogisticRegression``: ``C sum loss +
+r ||W||_1 + (1 - r)/2 ||W||^2`` -> l1 r/(C n), weight_decay (1 - r)/(C n)
+(two classes: ``models.Logistic``; more: ``models.Softmax``); MLPs: mean
+loss with ``alpha / batch`` weight decay per step.
 
-Where the work runs (``client=``):
-  * a ``distributed.Client``: on that cluster;
-  * ``False``: in this process (the same executors, no cluster);
-  * ``None`` (default): on the default client when one exists, else in this
-    process (dask input is then computed on dask's synchronous scheduler, as a
-    dask-ml estimator runs on dask's local scheduler without a client; no
-    cluster is ever started for a fit).
-  * Inside a task running on a Dask worker (dask-ml's ``GridSearchCV``,
-    scikit-learn's searches on joblib's dask backend) the fit always runs in
-    that task, on its block: executors on the same cluster would wait for
-    worker threads that the outer tasks hold.
-
-``sklearn.clone`` keeps the ``client`` object itself (a client cannot be
-deep-copied), so searches and ``cross_val_score`` work with an explicit client.
-Dask arrays with unknown chunk sizes (``ddf.values``) get their chunk sizes
-computed first, as dask-ml does.
-
-Objectives (identical to scikit-learn's, written in dmlcore's terms of a MEAN
-data loss over n rows plus ``weight_decay/2 ||W||^2`` on weights only — the
-intercepts are never penalised):
-  * ``LinearRegression(alpha)``: ||y - Xw - b||^2 + alpha ||w||^2
-    = 2n (mean 1/2 squared error + alpha/(2n) ||w||^2) -> weight_decay = alpha/n;
-  * ``LogisticRegression(C)``: C sum log-loss + 1/2 ||W||^2
-    = C n (mean log-loss + 1/(2Cn) ||W||^2) -> weight_decay = 1/(C n);
-    binary problems use ``models.Logistic`` (one coefficient vector), more
-    than two classes ``models.Softmax`` (multinomial, K coefficient vectors);
-  * MLPs: mean loss (+ ``alpha / batch`` weight decay per step, scikit-learn's
-    scaling of its L2 term on mini-batches).
-With ``fit(X, y, sample_weight=w)`` (and ``class_weight`` on the classifiers,
-whose per-class factors multiply ``w``, as in scikit-learn) every sum over
-rows is weighted and n above becomes sum w: the objectives are scikit-learn's
-weighted ones (a weight of 2 is the row counted twice).
-
-The GLMs' default solver is full-batch L-BFGS (``SyncSGD(batch_size=None)`` +
-``optim.LBFGS``): one tree-reduced (loss, gradient) per function evaluation.
-With another strategy (``"ps"``, ``"fedavg"``, a mini-batch SyncSGD) they fall
-back to Adam over ``max_iter`` epochs.
-
-``fit_intercept=False``: the dmlcore GLM layers always carry a bias block, so
-the model is wrapped in ``_NoIntercept``, which starts the bias at 0 and zeroes
-its gradient: L-BFGS, SGD and Adam then never move it (the intercept stays
-exactly 0 and the optimum is that of the model without intercept).
+The GLMs solve with full-batch L-BFGS (OWL-QN with an L1 term) over one
+tree-reduced (loss, gradient) per evaluation; with a mini-batch strategy
+(``"ps"``, ``"fedavg"``, SyncSGD with a batch size) L2 fits fall back to Adam
+over ``max_iter`` epochs. ``fit_intercept=False``: bias fixed at exactly 0.
 """
 from __future__ import annotations
 

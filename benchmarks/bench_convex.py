@@ -96,7 +96,7 @@ def main(argv=None):
         if name in results:
             peer_t, peer_f, _ = results[name]
             verdict = "lower or equal" if ours_f <= peer_f + 1e-12 else "HIGHER"
-            print(f"dmlcore vs {name}: {peer_t / ours_t:.1f}x faster, objective {verdict} "
+            print(f"dmlcore vs {name}: {peer_t / ours_t:.3g}x faster, objective {verdict} "
                   f"({ours_f - peer_f:+.2e})")
     return results
 

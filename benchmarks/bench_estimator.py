@@ -102,7 +102,7 @@ def main(argv=None):
         print(f"{name:28s} {elapsed:9.2f} {f:14.10f}  {elapsed / ours_t:8.2f}x")
     if "dask-ml lbfgs" in results:
         peer_t, peer_f = results["dask-ml lbfgs"]
-        print(f"dmlcore LogisticRegression vs dask-ml lbfgs: {peer_t / ours_t:.1f}x faster "
+        print(f"dmlcore LogisticRegression vs dask-ml lbfgs: {peer_t / ours_t:.3g}x faster "
               f"(partitioning included), objective difference "
               f"{results['dmlcore, chunks in place'][1] - peer_f:+.2e}")
     return results

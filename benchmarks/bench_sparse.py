@@ -197,7 +197,7 @@ def fit_comparison(n, p, per_row):
     base = results["scikit-learn lbfgs (1 process)"]
     for name, (seconds, f, iters) in results.items():
         print(f"  {name:32s} {seconds:8.2f} s  objective {f:.10f} ({f - base[1]:+.1e})  "
-              f"iterations {iters}  sklearn time / this {base[0] / seconds:.2f}x")
+              f"iterations {iters}  sklearn time / this {base[0] / seconds:.3g}x")
 
 
 def l1_objective(coef, intercept, X, y, C):
@@ -254,7 +254,7 @@ def l1_comparison(n, p, per_row, C, saga_tol):
         print("  dmlcore did not reach saga's objective")
     else:
         print(f"  time to saga's objective: dmlcore {reached:.2f} s vs saga {saga_s:.2f} s: "
-              f"{saga_s / reached:.2f}x faster")
+              f"{saga_s / reached:.3g}x faster")
 
 
 if __name__ == "__main__":

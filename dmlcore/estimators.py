@@ -40,6 +40,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import optim
 from .models.base import Model
+from .penalty import l1_share, linear_strengths, logistic_strengths
 
 __all__ = ["LinearRegression", "LogisticRegression", "MLPClassifier", "MLPRegressor"]
 
@@ -481,26 +482,6 @@ class _DMLEstimator(BaseEstimator):
 # ---------------------------------------------------------------------------
 # generalised linear models
 # ---------------------------------------------------------------------------
-def _l1_ratio(penalty, l1_ratio, allowed):
-    """The L1 share r in [0, 1] of a GLM's penalty (``r ||w||_1 + (1 - r)/2 ||w||^2``)."""
-    if penalty not in allowed:
-        names = ", ".join(repr(p) for p in allowed)
-        raise ValueError(f"penalty must be one of {names}; got {penalty!r}")
-    if penalty == "elasticnet" and l1_ratio is None:
-        raise ValueError("penalty='elasticnet' needs l1_ratio (a number in [0, 1])")
-    if l1_ratio is not None and (isinstance(l1_ratio, bool) or
-                                 not isinstance(l1_ratio, numbers.Real) or
-                                 not 0.0 <= float(l1_ratio) <= 1.0):
-        raise ValueError(f"l1_ratio must be a number in [0, 1], got {l1_ratio!r}")
-    if penalty == "l1":
-        return 1.0
-    if penalty is None:
-        if l1_ratio:
-            raise ValueError(f"penalty=None takes no l1_ratio, got {l1_ratio!r}")
-        return 0.0
-    return 0.0 if l1_ratio is None else float(l1_ratio)
-
-
 class _GLM(_DMLEstimator):
     _sparse = True              # the CSR kernels stream scipy.sparse rows
 
@@ -592,12 +573,7 @@ class LinearRegression(RegressorMixin, _GLM):
         model = Linear(self.n_features_in_)
         if not self.fit_intercept:
             model = _NoIntercept(model)
-        ratio = _l1_ratio(self.penalty, self.l1_ratio, ("l2", "l1", "elasticnet"))
-        alpha = float(self.alpha)
-        if self.penalty == "l2" and not ratio:      # Ridge's alpha: on the sum of squares
-            decay, l1 = alpha / n, 0.0
-        else:                                       # ElasticNet's alpha: on the mean
-            decay, l1 = alpha * (1.0 - ratio), alpha * ratio
+        l1, decay = linear_strengths(self.penalty, self.l1_ratio, self.alpha, n)
         params = self._solve(model, X, y, decay, l1=l1, seed=_seed(self.random_state),
                              sample_weight=weights)
         coef, intercept = _glm_params(model, params, self.n_features_in_)
@@ -654,7 +630,7 @@ class LogisticRegression(ClassifierMixin, _GLM):
         _check_positive("C", self.C)
         _check_positive("tol", self.tol, allow_zero=True)
         _check_positive("max_iter", self.max_iter, integer=True)
-        ratio = _l1_ratio(self.penalty, self.l1_ratio, ("l2", "l1", "elasticnet", None))
+        l1_share(self.penalty, self.l1_ratio, ("l2", "l1", "elasticnet", None))
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -668,8 +644,8 @@ class LogisticRegression(ClassifierMixin, _GLM):
         model = Logistic(self.n_features_in_) if k == 2 else Softmax(self.n_features_in_, k)
         if not self.fit_intercept:
             model = _NoIntercept(model)
-        scale = 0.0 if self.penalty is None else 1.0 / (float(self.C) * n)
-        params = self._solve(model, X, codes, scale * (1.0 - ratio), l1=scale * ratio,
+        l1, decay = logistic_strengths(self.penalty, self.l1_ratio, self.C, n)
+        params = self._solve(model, X, codes, decay, l1=l1,
                              seed=_seed(self.random_state), sample_weight=weights)
         self.coef_, intercept = _glm_params(model, params, self.n_features_in_)
         self.intercept_ = intercept if self.fit_intercept else np.zeros_like(intercept)

@@ -168,3 +168,65 @@ output: {{dir: {tmp_path}/out}}
     assert cli.main(["run", str(tmp_path / "bad.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "l1" in err[0], err
+
+
+WORKFLOW = """\
+name: l1-model
+cluster: {{local: {{n_workers: 1, threads_per_worker: 1}}}}
+data:
+  source: {{path: {d}/X.npy, labels: {d}/y.npy}}
+  partitions: 2
+model: {model}
+strategy: {strategy}
+{optimizer}
+train: {{steps: 300}}
+output: {{dir: {d}/out}}
+"""
+
+
+def test_model_penalty_in_a_workflow_is_the_estimators_objective(tmp_path):
+    """``model: {kind: logistic, penalty: l1, C: ...}``: the run's weights are the
+    estimator's (same C, same n), with the same exact zeros."""
+    X, y = classification(n=300, d=12, seed=3)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    text = WORKFLOW.format(d=tmp_path, model="{kind: logistic, penalty: l1, C: 0.05}",
+                           strategy="{kind: sync, batch_size: null}",
+                           optimizer="optimizer: {kind: owlqn, tol: 1.0e-10, max_iter: 300}")
+    (tmp_path / "wf.yaml").write_text(text)
+    assert cli.main(["run", str(tmp_path / "wf.yaml"), "--no-progress"]) == 0
+    params = np.load(tmp_path / "out" / "model.npz")["params"]
+    est = ours("l1", C=0.05).fit(X, y)
+    np.testing.assert_allclose(params[:-1], est.coef_[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(params[:-1] == 0, est.coef_[0] == 0)
+    assert 0 < (params[:-1] == 0).sum() < X.shape[1]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["optimizer"].startswith("OWLQN(l1=0.0666"), metrics  # 1 / (C n)
+
+
+@pytest.mark.parametrize("model,strategy,optimizer,key,fragment", [
+    ("{kind: logistic, penalty: l3}", None, "", "model.penalty", "penalty must be one of"),
+    ("{kind: logistic, penalty: elasticnet, l1_ratio: 2}", None, "", "model.l1_ratio",
+     "l1_ratio must be a number in [0, 1]"),
+    ("{kind: logistic, penalty: elasticnet}", None, "", "model.penalty", "needs l1_ratio"),
+    ("{kind: softmax, penalty: l1, C: 0}", None, "", "model.C", "C must be a number > 0"),
+    ("{kind: linear, penalty: l1, alpha: -1}", None, "", "model.alpha", "alpha must be"),
+    ("{kind: logistic, penalty: l1}", "{kind: sync, batch_size: 32}", "", "model.penalty",
+     "full-batch solver"),
+    ("{kind: logistic, penalty: l1}", None, "optimizer: {kind: lbfgs}", "optimizer.kind",
+     "use kind owlqn"),
+    ("{kind: logistic, l1_ratio: 0.5}", None, "optimizer: {kind: owlqn, l1: 0.1}",
+     "optimizer.l1", "in one place"),
+    ("{kind: mlp, hidden: [4], penalty: l1}", None, "", "model.penalty", "unknown key"),
+])
+def test_bad_model_penalty_in_a_workflow_names_the_key(tmp_path, capsys, model, strategy,
+                                                       optimizer, key, fragment):
+    X, y = classification(n=60, d=6)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    text = WORKFLOW.format(d=tmp_path, model=model, optimizer=optimizer,
+                           strategy=strategy or "{kind: sync, batch_size: null}")
+    (tmp_path / "wf.yaml").write_text(text)
+    assert cli.main(["validate", str(tmp_path / "wf.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{key}:" in err[0] and fragment in err[0], err

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._ext import loss as _loss
+from ..penalty import linear_strengths, logistic_strengths
 from .base import Model
 
 _INIT_SCALE = 0.01
@@ -31,6 +32,17 @@ class _GLM(Model):
     extra_keys = ()                   # file keys beyond the remaining constructor keywords
     accepts_sparse = True             # trains on scipy.sparse CSR rows
     binary = False                    # labels 0/1 only
+    # a workflow's model-section penalty: its keys, their defaults, their meaning
+    penalty_keys = ("penalty", "l1_ratio", "C")
+    penalty_defaults = ("l2", None, 1.0)
+    _strengths = staticmethod(logistic_strengths)
+
+    @classmethod
+    def penalty(cls, config, n):
+        """``(l1, weight_decay)`` on the mean loss that the penalty keys of ``config``
+        ask for (scikit-learn's meanings, ``dmlcore.penalty``); ``n``: the total weight."""
+        values = [config.get(k, d) for k, d in zip(cls.penalty_keys, cls.penalty_defaults)]
+        return cls._strengths(*values, n)
 
     @classmethod
     def for_data(cls, n_features, n_outputs, **config):
@@ -132,6 +144,9 @@ class Linear(_GLM):
 
     kind = "linear"
     loss = "squared"  # the kernel of dmlcore._ext.loss
+    penalty_keys = ("penalty", "l1_ratio", "alpha")      # Ridge, or Lasso/ElasticNet
+    penalty_defaults = ("l2", None, 0.0)
+    _strengths = staticmethod(linear_strengths)
     is_classifier = False
     n_outputs = 1
 

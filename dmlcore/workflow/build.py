@@ -6,8 +6,10 @@ What is specific to a kind lives on its class, found through
 * model: ``inferred_keys`` (keywords filled in from the data),
   ``extra_keys`` (file keys beyond the constructor's), ``accepts_sparse``,
   ``binary`` (labels 0/1), ``for_data(n_features, n_outputs, **config)``
-  (None sizes: placeholders, for checking a file), ``fixed_classes(config)``
-  and, on the instance, ``is_classifier``;
+  (None sizes: placeholders, for checking a file), ``fixed_classes(config)``,
+  optionally ``penalty_keys`` with ``penalty(config, n) -> (l1, weight_decay)``
+  (a model-section penalty, solved by OWL-QN or L-BFGS) and, on the instance,
+  ``is_classifier``;
 * strategy: ``unit`` ("steps" or "rounds": what ``train`` lengths count),
   ``optimizer_keys`` (keywords holding a ``{kind: ...}`` optimizer),
   ``full_batch(config)``;
@@ -28,6 +30,21 @@ def is_batch_solver(kind):
 
 def build_optimizer(kind, kwargs):
     return registry.resolve("optimizer", kind)(**kwargs)
+
+
+def build_run_optimizer(spec, n):
+    """The optimizer of a run (None: the strategy's default). A model-section penalty
+    (``spec.penalty``) sets the batch solver's ``l1``/``weight_decay`` over total weight
+    ``n``: OWL-QN when it has an L1 term, else L-BFGS, unless the file names one."""
+    if not spec.penalty:
+        return build_optimizer(spec.optimizer_kind, spec.optimizer_kwargs) \
+            if spec.optimizer_kind else None
+    l1, decay = registry.resolve("model", spec.model_kind).penalty(spec.penalty, n)
+    kind = spec.optimizer_kind or ("owlqn" if l1 else "lbfgs")
+    kwargs = dict(spec.optimizer_kwargs, weight_decay=decay)
+    if kind == "owlqn":
+        kwargs["l1"] = l1
+    return build_optimizer(kind, kwargs)
 
 
 def build_strategy(kind, kwargs):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .. import outputs
-from .build import build_model, build_optimizer, build_strategy
+from .build import build_model, build_run_optimizer, build_strategy
 from .prepare import PreparedData
 from .schema import _Checker, _located
 from .validate import RunSpec
@@ -124,8 +124,9 @@ def _fit_one(spec, prepared, client, dirs, resume, progress, wf, say):
     check = _Checker(wf, spec.assignment)
     model = build_model(spec, prepared)
     strategy = build_strategy(spec.strategy_kind, spec.strategy_kwargs)
-    optimizer = (build_optimizer(spec.optimizer_kind, spec.optimizer_kwargs)
-                 if spec.optimizer_kind else None)
+    weights = prepared.data.partition_weights
+    optimizer = build_run_optimizer(spec, float(prepared.data.n_rows if weights is None
+                                                else weights.sum()))
     live, done = dirs
     resume = _prepare_checkpoints(live, done, resume, model, check, say)
     train = dict(spec.train)

@@ -58,19 +58,25 @@ def _check_cluster(check, cfg):
 
 
 def _check_model(check, cfg):
-    """``(kind, kwargs, trial model)``; the trial has placeholder sizes."""
+    """``(kind, kwargs, penalty, trial model)``; the trial has placeholder sizes;
+    ``penalty``: the keys of the kind's ``penalty_keys`` given (checked), apart."""
     path = ("model",)
     model = check.mapping(cfg.get("model"), path)
     kind = check.kind(model, path, "model")
     cls = registry.resolve("model", kind)
     params = _signature_params(cls)
-    allowed = (set(params) - set(cls.inferred_keys)) | set(cls.extra_keys) | {"kind"}
+    penalty_keys = tuple(getattr(cls, "penalty_keys", ()))
+    allowed = ((set(params) - set(cls.inferred_keys)) | set(cls.extra_keys)
+               | set(penalty_keys) | {"kind"})
     check.keys(model, path, allowed)
-    check.arguments(model, path, params, skip=("kind",))
-    kwargs = {k: v for k, v in model.items() if k != "kind"}
+    check.arguments(model, path, params, skip=("kind",) + penalty_keys)
+    kwargs = {k: v for k, v in model.items() if k != "kind" and k not in penalty_keys}
+    penalty = {k: v for k, v in model.items() if k in penalty_keys}
+    if penalty:
+        _construct(check, path, lambda **kw: cls.penalty(kw, 1.0), dict(penalty), list(model))
     trial = _construct(check, path, lambda **kw: cls.for_data(None, None, **kw), dict(kwargs),
                        list(model))
-    return kind, kwargs, trial
+    return kind, kwargs, penalty, trial
 
 
 def _optimizer_spec(check, opt, path):

@@ -36,7 +36,8 @@ class RunSpec:
     cluster: dict                # {"address": str | None, "timeout": s, "local": kwargs}
     data: dict                   # the data section, checked
     model_kind: str
-    model_kwargs: dict
+    model_kwargs: dict           # the model's keywords (its penalty keys apart)
+    penalty: dict                # the model section's penalty keys ({}: none given)
     strategy_kind: str
     strategy_kwargs: dict
     optimizer_kind: str | None
@@ -71,7 +72,7 @@ def _check_run(wf, cfg, assignment):
         check.fail(("name",), f"expected a string, got {_describe(cfg['name'])}")
     cluster = _check_cluster(check, cfg)
     data = _check_data(check, cfg, wf)
-    model_kind, model_kwargs, trial_model = _check_model(check, cfg)
+    model_kind, model_kwargs, penalty, trial_model = _check_model(check, cfg)
     strategy_kind, strategy_kwargs = _check_strategy(check, cfg)
     optimizer_kind, optimizer_kwargs = None, {}
     if cfg.get("optimizer") is not None:
@@ -86,6 +87,9 @@ def _check_run(wf, cfg, assignment):
             and not strategy_cls.full_batch(strategy_kwargs):
         check.fail(("optimizer", "kind"), f"{optimizer_kind} is a full-batch solver: it needs "
                    "strategy {kind: sync, batch_size: null} (without local_steps)")
+    if penalty:
+        _check_penalty(check, model_kind, penalty, strategy_cls.full_batch(strategy_kwargs),
+                       optimizer_kind, optimizer_kwargs)
     if strategy_cls.unit != "rounds" and train.get("rounds") is not None:
         check.fail(("train", "rounds"), "rounds are FedAvg rounds; use steps or epochs for "
                    f"strategy kind {strategy_kind!r}")
@@ -100,11 +104,31 @@ def _check_run(wf, cfg, assignment):
             check.fail(("model", "kind"), f"{model_kind} is binary; the data have "
                        f"{opts['n_classes']} classes (use softmax or mlp)")
     return RunSpec(config=cfg, assignment=dict(assignment), cluster=cluster, data=data,
-                   model_kind=model_kind, model_kwargs=model_kwargs,
+                   model_kind=model_kind, model_kwargs=model_kwargs, penalty=penalty,
                    strategy_kind=strategy_kind, strategy_kwargs=strategy_kwargs,
                    optimizer_kind=optimizer_kind, optimizer_kwargs=optimizer_kwargs,
                    train=train, output_dir=output_dir, plots=plots, classifier=classifier)
 
+
+def _check_penalty(check, model_kind, penalty, full_batch, optimizer_kind, optimizer_kwargs):
+    """A model-section penalty is solved by the batch solver it sets (OWL-QN with an L1
+    share, else L-BFGS): full batch, and no optimizer that it cannot configure."""
+    where = ("model", "penalty" if "penalty" in penalty else next(iter(penalty)))
+    l1, _ = registry.resolve("model", model_kind).penalty(penalty, 1.0)
+    if not full_batch:
+        check.fail(where, "a model penalty is solved by a full-batch solver: it needs "
+                   "strategy {kind: sync, batch_size: null} (without local_steps)")
+    if optimizer_kind is None:
+        return
+    if optimizer_kind not in ("lbfgs", "owlqn") or (l1 and optimizer_kind != "owlqn"):
+        need = "owlqn" if l1 else "lbfgs or owlqn"
+        check.fail(("optimizer", "kind"), f"model.{where[1]} asks for a penalty "
+                   f"{'with an L1 term ' if l1 else ''}that {optimizer_kind} cannot solve: "
+                   f"use kind {need}, or leave the optimizer section out")
+    for key in ("l1", "weight_decay"):
+        if key in optimizer_kwargs:
+            check.fail(("optimizer", key), f"the model's penalty sets {key}; give the "
+                       "penalty in one place (model.penalty or the optimizer)")
 
 
 def _check_sweep(wf, cfg):
@@ -167,7 +191,7 @@ def describe(plan):
              f"  data: {source}, {spec.data.get('partitions', 'default')} partitions, "
              f"scheme {spec.data.get('scheme', 'iid')}",
              f"  model: {spec.model_kind}, strategy: {spec.strategy_kind}, optimizer: "
-             f"{spec.optimizer_kind or 'default'}",
+             f"{spec.optimizer_kind or ('set by model.penalty' if spec.penalty else 'default')}",
              f"  cluster: {where}; output: {spec.output_dir}"]
     if plan.is_sweep:
         lines.append(f"  sweep: {len(plan.runs)} configurations over "

@@ -13,17 +13,12 @@ labels 0/1 (10 classes for softmax). Each figure is the median of
 Printed: kernel / stream (goal <= 1.5 counting the touched gradient rows,
 i.e. against stream + scatter), scipy / kernel (goal >= 3).
 
-``--fit``: then a full L2 logistic regression fit (C=1) on labels drawn from
-a sparse truth: scikit-learn's lbfgs in this process, dmlcore's
-``LogisticRegression`` on ``LocalCluster(n_workers=2, threads_per_worker=1)``
-(partitioning included) and dask-ml's lbfgs on the same CSR chunks (or how
-it fails); the objective C sum loss + ||w||^2 / 2, divided by C n, is printed
-for each.
-
-``--l1``: an L1 logistic fit (``--l1-C``, default 0.15: about 1% non-zero
-coefficients at 200,000 x 200,000) with scikit-learn's saga in this process
-against dmlcore's OWL-QN on 2 workers; printed: the time dmlcore takes to
-reach the objective saga ends at, against saga's time.
+``--fit``: an L2 logistic fit (C=1), labels from a sparse truth: scikit-learn's
+lbfgs here, dmlcore's ``LogisticRegression`` on 2 workers (partitioning included),
+dask-ml's lbfgs on the same CSR chunks (or how it fails); objectives C sum loss +
+||w||^2 / 2 over C n. ``--l1``: an L1 fit (``--l1-C``, 0.15: ~1% non-zero at
+200,000 x 200,000), scikit-learn's saga here against dmlcore's OWL-QN on 2
+workers: the time dmlcore takes to reach saga's final objective, against saga's.
 
     python benchmarks/bench_sparse.py                    # 2,000,000 x 200,000, 40 per row
     python benchmarks/bench_sparse.py --rows 200000 --l1 --fit-rows 200000   # README's L1 row

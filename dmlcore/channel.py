@@ -147,6 +147,10 @@ class ChannelServer:
     that is malformed or too large closes the connection. ``ssl_context``: a
     server-side context (TLS clusters); the driver must then speak TLS with a
     certificate the context trusts.
+
+    The listener accepts ONE connection that presents the token, then closes
+    (or closes unused after ``accept_timeout`` s); when that connection
+    closes, the thread ends.
     """
 
     def __init__(self, target, host, accept_timeout=120.0, max_bytes=None,

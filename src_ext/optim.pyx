@@ -9,13 +9,13 @@ Design
   dampening 0 and a zero-initialised state, so a step here equals a step there.
 - Weight decay is applied where ``decay_mask[i]`` is 1 (weights of trainable
   layers); biases and frozen layers get 0. ``decay_mask=None`` decays all.
-- Subnormals: momentum and second-moment buffers decay geometrically and,
-  in float32 after ~1,000 steps, reach the subnormal range where every
-  arithmetic instruction that touches them takes a microcode assist (a 4x
-  slower step). Each kernel therefore runs with flush-to-zero and
-  denormals-are-zero set -- MXCSR on x86 (saved and restored, so the caller's
-  floating-point environment is unchanged), FPCR.FZ on aarch64 -- and elsewhere
-  flushes |v| < FLT_MIN (DBL_MIN) to 0 with a branch-free select.
+- Subnormals: momentum and second-moment buffers decay geometrically into
+  the subnormal range, where arithmetic on them is slow on most CPUs
+  (``benchmarks/bench_mlp_optim.py`` measures it). Each kernel therefore
+  runs with flush-to-zero and denormals-are-zero set -- MXCSR on x86 (saved
+  and restored, so the caller's floating-point environment is unchanged),
+  FPCR.FZ on aarch64 -- and elsewhere flushes |v| < FLT_MIN (DBL_MIN) to 0
+  with a branch-free select.
 - IN ``grad`` and ``decay_mask`` are const memoryviews (read-only buffers are
   fine); IN/OUT ``params`` and the state vectors are updated in place.
 """

@@ -2,9 +2,7 @@
 
 Modules: ``loss`` (fused loss+gradient for squared, logistic, softmax),
 ``mlp`` (dense forward/backward on BLAS), ``optim`` (in-place optimizer
-updates). Partial sums are added with NumPy (``aggregate.add_partials``): a
-compiled BLAS-axpy reduction was slower than NumPy's in-place add at every
-size and was removed.
+updates). Partial sums are added with NumPy (``aggregate.add_partials``).
 
 A kernel module that cannot be found raises an ImportError saying why: most
 often Python imported this folder from a source checkout (the current

@@ -99,7 +99,13 @@ def weighted_average(weighted, weight, dtype):
 
 
 class FedAvg(Strategy):
-    """Federated Averaging over the partitions; see the module docstring."""
+    """Federated Averaging over the partitions; see the module docstring.
+
+    The client optimizer's schedule is evaluated at the client's local step
+    counter (``round * steps per round + local step``): use a constant
+    learning rate or a schedule meant in local steps. A worker whose whole
+    call fails counts as a failure of every client it was sampled for.
+    """
 
     name = "fedavg"
     # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)

@@ -341,6 +341,9 @@ class ParameterServer(Strategy):
     computed nor sent); ``poll_interval``: seconds between the driver's
     snapshots of the server; ``slow_partitions``: ``{partition: seconds}`` of
     sleep after each of that partition's mini-batches (stragglers).
+
+    Recovery restarts from the last snapshot the driver saw: updates applied
+    after it are lost and redone; no update the history showed is lost.
     """
 
     name = "ps"

@@ -180,7 +180,14 @@ def _partition_loss_grad(model, values, frozen, X, y, w, step, batch_size, seed,
 
 
 class SyncSGD(Strategy):
-    """Synchronous data-parallel training; see the module docstring."""
+    """Synchronous data-parallel training; see the module docstring.
+
+    ``transport="tasks"`` costs a scheduler round per step, but its partials
+    survive a worker's loss through the scheduler. ``apply_on="workers"``
+    takes the replica path only with direct channels (``"actors"``),
+    ``local_steps=1`` and sync points further apart than one step; otherwise
+    the driver adds and updates (same bits, one driver round trip per step).
+    """
 
     name = "sync"
     # what the workflow runner needs of a registered kind (``dmlcore.workflow.build``)

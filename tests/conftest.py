@@ -4,13 +4,14 @@
 (1 thread per worker, no dashboard), closed at teardown. Tests that use it
 must not restart or close it and should drop their futures when done.
 
-``@pytest.mark.fashion_mnist``: the test reads the real Fashion-MNIST files
-(directly or in a subprocess, which inherits ``DMLCORE_DATA``); it is skipped,
-with a reason saying how to install them, when the four files are not where
-``dmlcore.datasets.fashion_mnist`` looks. ``@pytest.mark.fashion_mnist(
-default_location=True)`` asks for them in the Debian package's folder itself.
-Pointing ``DMLCORE_DATA`` at an empty directory hides the installed files, so
-``DMLCORE_DATA=$(mktemp -d) pytest`` shows what a machine without them runs.
+``fashion_mnist_available()`` and ``FASHION_MNIST_SKIP``: the files that read
+the real Fashion-MNIST files (directly or in a subprocess, which inherits
+``DMLCORE_DATA``) skip those tests with ``pytest.mark.skipif(not
+fashion_mnist_available(), reason=FASHION_MNIST_SKIP)`` when the four files
+are not where ``dmlcore.datasets.fashion_mnist`` looks; the reason says how to
+install them. Pointing ``DMLCORE_DATA`` at an empty directory hides the
+installed files, so ``DMLCORE_DATA=$(mktemp -d) pytest`` shows what a machine
+without them runs.
 """
 import pytest
 
@@ -30,17 +31,6 @@ def fashion_mnist_available(default_location: bool = False) -> bool:
                  else datasets._fashion_mnist_dir())
     return all(datasets._find_idx(directory, stem) is not None
                for pair in datasets._FMNIST_FILES.values() for stem in pair)
-
-
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "fashion_mnist: needs the real Fashion-MNIST files (skipped without them)")
-
-
-def pytest_runtest_setup(item):
-    marker = item.get_closest_marker("fashion_mnist")
-    if marker is not None and not fashion_mnist_available(**marker.kwargs):
-        pytest.skip(FASHION_MNIST_SKIP)
 
 
 @pytest.fixture(scope="session")

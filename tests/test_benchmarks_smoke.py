@@ -4,8 +4,6 @@ The values are not judged (speed lives in the benchmarks themselves): each
 expected line must be there, its figures must parse as finite, positive numbers
 (accuracies in (0, 1]), and the peers it compares against must be named.
 """
-# Fashion-MNIST: tests marked ``fashion_mnist`` are skipped (conftest.py) with an install
-# hint when the files are absent, so this file passes on a machine without them.
 import math
 import os
 import re
@@ -14,6 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import FASHION_MNIST_SKIP, fashion_mnist_available
+
+# Without the Fashion-MNIST files these tests are skipped, the reason saying how to install them.
+NEEDS_FASHION_MNIST_FILES = pytest.mark.skipif(not fashion_mnist_available(),
+                                               reason=FASHION_MNIST_SKIP)
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -152,7 +156,7 @@ QUICK = {"bench_kernels.py", "bench_mlp_optim.py"}
 
 
 def _marks(script):
-    return ([pytest.mark.fashion_mnist] if script in NEEDS_FASHION_MNIST else []) + (
+    return ([NEEDS_FASHION_MNIST_FILES] if script in NEEDS_FASHION_MNIST else []) + (
         [] if script in QUICK else [pytest.mark.slow])
 
 

@@ -9,8 +9,6 @@
 * bad inputs that need a process or a cluster: exit 2, one line, and the
   previous run's files untouched.
 """
-# Fashion-MNIST: tests marked ``fashion_mnist`` are skipped (conftest.py) with an install
-# hint when the files are absent, so this file passes on a machine without them.
 from __future__ import annotations
 
 import json
@@ -27,6 +25,12 @@ import pytest
 import xarray as xr
 import yaml
 from dask_processes import dask_cluster
+
+from conftest import FASHION_MNIST_SKIP, fashion_mnist_available
+
+# Without the Fashion-MNIST files these tests are skipped, the reason saying how to install them.
+NEEDS_FASHION_MNIST_FILES = pytest.mark.skipif(not fashion_mnist_available(),
+                                               reason=FASHION_MNIST_SKIP)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -223,7 +227,7 @@ def test_every_workflow_has_a_test_setting():
 
 
 @pytest.mark.parametrize("name", [            # quickstart stays in the quick subset
-    pytest.param(n, marks=([pytest.mark.fashion_mnist] if n.startswith("fashion_mnist") else [])
+    pytest.param(n, marks=([NEEDS_FASHION_MNIST_FILES] if n.startswith("fashion_mnist") else [])
                  + ([] if n == "quickstart.yaml" else [pytest.mark.slow]))
     for n in sorted(SHORT)])
 def test_workflow_runs_on_a_dask_scheduler(name, scheduler, tmp_path):

@@ -1,6 +1,4 @@
 """Fashion-MNIST loader, synthetic generators built on the workers, file loaders."""
-# Fashion-MNIST: tests marked ``fashion_mnist`` are skipped (conftest.py) with an install
-# hint when the files are absent, so this file passes on a machine without them.
 import gzip
 import pickle
 import struct
@@ -11,6 +9,9 @@ import pytest
 from dmlcore import datasets
 from dmlcore.datasets import (fashion_mnist, load_arrays,
                               make_classification, make_regression)
+
+from conftest import FASHION_MNIST_SKIP, fashion_mnist_available
+
 
 def _write_idx(path, array):
     array = np.asarray(array, dtype=np.uint8)
@@ -33,7 +34,8 @@ def _fake_fmnist(directory, n_train=5, n_test=3, seed=0):
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-@pytest.mark.fashion_mnist(default_location=True)
+@pytest.mark.skipif(not fashion_mnist_available(default_location=True),
+                    reason=FASHION_MNIST_SKIP)
 def test_fashion_mnist_real_files(monkeypatch):
     monkeypatch.delenv("DMLCORE_DATA", raising=False)
     X, y = fashion_mnist("train")

@@ -5,8 +5,6 @@ holding a copy of ``workflows/``. Where a block would train for minutes, the
 test substitutes a smaller size (``SMALL``/``SMALL_SETS``); every substitution
 must match the README exactly once, so the README and this test cannot drift.
 """
-# Fashion-MNIST: tests marked ``fashion_mnist`` are skipped (conftest.py) with an install
-# hint when the files are absent, so this file passes on a machine without them.
 import os
 import re
 import shlex
@@ -17,6 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import FASHION_MNIST_SKIP, fashion_mnist_available
+
+# Without the Fashion-MNIST files these tests are skipped, the reason saying how to install them.
+NEEDS_FASHION_MNIST_FILES = pytest.mark.skipif(not fashion_mnist_available(),
+                                               reason=FASHION_MNIST_SKIP)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -59,7 +63,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.fashion_mnist
+@NEEDS_FASHION_MNIST_FILES
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_python_block_runs_as_a_script(index, tmp_path):
     code = PYTHON_BLOCKS[index]
@@ -103,7 +107,7 @@ def _command(line, workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.fashion_mnist
+@NEEDS_FASHION_MNIST_FILES
 def test_shell_lines_run_offline(tmp_path):
     workdir = _workdir(tmp_path)
     for line in _shell_lines():

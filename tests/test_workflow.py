@@ -4,8 +4,6 @@ Most checks run in this process through ``dmlcore.cli.main`` (no cluster is
 started for anything caught before one would be): exit code 2, one line on
 stderr naming the file, the YAML line and the key path.
 """
-# Fashion-MNIST: tests marked ``fashion_mnist`` are skipped (conftest.py) with an install
-# hint when the files are absent, so this file passes on a machine without them.
 from __future__ import annotations
 
 import inspect
@@ -17,6 +15,12 @@ import yaml
 
 from dmlcore import cli, workflow
 from dmlcore.workflow import REGISTRY, WorkflowError
+
+from conftest import FASHION_MNIST_SKIP, fashion_mnist_available
+
+# Without the Fashion-MNIST files these tests are skipped, the reason saying how to install them.
+NEEDS_FASHION_MNIST_FILES = pytest.mark.skipif(not fashion_mnist_available(),
+                                               reason=FASHION_MNIST_SKIP)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "workflows" / "quickstart.yaml"
@@ -247,7 +251,7 @@ def test_lines_of_key_paths_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.fashion_mnist) if "fashion_mnist" in p.read_text() else p
+    pytest.param(p, marks=NEEDS_FASHION_MNIST_FILES) if "fashion_mnist" in p.read_text() else p
     for p in sorted((ROOT / "workflows").glob("*.yaml"))], ids=lambda p: p.name)
 def test_every_shipped_workflow_validates(path, capsys):
     rc, out, err = run_main(capsys, "validate", path)       # validate checks the data files

@@ -38,6 +38,28 @@ def _events(history):
             for i in range(n)]
 
 
+def fit_within(seconds, *args, **kwargs):
+    """``dml.fit(*args, **kwargs)`` in a thread under a hard deadline: a fault
+    handling that hangs fails the test after ``seconds`` instead of hanging it."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["result"] = dml.fit(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="fit-under-deadline")
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the fit did not end within {seconds} s (a hang)"
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def full_loss(model, params, X, y):
     grad = np.empty_like(params)
     return model.loss_grad(params, X, y, grad) / len(y)
@@ -205,8 +227,8 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
             os.kill(pid, signal.SIGKILL)
             killed["address"] = address
 
-    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=120, client=client,
-                     callbacks=[kill_server], progress=False)
+    result = fit_within(120, model, data, strategy, dml.optim.SGD(lr=0.2), steps=120,
+                        client=client, callbacks=[kill_server], progress=False, timeout=20)
     assert result.steps == 120 and len(result.history.step) == 120
     (recovery,) = _events(result.history)
     assert recovery["worker"] == killed["address"]
@@ -240,8 +262,9 @@ def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_work
             os.kill(pid, signal.SIGKILL)
             killed["address"] = address
 
-    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.2), steps=40, client=client,
-                     callbacks=[kill_data_worker], progress=False)
+    result = fit_within(120, model, data, strategy, dml.optim.SGD(lr=0.2), steps=40,
+                        client=client, callbacks=[kill_data_worker], progress=False,
+                        timeout=20)
     assert len(result.history.step) == 40
     (recovery,) = _events(result.history)
     assert recovery["worker"] == killed["address"]

@@ -217,20 +217,12 @@ class LBFGS:
         from scipy.optimize import minimize
 
         dtype = x0.dtype
-        mask = np.ones(x0.shape[0], bool) if decay_mask is None else np.asarray(decay_mask, bool)
-        lam = self.weight_decay
+        smooth = self._smooth(loss_grad, dtype, _mask(x0, decay_mask))
         last = {}
 
         def objective(x):
-            x_typed = x.astype(dtype, copy=False)
-            loss, grad = loss_grad(x_typed)
-            grad = grad.astype(np.float64)
-            last["loss"] = loss
-            if lam:
-                w = x * mask
-                loss = loss + 0.5 * lam * float(w @ w)
-                grad += lam * w
-            return float(loss), grad
+            last["loss"], f, g = smooth(x)
+            return f, g
 
         def on_iteration(intermediate_result):
             if callback is not None:
@@ -241,6 +233,19 @@ class LBFGS:
                         options={"maxiter": self.max_iter, "gtol": self.tol,
                                  "ftol": self.ftol, "maxcor": self.history,
                                  "maxfun": 20 * self.max_iter})
+
+    def _smooth(self, loss_grad, dtype, mask):
+        """``x -> (mean loss, mean loss + weight_decay/2 ||x[mask]||^2, its gradient)``
+        for float64 ``x``, ``loss_grad`` called in ``dtype`` (one call each)."""
+        lam = self.weight_decay
+
+        def smooth(x):
+            loss, grad = loss_grad(x.astype(dtype, copy=False))
+            grad = np.array(grad, dtype=np.float64)
+            w = x * mask
+            return float(loss), float(loss) + 0.5 * lam * float(w @ w), grad + lam * w
+
+        return smooth
 
     def iterations(self, loss_grad, x0, decay_mask=None, max_iter=None):
         """Run ``minimize`` in a thread; yields ``(x, data loss)`` after each
@@ -322,17 +327,13 @@ class OWLQN(LBFGS):
         from scipy.optimize import OptimizeResult
 
         dtype = x0.dtype
-        mask = np.ones(x0.shape[0], bool) if decay_mask is None else np.asarray(decay_mask, bool)
+        mask = _mask(x0, decay_mask)
         l1 = np.where(mask, self.l1, 0.0)              # per-entry L1 weight
-        lam, nfev = self.weight_decay, [0]
+        penalised, nfev = self._smooth(loss_grad, dtype, mask), [0]
 
         def smooth(x):
-            """(mean loss, smooth objective, its gradient) at float64 ``x``."""
-            loss, grad = loss_grad(x.astype(dtype, copy=False))
             nfev[0] += 1
-            grad = np.asarray(grad, dtype=np.float64)
-            w = x * mask
-            return float(loss), float(loss) + 0.5 * lam * float(w @ w), grad + lam * w
+            return penalised(x)
 
         x = x0.astype(np.float64)
         loss, f, g = smooth(x)
@@ -383,6 +384,11 @@ class OWLQN(LBFGS):
     def __repr__(self):
         return (f"OWLQN(l1={self.l1}, max_iter={self.max_iter}, tol={self.tol}, "
                 f"history={self.history}, weight_decay={self.weight_decay})")
+
+
+def _mask(x0, decay_mask):
+    """The penalised entries as a boolean vector (all of them for None)."""
+    return np.ones(x0.shape[0], bool) if decay_mask is None else np.asarray(decay_mask, bool)
 
 
 def _pseudo_gradient(x, g, l1):

@@ -10,7 +10,6 @@ whatever else the strategy reports (``staleness``, ``participants`` ...).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 

@@ -21,11 +21,12 @@ _LAZY = {
     "MLPClassifier": ".estimators", "MLPRegressor": ".estimators",
     "SyncSGD": ".strategies", "ParameterServer": ".strategies", "FedAvg": ".strategies",
     "fit": ".train", "FitResult": ".train",
+    "load": ".outputs",
 }
 
 __all__ = ["datasets", "models", "optim", "partition", "PartitionedData", "SyncSGD",
            "ParameterServer", "FedAvg", "fit", "FitResult", "LinearRegression",
-           "LogisticRegression", "MLPClassifier", "MLPRegressor"]
+           "LogisticRegression", "MLPClassifier", "MLPRegressor", "load"]
 
 
 def __getattr__(name):

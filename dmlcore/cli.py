@@ -1,8 +1,9 @@
-"""The ``dmlcore`` command: run, validate, predict, info.
+"""The ``dmlcore`` command: run, validate, predict, export, info.
 
     dmlcore run WORKFLOW.yaml [--scheduler ADDRESS] [--set key.path=value ...] [--resume]
     dmlcore validate WORKFLOW.yaml [--set ...]
     dmlcore predict MODEL.npz DATA -o OUT.npy [--proba] [--scheduler ADDRESS]
+    dmlcore export MODEL.npz --int8 [-o OUT.npz]
     dmlcore info [--scheduler ADDRESS]
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the problem,
@@ -73,7 +74,7 @@ def build_parser():
     common(p)
 
     p = sub.add_parser("predict", help="predict with a model file written by dmlcore run")
-    p.add_argument("model", help="model.npz")
+    p.add_argument("model", help="model.npz, or its int8 export")
     p.add_argument("data", help="input rows: .npy, zarr or netCDF")
     p.add_argument("-o", "--output", required=True, help="output .npy file")
     p.add_argument("--proba", action="store_true",
@@ -83,6 +84,14 @@ def build_parser():
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="predict on this Dask cluster, chunk by chunk")
     p.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk (65536)")
+    common(p)
+
+    p = sub.add_parser("export", help="write a compressed copy of a model file for deployment")
+    p.add_argument("model", help="model.npz written by dmlcore run")
+    p.add_argument("--int8", action="store_true", required=True,
+                   help="int8 weights with one float32 scale per output unit (biases float32)")
+    p.add_argument("-o", "--output", help="output .npz (default: MODEL.int8.npz next to the "
+                   "input); an existing file is replaced only if it is an int8 export")
     common(p)
 
     p = sub.add_parser("info", help="versions, compiled kernels, BLAS, cluster")
@@ -110,7 +119,7 @@ def main(argv=None):
     saved_env = os.environ.get(_LOG_ENV)
     _quiet_logs(debug)
     commands = {"run": _cmd_run, "validate": _cmd_validate, "predict": _cmd_predict,
-                "info": _cmd_info}
+                "export": _cmd_export, "info": _cmd_info}
     try:
         return _dispatch(commands[args.command], args, debug)
     finally:
@@ -240,13 +249,9 @@ def _open_input(path, var):
 
 
 def _labels(model, out, proba):
-    import numpy as np
-    out = np.asarray(out)
-    if proba or not model.is_classifier:
-        return out
-    if out.ndim == 1:                 # binary: P(y = 1)
-        return (out > 0.5).astype(np.int64)
-    return out.argmax(axis=1).astype(np.int64)
+    from .outputs import labels
+
+    return out if proba else labels(model, out)
 
 
 def _predict_block(model, params, block, proba):
@@ -357,6 +362,21 @@ def _open_client(address, tls=None):
         return open_client(address, tls=tls, timeout=5)
     except ClusterError as exc:
         raise WorkflowError(str(exc)) from None
+
+
+# ---- export ----------------------------------------------------------------------------
+def _cmd_export(args):
+    from .quantize import ExportError, export
+    from .workflow import WorkflowError
+
+    try:
+        out, size = export(args.model, args.output)
+    except ExportError as exc:
+        raise WorkflowError(str(exc)) from None
+    src_size = Path(args.model).stat().st_size
+    print(f"wrote {out}: int8 per-channel weights, {size:,} bytes "
+          f"({size / src_size:.3g}x the {src_size:,} bytes of {args.model})")
+    return EXIT_OK
 
 
 # ---- info ------------------------------------------------------------------------------

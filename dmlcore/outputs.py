@@ -21,6 +21,8 @@ run's files as they were.
 (``layer_names``, ``layer_slices`` [start, stop) rows, ``layout`` JSON with
 the W/b shapes) and ``meta`` (JSON: dmlcore version, dtype, workflow).
 Everything is a plain array: ``np.load(path, allow_pickle=False)`` reads it.
+``load_model`` and ``load`` (``dml.load``) also read the int8 export of such a
+file (``dmlcore.quantize``).
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ import numpy as np
 from .checkpoint import atomic_write
 from .workflow import WorkflowError
 
-__all__ = ["model_bytes", "load_model", "history_bytes", "run_files", "sweep_files", "commit",
-           "sweep_dataset", "check_free", "claim_dir", "OutputConflict", "MANIFEST"]
+__all__ = ["model_bytes", "load_model", "load", "SavedModel", "labels", "history_bytes",
+           "run_files", "sweep_files", "commit", "sweep_dataset", "check_free", "claim_dir", "OutputConflict", "MANIFEST"]
 
 
 def _json_default(value):
@@ -102,19 +104,85 @@ def model_bytes(model, params, meta=None):
 
 
 def load_model(path):
-    """``(model, params, meta)`` from a ``model.npz`` written by ``dmlcore run``."""
+    """``(model, params, meta)`` from a ``model.npz`` written by ``dmlcore run``, or from
+    its int8 export (``dmlcore.quantize``: the weights come back dequantized).
+
+    Raises ``FileNotFoundError``, or ``ValueError`` naming why the file is not a model.
+    """
+    import zipfile
+
+    from . import quantize
     from .models import from_config
 
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("params", "config") if k not in z.files]
-        if missing:
-            raise ValueError(f"{path} is not a dmlcore model file (no {', '.join(missing)})")
-        params = np.array(z["params"])
-        config = json.loads(str(z["config"]))
-        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    model = from_config(config)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a .npy array, not a .npz model file")
+            int8 = quantize.is_int8(z)
+            missing = [k for k in (("config",) if int8 else ("params", "config"))
+                       if k not in z.files]
+            if missing:
+                raise ValueError(f"{path} is not a dmlcore model file (no {', '.join(missing)})")
+            config = json.loads(str(z["config"]))
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+            if not isinstance(config, dict) or not isinstance(meta, dict):
+                raise ValueError("config and meta must be JSON objects")
+            model = from_config(config)
+            params = quantize.read_params(z, model, meta) if int8 else np.array(z["params"])
+    except AttributeError:            # np.load gave something without a context manager
+        raise ValueError("not a .npz model file") from None
+    except (zipfile.BadZipFile, EOFError, KeyError, TypeError) as exc:
+        raise ValueError(f"damaged or foreign file ({type(exc).__name__}: {exc})") from None
     model._check_params(params)
     return model, params, meta
+
+
+class SavedModel:
+    """A model file loaded for prediction (``dml.load``): float ``model.npz`` or int8 export.
+
+    ``model``, ``params`` (int8 weights dequantized), ``meta``, ``quantized``.
+    ``predict(X)``: what ``dmlcore predict`` writes without ``--proba``: class
+    codes 0..K-1 for classifiers (argmax; a binary logistic model: P(y=1) > 0.5),
+    the model's output otherwise. ``predict_proba(X)`` (classifiers): (n, K)
+    probabilities; a binary logistic model gives the columns P(y=0), P(y=1).
+    X: (n, n_features) numbers, converted to the parameters' dtype.
+    """
+
+    def __init__(self, model, params, meta):
+        self.model, self.params, self.meta = model, params, meta
+        self.quantized = "quantization" in meta
+
+    def _output(self, X):
+        X = np.ascontiguousarray(np.asarray(X), dtype=self.params.dtype)
+        return np.asarray(self.model.predict(self.params, X))
+
+    def predict(self, X):
+        return labels(self.model, self._output(X))
+
+    def predict_proba(self, X):
+        if not self.model.is_classifier:
+            raise AttributeError(f"predict_proba needs a classifier; {self.model!r} "
+                                 "predicts values")
+        out = self._output(X)
+        return np.column_stack([1.0 - out, out]) if out.ndim == 1 else out
+
+    def __repr__(self):
+        return f"SavedModel({self.model!r}{', int8' if self.quantized else ''})"
+
+
+def labels(model, out):
+    """Class codes from a classifier's ``predict`` output (others: ``out`` unchanged)."""
+    out = np.asarray(out)
+    if not model.is_classifier:
+        return out
+    if out.ndim == 1:                 # binary: P(y = 1)
+        return (out > 0.5).astype(np.int64)
+    return out.argmax(axis=1).astype(np.int64)
+
+
+def load(path):
+    """``SavedModel`` of the model file ``path`` (``model.npz`` or its int8 export)."""
+    return SavedModel(*load_model(path))
 
 
 # ---- history -------------------------------------------------------------------

@@ -25,6 +25,9 @@ class ClientSums(NamedTuple):
     rows: float         # rows seen over the local steps
     ids: list           # clients that counted
     failed: list        # [(client id, message)]
+    # compressed uploads instead of ``weighted``: [(client id, n_k, encoded
+    # w_k - w_global)] (``dmlcore.compression``)
+    uploads: list = None
 
 
 class ReplicaRun(NamedTuple):
@@ -50,7 +53,8 @@ class Push(NamedTuple):
     clock: int          # the partition's clock the gradient was computed at
     loss: float
     rows: float
-    kind: str           # "sum": payload is the gradient sum; "mean": its mean (float16)
+    kind: str           # "sum": payload is the gradient sum; "mean": its mean (float16);
+                        # "coded": its mean, encoded by ``dmlcore.compression``
     payload: Any
 
 
@@ -84,5 +88,27 @@ class Snapshot(NamedTuple):
     partition_pushes: Any
 
 
+class Half(NamedTuple):
+    """A float vector as float16 ``values`` times a power-of-two ``scale``."""
+    values: Any         # (n,) float16
+    scale: float
+
+
+class Int8Blocks(NamedTuple):
+    """A float vector as int8 codes times ``scales[i // block] / 127``."""
+    codes: Any          # (n,) int8
+    scales: Any         # (ceil(n / block),) float32: each block's largest magnitude
+    block: int
+
+
+class TopK(NamedTuple):
+    """A sparse float vector of ``size`` entries: ``values * scale`` at ``indices``."""
+    size: int
+    indices: Any        # (k,) uint32, ascending
+    values: Any         # (k,) float16
+    scale: float
+
+
 MESSAGES = {cls.__name__: cls for cls in (Partial, ClientSums, ReplicaRun, ReplicaState,
-                                          Push, Pull, Update, Snapshot)}
+                                          Push, Pull, Update, Snapshot, Half, Int8Blocks,
+                                          TopK)}

@@ -15,6 +15,11 @@ Clients are the partitions (K = ``data.n_partitions``). Round r:
    ``dml.optim`` (init, update) optimizer: ``SGD(momentum=0.9)`` is FedAvgM),
    takes a step along ``w_global - w_avg``; its state persists across rounds.
 
+Compression (``compression=``, ``dmlcore.compression``): each client uploads
+its model delta w_k - w_global encoded (top-k: with the client's residual,
+kept on its worker across rounds, zero on resume); the driver decodes and
+forms the same n_k-weighted mean.
+
 Failures: a client that raises or returns non-finite weights is dropped from
 its round (``accept_failures=True``) or raises ``RuntimeError`` naming it; a
 round where no client counts leaves the model unchanged (``loss`` NaN).
@@ -30,6 +35,7 @@ import numbers
 
 import numpy as np
 
+from .. import compression as codecs
 from .. import local
 from ..aggregate import add_partials
 from ..checkpoint import restore_state
@@ -44,9 +50,29 @@ def sample_clients(seed, round_, n_clients, n_sampled):
     return np.sort(rng.choice(int(n_clients), size=int(n_sampled), replace=False))
 
 
+class _Uploads:
+    """An executor's client encoders (one ``Compressor`` per client id)."""
+
+    def __init__(self, spec, seed):
+        self.spec, self.seed, self.clients = spec, seed, {}
+
+    def encode(self, pid, delta, round_):
+        if pid not in self.clients:
+            self.clients[pid] = codecs.Compressor(self.spec, self.seed)
+        return self.clients[pid].encode(delta, (round_, pid))
+
+
+def _uploads(executor, compression, seed):
+    state = executor.run_state
+    spec = codecs.parse(compression)
+    if not isinstance(state, _Uploads) or state.spec != spec or state.seed != int(seed):
+        state = executor.run_state = _Uploads(spec, int(seed))
+    return state
+
+
 @hosted
 def client_train(executor, values, optimizer, *, round_, batch_size, seed, local_epochs=None,
-                 local_steps=None, proximal_mu=0.0, partitions=None, fail=()):
+                 local_steps=None, proximal_mu=0.0, partitions=None, fail=(), compression=None):
     """Local SGD on each selected client (partition) of ``executor`` from
     ``values``; a ``ClientSums`` summed here (the first level of the tree).
 
@@ -57,14 +83,16 @@ def client_train(executor, values, optimizer, *, round_, batch_size, seed, local
     one that raises, or whose weights are not finite, is reported in
     ``failed`` and left out of the sums. ``fail``: ids that raise on purpose
     (the failure-policy testing hook). ``n_k`` = client k's rows (its total
-    row weight on weighted data).
+    row weight on weighted data). ``compression``: each client's delta goes
+    into ``uploads`` encoded, and ``weighted`` stays None.
     """
     if (local_epochs is None) == (local_steps is None):
         raise ValueError("give exactly one of local_epochs, local_steps")
     params = executor.full_params(values)
     wanted = None if partitions is None else set(int(p) for p in partitions)
     fail = set(int(p) for p in fail)
-    sums = ClientSums(None, 0, 0.0, 0, [], [])
+    coder = None if compression is None else _uploads(executor, compression, seed)
+    sums = ClientSums(None, 0, 0.0, 0, [], [], None if coder is None else [])
     for pid, X, y, w in executor.parts:
         if wanted is not None and pid not in wanted:
             continue
@@ -84,13 +112,33 @@ def client_train(executor, values, optimizer, *, round_, batch_size, seed, local
         except Exception as exc:  # noqa: BLE001 — the failure policy is the caller's
             sums.failed.append((pid, f"{type(exc).__name__}: {exc}"))
             continue
-        contribution = n_k * new.astype(np.float64)     # exact: n_k * float32 in float64
-        if sums.weighted is not None:
-            contribution += sums.weighted
+        if coder is not None:
+            sums.uploads.append((pid, n_k, coder.encode(pid, new - values, round_)))
+            contribution = None
+        else:
+            contribution = n_k * new.astype(np.float64)     # exact: n_k * float32 in float64
+            if sums.weighted is not None:
+                contribution += sums.weighted
         sums = sums._replace(weighted=contribution, weight=sums.weight + n_k,
                              loss=sums.loss + loss_k, rows=sums.rows + rows_k)
         sums.ids.append(pid)
     return sums
+
+
+def client_sums(results, values):
+    """``(weighted, weight, loss, rows)`` over the executors' ``ClientSums``
+    (at least one client counted): encoded uploads decoded into n_k * (values + delta)."""
+    base = np.asarray(values, dtype=np.float64)
+    totals = []
+    for r in results:
+        if r.uploads is None:
+            totals.append(r[:4])
+            continue
+        weighted = np.zeros_like(base)
+        for _, n_k, delta in r.uploads:
+            weighted += n_k * (base + codecs.decode(delta, np.float64))
+        totals.append((weighted, r.weight, r.loss, r.rows))
+    return add_partials(*totals)
 
 
 def weighted_average(weighted, weight, dtype):
@@ -118,7 +166,7 @@ class FedAvg(Strategy):
 
     def __init__(self, clients_per_round=0.1, local_epochs=1, batch_size=10, proximal_mu=0.0,
                  server_optimizer=None, accept_failures=True, trainable=None,
-                 fail_clients=None):
+                 fail_clients=None, compression=None):
         super().__init__(trainable)
         c = clients_per_round
         if isinstance(c, bool) or not isinstance(c, numbers.Real):
@@ -143,6 +191,7 @@ class FedAvg(Strategy):
                 or not (hasattr(server_optimizer, "init") and hasattr(server_optimizer, "update"))):
             raise ValueError(f"server_optimizer must be an (init, update) optimizer such as "
                              f"dml.optim.SGD, got {server_optimizer!r}")
+        self.compression = codecs.parse(compression)
         self.clients_per_round = c
         self.local_epochs = int(local_epochs)
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -221,7 +270,7 @@ class FedAvg(Strategy):
                         pid, message = result.failed[0]
                         raise RuntimeError(f"FedAvg round {round_}: client {pid} failed: "
                                            f"{message}")
-                    if result.weighted is not None:
+                    if result.ids:
                         partials.append(result)
                 nbytes = pool.traffic() - before
                 counted = sorted(pid for p in partials for pid in p.ids)
@@ -231,7 +280,7 @@ class FedAvg(Strategy):
                 participation.append(row)
                 if partials:
                     # second level of the tree: the workers' partial sums
-                    weighted, weight, loss, rows = add_partials(*[p[:4] for p in partials])
+                    weighted, weight, loss, rows = client_sums(partials, values)
                     average = weighted_average(weighted, weight, values.dtype)
                     if self.server_optimizer is None:
                         ctx.set_trainable_values(average)
@@ -256,7 +305,8 @@ class FedAvg(Strategy):
     def _submit(self, pool, executor, values, ctx, round_, ids, fail):
         kwargs = dict(round_=round_, local_epochs=self.local_epochs,
                       batch_size=self.batch_size, seed=ctx.seed,
-                      proximal_mu=self.proximal_mu, partitions=ids, fail=fail)
+                      proximal_mu=self.proximal_mu, partitions=ids, fail=fail,
+                      compression=self.compression)
         return pool.submit_one(executor, "client_train", values, ctx.optimizer, **kwargs)
 
     def _server_state(self, ctx):

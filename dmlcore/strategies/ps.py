@@ -7,7 +7,10 @@ worker holding the fewest partitions. *Workers*: each data worker's executor
 partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
 the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
 only when changed; in-process on the server's own worker). ``float16``
-transfer sends values and MEAN gradients as float16 where they fit.
+transfer (``compression="float16"``) sends values and MEAN gradients as
+float16 where they fit; ``"int8"`` and ``{"topk": r}`` encode the pushed mean
+gradient (``dmlcore.compression``; top-k's residual is the loop's, added to
+its next push whatever the partition; zero on resume); pulls stay exact.
 
 *Clocks* (Li et al. 2014; Ho et al. 2013): a partition's clock counts its
 pushes; the server clock C is the slowest active one. Clock c may pull when
@@ -34,6 +37,7 @@ import uuid
 
 import numpy as np
 
+from .. import compression as codecs
 from .. import local
 from ..executors import ExecutorPool, hosted
 from ..messages import Pull, Push, Snapshot, Update
@@ -131,10 +135,14 @@ class _Server:
                 push.clock != self.clocks[push.partition]:
             return                                      # after a stop or a recovery
         pid = push.partition
-        grad_sum = (push.payload.astype(self.dtype) * push.rows if push.kind == "mean"
-                    else push.payload)
+        if push.kind == "mean":
+            grad_sum = push.payload.astype(self.dtype) * push.rows
+        elif push.kind == "coded":
+            grad_sum = codecs.decode(push.payload, self.dtype) * push.rows
+        else:
+            grad_sum = push.payload
         remote = slot in self.remote_slots
-        nbytes = int(self.pull_bytes[pid]) + (push.payload.nbytes if remote else 0)
+        nbytes = int(self.pull_bytes[pid]) + (codecs.nbytes(push.payload) if remote else 0)
         self.pull_bytes[pid] = 0
         before = self._server_clock()
         staleness = before - int(self.pulled_at[pid])
@@ -258,9 +266,10 @@ class _Loop:
 
 @hosted
 def ps_start(executor, server, token, server_worker, slot, batch_size, seed, transfer, slow,
-             timeout):
+             timeout, compression=None):
     """Start this executor's worker loop over its partitions (from the
-    parameters of its last ``configure``) and return at once."""
+    parameters of its last ``configure``) and return at once; ``compression``:
+    "int8" or {"topk": r} (the pushes' encoding), else None."""
     from distributed import get_worker
 
     exchange = _exchange_function(server, token, server_worker, timeout, get_worker())
@@ -269,7 +278,7 @@ def ps_start(executor, server, token, server_worker, slot, batch_size, seed, tra
     threading.Thread(target=contextvars.copy_context().run, daemon=True,
                      name=f"dmlcore-ps-loop-{slot}",
                      args=(loop.run, executor, exchange, slot, batch_size, seed, transfer,
-                           slow)).start()
+                           slow, compression)).start()
     return True
 
 
@@ -287,7 +296,7 @@ def ps_ending(executor, wait=0.0):
     return loop.ending
 
 
-def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow):
+def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow, compression=None):
     """Pull, compute, push round-robin over the executor's partitions until stopped.
 
     Returns ``{"slot", "pushes", "ended"}``; an unreachable server ends the loop
@@ -298,6 +307,7 @@ def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow):
     parts = {pid: (X, y, w) for pid, X, y, w in executor.parts}
     pids = sorted(parts)
     transfer = None if transfer is None else np.dtype(transfer)
+    coder = None if compression is None else codecs.Compressor(compression, seed)
     version, push, pushes, i = -1, None, 0, 0
     while True:
         pid = pids[i % len(pids)]
@@ -324,6 +334,9 @@ def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow):
             mean = (grad / local.mean_divisor(n)).astype(transfer)
             if np.isfinite(mean).all():
                 kind, payload = "mean", mean
+        elif coder is not None:
+            kind = "coded"
+            payload = coder.encode(grad / local.mean_divisor(n), (pid, reply.clock))
         push = Push(pid, reply.clock, loss, n, kind, payload)
         i += 1
 
@@ -336,8 +349,9 @@ class ParameterServer(Strategy):
 
     ``consistency``: ``"bsp"`` | ``"ssp"`` | ``"async"``; ``staleness``: SSP's
     bound s (clocks); ``batch_size``: rows per partition mini-batch (None =
-    the whole partition); ``transfer_dtype``: None (the data's dtype) or
-    ``"float16"``; ``trainable``: layer names (frozen layers are neither
+    the whole partition); ``compression``: None, ``"float16"``, ``"int8"``
+    or ``{"topk": ratio}`` (``transfer_dtype="float16"`` is an alias of
+    ``compression="float16"``); ``trainable``: layer names (frozen layers are neither
     computed nor sent); ``poll_interval``: seconds between the driver's
     snapshots of the server; ``slow_partitions``: ``{partition: seconds}`` of
     sleep after each of that partition's mini-batches (stragglers).
@@ -356,7 +370,7 @@ class ParameterServer(Strategy):
         return False
 
     def __init__(self, consistency="async", staleness=2, batch_size=64, transfer_dtype=None,
-                 trainable=None, poll_interval=0.05, slow_partitions=None):
+                 trainable=None, poll_interval=0.05, slow_partitions=None, compression=None):
         super().__init__(trainable)
         if consistency not in CONSISTENCY:
             raise ValueError(f"consistency {consistency!r} is not one of {', '.join(CONSISTENCY)}")
@@ -366,14 +380,29 @@ class ParameterServer(Strategy):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
         if transfer_dtype not in (None, "float16", np.float16):
             raise ValueError(f"transfer_dtype must be None or 'float16', got {transfer_dtype!r}")
+        compression = codecs.parse(compression)
+        if transfer_dtype is not None and compression not in (None, "float16"):
+            raise ValueError(f"transfer_dtype='float16' (an alias of compression='float16') "
+                             f"conflicts with compression={compression!r}: give one of them")
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
         self.consistency = consistency
         self.staleness = int(staleness)
         self.batch_size = None if batch_size is None else int(batch_size)
         self.transfer_dtype = None if transfer_dtype is None else "float16"
+        self.compression = "float16" if transfer_dtype is not None else compression
         self.poll_interval = float(poll_interval)
         self.slow_partitions = {int(k): float(v) for k, v in (slow_partitions or {}).items()}
+
+    @property
+    def transfer(self):
+        """The pulls' and float16 pushes' dtype: "float16" or None."""
+        return "float16" if self.compression == "float16" else None
+
+    @property
+    def coded(self):
+        """The pushes' ``compression`` spec when it is not float16 (else None)."""
+        return None if self.compression in (None, "float16") else self.compression
 
     def steps_per_epoch(self, data):
         batches = [local.n_batches(int(n), self.batch_size) for n in data.partition_sizes]
@@ -499,7 +528,7 @@ class _Run:
             _Server, token=token, consistency=cfg.consistency, staleness=cfg.staleness,
             optimizer=ctx.optimizer, values=state.values, opt_state=state.opt_state,
             clocks=state.clocks, active=state.active, count=state.count,
-            stop_at=ctx.total_steps, transfer=cfg.transfer_dtype,
+            stop_at=ctx.total_steps, transfer=cfg.transfer,
             remote_slots=[s for w, s in slots.items() if w != self.server_worker],
             actor=True, workers=[self.server_worker], allow_other_workers=False, pure=False)
         with client.as_current():       # the handle calls through this client, not the default
@@ -513,7 +542,8 @@ class _Run:
         self.pool.call("configure", ctx.params, ctx.trainable)
         self.pool.call("ps_start", per_executor=[
             (self.server, token, self.server_worker, slots[w], cfg.batch_size, ctx.seed,
-             cfg.transfer_dtype, cfg.slow_partitions, ctx.timeout) for w in self.pool.workers])
+             cfg.transfer, cfg.slow_partitions, ctx.timeout, cfg.coded)
+            for w in self.pool.workers])
 
     # ---- monitoring ---------------------------------------------------------------
     def dead_loop_workers(self):

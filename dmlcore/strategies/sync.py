@@ -20,6 +20,12 @@ update is applied. The effective batch is ``batch_size`` x partitions.
   adding them in executor order, so every replica stays bit-identical to the
   ``"driver"`` path (driver adds and updates). Replica runs end at the next
   point the driver needs the state (``RunContext.next_sync``).
+* ``compression`` (``dmlcore.compression``): each executor encodes its own
+  partial gradient (top-k: with its residual, kept on the executor), the
+  receivers (peers, or the driver) decode each and add them in executor
+  order, so both paths still give the same bits; the replicas then exchange
+  full gradients (no sharding). Local SGD compresses each client's model
+  delta as FedAvg does. Residuals start at zero on resume.
 * ``bytes_sent``: the frames the transport counted (channels and mesh).
 """
 from __future__ import annotations
@@ -28,13 +34,14 @@ import time
 
 import numpy as np
 
+from .. import compression as codecs
 from .. import local
 from ..aggregate import add_partials, tree_reduce
 from ..executors import ExecutorPool, hosted
 from ..messages import Partial, ReplicaRun, ReplicaState
 from ..optim import LBFGS
 from .base import Strategy
-from .fedavg import client_train  # noqa: F401 - local SGD is FedAvg's client step, hosted
+from .fedavg import client_sums, client_train  # noqa: F401 - local SGD is FedAvg's client step
 
 
 # ----------------------------------------------------------------------------
@@ -86,24 +93,52 @@ def merge_states(pieces):
     return values, state._replace(**merged)
 
 
+def _sender(executor):
+    """An executor's id among its peers' (its first partition): int8's random stream."""
+    return min(pid for pid, *_ in executor.parts)
+
+
+def _sums(partials, dtype):
+    """The executors' ``Partial``s (gradients encoded or not) decoded and added in order."""
+    grad = np.array(codecs.decode(partials[0].grad, dtype), dtype=dtype, copy=True)
+    for p in partials[1:]:
+        grad += codecs.decode(p.grad, dtype)
+    return Partial(sum(p.loss for p in partials), grad, sum(p.rows for p in partials))
+
+
 class _Replica:
     """An executor's copy of the trainable values and optimizer state, and the
-    slice [lo, hi) of them it updates (all of it when the exchange is full)."""
+    slice [lo, hi) of them it updates (all of it when the exchange is full);
+    ``compressor``: its gradients' encoder, or None."""
 
-    def __init__(self, values, optimizer, opt_state, mesh):
+    def __init__(self, values, optimizer, opt_state, mesh, compression=None, seed=0):
         self.values, self.optimizer, self.state = np.array(values, copy=True), optimizer, opt_state
         size, n = self.values.shape[0], mesh.size
-        self.sharded = sharded_exchange(n, self.values.nbytes)
+        self.compressor = None if compression is None else codecs.Compressor(compression, seed)
+        self.sharded = compression is None and sharded_exchange(n, self.values.nbytes)
         self.bounds = shard_bounds(size, n)
         me = mesh.index
         self.lo, self.hi = (self.bounds[me], self.bounds[me + 1]) if self.sharded else (0, size)
 
 
 @hosted
-def replica_start(executor, values, optimizer, opt_state):
-    """Take the driver's trainable values and optimizer state as this replica's."""
-    executor.run_state = _Replica(values, optimizer, opt_state, executor.mesh)
+def replica_start(executor, values, optimizer, opt_state, compression=None, seed=0):
+    """Take the driver's trainable values and optimizer state as this replica's;
+    ``compression``: how its partial gradients travel (a ``compression.parse`` spec)."""
+    executor.run_state = _Replica(values, optimizer, opt_state, executor.mesh,
+                                  compression, seed)
     return True
+
+
+@hosted
+def compressed_loss_grad(executor, values, step, batch_size, seed, compression):
+    """``loss_grad`` with the gradient encoded by this executor's ``Compressor``
+    for ``compression`` (kept in ``run_state``, so top-k's residual carries over)."""
+    state = executor.run_state
+    if not isinstance(state, codecs.Compressor) or state.spec != codecs.parse(compression):
+        state = executor.run_state = codecs.Compressor(compression, seed)
+    mine = executor.loss_grad(values, step, batch_size, seed)
+    return mine._replace(grad=state.encode(mine.grad, (step, _sender(executor))))
 
 
 @hosted
@@ -139,14 +174,21 @@ def _replica_steps(executor, replica, mesh, first_step, n_steps, batch_size, see
     for step in range(first_step, first_step + n_steps):
         sent = mesh.bytes_sent
         mine = executor.loss_grad(values, step, batch_size, seed, buffers=full)
-        if replica.sharded:
+        if replica.compressor is not None:
+            mine = mine._replace(grad=replica.compressor.encode(
+                mine.grad, (step, _sender(executor))))
+            everyone = mesh.exchange(mine, "grad")
+            summed = _sums(everyone, values.dtype)
+            np.copyto(total, summed.grad)
+        elif replica.sharded:
             everyone = mesh.alltoall([Partial(mine.loss, mine.grad[bounds[j]:bounds[j + 1]],
                                               mine.rows) for j in range(mesh.size)], "grad")
         else:
             everyone = mesh.exchange(mine, "grad")
-        np.copyto(total, everyone[0].grad)          # (p0 + p1) + p2 ...: the driver's order
-        for other in everyone[1:]:
-            total += other.grad
+        if replica.compressor is None:
+            np.copyto(total, everyone[0].grad)      # (p0 + p1) + p2 ...: the driver's order
+            for other in everyone[1:]:
+                total += other.grad
         loss = sum(p.loss for p in everyone)
         rows = sum(p.rows for p in everyone)
         total /= local.mean_divisor(rows)
@@ -200,7 +242,7 @@ class SyncSGD(Strategy):
         return config.get("batch_size") is None and config.get("local_steps", 1) == 1
 
     def __init__(self, batch_size=None, fan_in=4, local_steps=1, transport="actors",
-                 trainable=None, apply_on="workers"):
+                 trainable=None, apply_on="workers", compression=None):
         super().__init__(trainable)
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
@@ -214,6 +256,11 @@ class SyncSGD(Strategy):
             raise ValueError("local_steps > 1 needs transport='actors' or 'actor-calls'")
         if apply_on not in ("workers", "driver"):
             raise ValueError(f"apply_on {apply_on!r} is not one of workers, driver")
+        compression = codecs.parse(compression)
+        if compression is not None and transport == "tasks":
+            raise ValueError("compression needs transport='actors' or 'actor-calls' (the "
+                             "executors keep the senders' state)")
+        self.compression = compression
         self.batch_size = None if batch_size is None else int(batch_size)
         self.fan_in = int(fan_in)
         self.local_steps = int(local_steps)
@@ -255,6 +302,9 @@ class SyncSGD(Strategy):
         """Full-batch L-BFGS: one tree-reduced (loss, grad) round trip per evaluation."""
         if self.batch_size is not None or self.local_steps != 1:
             raise ValueError("LBFGS needs SyncSGD(batch_size=None, local_steps=1)")
+        if self.compression is not None:
+            raise ValueError(f"compression={self.compression!r} needs an (init, update) "
+                             "optimizer: a batch solver's line search needs exact gradients")
         evaluate, _, close = self._evaluator(ctx)
         spent = [0]
 
@@ -292,8 +342,13 @@ class SyncSGD(Strategy):
 
             def evaluate(values, step):
                 before = pool.traffic()
-                total = add_partials(*pool.call("loss_grad", values, step, self.batch_size,
-                                                ctx.seed))
+                if self.compression is None:
+                    total = add_partials(*pool.call("loss_grad", values, step, self.batch_size,
+                                                    ctx.seed))
+                else:
+                    total = _sums(pool.call("compressed_loss_grad", values, step,
+                                            self.batch_size, ctx.seed, self.compression),
+                                  values.dtype)
                 return total, pool.traffic() - before
 
             return evaluate, pool, pool.close
@@ -319,7 +374,10 @@ class SyncSGD(Strategy):
         """The ``apply_on="workers"`` loop: runs of steps between sync points."""
         pool.connect_mesh()
         before = pool.traffic()
-        pool.call("replica_start", ctx.trainable_values(), ctx.optimizer, ctx.opt_state)
+        pool.call("replica_start", ctx.trainable_values(), ctx.optimizer, ctx.opt_state,
+                  self.compression, ctx.seed)
+        sharded = self.compression is None and sharded_exchange(
+            len(pool), ctx.trainable_values().nbytes)
         step = ctx.start_step
         while step < ctx.total_steps:
             end = ctx.next_sync(step)
@@ -328,7 +386,7 @@ class SyncSGD(Strategy):
             # as a whole gets it once per step
             runs = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed,
                              wait=ctx.timeout * (end - step))
-            if sharded_exchange(len(pool), ctx.trainable_values().nbytes):                             # each replica owns a slice of the state
+            if sharded:                     # each replica owns a slice of the state
                 pieces = pool.call("replica_state")
             else:
                 pieces = pool.results([pool.submit_one(0, "replica_state")])
@@ -350,12 +408,11 @@ class SyncSGD(Strategy):
         before = pool.traffic()
         results = pool.call("client_train", values, ctx.optimizer, round_=step,
                             local_steps=self.local_steps, batch_size=self.batch_size,
-                            seed=ctx.seed)
+                            seed=ctx.seed, compression=self.compression)
         failed = [f for r in results for f in r.failed]
         if failed:
             raise RuntimeError(f"local training failed on partition {failed[0][0]}: "
                                f"{failed[0][1]}")
-        total = add_partials(*[r[:4] for r in results])
-        weighted, weight, loss, rows = total
+        weighted, weight, loss, rows = client_sums(results, values)
         new = (weighted / local.mean_divisor(weight)).astype(values.dtype)
         return new, loss, rows, pool.traffic() - before

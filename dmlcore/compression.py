@@ -1,0 +1,161 @@
+"""Gradient and update compression: codecs and the top-k error-feedback residual.
+
+A compression spec is None, ``"float16"``, ``"int8"`` or ``{"topk": ratio}``
+(0 < ratio <= 1); ``parse`` checks one. A ``Compressor`` belongs to ONE
+sender (a replica, a client, a parameter-server loop): ``encode(vector, key)``
+turns a 1-D float vector of n entries into a message of ``dmlcore.messages``
+(``Half``, ``Int8Blocks`` or ``TopK``; the vector itself when it is not
+finite), and ``decode(message, dtype)`` gives back a dense (n,) vector.
+Sums of partials: each sender encodes its own contribution, the receiver
+decodes each and adds them.
+
+* float16: ``values * scale`` with a power-of-two ``scale`` putting the
+  largest magnitude below 2**15 (sums of many rows do not overflow).
+* int8: blocks of ``BLOCK`` entries, scale s = the block's largest
+  magnitude; code = sign(x) * floor(127 |x| / s + u), u ~ U[0, 1) from
+  ``default_rng((seed, *key))``: unbiased, |decoded - x| < s / 127.
+* top-k: k = ceil(ratio * n) entries of largest magnitude of ``vector +
+  residual`` (sorted uint32 indices, scaled float16 values); the residual
+  becomes what was not sent (rounding included), so over any run
+  sum(decoded) + residual == sum(inputs) to round-off.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .messages import Half, Int8Blocks, TopK
+
+BLOCK = 512                 # int8 entries per scale
+_LEVELS = 127
+_FLOAT16_TOP = 14           # the largest magnitude is scaled into [2**14, 2**15)
+_SPEC_HELP = "None, 'float16', 'int8' or {'topk': ratio} with 0 < ratio <= 1"
+
+
+def parse(spec):
+    """The normalised spec (None, "float16", "int8" or {"topk": float}); ValueError
+    naming ``compression`` otherwise."""
+    if spec is None or (isinstance(spec, str) and spec in ("float16", "int8")):
+        return spec
+    if spec is np.float16:
+        return "float16"
+    if isinstance(spec, dict) and list(spec) == ["topk"]:
+        ratio = spec["topk"]
+        if isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) \
+                and 0.0 < float(ratio) <= 1.0:
+            return {"topk": float(ratio)}
+    raise ValueError(f"compression must be {_SPEC_HELP}, got {spec!r}")
+
+
+def _pow2_scale(vector):
+    """A power of two s with max|vector| / s in [2**14, 2**15) (1.0 for zeros)."""
+    top = float(np.max(np.abs(vector))) if vector.size else 0.0
+    if top == 0.0:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1] - 1 - _FLOAT16_TOP)
+
+
+def _half(vector):
+    scale = _pow2_scale(vector)
+    return (vector / scale).astype(np.float16), scale
+
+
+class Compressor:
+    """One sender's encoder: ``spec`` (as ``parse`` takes), ``seed`` (int8's
+    stream); keeps the top-k residual (``residual``, the vector's dtype)."""
+
+    def __init__(self, spec, seed=0):
+        self.spec = parse(spec)
+        self.seed = int(seed)
+        self.residual = None
+
+    def encode(self, vector, key=()):
+        """The message for the 1-D float ``vector`` (not mutated); ``key``: ints
+        that, with the seed, fix int8's random stream (e.g. step, sender)."""
+        vector = np.asarray(vector)
+        if self.spec is None:
+            return vector
+        if self.spec == "float16":
+            return _finite_or_raw(vector, lambda: Half(*_half(vector)))
+        if self.spec == "int8":
+            rng = np.random.default_rng((self.seed, *[int(k) for k in key]))
+            return _finite_or_raw(vector, lambda: quantize_int8(vector, rng))
+        if not np.isfinite(vector).all():
+            return vector.copy()
+        if self.residual is None:
+            self.residual = np.zeros_like(vector)
+        target = vector + self.residual
+        message = topk(target, self.spec["topk"])
+        np.subtract(target, decode(message, target.dtype), out=self.residual)
+        return message
+
+
+def _finite_or_raw(vector, build):
+    return build() if np.isfinite(vector).all() else vector.copy()
+
+
+def quantize_int8(vector, rng, block=BLOCK):
+    """``Int8Blocks``: unbiased stochastic int8 codes of ``vector`` per ``block``."""
+    n = vector.shape[0]
+    work = np.float32 if vector.dtype == np.float32 else np.float64
+    n_blocks = -(-n // block)
+    blocks = np.zeros(n_blocks * block, dtype=work)
+    np.abs(vector, out=blocks[:n])
+    blocks = blocks.reshape(n_blocks, block)
+    scales = np.max(blocks, axis=1).astype(np.float32)
+    # codes against the float32 scales the receiver will use
+    blocks *= (_LEVELS / np.where(scales > 0, scales, 1.0)).astype(work)[:, None]
+    blocks += rng.random(blocks.shape, dtype=work)
+    np.floor(blocks, out=blocks)
+    np.minimum(blocks, _LEVELS, out=blocks)
+    codes = blocks.reshape(-1)[:n].astype(np.int8)
+    np.negative(codes, out=codes, where=vector < 0)
+    return Int8Blocks(codes, scales, int(block))
+
+
+def topk(vector, ratio):
+    """``TopK``: the k = ceil(ratio * n) largest magnitudes of ``vector``."""
+    n = vector.shape[0]
+    k = min(n, max(1, math.ceil(ratio * n)))
+    if k == n:
+        index = np.arange(n)
+    else:
+        index = np.sort(np.argpartition(np.abs(vector), n - k)[n - k:])
+    values, scale = _half(vector[index])
+    return TopK(n, index.astype(np.uint32), values, scale)
+
+
+def decode(message, dtype):
+    """The dense (n,) vector of ``dtype`` that ``message`` encodes (a raw array: itself)."""
+    if isinstance(message, np.ndarray):
+        return message.astype(dtype, copy=False)
+    if isinstance(message, Half):
+        return (message.values.astype(np.float64) * message.scale).astype(dtype)
+    if isinstance(message, Int8Blocks):
+        n, block = message.codes.shape[0], int(message.block)
+        if block < 1 or message.scales.shape[0] != -(-n // block):
+            raise ValueError(f"int8 message: {message.scales.shape[0]} scales for "
+                             f"{n} codes in blocks of {block}")
+        n_blocks = message.scales.shape[0]
+        out = np.zeros(n_blocks * block, dtype=dtype)
+        out[:n] = message.codes
+        out.reshape(n_blocks, block)[:] *= (message.scales.astype(np.float64)
+                                            / _LEVELS).astype(dtype)[:, None]
+        return out[:n]
+    if isinstance(message, TopK):
+        out = np.zeros(int(message.size), dtype=dtype)
+        if message.indices.shape != message.values.shape or (
+                message.indices.size and int(message.indices.max()) >= out.shape[0]):
+            raise ValueError(f"top-k message: indices do not fit a vector of {message.size}")
+        out[message.indices] = message.values.astype(np.float64) * message.scale
+        return out
+    raise TypeError(f"not a compressed vector: {type(message).__name__}")
+
+
+def nbytes(message):
+    """The array bytes of ``message`` (what its raw frames carry)."""
+    if isinstance(message, np.ndarray):
+        return message.nbytes
+    return sum(v.nbytes for v in message if isinstance(v, np.ndarray))

@@ -115,9 +115,10 @@ def load_model(path):
     from .models import from_config
 
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a .npy array, not a .npz model file")
+        opened = np.load(path, allow_pickle=False)
+        if not isinstance(opened, np.lib.npyio.NpzFile):
+            raise ValueError("a .npy array, not a .npz model file")
+        with opened as z:
             int8 = quantize.is_int8(z)
             missing = [k for k in (("config",) if int8 else ("params", "config"))
                        if k not in z.files]
@@ -129,8 +130,6 @@ def load_model(path):
                 raise ValueError("config and meta must be JSON objects")
             model = from_config(config)
             params = quantize.read_params(z, model, meta) if int8 else np.array(z["params"])
-    except AttributeError:            # np.load gave something without a context manager
-        raise ValueError("not a .npz model file") from None
     except (zipfile.BadZipFile, EOFError, KeyError, TypeError) as exc:
         raise ValueError(f"damaged or foreign file ({type(exc).__name__}: {exc})") from None
     model._check_params(params)

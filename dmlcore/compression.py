@@ -86,9 +86,10 @@ class Compressor:
             return vector.copy()
         if self.residual is None:
             self.residual = np.zeros_like(vector)
-        target = vector + self.residual
-        message = topk(target, self.spec["topk"])
-        np.subtract(target, decode(message, target.dtype), out=self.residual)
+        np.add(vector, self.residual, out=self.residual)    # the vector to send now
+        message = topk(self.residual, self.spec["topk"])
+        sent = message.values.astype(np.float64) * message.scale
+        self.residual[message.indices] -= sent.astype(self.residual.dtype)
         return message
 
 
@@ -110,9 +111,9 @@ def quantize_int8(vector, rng, block=BLOCK):
     blocks += rng.random(blocks.shape, dtype=work)
     np.floor(blocks, out=blocks)
     np.minimum(blocks, _LEVELS, out=blocks)
-    codes = blocks.reshape(-1)[:n].astype(np.int8)
-    np.negative(codes, out=codes, where=vector < 0)
-    return Int8Blocks(codes, scales, int(block))
+    levels = blocks.reshape(-1)[:n]
+    np.copysign(levels, vector, out=levels)
+    return Int8Blocks(levels.astype(np.int8), scales, int(block))
 
 
 def topk(vector, ratio):
@@ -122,7 +123,11 @@ def topk(vector, ratio):
     if k == n:
         index = np.arange(n)
     else:
-        index = np.sort(np.argpartition(np.abs(vector), n - k)[n - k:])
+        magnitude = np.abs(vector)
+        threshold = np.partition(magnitude, n - k)[n - k]
+        index = np.flatnonzero(magnitude > threshold)
+        ties = np.flatnonzero(magnitude == threshold)[:k - index.size]
+        index = np.sort(np.concatenate([index, ties])) if ties.size else index
     values, scale = _half(vector[index])
     return TopK(n, index.astype(np.uint32), values, scale)
 

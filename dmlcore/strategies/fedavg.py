@@ -11,22 +11,18 @@ Clients are the partitions (K = ``data.n_partitions``). Round r:
    plus FedProx's ``proximal_mu/2 ||w - w_global||^2``;
 3. each worker sums ``n_k * w_k`` and ``n_k`` over its clients in float64, the
    driver adds the workers' sums and divides once (exact n_k-weighted mean);
+   ``compression``: clients upload w_k - w_global encoded (top-k's residual
+   per client, on its worker, zero on resume), decoded before the mean;
 4. the global model becomes that mean, or, with ``server_optimizer`` (any
    ``dml.optim`` (init, update) optimizer: ``SGD(momentum=0.9)`` is FedAvgM),
    takes a step along ``w_global - w_avg``; its state persists across rounds.
 
-Compression (``compression=``, ``dmlcore.compression``): each client uploads
-its model delta w_k - w_global encoded (top-k: with the client's residual,
-kept on its worker across rounds, zero on resume); the driver decodes and
-forms the same n_k-weighted mean.
-
-Failures: a client that raises or returns non-finite weights is dropped from
-its round (``accept_failures=True``) or raises ``RuntimeError`` naming it; a
-round where no client counts leaves the model unchanged (``loss`` NaN).
-``fail_clients={round: [ids]}`` is the testing hook. History per round:
+Failures: a client that raises or returns non-finite weights is dropped
+(``accept_failures=True``) or raises ``RuntimeError`` naming it; a round where
+no client counts leaves the model unchanged (``loss`` NaN). History per round:
 ``loss``, ``bytes_sent`` (transport-counted), ``participants``, ``sampled``,
-``failed``, and ``participation`` (int8 over (step, client): 1 counted, -1
-failed, 0 not sampled).
+``failed``, ``participation`` ((step, client) int8: 1 counted, -1 failed, 0 not
+sampled). ``fail_clients={round: [ids]}`` is the testing hook.
 """
 from __future__ import annotations
 

@@ -6,21 +6,18 @@ worker holding the fewest partitions. *Workers*: each data worker's executor
 (``ExecutorPool``) hosts a loop, in a thread of its own, round-robin over its
 partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
 the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
-only when changed; in-process on the server's own worker). ``float16``
-transfer (``compression="float16"``) sends values and MEAN gradients as
-float16 where they fit; ``"int8"`` and ``{"topk": r}`` encode the pushed mean
-gradient (``dmlcore.compression``; top-k's residual is the loop's, added to
-its next push whatever the partition; zero on resume); pulls stay exact.
+only when changed; in-process on the server's own worker). Compression:
+``"float16"`` sends values and MEAN gradients as float16 where they fit;
+``"int8"``/``{"topk": r}`` encode the pushed mean gradient (top-k's residual
+is the loop's, zero on resume); pulls then stay exact.
 
 *Clocks* (Li et al. 2014; Ho et al. 2013): a partition's clock counts its
 pushes; the server clock C is the slowest active one. Clock c may pull when
 c <= C (BSP), c <= C + staleness (SSP), always (async). BSP applies the summed
-gradient of a clock once all pushed (SyncSGD's update); SSP/async apply each
-push. Staleness = C at apply minus C at pull.
-
-*Records*: one per applied update (``loss``, ``bytes_sent``, ``staleness``,
-``partition``/``worker``, ``updates_lost``); the history adds
-``partition_updates``, ``worker_updates`` and an event per recovery.
+gradient of a clock once all pushed; SSP/async apply each push. Staleness =
+C at apply minus C at pull. *Records*: one per applied update (``loss``,
+``bytes_sent``, ``staleness``, ``partition``/``worker``, ``updates_lost``);
+the history adds ``partition_updates``, ``worker_updates``, recovery events.
 *Resilience*: each snapshot the driver polls carries the whole state. A lost
 server restarts on a live worker from the last snapshot; a lost loop worker
 halts the server (exact state) and re-places the loops; partitions whose

@@ -2,30 +2,26 @@
 
 One step: every partition computes, where it lives, the SUM of (loss,
 gradient) over ``batch_size`` rows (all rows for ``batch_size=None``); the
-partials are summed on each worker, then across workers (fan-in
-``fan_in``), divided once by the row count (total weight), and one optimizer
-update is applied. The effective batch is ``batch_size`` x partitions.
+partials are summed on each worker, then across workers (fan-in ``fan_in``),
+divided once by the row count (total weight), and one optimizer update is
+applied. The effective batch is ``batch_size`` x partitions.
 
 * ``local_steps=k``: each partition runs k steps on its own mini-batches and
   the parameters become the row-weighted average (one round trip per k steps).
 * A batch solver (``optim.LBFGS``, full batch only): every function
   evaluation is ONE tree-reduced round trip; one iteration = one step.
-* ``transport``: ``"actors"`` (executors on the partitions' workers, called
-  over ``channel`` sockets), ``"actor-calls"`` (the same executors through
-  Dask only; driver-side updates), ``"tasks"`` (a Dask task per partition,
-  ``aggregate.tree_reduce``).
+* ``transport``: ``"actors"`` (executors called over ``channel`` sockets),
+  ``"actor-calls"`` (through Dask only; driver-side updates), ``"tasks"`` (a
+  Dask task per partition, ``aggregate.tree_reduce``).
 * ``apply_on="workers"`` (default, DDP): each executor keeps a replica of the
   trainable values and optimizer state and exchanges partial sums with the
-  others over a ``PeerMesh`` (reduce-scatter + all-gather, ``sharded_exchange``),
-  adding them in executor order, so every replica stays bit-identical to the
-  ``"driver"`` path (driver adds and updates). Replica runs end at the next
-  point the driver needs the state (``RunContext.next_sync``).
+  others over a ``PeerMesh`` (``sharded_exchange``), adding them in executor
+  order: every replica stays bit-identical to the ``"driver"`` path. Replica
+  runs end where the driver needs the state (``RunContext.next_sync``).
 * ``compression`` (``dmlcore.compression``): each executor encodes its own
-  partial gradient (top-k: with its residual, kept on the executor), the
-  receivers (peers, or the driver) decode each and add them in executor
-  order, so both paths still give the same bits; the replicas then exchange
-  full gradients (no sharding). Local SGD compresses each client's model
-  delta as FedAvg does. Residuals start at zero on resume.
+  partial (top-k's residual kept on it, zero on resume); the receivers decode
+  and add in executor order (same bits on both paths; no sharding). Local
+  SGD encodes each client's model delta as FedAvg does.
 * ``bytes_sent``: the frames the transport counted (channels and mesh).
 """
 from __future__ import annotations

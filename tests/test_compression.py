@@ -171,7 +171,7 @@ def test_sync_replicas_compress_their_exchange(problem, client):
         _, accuracy, sent = runs[name]
         assert np.all(sent[inner] >= 2 * payload)
         assert np.all(sent[inner] <= 2 * (payload + HEADER))
-        assert accuracy >= base_acc - 0.02, (name, accuracy, base_acc)
+        assert accuracy >= base_acc - 0.01, (name, accuracy, base_acc)
     ratio = lambda name: base_bytes.mean() / runs[name][2][inner].mean()     # noqa: E731
     assert 3.8 < ratio("int8") < 4.1
     assert ratio(str(TOPK)) >= 50

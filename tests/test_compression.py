@@ -182,9 +182,11 @@ def test_sync_replicas_compress_their_exchange(problem, client):
 def test_the_driver_path_gives_the_replicas_bits(problem, client, compression):
     """Both paths decode the executors' messages and add them in the same order."""
     runs = [_fit(problem, client, dml.SyncSGD(batch_size=16, compression=compression,
-                                               apply_on=where), 15)[0]
-            for where in ("driver", "workers")]
+                                               apply_on=where, transport=transport), 15)[0]
+            for where, transport in (("driver", "actors"), ("workers", "actors"),
+                                     ("workers", "actor-calls"))]
     assert np.array_equal(runs[0].params, runs[1].params)
+    assert np.array_equal(runs[0].params, runs[2].params)      # through Dask actor calls
     # the driver path sends the parameters down and the encoded partials up
     n_params, n_workers = problem[0].n_params, 2
     up = (n_params + 4 * math.ceil(n_params / codecs.BLOCK) if compression == "int8"
@@ -192,6 +194,19 @@ def test_the_driver_path_gives_the_replicas_bits(problem, client, compression):
     sent = runs[0].history.bytes_sent.values
     assert np.all(sent >= n_workers * (4 * n_params + up))
     assert np.all(sent <= n_workers * (4 * n_params + up + 2 * HEADER))
+
+
+def test_local_sgd_compresses_each_clients_delta(problem, client):
+    model = problem[0]
+    runs = [_fit(problem, client, dml.SyncSGD(batch_size=16, local_steps=4, compression=c), 20)
+            for c in (None, TOPK)]
+    assert runs[1][1] >= runs[0][1] - 0.03, (runs[1][1], runs[0][1])
+    # per round: parameters down (4n) and uploads back per executor; two clients each
+    n, executors = model.n_params, 2
+    up = runs[1][2] - executors * 4 * n
+    # (headers: the call, and the reply's two encoded uploads)
+    assert np.all(up <= executors * (2 * 6 * math.ceil(0.01 * n) + 3 * HEADER))
+    assert np.all(runs[0][2] - executors * 4 * n >= executors * 8 * n)
 
 
 def test_fedavg_compresses_client_uploads(problem, client):
@@ -266,6 +281,21 @@ def _strategy(kind, compression):
         "LENGTH", "rounds" if kind == "fedavg" else "steps")
     spec = workflow.validate(workflow.Workflow(config=yaml.safe_load(text), name="wf.yaml")).runs[0]
     return workflow.build_strategy(spec.strategy_kind, spec.strategy_kwargs)
+
+
+def test_a_bad_compression_in_a_file_is_one_line_naming_the_key(tmp_path, capsys):
+    from dmlcore import cli
+
+    path = tmp_path / "wf.yaml"
+    path.write_text(WORKFLOW.replace("KIND", "ps").replace("COMPRESSION", "{topk: 0}").replace(
+        "LENGTH", "steps"))
+    assert cli.main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{path}:7: strategy.compression: compression must be" in err, err
+    path.write_text(WORKFLOW.replace("KIND", "sync").replace("COMPRESSION", "int8").replace(
+        "LENGTH", "steps"))
+    assert cli.main(["validate", str(path), "--set", "strategy.compression={topk: 0.05}"]) == 0
 
 
 def test_workflow_strategy_compression_key():

@@ -137,10 +137,13 @@ def decode(message, dtype):
     if isinstance(message, np.ndarray):
         return message.astype(dtype, copy=False)
     if isinstance(message, Half):
+        if message.values.ndim != 1:
+            raise ValueError(f"float16 message: values of shape {message.values.shape}")
         return (message.values.astype(np.float64) * message.scale).astype(dtype)
     if isinstance(message, Int8Blocks):
         n, block = message.codes.shape[0], int(message.block)
-        if block < 1 or message.scales.shape[0] != -(-n // block):
+        if block < 1 or message.codes.ndim != 1 or message.scales.ndim != 1 \
+                or message.scales.shape[0] != -(-n // block):
             raise ValueError(f"int8 message: {message.scales.shape[0]} scales for "
                              f"{n} codes in blocks of {block}")
         n_blocks = message.scales.shape[0]
@@ -150,9 +153,10 @@ def decode(message, dtype):
                                             / _LEVELS).astype(dtype)[:, None]
         return out[:n]
     if isinstance(message, TopK):
-        out = np.zeros(int(message.size), dtype=dtype)
-        if message.indices.shape != message.values.shape or (
-                message.indices.size and int(message.indices.max()) >= out.shape[0]):
+        out = np.zeros(max(int(message.size), 0), dtype=dtype)
+        index = message.indices
+        if (index.ndim != 1 or index.shape != message.values.shape or index.dtype.kind not in "iu"
+                or (index.size and not 0 <= int(index.min()) <= int(index.max()) < out.shape[0])):
             raise ValueError(f"top-k message: indices do not fit a vector of {message.size}")
         out[message.indices] = message.values.astype(np.float64) * message.scale
         return out

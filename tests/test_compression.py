@@ -103,6 +103,8 @@ def test_messages_travel_as_raw_frames_and_bad_ones_are_refused():
     with pytest.raises(ValueError, match="indices do not fit"):
         codecs.decode(TopK(10, np.array([3, 10], np.uint32), np.ones(2, np.float16), 1.0),
                       np.float32)
+    with pytest.raises(ValueError, match="indices do not fit"):
+        codecs.decode(TopK(10, np.array([-1.0, 2.0]), np.ones(2, np.float16), 1.0), np.float32)
     with pytest.raises(ValueError, match="scales for"):
         codecs.decode(Int8Blocks(np.zeros(600, np.int8), np.ones(1, np.float32), 512),
                       np.float32)
@@ -125,6 +127,14 @@ def test_conflicting_or_impossible_combinations_are_refused():
         ParameterServer(transfer_dtype="float16", compression="int8")
     with pytest.raises(ValueError, match="compression needs transport="):
         dml.SyncSGD(transport="tasks", compression="int8")
+
+
+def test_a_batch_solver_refuses_compression(client):
+    X = np.random.default_rng(0).standard_normal((40, 3))
+    data = dml.partition(X, (X[:, 0] > 0).astype(np.int64), n_partitions=2, client=client)
+    with pytest.raises(ValueError, match="compression='int8' needs an \\(init, update\\)"):
+        dml.fit(dml.models.Logistic(3), data, dml.SyncSGD(compression="int8"),
+                dml.optim.LBFGS(), steps=2, client=client, progress=False)
 
 
 # ---- strategies ---------------------------------------------------------------------------

@@ -206,6 +206,38 @@ def test_the_driver_path_gives_the_replicas_bits(problem, client, compression):
     assert np.all(sent <= n_workers * (4 * n_params + up + 2 * HEADER))
 
 
+class _StopAt:
+    sync_every = None
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, step, record, params):
+        return step == self.step
+
+
+def test_resume_is_exact_for_int8_and_restarts_top_k_residuals(problem, client, tmp_path):
+    """int8's draws are a function of (seed, step, sender); top-k's residuals start at zero."""
+    model, data, _ = problem
+
+    def run(compression, folder, **kw):
+        return dml.fit(model, data, dml.SyncSGD(batch_size=16, compression=compression),
+                       dml.optim.SGD(lr=0.05), steps=12, checkpoint_every=4, progress=False,
+                       client=client, init_params=model.init(0), checkpoint_dir=folder, **kw)
+
+    for compression in ("int8", TOPK):
+        folder = tmp_path / str(len(str(compression)))
+        straight = run(compression, None)
+        run(compression, folder, callbacks=[_StopAt(8)])
+        resumed = run(compression, folder, resume=True)
+        assert list(resumed.history.step.values) == list(range(1, 13))
+        if compression == "int8":
+            np.testing.assert_array_equal(resumed.params, straight.params)
+        else:
+            assert not np.array_equal(resumed.params, straight.params)
+            np.testing.assert_allclose(resumed.params, straight.params, atol=0.05)
+
+
 def test_local_sgd_compresses_each_clients_delta(problem, client):
     model = problem[0]
     runs = [_fit(problem, client, dml.SyncSGD(batch_size=16, local_steps=4, compression=c), 20)

@@ -57,6 +57,13 @@ def _pow2_scale(vector):
     return math.ldexp(1.0, math.frexp(top)[1] - 1 - _FLOAT16_TOP)
 
 
+def _unscale(values, scale, dtype):
+    """float16 ``values`` times the power of two ``scale``, in ``dtype`` (exact)."""
+    out = values.astype(dtype)
+    out *= np.asarray(scale, dtype=dtype)
+    return out
+
+
 def _half(vector):
     scale = _pow2_scale(vector)
     return (vector / scale).astype(np.float16), scale
@@ -88,8 +95,8 @@ class Compressor:
             self.residual = np.zeros_like(vector)
         np.add(vector, self.residual, out=self.residual)    # the vector to send now
         message = topk(self.residual, self.spec["topk"])
-        sent = message.values.astype(np.float64) * message.scale
-        self.residual[message.indices] -= sent.astype(self.residual.dtype)
+        self.residual[message.indices] -= _unscale(message.values, message.scale,
+                                                   self.residual.dtype)
         return message
 
 
@@ -139,7 +146,7 @@ def decode(message, dtype):
     if isinstance(message, Half):
         if message.values.ndim != 1:
             raise ValueError(f"float16 message: values of shape {message.values.shape}")
-        return (message.values.astype(np.float64) * message.scale).astype(dtype)
+        return _unscale(message.values, message.scale, dtype)
     if isinstance(message, Int8Blocks):
         n, block = message.codes.shape[0], int(message.block)
         if block < 1 or message.codes.ndim != 1 or message.scales.ndim != 1 \
@@ -158,7 +165,7 @@ def decode(message, dtype):
         if (index.ndim != 1 or index.shape != message.values.shape or index.dtype.kind not in "iu"
                 or (index.size and not 0 <= int(index.min()) <= int(index.max()) < out.shape[0])):
             raise ValueError(f"top-k message: indices do not fit a vector of {message.size}")
-        out[message.indices] = message.values.astype(np.float64) * message.scale
+        out[message.indices] = _unscale(message.values, message.scale, dtype)
         return out
     raise TypeError(f"not a compressed vector: {type(message).__name__}")
 

@@ -1,0 +1,267 @@
+"""Which strategy for which network: Fashion-MNIST MLP over shaped links (benchmarks/netns.py).
+
+For each profile (lan, wan, edge) and worker count, a fresh cluster (scheduler
+and workers each in a network namespace) receives the data unshaped, then
+its workers' links are shaped and every case trains the 784-256-10 MLP with
+SGD(lr 0.1, momentum 0.9), 64 rows per partition per step, until ``--budget``
+seconds of the fit's wall time have passed. Per run: seconds to the first
+evaluation at >= 0.85 and >= 0.88 test accuracy (None, printed "> budget",
+when not reached: a lower bound), final and best test accuracy, bytes sent
+per worker (total and per step) from the history's ``bytes_sent``. Cases:
+SyncSGD, local SGD (4, 16), FedAvg, PS async and SSP(2), last-layer-only
+fine-tuning from a model pretrained in-process on part of the data, and
+SyncSGD under each compression; "-plain" PS cases use SGD(lr 0.1) without
+momentum. ``--straggler 2,4`` adds LAN runs with
+worker 0 held to 1/f of a CPU (sync, PS async, SSP). ``--lbfgs ROWS`` adds
+full-batch logistic regression with L-BFGS on synthetic ROWS x 100 data.
+Results go to ``--json`` (default ``benchmarks/results/network-<date>-<host>.json``),
+rewritten atomically after every run. ``--smoke``: a tiny size for tests.
+Needs root and iproute2 (exit code 3 with the reason otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import netns  # noqa: E402
+
+TARGETS = (0.85, 0.88)
+ALL_CASES = ("sync", "sync-ls4", "sync-ls16", "fedavg", "ps-async", "ps-ssp2", "lastlayer",
+             "sync-fp16", "sync-int8", "sync-topk", "ls16-topk", "fedavg-int8",
+             "ps-async-plain", "ps-ssp2-plain")
+STRAGGLER_CASES = ("sync", "ps-async", "ps-ssp2", "ps-async-plain", "ps-ssp2-plain")
+
+
+def build_case(dml, name):
+    """(strategy, eval_every in steps) of case ``name``."""
+    S, PS = dml.SyncSGD, dml.ParameterServer
+    table = {
+        "sync": (lambda: S(batch_size=64), 48),
+        "sync-ls4": (lambda: S(batch_size=64, local_steps=4), 48),
+        "sync-ls16": (lambda: S(batch_size=64, local_steps=16), 48),
+        "fedavg": (lambda: dml.FedAvg(clients_per_round=1.0, local_epochs=1, batch_size=64), 1),
+        "fedavg-int8": (lambda: dml.FedAvg(clients_per_round=1.0, local_epochs=1, batch_size=64,
+                                           compression="int8"), 1),
+        "ps-async": (lambda: PS("async", batch_size=64), 100),
+        "ps-ssp2": (lambda: PS("ssp", staleness=2, batch_size=64), 100),
+        "ps-async-plain": (lambda: PS("async", batch_size=64), 100),
+        "ps-ssp2-plain": (lambda: PS("ssp", staleness=2, batch_size=64), 100),
+        "lastlayer": (lambda: S(batch_size=64, trainable=["layer1"]), 48),
+        "sync-fp16": (lambda: S(batch_size=64, compression="float16"), 48),
+        "sync-int8": (lambda: S(batch_size=64, compression="int8"), 48),
+        "sync-topk": (lambda: S(batch_size=64, compression={"topk": 0.01}), 48),
+        "ls16-topk": (lambda: S(batch_size=64, local_steps=16, compression={"topk": 0.01}), 48),
+    }
+    make, every = table[name]
+    return make(), every
+
+
+def build_optimizer(dml, name):
+    """SGD(lr 0.1, momentum 0.9); the "-plain" cases: SGD(lr 0.1) without momentum."""
+    if name.endswith("-plain"):
+        return dml.optim.SGD(lr=0.1)
+    return dml.optim.SGD(lr=0.1, momentum=0.9)
+
+
+class Budget:
+    """Callback: stop at the first multiple of ``sync_every`` past ``seconds`` of wall time."""
+
+    def __init__(self, seconds, sync_every):
+        self.seconds, self.sync_every = float(seconds), int(sync_every)
+
+    def __call__(self, step, record, params):
+        return step % self.sync_every == 0 and record["wall_time"] >= self.seconds
+
+
+def first_reach(history, target):
+    """Wall time (s) of the first evaluation with accuracy >= target, else None."""
+    acc = np.nan_to_num(history.eval_accuracy.values, nan=-1.0)
+    hit = np.flatnonzero(acc >= target)
+    return float(history.wall_time.values[hit[0]]) if len(hit) else None
+
+
+def summarise(history, n_workers, budget):
+    acc = history.eval_accuracy.values
+    acc = acc[np.isfinite(acc)]
+    sent = history.bytes_sent.values
+    row = {"steps": int(history.sizes["step"]), "wall_s": float(history.wall_time.values[-1]),
+           "final_acc": float(acc[-1]), "best_acc": float(acc.max()),
+           "bytes_per_worker": float(sent.sum() / n_workers),
+           "bytes_per_step_per_worker": float(sent.mean() / n_workers), "budget_s": budget}
+    for t in TARGETS:
+        row[f"t{int(t * 100)}"] = first_reach(history, t)
+    return row
+
+
+def fmt_t(value):
+    return "> budget" if value is None else f"{value:.1f}"
+
+
+def pretrain(dml, X, y, seed=0):
+    """An MLP trained in this process on the first 12,000 rows: the base of fine-tuning."""
+    model = dml.models.MLP([X.shape[1], 256, 10])
+    n = min(len(X), 12_000)
+    part = dml.partition(X[:n], y[:n], n_partitions=1, seed=seed, client=False)
+    res = dml.fit(model, part, dml.SyncSGD(batch_size=64), dml.optim.SGD(lr=0.1, momentum=0.9),
+                  epochs=2, client=False, progress=False, seed=seed)
+    return res.params
+
+
+def run_profile(dml, args, profile, n_workers, straggler, cases, data_np, test, pre, out):
+    """One fresh cluster for (profile, workers, straggler); every case in turn on it."""
+    from distributed import Client
+
+    X, y = data_np
+    with netns.cluster(n_workers, profile, straggler=straggler, shape_now=False) as cl, \
+            Client(cl.address, timeout=60) as client:
+        data = dml.partition(X, y, n_partitions=n_workers, seed=0, client=client)
+        cl.shape(profile)
+        out["link_kind"] = cl.network.link_kind
+        if straggler:
+            out["straggler_kind"] = cl.straggler_kind
+        model = dml.models.MLP([X.shape[1], 256, 10])
+        for case in cases:
+            strategy, every = build_case(dml, case)
+            t = time.perf_counter()
+            try:
+                res = dml.fit(model, data, strategy, build_optimizer(dml, case),
+                              steps=10**7 if not case.startswith("fedavg") else None,
+                              rounds=10**4 if case.startswith("fedavg") else None,
+                              eval_data=test, eval_every=every, client=client, progress=False,
+                              init_params=pre if case == "lastlayer" else None,
+                              callbacks=[Budget(args.budget, every)], timeout=120)
+                row = summarise(res.history, n_workers, args.budget)
+            except Exception as exc:  # noqa: BLE001 - one failed case is reported, not fatal
+                row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            row.update(profile=profile, workers=n_workers, straggler=straggler, case=case,
+                       elapsed_s=time.perf_counter() - t)
+            out["runs"].append(row)
+            write_json(args.json, out)
+            print(_line(row), flush=True)
+        if args.lbfgs and not straggler:
+            row = run_lbfgs(dml, args, client, n_workers)
+            row.update(profile=profile, workers=n_workers, straggler=None, case="lbfgs-logistic")
+            out["runs"].append(row)
+            write_json(args.json, out)
+            print(_line(row), flush=True)
+
+
+def run_lbfgs(dml, args, client, n_workers, n_features=100):
+    """Full-batch logistic regression, L-BFGS: the data is built on the driver and placed
+    while the links are shaped (so placement time is left out of the fit's timing)."""
+    rng = np.random.default_rng(0)
+    n = int(args.lbfgs)
+    X = rng.normal(size=(n, n_features)).astype(np.float32)
+    w = rng.normal(size=n_features).astype(np.float32)
+    y = (X @ w + rng.logistic(size=n).astype(np.float32) > 0).astype(np.int64)
+    data = dml.partition(X, y, n_partitions=n_workers, seed=0, client=client)
+    t = time.perf_counter()
+    try:
+        res = dml.fit(dml.models.Logistic(n_features), data, dml.SyncSGD(batch_size=None),
+                      dml.optim.LBFGS(max_iter=args.lbfgs_iter, tol=1e-8), steps=args.lbfgs_iter,
+                      client=client, progress=False, timeout=120,
+                      eval_data=(X[:20000], y[:20000]), eval_every=args.lbfgs_iter)
+        h = res.history
+        return {"rows": n, "features": n_features, "iterations": int(h.sizes["step"]),
+                "wall_s": float(h.wall_time.values[-1]), "final_loss": float(h.loss.values[-1]),
+                "final_acc": float(np.nanmax(h.eval_accuracy.values)),
+                "bytes_per_worker": float(h.bytes_sent.values.sum() / n_workers),
+                "elapsed_s": time.perf_counter() - t}
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def _line(row):
+    head = f"{row['profile']:5s} w={row['workers']} s={row['straggler'] or '-'} {row['case']:15s}"
+    if "error" in row:
+        return f"{head} ERROR {row['error']}"
+    if row["case"] == "lbfgs-logistic":
+        return (f"{head} {row['iterations']} it in {row['wall_s']:.1f} s, loss "
+                f"{row['final_loss']:.4f}, acc {row['final_acc']:.4f}, "
+                f"{row['bytes_per_worker'] / 1e6:.1f} MB/worker")
+    return (f"{head} t85 {fmt_t(row['t85']):>8s}  t88 {fmt_t(row['t88']):>8s}  final "
+            f"{row['final_acc']:.4f} best {row['best_acc']:.4f}  {row['steps']} steps  "
+            f"{row['bytes_per_worker'] / 1e6:.1f} MB/worker "
+            f"({row['bytes_per_step_per_worker'] / 1e3:.1f} kB/step)")
+
+
+def write_json(path, obj):
+    """Write ``obj`` to ``path`` atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "python": platform.python_version(), "kernel": platform.release()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profiles", default="lan,wan,edge")
+    p.add_argument("--workers", default="2")
+    p.add_argument("--budget", type=float, default=30.0, help="seconds of fit per run")
+    p.add_argument("--straggler", default="", help="slow-down factors, e.g. 2,4 (LAN runs)")
+    p.add_argument("--cases", default=",".join(ALL_CASES))
+    p.add_argument("--straggler-cases", default=",".join(STRAGGLER_CASES))
+    p.add_argument("--lbfgs", type=int, default=200_000, help="rows (0: skip)")
+    p.add_argument("--lbfgs-iter", type=int, default=30)
+    p.add_argument("--json", default=None)
+    p.add_argument("--append", action="store_true", help="keep the runs already in --json")
+    p.add_argument("--smoke", action="store_true", help="tiny data and budget (tests)")
+    args = p.parse_args(argv)
+    reason = netns.unavailable()
+    if reason:
+        print(f"bench_network: skipped: {reason}", file=sys.stderr)
+        return 3
+    import dmlcore as dml
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    if args.json is None:
+        args.json = (Path(__file__).parent / "results"
+                     / f"network-{date}-{socket.gethostname()}.json")
+    X, y = dml.datasets.fashion_mnist("train")
+    Xt, yt = dml.datasets.fashion_mnist("test")
+    if args.smoke:
+        X, y, Xt, yt = X[:6000], y[:6000], Xt[:1000], yt[:1000]
+        args.lbfgs = min(args.lbfgs, 5000)
+        args.lbfgs_iter = min(args.lbfgs_iter, 5)
+    pre = pretrain(dml, X, y) if "lastlayer" in args.cases.split(",") else None
+    out = {"benchmark": "bench_network", "date": date, "machine": machine(),
+           "profiles": {k: vars(v) for k, v in netns.PROFILES.items()},
+           "recipe": "MLP 784-256-10, SGD(lr=0.1, momentum=0.9), 64 rows/partition/step",
+           "budget_s": args.budget, "smoke": args.smoke, "runs": []}
+    if args.append and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        out["runs"] = old.get("runs", [])
+        out.update({k: old[k] for k in ("link_kind", "straggler_kind") if k in old})
+    for n_workers in [int(w) for w in args.workers.split(",") if w]:
+        for profile in [s for s in args.profiles.split(",") if s]:
+            run_profile(dml, args, profile, n_workers, None, args.cases.split(","),
+                        (X, y), (Xt, yt), pre, out)
+        for factor in [float(f) for f in args.straggler.split(",") if f]:
+            args_l = argparse.Namespace(**{**vars(args), "lbfgs": 0})
+            run_profile(dml, args_l, "lan", n_workers, factor,
+                        args.straggler_cases.split(","), (X, y), (Xt, yt), None, out)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,13 +19,22 @@ import time
 import numpy as np
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def objective(coef, intercept, X, y, C):
     z = X @ coef + intercept
     loss = np.logaddexp(0.0, z) - y * z
     return float(loss.mean() + coef @ coef / (2 * C * len(y)))
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--cols", type=int, default=100)
@@ -98,7 +107,21 @@ def main(argv=None):
             verdict = "lower or equal" if ours_f <= peer_f + 1e-12 else "HIGHER"
             print(f"dmlcore vs {name}: {peer_t / ours_t:.3g}x faster, objective {verdict} "
                   f"({ours_f - peer_f:+.2e})")
-    return results
+    figures = [_fig("rows", n, "rows"), _fig("columns", d, "columns"),
+               _fig("partitions", args.chunks, "partitions")]
+    for name, (elapsed, f, its) in results.items():
+        figures += [_fig(f"{name}: time", elapsed, "s"), _fig(f"{name}: objective", f, "objective")]
+        if its is not None:
+            figures.append(_fig(f"{name}: iterations", its, "iterations"))
+        if name != "dmlcore lbfgs":
+            figures.append(_fig(f"{name} time / dmlcore lbfgs time", elapsed / ours_t, "x",
+                                peer=name))
+            figures.append(_fig(f"{name}: objective - dmlcore's", f - ours_f, "objective"))
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ import time
 import numpy as np
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def objective(coef, intercept, X, y, C):
     """The objective on dask arrays (computed on the cluster)."""
     z = X @ np.asarray(coef, dtype=np.float64) + float(intercept)
@@ -34,7 +42,8 @@ def objective(coef, intercept, X, y, C):
     return float(loss.mean().compute() + coef @ coef / (2 * C * X.shape[0]))
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--cols", type=int, default=100)
@@ -105,7 +114,23 @@ def main(argv=None):
         print(f"dmlcore LogisticRegression vs dask-ml lbfgs: {peer_t / ours_t:.3g}x faster "
               f"(partitioning included), objective difference "
               f"{results['dmlcore, chunks in place'][1] - peer_f:+.2e}")
-    return results
+    figures = [_fig("rows", n, "rows"), _fig("columns", d, "columns"),
+               _fig("partitions", parts, "partitions")]
+    for name, (elapsed, f) in results.items():
+        figures += [_fig(f"{name}: time", elapsed, "s"), _fig(f"{name}: objective", f, "objective")]
+        if name != "dmlcore, chunks in place":
+            figures.append(_fig(f"{name} time / dmlcore in place", elapsed / ours_t, "x",
+                                peer=name))
+    if "dmlcore, sample_weight=1" in results:
+        figures.append(_fig("weighted (all 1) / unweighted fit time, both warm",
+                            results["dmlcore, sample_weight=1"][0]
+                            / results["dmlcore, in place (warm)"][0], "x",
+                            peer="dmlcore, in place (warm)"))
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def _rss_now():
     """(current RSS, peak RSS) of this process in bytes."""
     import resource
@@ -78,7 +86,8 @@ def _held_bytes(dask_worker):
     return total
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="6000 train / 1000 test rows")
     parser.add_argument("--skip-sklearn", action="store_true")
@@ -100,6 +109,7 @@ def main(argv=None):
     print(f"Fashion-MNIST: train {X.shape} {X.dtype}, test {Xt.shape}")
 
     results = {}
+    figures = [_fig("training rows", X.shape[0], "rows")]
     if not args.skip_sklearn:
         import warnings
         from sklearn.exceptions import ConvergenceWarning
@@ -135,6 +145,12 @@ def main(argv=None):
               f"({train_time:.2f} s in the training loop, {clf.n_iter_} epochs, {steps} steps, "
               f"{1e3 * train_time / max(steps, 1):.2f} ms/step), test accuracy {dml_acc:.4f}")
         print(f"  settings: {clf.get_params()}")
+        figures += [_fig("dmlcore MLPClassifier: fit time", dml_time, "s"),
+                    _fig("dmlcore MLPClassifier: training loop time", train_time, "s"),
+                    _fig("dmlcore MLPClassifier: test accuracy", dml_acc, "accuracy"),
+                    _fig("dmlcore MLPClassifier: epochs", clf.n_iter_, "epochs"),
+                    _fig("dmlcore MLPClassifier: steps", steps, "steps"),
+                    _fig("dmlcore MLPClassifier: step", 1e3 * train_time / max(steps, 1), "ms")]
 
         sampled = client.run(_stop_sampler)
         after = client.run(_rss_now)
@@ -150,6 +166,9 @@ def main(argv=None):
                   f"peak RSS sampled during the fit {sampled[w] / 2**20:.1f} MiB, now "
                   f"{after[w][0] / 2**20:.1f} MiB: the fit added at most {grown / 2**20:.1f} MiB "
                   f"= {ratio:.2f}x the partitions")
+            if held[w]:
+                figures.append(_fig(f"worker {sorted(after).index(w)}: RSS growth / partitions", ratio, "x",
+                                    peer="bytes of the worker's partitions"))
     finally:
         client.close()
         cluster.close()
@@ -160,6 +179,15 @@ def main(argv=None):
         print(f"time ratio dmlcore / scikit-learn: {dml_time / sk_time:.2f} "
               f"(goal <= 1.00 with accuracy >= 0.89: accuracy {dml_acc:.4f}, "
               f"{'met' if dml_acc >= 0.89 and dml_time <= sk_time else 'NOT met'})")
+        figures += [_fig("scikit-learn MLPClassifier(100,): fit time", sk_time, "s"),
+                    _fig("scikit-learn MLPClassifier(100,): test accuracy", sk_acc, "accuracy"),
+                    _fig("time ratio dmlcore / scikit-learn", dml_time / sk_time, "x",
+                         peer="scikit-learn MLPClassifier(100,), max_iter=20")]
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,14 @@ TARGETS = (0.75, 0.80, 0.85)
 SIZES = [784, 200, 200, 10]
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def run_name(c):
     b = "inf" if c["B"] is None else c["B"]
     name = f"{c['scheme']}/{c['method']}/E{c['E']}/B{b}/lr{c['lr']}"
@@ -285,7 +293,8 @@ def run_grid(configs, results, X, y, test, K, workers, out, done_path):
         cluster.close()
 
 
-def main():
+def run(argv=None):
+    """Run and print as main() does; return the figures (and notes)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=("core", "full"), default="core")
     ap.add_argument("--cap-iid", type=int, default=150, help="round cap, IID clients")
@@ -304,7 +313,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="smoke test")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild the tables and the Dataset from <out>/runs.jsonl; run nothing")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,6 +352,40 @@ def main():
                     print(f"{scheme}: FedSGD/FedAvg(E=5,B=10) rounds to {t}: {a}/{b} = "
                           f"{a / b:.1f}x fewer rounds")
         print(f"wrote {out / 'table.md'} and {out / 'fedavg.nc'}")
+    return figures_of(results, args.seed)
+
+
+def figures_of(results, seed=0):
+    """Per run: rounds, max and last-10 accuracy, rounds to each target, s/round; and
+    FedSGD's rounds / each run's rounds to the same target (same scheme)."""
+    figures, notes = [], []
+    for r in results:
+        if r.get("seed", 0) != seed:
+            continue
+        name = r["name"]
+        figures += [_fig(f"{name}: rounds", r["rounds_run"], "rounds"),
+                    _fig(f"{name}: max test accuracy", r["max_acc"], "accuracy"),
+                    _fig(f"{name}: mean test accuracy, last 10 rounds", r["last10_acc"],
+                         "accuracy"),
+                    _fig(f"{name}: seconds per round", r["seconds"] / r["rounds_run"], "s")]
+        for t, n in r["rounds_to"].items():
+            if n is None:
+                notes.append(f"{name}: did not reach {t} in {r['rounds_run']} rounds")
+            else:
+                figures.append(_fig(f"{name}: rounds to {t}", n, "rounds"))
+        sgd = [q for q in results if q["scheme"] == r["scheme"] and q["method"] == "FedSGD"
+               and q.get("seed", 0) == seed]
+        if r["method"] != "FedSGD" and sgd:
+            for t, n in r["rounds_to"].items():
+                m = min((q["rounds_to"][t] for q in sgd if q["rounds_to"][t]), default=None)
+                if n and m:
+                    figures.append(_fig(f"{name}: FedSGD rounds / rounds to {t}", m / n, "x",
+                                        peer=f"{r['scheme']}/FedSGD"))
+    return {"figures": figures, "notes": notes}
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

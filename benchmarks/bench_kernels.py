@@ -35,6 +35,16 @@ from threadpoolctl import threadpool_limits
 from dmlcore._ext import loss as _loss
 
 CLOCK = time.perf_counter
+STREAM = "np.add.reduce (one read of X)"
+NUMPY = "NumPy two-pass gradient"
+
+
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
 
 
 def interleaved_medians(cases, repeat):
@@ -120,25 +130,33 @@ def bench_loss(args):
     s = t["stream"]
     print(f"stream (np.add.reduce) {s * 1e3:9.1f} ms   {n * p * 8 / s / 1e9:.1f} GB/s")
     rows = [
-        ("logistic f64 / stream", t["logistic"] / s, "target <= 1.5 (stretch 1.3)"),
-        ("numpy / logistic f64", t["numpy_logistic"] / t["logistic"], "target >= 1.6"),
-        ("logistic f64 / f32", t["logistic"] / t["logistic32"], "target >= 1.7"),
-        ("logistic f32 / stream f32", t["logistic32"] / t["stream32"], ""),
-        ("squared f64 / stream", t["squared"] / s, ""),
-        ("numpy / squared f64", t["numpy_squared"] / t["squared"], ""),
-        (f"softmax K={k} f64 / stream", t["softmax"] / s, ""),
-        (f"numpy / softmax K={k} f64", t["numpy_softmax"] / t["softmax"], "target >= 2"),
-        ("weighted / unweighted logistic", t["logistic_w"] / t["logistic"], "target <= 1.1"),
-        ("weighted / unweighted squared", t["squared_w"] / t["squared"], "target <= 1.1"),
-        ("weighted / unweighted softmax", t["softmax_w"] / t["softmax"], "target <= 1.1"),
+        ("logistic f64 / stream", t["logistic"] / s, "target <= 1.5 (stretch 1.3)", STREAM),
+        ("numpy / logistic f64", t["numpy_logistic"] / t["logistic"], "target >= 1.6", NUMPY),
+        ("logistic f64 / f32", t["logistic"] / t["logistic32"], "target >= 1.7", "float32"),
+        ("logistic f32 / stream f32", t["logistic32"] / t["stream32"], "", STREAM),
+        ("squared f64 / stream", t["squared"] / s, "", STREAM),
+        ("numpy / squared f64", t["numpy_squared"] / t["squared"], "", NUMPY),
+        (f"softmax K={k} f64 / stream", t["softmax"] / s, "", STREAM),
+        (f"numpy / softmax K={k} f64", t["numpy_softmax"] / t["softmax"], "target >= 2", NUMPY),
+        ("weighted / unweighted logistic", t["logistic_w"] / t["logistic"], "target <= 1.1",
+         "unweighted"),
+        ("weighted / unweighted squared", t["squared_w"] / t["squared"], "target <= 1.1",
+         "unweighted"),
+        ("weighted / unweighted softmax", t["softmax_w"] / t["softmax"], "target <= 1.1",
+         "unweighted"),
     ]
-    for name, ratio, note in rows:
+    for name, ratio, note, _ in rows:
         print(f"  {name:28s} {ratio:6.2f}   {note}")
     print("  times (ms): " + ", ".join(f"{key} {v * 1e3:.1f}" for key, v in t.items()))
-    return t
+    figures = [_fig("rows", n, "rows"), _fig("columns", p, "columns"),
+               _fig("stream bandwidth", n * p * 8 / s / 1e9, "GB/s")]
+    figures += [_fig(f"{key} time", v * 1e3, "ms") for key, v in t.items()]
+    figures += [_fig(name, ratio, "x", peer=peer) for name, ratio, _, peer in rows]
+    return figures
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run as main() does; return the loss section's figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--cols", type=int, default=100)
@@ -153,7 +171,7 @@ def main(argv=None):
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
     with threadpool_limits(1):
-        bench_loss(args)
+        figures = bench_loss(args)
     other = Path(__file__).with_name("bench_mlp_optim.py")
     if other.exists() and not args.loss_only:
         spec = importlib.util.spec_from_file_location("bench_mlp_optim", other)
@@ -163,6 +181,11 @@ def main(argv=None):
         if args.rows < 1_000_000:                   # a smoke run: keep the MLP part small too
             forwarded.append("--small")
         module.main(forwarded)
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,7 @@ def bench_mlp(args):
         if "torch" in t:
             line += f", torch {t['torch']:.3f} ms, torch/dml {t['torch'] / t['dml']:.2f}"
         print(line)
+        results[("step", n)] = (t["dml"], t.get("torch"))
     return results
 
 
@@ -259,6 +260,49 @@ def bench_optim(args):
     return rows
 
 
+def figures(out):
+    """main()'s results as the runner's figures (name, value, unit; ratios name the peer)."""
+    torch_name = f"PyTorch {torch.__version__} (1 thread)" if torch is not None else None
+    figs = []
+
+    def fig(name, value, unit, peer=None):
+        figs.append({"name": name, "value": float(value), "unit": unit,
+                     **({"peer": peer} if peer else {})})
+
+    for key, value in out["mlp"].items():
+        if key[0] == "step":
+            n, (t_dml, t_torch) = key[1], value
+            fig(f"SGD-momentum step, {n} rows float32: dmlcore", t_dml, "ms")
+            if t_torch is not None:
+                fig(f"SGD-momentum step, {n} rows float32: torch", t_torch, "ms")
+                fig(f"SGD-momentum step, {n} rows float32: torch / dmlcore", t_torch / t_dml,
+                    "x", torch_name)
+            continue
+        (dtype, n), (t_ext, t_np, t_torch) = key, value
+        fig(f"MLP fwd+bwd {dtype} {n} rows: dmlcore", t_ext, "ms")
+        fig(f"MLP fwd+bwd {dtype} {n} rows: dmlcore GFLOP/s",
+            mlp_flops([784, 256, 10], n) / t_ext / 1e6, "GFLOP/s")
+        fig(f"MLP fwd+bwd {dtype} {n} rows: numpy", t_np, "ms")
+        fig(f"MLP fwd+bwd {dtype} {n} rows: numpy / dmlcore", t_np / t_ext, "x", "NumPy")
+        if np.isfinite(t_torch):
+            fig(f"MLP fwd+bwd {dtype} {n} rows: torch", t_torch, "ms")
+            fig(f"MLP fwd+bwd {dtype} {n} rows: torch / dmlcore", t_torch / t_ext, "x",
+                torch_name)
+    ref_late = out["optim"][0][2]
+    for name, early, late, sub in out["optim"]:
+        fig(f"optimizer step, early: {name}", early, "ms")
+        fig(f"optimizer step, late: {name}", late, "ms")
+        fig(f"optimizer step, subnormals: {name}", sub, "entries")
+        if name != out["optim"][0][0]:
+            fig(f"optimizer step, late: {name} / dmlcore", late / ref_late, "x", name)
+    fig("optimizer steps", out["steps"], "steps")
+    return figs
+
+
+def run(argv=None):
+    return figures(main(argv))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="smoke run: few repeats")
@@ -286,7 +330,7 @@ def main(argv=None):
             square @ square
         mlp = bench_mlp(args)
         opt = bench_optim(args)
-    return {"mlp": mlp, "optim": opt}
+    return {"mlp": mlp, "optim": opt, "steps": 300 if args.small else 5000}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ from dmlcore.train import evaluate  # noqa: E402
 SIZES = [784, 200, 200, 10]
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def kernel_times(model, params, X, y, repeats):
     """Median seconds of one ``loss_grad`` for several trainable sets."""
     grad = np.empty_like(params)
@@ -53,7 +61,8 @@ def kernel_times(model, params, X, y, repeats):
     return out
 
 
-def main():
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain-epochs", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=1, help="training epochs after pretraining")
@@ -62,7 +71,7 @@ def main():
     ap.add_argument("--fedavg-rounds", type=int, default=5,
                     help="also FedAvg (C=0.5, E=1, B=10) rounds, full vs last layer; 0 = skip")
     ap.add_argument("--small", action="store_true", help="smoke test")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from distributed import Client
 
@@ -136,6 +145,20 @@ def main():
               f"{r['s_per_step'] * 1e3:.1f} ms | "
               f"{'-' if r['frozen_same'] is None else r['frozen_same']} |")
     print(f"(test accuracy of the pretrained model: {acc0:.4f})")
+    figures = [_fig("pretrained test accuracy", acc0, "accuracy"),
+               _fig("last layer share of the parameters", share, "share")]
+    for r in rows:
+        key = f"{r['strategy'].split('(')[0]}, {r['label']}"
+        full = next(q for q in rows if q["strategy"] == r["strategy"] and q["label"] == "all layers")
+        figures += [_fig(f"{key}: bytes per step", r["bytes_per_step"], "bytes"),
+                    _fig(f"{key}: test accuracy", r["acc"], "accuracy"),
+                    _fig(f"{key}: step", r["s_per_step"] * 1e3, "ms"),
+                    _fig(f"{key}: steps", r["steps"], "steps")]
+        if r["label"] != "all layers":
+            figures += [_fig(f"{key}: bytes / all layers", r["bytes_per_step"]
+                             / full["bytes_per_step"], "x", peer="all layers"),
+                        _fig(f"{key}: frozen layers bit-identical", float(r["frozen_same"]),
+                             "bool")]
 
     rng = np.random.default_rng(0)
     idx = rng.choice(X.shape[0], 512, replace=False)
@@ -143,6 +166,15 @@ def main():
     print("\nloss_grad on 512 rows, one thread (median):")
     for label, t in times.items():
         print(f"  {label:16s} {t * 1e3:7.2f} ms  ({times['all layers'] / t:.2f}x faster than all)")
+        figures.append(_fig(f"loss_grad 512 rows: {label}", t * 1e3, "ms"))
+        if label != "all layers":
+            figures.append(_fig(f"loss_grad 512 rows: all layers / {label}",
+                                times["all layers"] / t, "x", peer="all layers"))
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ import time
 import numpy as np
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def first_reach(history, target):
     """(seconds, updates) at the first evaluation with accuracy >= target, else (nan, nan)."""
     acc = history.eval_accuracy.values
@@ -33,7 +41,7 @@ def first_reach(history, target):
     return float(history.wall_time.values[i]), int(history.step.values[i])
 
 
-def run(dml, model, data, strategy, steps, lr, test, eval_every, client):
+def run_strategy(dml, model, data, strategy, steps, lr, test, eval_every, client):
     t = time.perf_counter()
     result = dml.fit(model, data, strategy, dml.optim.SGD(lr=lr), steps=steps,
                      eval_data=test, eval_every=eval_every, client=client, progress=False)
@@ -55,7 +63,8 @@ def _faster_or_slower(ratio):
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures (and notes)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="smoke-sized run")
     parser.add_argument("--updates", type=int, default=2814,
@@ -99,8 +108,8 @@ def main(argv=None):
         }
         rows = {}
         for name, (strategy, steps) in runs.items():
-            result, row = run(dml, model, data, strategy, steps, args.lr, (Xt, yt),
-                              eval_every, client)
+            result, row = run_strategy(dml, model, data, strategy, steps, args.lr, (Xt, yt),
+                                       eval_every, client)
             row["steps"] = steps
             row["t_target"], row["n_target"] = first_reach(result.history, args.target)
             if name == "async":
@@ -145,6 +154,33 @@ def main(argv=None):
         pass
     print(f"\ngoal async >= 400 updates/s with >= 0.82 test accuracy: "
           f"{'met' if ok else 'NOT met'} ({a['rate']:.0f} updates/s, {a['acc']:.4f})")
+    figures, notes = [_fig("training rows", len(y), "rows"),
+                      _fig("target test accuracy", args.target, "accuracy")], []
+    for name, r in rows.items():
+        figures += [_fig(f"{name}: updates", r["steps"], "updates"),
+                    _fig(f"{name}: updates/s", r["rate"], "updates/s"),
+                    _fig(f"{name}: fit wall time", r["total"], "s"),
+                    _fig(f"{name}: final test accuracy", r["acc"], "accuracy"),
+                    _fig(f"{name}: best test accuracy", r["best"], "accuracy"),
+                    _fig(f"{name}: mean of the last 5 evaluations", r["last5"], "accuracy"),
+                    _fig(f"{name}: staleness mean", r["stale_mean"], "updates"),
+                    _fig(f"{name}: bytes per update", r["bytes"], "bytes")]
+        if np.isfinite(r["t_target"]):
+            figures.append(_fig(f"{name}: time to target", r["t_target"], "s"))
+        else:
+            notes.append(f"{name}: did not reach {args.target}")
+    for name in ("async", "ssp(2)", "bsp"):
+        r = rows[name]
+        figures.append(_fig(f"{name} / sync updates/s", r["rate"] / sync["rate"], "x",
+                            peer="sync"))
+        if np.isfinite(r["t_target"]) and np.isfinite(sync["t_target"]):
+            figures.append(_fig(f"time to target: sync / {name}", sync["t_target"] / r["t_target"],
+                                "x", peer="sync"))
+    return {"figures": figures, "notes": notes}
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ from threadpoolctl import threadpool_limits
 from dmlcore._ext import loss as _loss
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def make_csr(n, p, per_row, seed=0):
     rng = np.random.default_rng(seed)
     indptr = np.arange(0, n * per_row + 1, per_row, dtype=np.int32 if n * per_row < 2**31
@@ -78,7 +86,8 @@ def medians(cases, repeat):
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--cols", type=int, default=200_000)
@@ -131,11 +140,18 @@ def main(argv=None):
     for name, ratio, note in rows:
         print(f"  {name:38s} {ratio:6.2f}   {note}")
     print("  times (ms): " + ", ".join(f"{key} {v * 1e3:.1f}" for key, v in t.items()))
+    peers = {"stream + scatter": "stream + scatter", "stream": "one read of the CSR arrays",
+             "scipy": "scipy.sparse + NumPy", "unweighted": "unweighted kernel"}
+    figures = [_fig("rows", n, "rows"), _fig("columns", p, "columns"),
+               _fig("stored per row", args.nnz, "entries")]
+    figures += [_fig(f"{key} time", v * 1e3, "ms") for key, v in t.items()]
+    figures += [_fig(name, ratio, "x", peer=next(v for k, v in peers.items() if k in name))
+                for name, ratio, _ in rows]
     if args.fit:
-        fit_comparison(min(args.fit_rows, n), p, args.nnz)
+        figures += fit_comparison(min(args.fit_rows, n), p, args.nnz)
     if args.l1:
-        l1_comparison(min(args.fit_rows, n), p, args.nnz, args.l1_C, args.saga_tol)
-    return t
+        figures += l1_comparison(min(args.fit_rows, n), p, args.nnz, args.l1_C, args.saga_tol)
+    return figures
 
 
 def objective(coef, intercept, X, y, C=1.0):
@@ -190,9 +206,19 @@ def fit_comparison(n, p, per_row):
             print(f"  dask-ml lbfgs on CSR chunks failed: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}")
     base = results["scikit-learn lbfgs (1 process)"]
+    figures = [_fig("fit: rows", n, "rows")]
     for name, (seconds, f, iters) in results.items():
         print(f"  {name:32s} {seconds:8.2f} s  objective {f:.10f} ({f - base[1]:+.1e})  "
               f"iterations {iters}  sklearn time / this {base[0] / seconds:.3g}x")
+        figures += [_fig(f"fit: {name}: time", seconds, "s"),
+                    _fig(f"fit: {name}: objective", f, "objective"),
+                    _fig(f"fit: {name}: objective - scikit-learn's", f - base[1], "objective")]
+        if iters >= 0:
+            figures.append(_fig(f"fit: {name}: iterations", iters, "iterations"))
+        if name != "scikit-learn lbfgs (1 process)":
+            figures.append(_fig(f"fit: scikit-learn time / {name}", base[0] / seconds, "x",
+                                peer="scikit-learn lbfgs (1 process)"))
+    return figures
 
 
 def l1_objective(coef, intercept, X, y, C):
@@ -245,11 +271,27 @@ def l1_comparison(n, p, per_row, C, saga_tol):
     print(f"  dmlcore OWL-QN (2 workers, partitioning included): {total:.2f} s, "
           f"{fit.steps} iterations, objective {f_ours:.10f} ({f_ours - f_saga:+.1e}), "
           f"non-zero {np.mean(coef != 0):.2%}")
+    figures = [_fig("l1: rows", n, "rows"), _fig("l1: C", C, "C"),
+               _fig("l1: saga time", saga_s, "s"), _fig("l1: saga epochs", ref.n_iter_[0], "epochs"),
+               _fig("l1: saga objective", f_saga, "objective"),
+               _fig("l1: saga non-zero share", np.mean(ref.coef_ != 0), "share"),
+               _fig("l1: dmlcore total time", total, "s"),
+               _fig("l1: dmlcore iterations", fit.steps, "iterations"),
+               _fig("l1: dmlcore objective - saga's", f_ours - f_saga, "objective"),
+               _fig("l1: dmlcore non-zero share", np.mean(coef != 0), "share")]
     if reached is None:
         print("  dmlcore did not reach saga's objective")
     else:
         print(f"  time to saga's objective: dmlcore {reached:.2f} s vs saga {saga_s:.2f} s: "
               f"{saga_s / reached:.3g}x faster")
+        figures += [_fig("l1: dmlcore time to saga's objective", reached, "s"),
+                    _fig("l1: saga time / dmlcore time to saga's objective", saga_s / reached,
+                         "x", peer="scikit-learn saga")]
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ import time
 import numpy as np
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def _numpy_grad(w, X, y):
     z = X @ w[:-1] + w[-1]
     r = 1 / (1 + np.exp(-z)) - y
@@ -78,7 +86,8 @@ def time_fit(dml, model, data, strategy, steps, client):
     return per_step, total / steps
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--cols", type=int, default=100)
@@ -92,6 +101,7 @@ def main(argv=None):
     from dmlcore.cluster import local_cluster
 
     out = {}
+    figures = []
     with local_cluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         # 1. overhead with negligible compute
@@ -106,6 +116,7 @@ def main(argv=None):
                                 dml.SyncSGD(batch_size=None, transport="tasks"))):
             median, mean = time_fit(dml, model, small, strategy, args.steps, client)
             out[name] = median
+            figures.append(_fig(f"{name}: step", median * 1e3, "ms"))
             print(f"   {name:40s} {median * 1e3:7.2f} ms/step (median; mean {mean * 1e3:.2f})")
         data_parts = small.partition_futures()
         w = np.zeros(11)
@@ -113,6 +124,9 @@ def main(argv=None):
         out["naive"] = naive
         print(f"   {'naive Dask (submit + gather + sum)':40s} {naive * 1e3:7.2f} ms/step")
         print(f"   ratio naive / dmlcore: {naive / out['dmlcore SyncSGD (actors)']:.1f}x")
+        figures += [_fig("naive Dask step", naive * 1e3, "ms"),
+                    _fig("naive Dask / dmlcore step", naive / out["dmlcore SyncSGD (actors)"],
+                         "x", peer="naive Dask (submit + gather + sum)")]
 
         # 2. full gradient on the large data
         n, d = args.rows, args.cols
@@ -141,6 +155,18 @@ def main(argv=None):
               f"= {median / kernel:.2f} x kernel, {median / together:.2f} x concurrent kernel")
         print(f"   naive Dask + NumPy step:                     {naive_big * 1e3:8.1f} ms "
               f"= {naive_big / kernel:.2f} x kernel; dmlcore is {naive_big / median:.1f}x faster")
+        figures += [_fig("rows", n, "rows"), _fig("columns", d, "columns"),
+                    _fig("data size", big.nbytes / 1e9, "GB"),
+                    _fig("per-worker kernel time", kernel * 1e3, "ms"),
+                    _fig("kernel time, both workers at once", together * 1e3, "ms"),
+                    _fig("full-gradient step", median * 1e3, "ms"),
+                    _fig("full-gradient step / kernel", median / kernel, "x",
+                         peer="per-worker kernel time"),
+                    _fig("full-gradient step / concurrent kernel", median / together, "x",
+                         peer="kernel time, both workers at once"),
+                    _fig("naive Dask + NumPy full-gradient step", naive_big * 1e3, "ms"),
+                    _fig("naive Dask + NumPy / dmlcore full-gradient step", naive_big / median,
+                         "x", peer="naive Dask + NumPy")]
 
         # 3. local steps
         print("\n3. local_steps: mini-batches of 32 rows per partition, 16 partitions")
@@ -152,13 +178,22 @@ def main(argv=None):
             base = base or per_local
             print(f"   local_steps={k:3d}: {per_sync * 1e3:7.2f} ms per synchronisation, "
                   f"{per_local * 1e3:6.3f} ms per local step ({base / per_local:.1f}x throughput)")
-    return out
+            figures += [_fig(f"local_steps={k}: per synchronisation", per_sync * 1e3, "ms"),
+                        _fig(f"local_steps={k}: per local step", per_local * 1e3, "ms")]
+            if k > 1:
+                figures.append(_fig(f"local_steps={k}: throughput / local_steps=1",
+                                    base / per_local, "x", peer="local_steps=1"))
+    return figures
 
 
 def _timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ sys.path.insert(0, str(ROOT))                   # run from a checkout
 sys.path.insert(0, str(ROOT / "tests"))         # tls_certs: the tests' certificate helper
 
 
+def _fig(name, value, unit, peer=None):
+    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
+    out = {"name": name, "value": float(value), "unit": unit}
+    if peer is not None:
+        out["peer"] = peer
+    return out
+
+
 def _loopback_bytes():
     """Bytes received + sent on ``lo`` so far (Linux), or None."""
     try:
@@ -88,7 +96,8 @@ def _fashion(small):
     return source, X, y, Xt, yt
 
 
-def main(argv=None):
+def run(argv=None):
+    """Run and print as main() does; return the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--small", action="store_true", help="6000 rows, 1 epoch MLP")
@@ -143,6 +152,7 @@ def main(argv=None):
     # the fastest of the repeats of each (the least disturbed run)
     out = {key: min(runs, key=lambda r: r[0]) for key, runs in out.items()}
 
+    figures = []
     print("1. step overhead, 16 partitions of 100 x 10 on 2 workers "
           f"({args.steps} steps, median)")
     for name in ("full batch, driver updates", "batch 16, replicated optimizer"):
@@ -150,6 +160,12 @@ def main(argv=None):
         print(f"   {name:32s} tcp {tcp * 1e3:6.2f} ms  tls {tls * 1e3:6.2f} ms  "
               f"ratio {tls / tcp:.2f} (goal <= 1.5); loopback bytes/step tcp {tcp_b:,.0f} "
               f"tls {tls_b:,.0f}")
+        figures += [_fig(f"{name}: tcp step", tcp * 1e3, "ms"),
+                    _fig(f"{name}: tls step", tls * 1e3, "ms"),
+                    _fig(f"{name}: tls / tcp step", tls / tcp, "x", peer="tcp")]
+        if np.isfinite(tcp_b) and np.isfinite(tls_b):
+            figures += [_fig(f"{name}: tcp loopback bytes per step", tcp_b, "bytes"),
+                        _fig(f"{name}: tls loopback bytes per step", tls_b, "bytes")]
     if not args.skip_mlp:
         (tcp, tcp_b, steps, tcp_acc) = out["tcp", "mlp"]
         (tls, tls_b, _, tls_acc) = out["tls", "mlp"]
@@ -158,7 +174,20 @@ def main(argv=None):
               f"(accuracy {tls_acc:.4f})  ratio {tls / tcp:.2f} (goal <= 1.3)")
         print(f"   loopback bytes/step tcp {tcp_b:,.0f}  tls {tls_b:,.0f} "
               f"({tls_b / tcp_b:.3f}x)")
-    return out
+        figures += [_fig("MLP fit: tcp", tcp, "s"), _fig("MLP fit: tls", tls, "s"),
+                    _fig("MLP fit: tcp test accuracy", tcp_acc, "accuracy"),
+                    _fig("MLP fit: tls test accuracy", tls_acc, "accuracy"),
+                    _fig("MLP fit: tls / tcp time", tls / tcp, "x", peer="tcp"),
+                    _fig("MLP fit: training rows", X.shape[0], "rows"),
+                    _fig("MLP fit: steps", steps, "steps")]
+        if np.isfinite(tcp_b) and np.isfinite(tls_b):
+            figures += [_fig("MLP fit: tcp loopback bytes per step", tcp_b, "bytes"),
+                        _fig("MLP fit: tls loopback bytes per step", tls_b, "bytes")]
+    return figures
+
+
+def main(argv=None):
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def _line(row):
     if row["case"] == "lbfgs-logistic":
         return (f"{head} {row['iterations']} it in {row['wall_s']:.1f} s, loss "
                 f"{row['final_loss']:.4f}, acc {row['final_acc']:.4f}, "
-                f"{row['bytes_per_worker'] / 1e6:.1f} MB/worker")
+                f"{row['bytes_per_worker'] / 1e3:.1f} kB/worker")
     return (f"{head} t85 {fmt_t(row['t85']):>8s}  t88 {fmt_t(row['t88']):>8s}  final "
             f"{row['final_acc']:.4f} best {row['best_acc']:.4f}  {row['steps']} steps  "
             f"{row['bytes_per_worker'] / 1e6:.1f} MB/worker "

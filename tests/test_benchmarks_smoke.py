@@ -5,6 +5,7 @@ expected line must be there, its figures must parse as finite, positive numbers
 (accuracies in (0, 1]), and the peers it compares against must be named.
 """
 import math
+import importlib.util
 import os
 import re
 import subprocess
@@ -31,6 +32,7 @@ SMALL_ARGS = {
     "bench_fedavg.py": ["--small"],
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
+    "bench_torch.py": ["--small"],
     "bench_tls.py": ["--small", "--steps", "20", "--repeat", "1"],
     "bench_sparse.py": ["--rows", "20000", "--cols", "2000", "--repeat", "2", "--fit",
                         "--fit-rows", "5000", "--l1", "--l1-C", "0.05"],
@@ -106,6 +108,8 @@ FIGURES = {
         (rf"dmlcore is {N}x faster", None),
         (rf"local_steps=\s*16:\s+{N} ms per synchronisation,\s+{N} ms per local step "
          rf"\({N}x throughput\)", None)],
+    "bench_torch.py": [
+        (rf"dmlcore epoch on 2 workers / .* epoch: {N}", None)],
     "bench_tls.py": [
         (rf"full batch, driver updates\s+tcp\s+{N} ms\s+tls\s+{N} ms\s+ratio {N}", None),
         (rf"batch 16, replicated optimizer\s+tcp\s+{N} ms\s+tls\s+{N} ms\s+ratio {N}", None),
@@ -125,6 +129,7 @@ PEERS = {
     "bench_sparse.py": ["scipy", "scikit-learn", "dask-ml"],
     "bench_sync_step.py": ["naive Dask"],
     "bench_tls.py": ["tcp", "tls"],
+    "bench_torch.py": ["PyTorch"],
 }
 
 
@@ -143,20 +148,31 @@ def check_figures(script, stdout):
         assert peer in stdout, f"{script}: the peer {peer!r} is not named in its output"
 
 
+# Smoke-run in their own test files: the export (tests/test_export.py) and the network
+# harness (tests/test_network_harness.py, which needs root for its namespaces).
+SMOKED_ELSEWHERE = {"bench_export.py", "bench_network.py"}
+
+
 def test_every_benchmark_has_a_smoke_run():
-    assert sorted(p.name for p in BENCH.glob("bench_*.py")) == sorted(SMALL_ARGS)
+    scripts = sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in SMOKED_ELSEWHERE)
+    assert scripts == sorted(SMALL_ARGS)
     assert sorted(FIGURES) == sorted(PEERS) == sorted(SMALL_ARGS)
 
 
-NEEDS_FASHION_MNIST = {"bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
+NEEDS_FASHION_MNIST = {"bench_torch.py", "bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
 
 
 # Seconds each: the two kernel benchmarks stay in the quick subset (-m "not slow").
 QUICK = {"bench_kernels.py", "bench_mlp_optim.py"}
 
 
+NEEDS_TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="bench_torch.py needs PyTorch: pip install -e '.[bench]'")
+
+
 def _marks(script):
     return ([NEEDS_FASHION_MNIST_FILES] if script in NEEDS_FASHION_MNIST else []) + (
+        [NEEDS_TORCH] if script == "bench_torch.py" else []) + (
         [] if script in QUICK else [pytest.mark.slow])
 
 

@@ -14,17 +14,15 @@ Run: ``python benchmarks/bench_convex.py`` (full: 2,000,000 x 100, 16 chunks);
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def objective(coef, intercept, X, y, C):
@@ -107,16 +105,16 @@ def run(argv=None):
             verdict = "lower or equal" if ours_f <= peer_f + 1e-12 else "HIGHER"
             print(f"dmlcore vs {name}: {peer_t / ours_t:.3g}x faster, objective {verdict} "
                   f"({ours_f - peer_f:+.2e})")
-    figures = [_fig("rows", n, "rows"), _fig("columns", d, "columns"),
-               _fig("partitions", args.chunks, "partitions")]
+    figures = [figure("rows", n, "rows"), figure("columns", d, "columns"),
+               figure("partitions", args.chunks, "partitions")]
     for name, (elapsed, f, its) in results.items():
-        figures += [_fig(f"{name}: time", elapsed, "s"), _fig(f"{name}: objective", f, "objective")]
+        figures += [figure(f"{name}: time", elapsed, "s"), figure(f"{name}: objective", f, "objective")]
         if its is not None:
-            figures.append(_fig(f"{name}: iterations", its, "iterations"))
+            figures.append(figure(f"{name}: iterations", its, "iterations"))
         if name != "dmlcore lbfgs":
-            figures.append(_fig(f"{name} time / dmlcore lbfgs time", elapsed / ours_t, "x",
+            figures.append(figure(f"{name} time / dmlcore lbfgs time", elapsed / ours_t, "x",
                                 peer=name))
-            figures.append(_fig(f"{name}: objective - dmlcore's", f - ours_f, "objective"))
+            figures.append(figure(f"{name}: objective - dmlcore's", f - ours_f, "objective"))
     return figures
 
 

@@ -22,17 +22,15 @@ Run: ``python benchmarks/bench_estimator.py`` (2,000,000 x 100, 16 chunks);
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def objective(coef, intercept, X, y, C):
@@ -114,15 +112,15 @@ def run(argv=None):
         print(f"dmlcore LogisticRegression vs dask-ml lbfgs: {peer_t / ours_t:.3g}x faster "
               f"(partitioning included), objective difference "
               f"{results['dmlcore, chunks in place'][1] - peer_f:+.2e}")
-    figures = [_fig("rows", n, "rows"), _fig("columns", d, "columns"),
-               _fig("partitions", parts, "partitions")]
+    figures = [figure("rows", n, "rows"), figure("columns", d, "columns"),
+               figure("partitions", parts, "partitions")]
     for name, (elapsed, f) in results.items():
-        figures += [_fig(f"{name}: time", elapsed, "s"), _fig(f"{name}: objective", f, "objective")]
+        figures += [figure(f"{name}: time", elapsed, "s"), figure(f"{name}: objective", f, "objective")]
         if name != "dmlcore, chunks in place":
-            figures.append(_fig(f"{name} time / dmlcore in place", elapsed / ours_t, "x",
+            figures.append(figure(f"{name} time / dmlcore in place", elapsed / ours_t, "x",
                                 peer=name))
     if "dmlcore, sample_weight=1" in results:
-        figures.append(_fig("weighted (all 1) / unweighted fit time, both warm",
+        figures.append(figure("weighted (all 1) / unweighted fit time, both warm",
                             results["dmlcore, sample_weight=1"][0]
                             / results["dmlcore, in place (warm)"][0], "x",
                             peer="dmlcore, in place (warm)"))

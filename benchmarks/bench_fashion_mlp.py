@@ -28,12 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def _rss_now():
@@ -109,7 +104,7 @@ def run(argv=None):
     print(f"Fashion-MNIST: train {X.shape} {X.dtype}, test {Xt.shape}")
 
     results = {}
-    figures = [_fig("training rows", X.shape[0], "rows")]
+    figures = [figure("training rows", X.shape[0], "rows")]
     if not args.skip_sklearn:
         import warnings
         from sklearn.exceptions import ConvergenceWarning
@@ -145,12 +140,12 @@ def run(argv=None):
               f"({train_time:.2f} s in the training loop, {clf.n_iter_} epochs, {steps} steps, "
               f"{1e3 * train_time / max(steps, 1):.2f} ms/step), test accuracy {dml_acc:.4f}")
         print(f"  settings: {clf.get_params()}")
-        figures += [_fig("dmlcore MLPClassifier: fit time", dml_time, "s"),
-                    _fig("dmlcore MLPClassifier: training loop time", train_time, "s"),
-                    _fig("dmlcore MLPClassifier: test accuracy", dml_acc, "accuracy"),
-                    _fig("dmlcore MLPClassifier: epochs", clf.n_iter_, "epochs"),
-                    _fig("dmlcore MLPClassifier: steps", steps, "steps"),
-                    _fig("dmlcore MLPClassifier: step", 1e3 * train_time / max(steps, 1), "ms")]
+        figures += [figure("dmlcore MLPClassifier: fit time", dml_time, "s"),
+                    figure("dmlcore MLPClassifier: training loop time", train_time, "s"),
+                    figure("dmlcore MLPClassifier: test accuracy", dml_acc, "accuracy"),
+                    figure("dmlcore MLPClassifier: epochs", clf.n_iter_, "epochs"),
+                    figure("dmlcore MLPClassifier: steps", steps, "steps"),
+                    figure("dmlcore MLPClassifier: step", 1e3 * train_time / max(steps, 1), "ms")]
 
         sampled = client.run(_stop_sampler)
         after = client.run(_rss_now)
@@ -167,7 +162,7 @@ def run(argv=None):
                   f"{after[w][0] / 2**20:.1f} MiB: the fit added at most {grown / 2**20:.1f} MiB "
                   f"= {ratio:.2f}x the partitions")
             if held[w]:
-                figures.append(_fig(f"worker {sorted(after).index(w)}: RSS growth / partitions", ratio, "x",
+                figures.append(figure(f"worker {sorted(after).index(w)}: RSS growth / partitions", ratio, "x",
                                     peer="bytes of the worker's partitions"))
     finally:
         client.close()
@@ -179,9 +174,9 @@ def run(argv=None):
         print(f"time ratio dmlcore / scikit-learn: {dml_time / sk_time:.2f} "
               f"(goal <= 1.00 with accuracy >= 0.89: accuracy {dml_acc:.4f}, "
               f"{'met' if dml_acc >= 0.89 and dml_time <= sk_time else 'NOT met'})")
-        figures += [_fig("scikit-learn MLPClassifier(100,): fit time", sk_time, "s"),
-                    _fig("scikit-learn MLPClassifier(100,): test accuracy", sk_acc, "accuracy"),
-                    _fig("time ratio dmlcore / scikit-learn", dml_time / sk_time, "x",
+        figures += [figure("scikit-learn MLPClassifier(100,): fit time", sk_time, "s"),
+                    figure("scikit-learn MLPClassifier(100,): test accuracy", sk_acc, "accuracy"),
+                    figure("time ratio dmlcore / scikit-learn", dml_time / sk_time, "x",
                          peer="scikit-learn MLPClassifier(100,), max_iter=20")]
     return figures
 

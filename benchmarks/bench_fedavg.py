@@ -56,12 +56,7 @@ TARGETS = (0.75, 0.80, 0.85)
 SIZES = [784, 200, 200, 10]
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def run_name(c):
@@ -363,23 +358,23 @@ def figures_of(results, seed=0):
         if r.get("seed", 0) != seed:
             continue
         name = r["name"]
-        figures += [_fig(f"{name}: rounds", r["rounds_run"], "rounds"),
-                    _fig(f"{name}: max test accuracy", r["max_acc"], "accuracy"),
-                    _fig(f"{name}: mean test accuracy, last 10 rounds", r["last10_acc"],
+        figures += [figure(f"{name}: rounds", r["rounds_run"], "rounds"),
+                    figure(f"{name}: max test accuracy", r["max_acc"], "accuracy"),
+                    figure(f"{name}: mean test accuracy, last 10 rounds", r["last10_acc"],
                          "accuracy"),
-                    _fig(f"{name}: seconds per round", r["seconds"] / r["rounds_run"], "s")]
+                    figure(f"{name}: seconds per round", r["seconds"] / r["rounds_run"], "s")]
         for t, n in r["rounds_to"].items():
             if n is None:
                 notes.append(f"{name}: did not reach {t} in {r['rounds_run']} rounds")
             else:
-                figures.append(_fig(f"{name}: rounds to {t}", n, "rounds"))
+                figures.append(figure(f"{name}: rounds to {t}", n, "rounds"))
         sgd = [q for q in results if q["scheme"] == r["scheme"] and q["method"] == "FedSGD"
                and q.get("seed", 0) == seed]
         if r["method"] != "FedSGD" and sgd:
             for t, n in r["rounds_to"].items():
                 m = min((q["rounds_to"][t] for q in sgd if q["rounds_to"][t]), default=None)
                 if n and m:
-                    figures.append(_fig(f"{name}: FedSGD rounds / rounds to {t}", m / n, "x",
+                    figures.append(figure(f"{name}: FedSGD rounds / rounds to {t}", m / n, "x",
                                         peer=f"{r['scheme']}/FedSGD"))
     return {"figures": figures, "notes": notes}
 

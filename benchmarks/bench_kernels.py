@@ -39,12 +39,8 @@ STREAM = "np.add.reduce (one read of X)"
 NUMPY = "NumPy two-pass gradient"
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def interleaved_medians(cases, repeat):
@@ -148,10 +144,10 @@ def bench_loss(args):
     for name, ratio, note, _ in rows:
         print(f"  {name:28s} {ratio:6.2f}   {note}")
     print("  times (ms): " + ", ".join(f"{key} {v * 1e3:.1f}" for key, v in t.items()))
-    figures = [_fig("rows", n, "rows"), _fig("columns", p, "columns"),
-               _fig("stream bandwidth", n * p * 8 / s / 1e9, "GB/s")]
-    figures += [_fig(f"{key} time", v * 1e3, "ms") for key, v in t.items()]
-    figures += [_fig(name, ratio, "x", peer=peer) for name, ratio, _, peer in rows]
+    figures = [figure("rows", n, "rows"), figure("columns", p, "columns"),
+               figure("stream bandwidth", n * p * 8 / s / 1e9, "GB/s")]
+    figures += [figure(f"{key} time", v * 1e3, "ms") for key, v in t.items()]
+    figures += [figure(name, ratio, "x", peer=peer) for name, ratio, _, peer in rows]
     return figures
 
 

@@ -37,12 +37,7 @@ from dmlcore.train import evaluate  # noqa: E402
 SIZES = [784, 200, 200, 10]
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def kernel_times(model, params, X, y, repeats):
@@ -145,19 +140,19 @@ def run(argv=None):
               f"{r['s_per_step'] * 1e3:.1f} ms | "
               f"{'-' if r['frozen_same'] is None else r['frozen_same']} |")
     print(f"(test accuracy of the pretrained model: {acc0:.4f})")
-    figures = [_fig("pretrained test accuracy", acc0, "accuracy"),
-               _fig("last layer share of the parameters", share, "share")]
+    figures = [figure("pretrained test accuracy", acc0, "accuracy"),
+               figure("last layer share of the parameters", share, "share")]
     for r in rows:
         key = f"{r['strategy'].split('(')[0]}, {r['label']}"
         full = next(q for q in rows if q["strategy"] == r["strategy"] and q["label"] == "all layers")
-        figures += [_fig(f"{key}: bytes per step", r["bytes_per_step"], "bytes"),
-                    _fig(f"{key}: test accuracy", r["acc"], "accuracy"),
-                    _fig(f"{key}: step", r["s_per_step"] * 1e3, "ms"),
-                    _fig(f"{key}: steps", r["steps"], "steps")]
+        figures += [figure(f"{key}: bytes per step", r["bytes_per_step"], "bytes"),
+                    figure(f"{key}: test accuracy", r["acc"], "accuracy"),
+                    figure(f"{key}: step", r["s_per_step"] * 1e3, "ms"),
+                    figure(f"{key}: steps", r["steps"], "steps")]
         if r["label"] != "all layers":
-            figures += [_fig(f"{key}: bytes / all layers", r["bytes_per_step"]
+            figures += [figure(f"{key}: bytes / all layers", r["bytes_per_step"]
                              / full["bytes_per_step"], "x", peer="all layers"),
-                        _fig(f"{key}: frozen layers bit-identical", float(r["frozen_same"]),
+                        figure(f"{key}: frozen layers bit-identical", float(r["frozen_same"]),
                              "bool")]
 
     rng = np.random.default_rng(0)
@@ -166,9 +161,9 @@ def run(argv=None):
     print("\nloss_grad on 512 rows, one thread (median):")
     for label, t in times.items():
         print(f"  {label:16s} {t * 1e3:7.2f} ms  ({times['all layers'] / t:.2f}x faster than all)")
-        figures.append(_fig(f"loss_grad 512 rows: {label}", t * 1e3, "ms"))
+        figures.append(figure(f"loss_grad 512 rows: {label}", t * 1e3, "ms"))
         if label != "all layers":
-            figures.append(_fig(f"loss_grad 512 rows: all layers / {label}",
+            figures.append(figure(f"loss_grad 512 rows: all layers / {label}",
                                 times["all layers"] / t, "x", peer="all layers"))
     return figures
 

@@ -18,17 +18,15 @@ float32 transfer (async) on accuracy and rate.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def first_reach(history, target):
@@ -154,27 +152,27 @@ def run(argv=None):
         pass
     print(f"\ngoal async >= 400 updates/s with >= 0.82 test accuracy: "
           f"{'met' if ok else 'NOT met'} ({a['rate']:.0f} updates/s, {a['acc']:.4f})")
-    figures, notes = [_fig("training rows", len(y), "rows"),
-                      _fig("target test accuracy", args.target, "accuracy")], []
+    figures, notes = [figure("training rows", len(y), "rows"),
+                      figure("target test accuracy", args.target, "accuracy")], []
     for name, r in rows.items():
-        figures += [_fig(f"{name}: updates", r["steps"], "updates"),
-                    _fig(f"{name}: updates/s", r["rate"], "updates/s"),
-                    _fig(f"{name}: fit wall time", r["total"], "s"),
-                    _fig(f"{name}: final test accuracy", r["acc"], "accuracy"),
-                    _fig(f"{name}: best test accuracy", r["best"], "accuracy"),
-                    _fig(f"{name}: mean of the last 5 evaluations", r["last5"], "accuracy"),
-                    _fig(f"{name}: staleness mean", r["stale_mean"], "updates"),
-                    _fig(f"{name}: bytes per update", r["bytes"], "bytes")]
+        figures += [figure(f"{name}: updates", r["steps"], "updates"),
+                    figure(f"{name}: updates/s", r["rate"], "updates/s"),
+                    figure(f"{name}: fit wall time", r["total"], "s"),
+                    figure(f"{name}: final test accuracy", r["acc"], "accuracy"),
+                    figure(f"{name}: best test accuracy", r["best"], "accuracy"),
+                    figure(f"{name}: mean of the last 5 evaluations", r["last5"], "accuracy"),
+                    figure(f"{name}: staleness mean", r["stale_mean"], "updates"),
+                    figure(f"{name}: bytes per update", r["bytes"], "bytes")]
         if np.isfinite(r["t_target"]):
-            figures.append(_fig(f"{name}: time to target", r["t_target"], "s"))
+            figures.append(figure(f"{name}: time to target", r["t_target"], "s"))
         else:
             notes.append(f"{name}: did not reach {args.target}")
     for name in ("async", "ssp(2)", "bsp"):
         r = rows[name]
-        figures.append(_fig(f"{name} / sync updates/s", r["rate"] / sync["rate"], "x",
+        figures.append(figure(f"{name} / sync updates/s", r["rate"] / sync["rate"], "x",
                             peer="sync"))
         if np.isfinite(r["t_target"]) and np.isfinite(sync["t_target"]):
-            figures.append(_fig(f"time to target: sync / {name}", sync["t_target"] / r["t_target"],
+            figures.append(figure(f"time to target: sync / {name}", sync["t_target"] / r["t_target"],
                                 "x", peer="sync"))
     return {"figures": figures, "notes": notes}
 

@@ -27,7 +27,9 @@ workers: the time dmlcore takes to reach saga's final objective, against saga's.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,12 +39,8 @@ from threadpoolctl import threadpool_limits
 from dmlcore._ext import loss as _loss
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def make_csr(n, p, per_row, seed=0):
@@ -142,10 +140,10 @@ def run(argv=None):
     print("  times (ms): " + ", ".join(f"{key} {v * 1e3:.1f}" for key, v in t.items()))
     peers = {"stream + scatter": "stream + scatter", "stream": "one read of the CSR arrays",
              "scipy": "scipy.sparse + NumPy", "unweighted": "unweighted kernel"}
-    figures = [_fig("rows", n, "rows"), _fig("columns", p, "columns"),
-               _fig("stored per row", args.nnz, "entries")]
-    figures += [_fig(f"{key} time", v * 1e3, "ms") for key, v in t.items()]
-    figures += [_fig(name, ratio, "x", peer=next(v for k, v in peers.items() if k in name))
+    figures = [figure("rows", n, "rows"), figure("columns", p, "columns"),
+               figure("stored per row", args.nnz, "entries")]
+    figures += [figure(f"{key} time", v * 1e3, "ms") for key, v in t.items()]
+    figures += [figure(name, ratio, "x", peer=next(v for k, v in peers.items() if k in name))
                 for name, ratio, _ in rows]
     if args.fit:
         figures += fit_comparison(min(args.fit_rows, n), p, args.nnz)
@@ -206,17 +204,17 @@ def fit_comparison(n, p, per_row):
             print(f"  dask-ml lbfgs on CSR chunks failed: {type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}")
     base = results["scikit-learn lbfgs (1 process)"]
-    figures = [_fig("fit: rows", n, "rows")]
+    figures = [figure("fit: rows", n, "rows")]
     for name, (seconds, f, iters) in results.items():
         print(f"  {name:32s} {seconds:8.2f} s  objective {f:.10f} ({f - base[1]:+.1e})  "
               f"iterations {iters}  sklearn time / this {base[0] / seconds:.3g}x")
-        figures += [_fig(f"fit: {name}: time", seconds, "s"),
-                    _fig(f"fit: {name}: objective", f, "objective"),
-                    _fig(f"fit: {name}: objective - scikit-learn's", f - base[1], "objective")]
+        figures += [figure(f"fit: {name}: time", seconds, "s"),
+                    figure(f"fit: {name}: objective", f, "objective"),
+                    figure(f"fit: {name}: objective - scikit-learn's", f - base[1], "objective")]
         if iters >= 0:
-            figures.append(_fig(f"fit: {name}: iterations", iters, "iterations"))
+            figures.append(figure(f"fit: {name}: iterations", iters, "iterations"))
         if name != "scikit-learn lbfgs (1 process)":
-            figures.append(_fig(f"fit: scikit-learn time / {name}", base[0] / seconds, "x",
+            figures.append(figure(f"fit: scikit-learn time / {name}", base[0] / seconds, "x",
                                 peer="scikit-learn lbfgs (1 process)"))
     return figures
 
@@ -271,21 +269,21 @@ def l1_comparison(n, p, per_row, C, saga_tol):
     print(f"  dmlcore OWL-QN (2 workers, partitioning included): {total:.2f} s, "
           f"{fit.steps} iterations, objective {f_ours:.10f} ({f_ours - f_saga:+.1e}), "
           f"non-zero {np.mean(coef != 0):.2%}")
-    figures = [_fig("l1: rows", n, "rows"), _fig("l1: C", C, "C"),
-               _fig("l1: saga time", saga_s, "s"), _fig("l1: saga epochs", ref.n_iter_[0], "epochs"),
-               _fig("l1: saga objective", f_saga, "objective"),
-               _fig("l1: saga non-zero share", np.mean(ref.coef_ != 0), "share"),
-               _fig("l1: dmlcore total time", total, "s"),
-               _fig("l1: dmlcore iterations", fit.steps, "iterations"),
-               _fig("l1: dmlcore objective - saga's", f_ours - f_saga, "objective"),
-               _fig("l1: dmlcore non-zero share", np.mean(coef != 0), "share")]
+    figures = [figure("l1: rows", n, "rows"), figure("l1: C", C, "C"),
+               figure("l1: saga time", saga_s, "s"), figure("l1: saga epochs", ref.n_iter_[0], "epochs"),
+               figure("l1: saga objective", f_saga, "objective"),
+               figure("l1: saga non-zero share", np.mean(ref.coef_ != 0), "share"),
+               figure("l1: dmlcore total time", total, "s"),
+               figure("l1: dmlcore iterations", fit.steps, "iterations"),
+               figure("l1: dmlcore objective - saga's", f_ours - f_saga, "objective"),
+               figure("l1: dmlcore non-zero share", np.mean(coef != 0), "share")]
     if reached is None:
         print("  dmlcore did not reach saga's objective")
     else:
         print(f"  time to saga's objective: dmlcore {reached:.2f} s vs saga {saga_s:.2f} s: "
               f"{saga_s / reached:.3g}x faster")
-        figures += [_fig("l1: dmlcore time to saga's objective", reached, "s"),
-                    _fig("l1: saga time / dmlcore time to saga's objective", saga_s / reached,
+        figures += [figure("l1: dmlcore time to saga's objective", reached, "s"),
+                    figure("l1: saga time / dmlcore time to saga's objective", saga_s / reached,
                          "x", peer="scikit-learn saga")]
     return figures
 

@@ -14,17 +14,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def _numpy_grad(w, X, y):
@@ -116,7 +114,7 @@ def run(argv=None):
                                 dml.SyncSGD(batch_size=None, transport="tasks"))):
             median, mean = time_fit(dml, model, small, strategy, args.steps, client)
             out[name] = median
-            figures.append(_fig(f"{name}: step", median * 1e3, "ms"))
+            figures.append(figure(f"{name}: step", median * 1e3, "ms"))
             print(f"   {name:40s} {median * 1e3:7.2f} ms/step (median; mean {mean * 1e3:.2f})")
         data_parts = small.partition_futures()
         w = np.zeros(11)
@@ -124,8 +122,8 @@ def run(argv=None):
         out["naive"] = naive
         print(f"   {'naive Dask (submit + gather + sum)':40s} {naive * 1e3:7.2f} ms/step")
         print(f"   ratio naive / dmlcore: {naive / out['dmlcore SyncSGD (actors)']:.1f}x")
-        figures += [_fig("naive Dask step", naive * 1e3, "ms"),
-                    _fig("naive Dask / dmlcore step", naive / out["dmlcore SyncSGD (actors)"],
+        figures += [figure("naive Dask step", naive * 1e3, "ms"),
+                    figure("naive Dask / dmlcore step", naive / out["dmlcore SyncSGD (actors)"],
                          "x", peer="naive Dask (submit + gather + sum)")]
 
         # 2. full gradient on the large data
@@ -155,17 +153,17 @@ def run(argv=None):
               f"= {median / kernel:.2f} x kernel, {median / together:.2f} x concurrent kernel")
         print(f"   naive Dask + NumPy step:                     {naive_big * 1e3:8.1f} ms "
               f"= {naive_big / kernel:.2f} x kernel; dmlcore is {naive_big / median:.1f}x faster")
-        figures += [_fig("rows", n, "rows"), _fig("columns", d, "columns"),
-                    _fig("data size", big.nbytes / 1e9, "GB"),
-                    _fig("per-worker kernel time", kernel * 1e3, "ms"),
-                    _fig("kernel time, both workers at once", together * 1e3, "ms"),
-                    _fig("full-gradient step", median * 1e3, "ms"),
-                    _fig("full-gradient step / kernel", median / kernel, "x",
+        figures += [figure("rows", n, "rows"), figure("columns", d, "columns"),
+                    figure("data size", big.nbytes / 1e9, "GB"),
+                    figure("per-worker kernel time", kernel * 1e3, "ms"),
+                    figure("kernel time, both workers at once", together * 1e3, "ms"),
+                    figure("full-gradient step", median * 1e3, "ms"),
+                    figure("full-gradient step / kernel", median / kernel, "x",
                          peer="per-worker kernel time"),
-                    _fig("full-gradient step / concurrent kernel", median / together, "x",
+                    figure("full-gradient step / concurrent kernel", median / together, "x",
                          peer="kernel time, both workers at once"),
-                    _fig("naive Dask + NumPy full-gradient step", naive_big * 1e3, "ms"),
-                    _fig("naive Dask + NumPy / dmlcore full-gradient step", naive_big / median,
+                    figure("naive Dask + NumPy full-gradient step", naive_big * 1e3, "ms"),
+                    figure("naive Dask + NumPy / dmlcore full-gradient step", naive_big / median,
                          "x", peer="naive Dask + NumPy")]
 
         # 3. local steps
@@ -178,10 +176,10 @@ def run(argv=None):
             base = base or per_local
             print(f"   local_steps={k:3d}: {per_sync * 1e3:7.2f} ms per synchronisation, "
                   f"{per_local * 1e3:6.3f} ms per local step ({base / per_local:.1f}x throughput)")
-            figures += [_fig(f"local_steps={k}: per synchronisation", per_sync * 1e3, "ms"),
-                        _fig(f"local_steps={k}: per local step", per_local * 1e3, "ms")]
+            figures += [figure(f"local_steps={k}: per synchronisation", per_sync * 1e3, "ms"),
+                        figure(f"local_steps={k}: per local step", per_local * 1e3, "ms")]
             if k > 1:
-                figures.append(_fig(f"local_steps={k}: throughput / local_steps=1",
+                figures.append(figure(f"local_steps={k}: throughput / local_steps=1",
                                     base / per_local, "x", peer="local_steps=1"))
     return figures
 

@@ -31,12 +31,8 @@ sys.path.insert(0, str(ROOT))                   # run from a checkout
 sys.path.insert(0, str(ROOT / "tests"))         # tls_certs: the tests' certificate helper
 
 
-def _fig(name, value, unit, peer=None):
-    """One figure for the runner (benchmarks/runner.py): name, value, unit; a ratio's peer."""
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def _loopback_bytes():
@@ -160,12 +156,12 @@ def run(argv=None):
         print(f"   {name:32s} tcp {tcp * 1e3:6.2f} ms  tls {tls * 1e3:6.2f} ms  "
               f"ratio {tls / tcp:.2f} (goal <= 1.5); loopback bytes/step tcp {tcp_b:,.0f} "
               f"tls {tls_b:,.0f}")
-        figures += [_fig(f"{name}: tcp step", tcp * 1e3, "ms"),
-                    _fig(f"{name}: tls step", tls * 1e3, "ms"),
-                    _fig(f"{name}: tls / tcp step", tls / tcp, "x", peer="tcp")]
+        figures += [figure(f"{name}: tcp step", tcp * 1e3, "ms"),
+                    figure(f"{name}: tls step", tls * 1e3, "ms"),
+                    figure(f"{name}: tls / tcp step", tls / tcp, "x", peer="tcp")]
         if np.isfinite(tcp_b) and np.isfinite(tls_b):
-            figures += [_fig(f"{name}: tcp loopback bytes per step", tcp_b, "bytes"),
-                        _fig(f"{name}: tls loopback bytes per step", tls_b, "bytes")]
+            figures += [figure(f"{name}: tcp loopback bytes per step", tcp_b, "bytes"),
+                        figure(f"{name}: tls loopback bytes per step", tls_b, "bytes")]
     if not args.skip_mlp:
         (tcp, tcp_b, steps, tcp_acc) = out["tcp", "mlp"]
         (tls, tls_b, _, tls_acc) = out["tls", "mlp"]
@@ -174,15 +170,15 @@ def run(argv=None):
               f"(accuracy {tls_acc:.4f})  ratio {tls / tcp:.2f} (goal <= 1.3)")
         print(f"   loopback bytes/step tcp {tcp_b:,.0f}  tls {tls_b:,.0f} "
               f"({tls_b / tcp_b:.3f}x)")
-        figures += [_fig("MLP fit: tcp", tcp, "s"), _fig("MLP fit: tls", tls, "s"),
-                    _fig("MLP fit: tcp test accuracy", tcp_acc, "accuracy"),
-                    _fig("MLP fit: tls test accuracy", tls_acc, "accuracy"),
-                    _fig("MLP fit: tls / tcp time", tls / tcp, "x", peer="tcp"),
-                    _fig("MLP fit: training rows", X.shape[0], "rows"),
-                    _fig("MLP fit: steps", steps, "steps")]
+        figures += [figure("MLP fit: tcp", tcp, "s"), figure("MLP fit: tls", tls, "s"),
+                    figure("MLP fit: tcp test accuracy", tcp_acc, "accuracy"),
+                    figure("MLP fit: tls test accuracy", tls_acc, "accuracy"),
+                    figure("MLP fit: tls / tcp time", tls / tcp, "x", peer="tcp"),
+                    figure("MLP fit: training rows", X.shape[0], "rows"),
+                    figure("MLP fit: steps", steps, "steps")]
         if np.isfinite(tcp_b) and np.isfinite(tls_b):
-            figures += [_fig("MLP fit: tcp loopback bytes per step", tcp_b, "bytes"),
-                        _fig("MLP fit: tls loopback bytes per step", tls_b, "bytes")]
+            figures += [figure("MLP fit: tcp loopback bytes per step", tcp_b, "bytes"),
+                        figure("MLP fit: tls loopback bytes per step", tls_b, "bytes")]
     return figures
 
 

@@ -35,11 +35,7 @@ SIZES = [784, 256, 10]
 ROWS_PER_STEP = 128
 
 
-def _fig(name, value, unit, peer=None):
-    out = {"name": name, "value": float(value), "unit": unit}
-    if peer is not None:
-        out["peer"] = peer
-    return out
+from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
 
 
 def load(small):
@@ -244,27 +240,27 @@ def run(argv=None):
     for name, (per_epoch, hit, acc) in rows.items():
         print(f"{name:34s} {per_epoch:8.2f} {'-' if hit is None else f'{hit:.2f}':>10s} "
               f"{acc:9.4f}")
-        figures.append(_fig(f"{name}: seconds per epoch", per_epoch, "s"))
-        figures.append(_fig(f"{name}: final test accuracy", acc, "accuracy"))
+        figures.append(figure(f"{name}: seconds per epoch", per_epoch, "s"))
+        figures.append(figure(f"{name}: final test accuracy", acc, "accuracy"))
         if hit is None:
             notes.append(f"{name}: did not reach {target} in {epochs} epochs")
         else:
-            figures.append(_fig(f"{name}: time to {target}", hit, "s"))
-    figures.append(_fig("target test accuracy", target, "accuracy"))
-    figures.append(_fig("epochs", epochs, "epochs"))
-    figures.append(_fig("training rows", X.shape[0], "rows"))
+            figures.append(figure(f"{name}: time to {target}", hit, "s"))
+    figures.append(figure("target test accuracy", target, "accuracy"))
+    figures.append(figure("epochs", epochs, "epochs"))
+    figures.append(figure("training rows", X.shape[0], "rows"))
     print("\nratios (same recipe, same run):")
     for n in counts:
         ours = rows[f"dmlcore SyncSGD, {n} workers"]
         r = ours[0] / rows[single][0]
         print(f"  dmlcore epoch on {n} workers / {single} epoch: {r:.2f}")
-        figures.append(_fig(f"dmlcore epoch, {n} workers / PyTorch epoch", r, "x", peer=single))
+        figures.append(figure(f"dmlcore epoch, {n} workers / PyTorch epoch", r, "x", peer=single))
         for peer in (single, f"PyTorch DDP gloo, {n} processes"):
             if peer in rows and ours[1] is not None and rows[peer][1] is not None:
                 r = rows[peer][1] / ours[1]
                 print(f"  time to {target}: {peer} / dmlcore on {n} workers: {r:.2f} "
                       f"({'dmlcore sooner' if r > 1 else 'dmlcore later'})")
-                figures.append(_fig(f"time to {target}: {peer} / dmlcore, {n} workers", r,
+                figures.append(figure(f"time to {target}: {peer} / dmlcore, {n} workers", r,
                                     "x", peer=peer))
     if 1 in counts:
         base = rows["dmlcore SyncSGD, 1 workers"][0]
@@ -273,7 +269,7 @@ def run(argv=None):
                 speedup = base / rows[f"dmlcore SyncSGD, {n} workers"][0]
                 print(f"  dmlcore epoch speed-up 1 -> {n} workers: {speedup:.2f} "
                       f"(parallel efficiency {speedup / n:.2f})")
-                figures.append(_fig(f"dmlcore epoch speed-up 1 -> {n} workers", speedup, "x",
+                figures.append(figure(f"dmlcore epoch speed-up 1 -> {n} workers", speedup, "x",
                                     peer="dmlcore SyncSGD, 1 worker"))
     for note in notes:
         print(f"  note: {note}")

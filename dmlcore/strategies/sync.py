@@ -43,14 +43,15 @@ from .fedavg import client_sums, client_train  # noqa: F401 - local SGD is FedAv
 # ----------------------------------------------------------------------------
 # The replicated step (apply_on="workers"), hosted by every executor
 # ----------------------------------------------------------------------------
-def sharded_exchange(n, nbytes):
+def sharded_exchange(n, nbytes, compression=None):
     """Whether ``n`` replicas of an ``nbytes`` vector use reduce-scatter +
     all-gather (two rounds, 2(n-1) vectors) rather than a full exchange of
     gradients (one round, n(n-1) vectors). Two replicas move the same bytes
     either way and the single round is cheaper (one round trip fewer); above
     two, sharding wins once the extra vectors cost more than a round, taken
-    here as 64 KiB per executor."""
-    return n > 2 and (n - 2) * nbytes > 1 << 16
+    here as 64 KiB per executor. Compressed gradients travel whole (each
+    sender encodes its own vector): never sharded."""
+    return compression is None and n > 2 and (n - 2) * nbytes > 1 << 16
 
 
 def shard_bounds(size, n):
@@ -94,11 +95,19 @@ def _sender(executor):
     return min(pid for pid, *_ in executor.parts)
 
 
+def _add_in_order(grads, out):
+    """``out`` = grads[0] + grads[1] + ... (each decoded, ``dmlcore.compression``),
+    added in executor order: the driver path's and every replica's bits."""
+    np.copyto(out, codecs.decode(grads[0], out.dtype))
+    for grad in grads[1:]:
+        out += codecs.decode(grad, out.dtype)
+    return out
+
+
 def _sums(partials, dtype):
     """The executors' ``Partial``s (gradients encoded or not) decoded and added in order."""
-    grad = np.array(codecs.decode(partials[0].grad, dtype), dtype=dtype, copy=True)
-    for p in partials[1:]:
-        grad += codecs.decode(p.grad, dtype)
+    first = codecs.decode(partials[0].grad, dtype)
+    grad = _add_in_order([first] + [p.grad for p in partials[1:]], np.empty_like(first))
     return Partial(sum(p.loss for p in partials), grad, sum(p.rows for p in partials))
 
 
@@ -111,7 +120,7 @@ class _Replica:
         self.values, self.optimizer, self.state = np.array(values, copy=True), optimizer, opt_state
         size, n = self.values.shape[0], mesh.size
         self.compressor = None if compression is None else codecs.Compressor(compression, seed)
-        self.sharded = compression is None and sharded_exchange(n, self.values.nbytes)
+        self.sharded = sharded_exchange(n, self.values.nbytes, compression)
         self.bounds = shard_bounds(size, n)
         me = mesh.index
         self.lo, self.hi = (self.bounds[me], self.bounds[me + 1]) if self.sharded else (0, size)
@@ -173,18 +182,12 @@ def _replica_steps(executor, replica, mesh, first_step, n_steps, batch_size, see
         if replica.compressor is not None:
             mine = mine._replace(grad=replica.compressor.encode(
                 mine.grad, (step, _sender(executor))))
-            everyone = mesh.exchange(mine, "grad")
-            summed = _sums(everyone, values.dtype)
-            np.copyto(total, summed.grad)
-        elif replica.sharded:
+        if replica.sharded:
             everyone = mesh.alltoall([Partial(mine.loss, mine.grad[bounds[j]:bounds[j + 1]],
                                               mine.rows) for j in range(mesh.size)], "grad")
         else:
             everyone = mesh.exchange(mine, "grad")
-        if replica.compressor is None:
-            np.copyto(total, everyone[0].grad)      # (p0 + p1) + p2 ...: the driver's order
-            for other in everyone[1:]:
-                total += other.grad
+        _add_in_order([p.grad for p in everyone], total)
         loss = sum(p.loss for p in everyone)
         rows = sum(p.rows for p in everyone)
         total /= local.mean_divisor(rows)
@@ -372,8 +375,7 @@ class SyncSGD(Strategy):
         before = pool.traffic()
         pool.call("replica_start", ctx.trainable_values(), ctx.optimizer, ctx.opt_state,
                   self.compression, ctx.seed)
-        sharded = self.compression is None and sharded_exchange(
-            len(pool), ctx.trainable_values().nbytes)
+        sharded = sharded_exchange(len(pool), ctx.trainable_values().nbytes, self.compression)
         step = ctx.start_step
         while step < ctx.total_steps:
             end = ctx.next_sync(step)

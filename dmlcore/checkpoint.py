@@ -39,20 +39,39 @@ def _parse(path):
     return None if m is None else (int(m["step"]), m["run"] or "")
 
 
-def atomic_write(path, write):
-    """Call ``write(file object)`` on a temporary file next to ``path``, then rename."""
+def atomic_write(path, write, replace=True):
+    """Call ``write(file object)`` on a temporary file next to ``path``, then rename
+    it to ``path`` (mode 0666 less the umask, as ``open`` would create it).
+
+    ``replace=False``: a file created at ``path`` meanwhile is kept and
+    ``FileExistsError`` raised (a hard link, where the file system has them).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mask = os.umask(0o022)
+    os.umask(mask)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            os.fchmod(f.fileno(), 0o666 & ~mask)        # mkstemp creates 0600
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace or not _link(tmp, path):
+            os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _link(tmp, path):
+    """Hard-link ``tmp`` to a new ``path``; False where the file system has no links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError:
+        return False
+    return True
 
 
 def _state_arrays(state):

@@ -40,7 +40,8 @@ from .checkpoint import atomic_write
 from .workflow import WorkflowError
 
 __all__ = ["model_bytes", "load_model", "load", "SavedModel", "labels", "history_bytes",
-           "run_files", "sweep_files", "commit", "sweep_dataset", "check_free", "claim_dir", "OutputConflict", "MANIFEST"]
+           "run_files", "sweep_files", "commit", "sweep_dataset", "check_free", "claim_dir",
+           "OutputConflict", "MANIFEST"]
 
 
 def _json_default(value):

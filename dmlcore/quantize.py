@@ -23,12 +23,11 @@ a file that is not an int8 export (nor its own input).
 from __future__ import annotations
 
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .checkpoint import atomic_write
 
 __all__ = ["FORMAT", "ExportError", "quantize", "dequantize", "int8_bytes", "is_int8",
            "read_params", "export", "default_output"]
@@ -197,30 +196,11 @@ def export(src, dst=None):
     replace = _check_output(src, dst)
     meta = dict(meta, source=src.name)
     content = int8_bytes(model, params, meta)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            os.fchmod(f.fileno(), 0o666 & ~mask)    # mkstemp creates 0600
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, dst)
-        else:                  # link: fails rather than replace a file created meanwhile
-            try:
-                os.link(tmp, dst)
-            except FileExistsError:
-                raise ExportError(f"{dst} appeared while exporting; it was left as it "
-                                  f"is") from None
-            except OSError:    # a file system without hard links
-                os.replace(tmp, dst)
-            else:
-                os.unlink(tmp)
+        atomic_write(dst, lambda f: f.write(content), replace=replace)
+    except FileExistsError:
+        raise ExportError(f"{dst} appeared while exporting; it was left as it is") from None
     except OSError as exc:
         raise ExportError(f"cannot write {dst}: {exc.strerror or exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return dst, len(content)
 

@@ -212,7 +212,9 @@ def machine():
             "python": platform.python_version(), "kernel": platform.release()}
 
 
-def main(argv=None):
+def measure(argv=None):
+    """Parse ``argv``, run every (profile, workers, straggler) and return the results dict;
+    None (the reason printed to stderr) where namespaces cannot be made here."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profiles", default="lan,wan,edge")
     p.add_argument("--workers", default="2")
@@ -229,7 +231,7 @@ def main(argv=None):
     reason = netns.unavailable()
     if reason:
         print(f"bench_network: skipped: {reason}", file=sys.stderr)
-        return 3
+        return None
     import dmlcore as dml
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -260,7 +262,75 @@ def main(argv=None):
             run_profile(dml, args_l, "lan", n_workers, factor,
                         args.straggler_cases.split(","), (X, y), (Xt, yt), None, out)
     print(f"wrote {args.json}")
-    return 0
+    return out
+
+
+def _name(row):
+    where = f"{row['profile']}, {row['workers']} workers"
+    if row.get("straggler"):
+        where += f", {row['straggler']:g}x straggler"
+    return f"{where}: {row['case']}"
+
+
+def figures(out):
+    """The runner's figures and notes from ``measure``'s results: per run the time to each
+    target (absent where not reached within the budget: a note says so), final accuracy and
+    bytes per step per worker; per profile the ratios of each case's time to 0.85 and
+    bytes per step against plain SyncSGD's ("sync") in the same cluster."""
+    from benchmarks.runner import figure, ratio
+
+    figs, notes = [], []
+    runs = [r for r in out["runs"] if "error" not in r]
+    for row in out["runs"]:
+        if "error" in row:
+            notes.append(f"{_name(row)} failed: {row['error'][:200]}")
+    for row in runs:
+        name = _name(row)
+        if row["case"] == "lbfgs-logistic":
+            figs += [figure(f"{name}: seconds", row["wall_s"], "s"),
+                     figure(f"{name}: iterations", row["iterations"], "iterations"),
+                     figure(f"{name}: accuracy", row["final_acc"], "accuracy"),
+                     figure(f"{name}: bytes per worker", row["bytes_per_worker"], "bytes")]
+            continue
+        figs += [figure(f"{name}: final test accuracy", row["final_acc"], "accuracy"),
+                 figure(f"{name}: best test accuracy", row["best_acc"], "accuracy"),
+                 figure(f"{name}: steps", row["steps"], "steps"),
+                 figure(f"{name}: bytes per step per worker", row["bytes_per_step_per_worker"],
+                        "bytes")]
+        for t in TARGETS:
+            value = row.get(f"t{int(t * 100)}")
+            if value is None:
+                notes.append(f"{name} did not reach {t:g} in its {row['budget_s']:g} s budget")
+            else:
+                figs.append(figure(f"{name}: time to {t:g}", value, "s"))
+    base = {(r["profile"], r["workers"], r.get("straggler")): r for r in runs
+            if r["case"] == "sync"}
+    for row in runs:
+        ref = base.get((row["profile"], row["workers"], row.get("straggler")))
+        if ref is None or row is ref or row["case"] == "lbfgs-logistic":
+            continue
+        peer = _name(ref)
+        if row.get("t85") and ref.get("t85"):
+            figs.append(ratio(f"{_name(row)}: time to 0.85, sync / this", ref["t85"] / row["t85"],
+                              peer))
+        if row["bytes_per_step_per_worker"] > 0:
+            figs.append(ratio(f"{_name(row)}: bytes per step, sync / this",
+                              ref["bytes_per_step_per_worker"]
+                              / row["bytes_per_step_per_worker"], peer))
+    figs.append(figure("budget per run", out["budget_s"], "s"))
+    return {"figures": figs, "notes": notes}
+
+
+def run(argv=None):
+    """The runner's entry: ``measure`` then ``figures``; exit code 3 where it cannot run."""
+    out = measure(argv)
+    if out is None:
+        raise SystemExit(3)
+    return figures(out)
+
+
+def main(argv=None):
+    return 0 if measure(argv) is not None else 3
 
 
 if __name__ == "__main__":

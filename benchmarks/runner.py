@@ -10,8 +10,12 @@ unit`` (a ratio has unit ``"x"`` and names its ``peer``); a benchmark's
 The results file ``benchmarks/results/<date>-<host>.json`` (``--out DIR``
 elsewhere) holds the machine's description and, per benchmark, its status
 (``ok``, ``skipped`` with the reason, ``failed`` with the error), arguments,
-seconds and figures; it is written to a temporary file and renamed. The
-command exits 1 when any benchmark failed (after writing the file).
+seconds and figures; it is written to a temporary file and renamed. A
+benchmark is skipped, with the reason, when its data, an optional module or
+what its ``Spec.unavailable`` checks (bench_network: root and iproute2 for its
+network namespaces) is missing, or when its child exits 3 after printing
+``NAME: skipped: REASON``. The command exits 1 when any benchmark failed
+(after writing the file).
 """
 from __future__ import annotations
 
@@ -44,6 +48,15 @@ class Spec:
     needs: tuple = ()                  # optional modules; absent -> skipped with the reason
     workers: bool = False              # takes --workers 1,2,...
     timeout: float = 900.0             # seconds, full size (quick: a fifth, at least 120)
+    unavailable: object = None         # () -> why it cannot run here (skipped), or None
+
+
+def _network_unavailable():
+    """Why bench_network cannot make its network namespaces here (root, iproute2), or None."""
+    from benchmarks import netns
+
+    reason = netns.unavailable()
+    return f"{reason} (benchmarks/netns.py)" if reason else None
 
 
 SPECS = {
@@ -73,6 +86,16 @@ SPECS = {
     "bench_export": Spec([], ["--small", "--epochs", "1"], fashion_mnist=True),
     "bench_torch": Spec(["--epochs", "10"], ["--small"], fashion_mnist=True,
                         needs=("torch",), workers=True),
+    # Each case trains for --budget seconds of fit time on a fresh namespaced cluster per
+    # profile; the full size is a subset of bench_network's cases that fits the 30 minutes.
+    "bench_network": Spec(["--profiles", "lan,wan", "--workers", "2", "--budget", "20",
+                           "--cases", "sync,sync-ls16,ls16-topk,fedavg,fedavg-int8,ps-async",
+                           "--straggler", "4", "--straggler-cases", "sync,ps-async",
+                           "--lbfgs", "200000", "--json", "{tmp}/network.json"],
+                          ["--smoke", "--profiles", "lan", "--workers", "2", "--budget", "3",
+                           "--cases", "sync,sync-topk", "--lbfgs", "0",
+                           "--json", "{tmp}/network.json"],
+                          fashion_mnist=True, unavailable=_network_unavailable, timeout=900),
 }
 
 
@@ -240,6 +263,11 @@ def _missing_module(names):
     return None
 
 
+# A child that exits with this code after printing "NAME: skipped: REASON" to stderr as its
+# last line found at run time that it cannot run here (bench_network without namespaces).
+SKIPPED_EXIT = 3
+
+
 def run_one(name, quick, workers, tmp, echo=True):
     """One benchmark's entry of the results file."""
     spec = SPECS.get(name)
@@ -249,6 +277,10 @@ def run_one(name, quick, workers, tmp, echo=True):
         return entry
     if spec.fashion_mnist and not fashion_mnist_available():
         entry.update(status="skipped", reason=FASHION_MNIST_MISSING)
+        return entry
+    why = spec.unavailable() if spec.unavailable else None
+    if why:
+        entry.update(status="skipped", reason=why)
         return entry
     absent = _missing_module(spec.needs)
     if absent:
@@ -278,8 +310,11 @@ def run_one(name, quick, workers, tmp, echo=True):
     entry["seconds"] = time.perf_counter() - t0
     if echo:
         print(proc.stdout, end="", flush=True)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    if proc.returncode == SKIPPED_EXIT and lines and ": skipped: " in lines[-1]:
+        entry.update(status="skipped", reason=lines[-1].split(": skipped: ", 1)[1])
+        return entry
     if proc.returncode != 0 or not out.exists():
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         entry.update(status="failed", error=(lines[-1] if lines else f"exit {proc.returncode}"),
                      stderr_tail=proc.stderr[-3000:])
         return entry

@@ -11,14 +11,20 @@ threads and open inet sockets (psutil; the worker pids from
 (``client.run_on_scheduler``). The driver process also runs the
 LocalCluster's scheduler, so its figures include the scheduler's.
 
-Checks (PASS/FAIL each; ``--strict`` makes a FAIL exit 1):
-memory at the end <= 1.1 x its value after the first 100 steps (driver,
-each worker); threads and sockets at the end back to their counts at the
-start (before the first fit); the scheduler's task count back to its start.
-"End" is after the last fit, once the counts have settled (up to
-``--settle`` seconds). Data: a synthetic softmax problem (``--rows`` x
-``--features``, ``--classes``) generated on the workers; ``--fashion-mnist``
-uses the real data instead (skipped, with the reason, when absent).
+Checks (PASS/FAIL each; ``--strict`` makes a FAIL exit 1): memory at the
+end <= 1.1 x its value after the first 100 steps (driver, each worker);
+threads and sockets at the end back to their counts at the start; the
+scheduler's task count back to its start. "Cold start" is before any fit;
+"start" is after one ``--warmup``-step fit of each strategy, which pays what a
+session pays once (Dask's actor thread on each worker, pooled connections;
+the differences are printed by thread name and socket peer); "end" is after
+the last fit, once the counts have settled (up to ``--settle`` seconds) and
+after ``gc.collect()``; the scheduler's tasks are also checked before any
+collection ("end, no gc": Dask's Actor handles sit in reference cycles of
+their own method-call closures, and each keeps its actor's task wanted).
+Data: a synthetic softmax problem (``--rows`` x ``--features``,
+``--classes``) generated on the workers; ``--fashion-mnist`` uses the real
+data instead (skipped, with the reason, when absent).
 
 ``--small``: a smoke run (200 steps, 1,000 updates) in well under 30 s.
 """
@@ -124,14 +130,16 @@ class Sampler:
         sample_every.sync_every = math.gcd(every, REFERENCE_STEP)
         return sample_every
 
-    def settled(self, start, timeout, keys=None):
+    def settled(self, start, timeout, keys=None, collect=True):
         """Measure until the counts ``keys`` (default: threads, sockets and tasks)
-        are back to ``start``, or for ``timeout`` seconds."""
+        are back to ``start``, or for ``timeout`` seconds; ``collect``: run
+        ``gc.collect()`` in this process before each measurement."""
         deadline = time.perf_counter() + timeout
         keys = keys or [k for k in start
                         if k.endswith(("_threads", "_sockets")) or k == "scheduler_tasks"]
         while True:
-            gc.collect()
+            if collect:
+                gc.collect()
             now = self.measure()
             if all(now[k] <= start[k] for k in keys) or time.perf_counter() > deadline:
                 return now
@@ -262,6 +270,10 @@ def run(argv=None):
             args.fits, ps_every, "ps", client, params)
         print(f"parameter server: {args.updates} updates in {ps_s:.1f} s "
               f"({args.updates / ps_s:.0f} updates/s), final loss {ps_loss:.4f}", flush=True)
+        # Dask's Actor handles sit in reference cycles (their method calls' closures),
+        # and each handle's Future keeps its actor's task: first without a collection
+        sampler.settled(start, min(args.settle, 5.0), collect=False)
+        end_no_gc = sampler.sample("end, no gc", "end", args.steps + args.updates)
         sampler.settled(start, args.settle)
         end = sampler.sample("end", "end", args.steps + args.updates)
         end_inventory = sampler.inventory()
@@ -276,12 +288,12 @@ def run(argv=None):
             print(f"  {p} {what}: cold start -> start "
                   f"[{_difference(cold_inventory[p][i], start_inventory[p][i]) or 'same'}]; "
                   f"start -> end [{_difference(start_inventory[p][i], end_inventory[p][i]) or 'same'}]")
-    return _report(args, sampler.samples, cold, start, ref, after_sync, end, procs, pids,
-                   sync_s, ps_s, sync_loss, ps_loss, wall)
+    return _report(args, sampler.samples, cold, start, ref, after_sync, end_no_gc, end, procs,
+                   pids, sync_s, ps_s, sync_loss, ps_loss, wall)
 
 
-def _report(args, samples, cold, start, ref, after_sync, end, procs, pids, sync_s, ps_s,
-            sync_loss, ps_loss, wall):
+def _report(args, samples, cold, start, ref, after_sync, end_no_gc, end, procs, pids, sync_s,
+            ps_s, sync_loss, ps_loss, wall):
     print("\ntimeline (RSS MB / threads / sockets per process; scheduler tasks):")
     print(f"  {'sample':18s} {'s':>7s} " + " ".join(f"{p:>18s}" for p in procs) + "  tasks")
     shown = samples if len(samples) <= 40 else (
@@ -304,7 +316,7 @@ def _report(args, samples, cold, start, ref, after_sync, end, procs, pids, sync_
                figure("SyncSGD final loss", sync_loss, "loss"),
                figure("parameter-server final loss", ps_loss, "loss")]
     print(f"\nchecks (cold start: before any fit; start: after the warm-up fits; reference: after {REFERENCE_STEP} SyncSGD "
-          f"steps; end: after the last fit, settled):")
+          f"steps; end: after the last fit, settled, after gc.collect()):")
     ok = True
     for p in procs:
         peak = max(s[p + "_rss"] for s in samples)
@@ -340,7 +352,11 @@ def _report(args, samples, cold, start, ref, after_sync, end, procs, pids, sync_
                 figure("scheduler tasks at start", start[key], "tasks"),
                 figure("scheduler tasks peak", peak, "tasks"),
                 figure("scheduler tasks after SyncSGD", after_sync[key], "tasks"),
+                figure("scheduler tasks at end, no gc", end_no_gc[key], "tasks"),
                 figure("scheduler tasks at end", end[key], "tasks")]
+    ok &= _check("scheduler tasks, no gc", end_no_gc[key] <= start[key],
+                 f"start {start[key]}, end before any gc.collect() {end_no_gc[key]} "
+                 f"({end_no_gc[key] - start[key]:+d})")
     ok &= _check("scheduler tasks", end[key] <= start[key],
                  f"cold start {cold[key]}, start {start[key]}, peak {peak}, after SyncSGD "
                  f"{after_sync[key]}, end "

@@ -6,6 +6,7 @@ expected line must be there, its figures must parse as finite, positive numbers
 """
 import math
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -148,9 +149,10 @@ def check_figures(script, stdout):
         assert peer in stdout, f"{script}: the peer {peer!r} is not named in its output"
 
 
-# Smoke-run in their own test files: the export (tests/test_export.py) and the network
-# harness (tests/test_network_harness.py, which needs root for its namespaces).
-SMOKED_ELSEWHERE = {"bench_export.py", "bench_network.py"}
+# Smoke-run in their own test files: the export (tests/test_export.py), the network
+# harness (tests/test_network_harness.py, which needs root for its namespaces) and the soak
+# (tests/test_bench_soak.py).
+SMOKED_ELSEWHERE = {"bench_export.py", "bench_network.py", "bench_soak.py"}
 
 
 def test_every_benchmark_has_a_smoke_run():
@@ -185,3 +187,84 @@ def test_benchmark_smoke(script, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     check_figures(script, proc.stdout)
+
+
+# ---- the runner: `python -m benchmarks --quick` on a subset ---------------------------
+# The whole --quick run takes minutes here; this smokes the runner end to end on the fast
+# benchmarks (and bench_network, which needs root for its namespaces and is skipped with the
+# reason elsewhere), in well under a minute: the results file, the machine, finite figures.
+RUNNER_SUBSET = ("bench_kernels", "bench_mlp_optim", "bench_network")
+
+sys.path.insert(0, str(BENCH.parent))
+from benchmarks import readme as bench_readme, runner  # noqa: E402
+
+
+def test_every_benchmark_script_is_registered_in_the_runner():
+    assert sorted(runner.SPECS) == runner.discover()
+
+
+@pytest.mark.slow
+def test_runner_quick_subset_writes_finite_figures(tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=os.pathsep.join(
+        filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only",
+                           ",".join(RUNNER_SUBSET), "--out", str(out)], cwd=BENCH.parent,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = out.glob("*.json")
+    payload = json.loads(path.read_text())
+    assert payload["quick"] is True
+    machine = payload["machine"]
+    for key in ("cpu", "cores", "memory_bytes", "blas", "versions"):
+        assert machine.get(key), key
+    assert machine["versions"]["numpy"] and machine["versions"]["dmlcore"]
+    assert sorted(payload["benchmarks"]) == sorted(RUNNER_SUBSET)
+    for name, entry in payload["benchmarks"].items():
+        if name == "bench_network" and entry["status"] == "skipped":
+            assert entry["reason"], entry
+            continue
+        assert entry["status"] == "ok", (name, entry)
+        assert entry["figures"], name
+        assert runner.check_figures(entry["figures"]) == [], name
+        assert all(math.isfinite(f["value"]) for f in entry["figures"]), name
+    # the README's table renders from it: the subset's rows have figures, none failed
+    text = bench_readme.rewrite(f"a\n{bench_readme.BEGIN}\nold\n{bench_readme.END}\nb\n",
+                                bench_readme.load_results(path))
+    assert "old" not in text and text.startswith("a\n") and text.endswith("b\n")
+    kernels = [line for line in text.splitlines() if line.startswith("| logistic loss+grad")]
+    assert kernels and "n/a" not in kernels[0] and "failed" not in text, text
+
+
+def test_runner_skips_with_the_reason(tmp_path, monkeypatch):
+    spec = runner.Spec(["--x"], ["--x"], unavailable=lambda: "needs root (a test)")
+    monkeypatch.setitem(runner.SPECS, "bench_network", spec)
+    entry = runner.run_one("bench_network", True, [1], tmp_path, echo=False)
+    assert entry["status"] == "skipped" and entry["reason"] == "needs root (a test)"
+    monkeypatch.delitem(runner.SPECS, "bench_network")
+    entry = runner.run_one("bench_network", True, [1], tmp_path, echo=False)
+    assert entry["status"] == "skipped" and "not registered" in entry["reason"]
+
+
+def test_network_figures_from_runs():
+    from benchmarks import bench_network
+
+    def run(case, t85, straggler=None, acc=0.86, per_step=1000.0):
+        return {"profile": "wan", "workers": 2, "straggler": straggler, "case": case,
+                "t85": t85, "t88": None, "final_acc": acc, "best_acc": acc, "steps": 10,
+                "bytes_per_step_per_worker": per_step, "budget_s": 20.0}
+    out = {"budget_s": 20.0, "runs": [run("sync", 10.0), run("ls16-topk", 2.0, per_step=10.0),
+                                      run("ps-async", None), {**run("fedavg", 1.0),
+                                                              "error": "boom"}]}
+    result = bench_network.figures(out)
+    values = {f["name"]: f["value"] for f in result["figures"]}
+    assert runner.check_figures(result["figures"]) == []
+    assert values["wan, 2 workers: ls16-topk: time to 0.85, sync / this"] == 5.0
+    assert values["wan, 2 workers: ls16-topk: bytes per step, sync / this"] == 100.0
+    assert "wan, 2 workers: ps-async: time to 0.85" not in values
+    assert any("ps-async did not reach 0.85" in n for n in result["notes"])
+    assert any("fedavg failed: boom" in n for n in result["notes"])
+    get = bench_readme.getter({"figures": result["figures"]})
+    assert bench_readme._net_best(get, "wan, 2 workers", ("ls16-topk", "ps-async")) == (
+        "local SGD (16) + top-k 1%: 5.0x sooner to 0.85 than SyncSGD")
+    assert bench_readme._net_t(get, "wan, 2 workers", "ps-async") == "> 20 s"

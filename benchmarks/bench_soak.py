@@ -183,17 +183,28 @@ def _fits(total, n_fits):
     return [total // n_fits + (i < total % n_fits) for i in range(n_fits)]
 
 
-def _phase(dml, sampler, model, data, strategy, steps, fits, every, phase, client, params):
+def _phase(dml, sampler, model, data, strategy, optimizer, steps, fits, every, phase, client,
+           params):
     t = time.perf_counter()
     done = 0
     for n in _fits(steps, fits):
-        result = dml.fit(model, data, strategy, dml.optim.SGD(lr=0.05, momentum=0.9), steps=n,
+        result = dml.fit(model, data, strategy, optimizer, steps=n,
                          init_params=params, client=client, progress=False,
                          callbacks=[sampler.callback(phase, every, done)])
         params, loss = result.params, float(result.history.loss.values[-1])
         done += n
         del result
     return params, loss, time.perf_counter() - t
+
+
+def _slope(samples, phase, key, first=0):
+    """Least-squares growth of ``key`` over ``phase``'s samples from step ``first`` on,
+    per 1,000 steps (NaN with fewer than 3 samples)."""
+    points = [(s["step"], s[key]) for s in samples if s["phase"] == phase and s["step"] >= first]
+    if len(points) < 3:
+        return float("nan")
+    x, y = np.array(points, dtype=float).T
+    return float(np.polyfit(x, y, 1)[0] * 1000)
 
 
 def _check(name, ok, text):
@@ -209,9 +220,9 @@ def run(argv=None):
     parser.add_argument("--updates", type=int, default=20000, help="parameter-server updates")
     parser.add_argument("--fits", type=int, default=4, help="fits per phase")
     parser.add_argument("--partitions", type=int, default=64)
-    parser.add_argument("--rows", type=int, default=64 * 512)
-    parser.add_argument("--features", type=int, default=32)
-    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=64 * 256)
+    parser.add_argument("--features", type=int, default=784)
+    parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sample-every", type=int, default=None,
                         help="steps between samples (default: 50 steps, 500 updates)")
@@ -260,13 +271,14 @@ def run(argv=None):
         start_inventory = sampler.inventory()
         params, sync_loss, sync_s = _phase(
             dml, sampler, model, data, dml.SyncSGD(batch_size=args.batch_size),
-            args.steps, args.fits, sync_every, "sync", client, None)
+            dml.optim.SGD(lr=0.05, momentum=0.9), args.steps, args.fits, sync_every, "sync", client, None)
         after_sync = sampler.sample("after sync", "sync", args.steps)
         print(f"SyncSGD: {args.steps} steps in {sync_s:.1f} s ({sync_s / args.steps * 1e3:.2f} "
               f"ms/step), final loss {sync_loss:.4f}", flush=True)
         params, ps_loss, ps_s = _phase(
             dml, sampler, model, data,
-            dml.ParameterServer("async", batch_size=args.batch_size), args.updates,
+            dml.ParameterServer("async", batch_size=args.batch_size),
+            dml.optim.SGD(lr=0.01), args.updates,
             args.fits, ps_every, "ps", client, params)
         print(f"parameter server: {args.updates} updates in {ps_s:.1f} s "
               f"({args.updates / ps_s:.0f} updates/s), final loss {ps_loss:.4f}", flush=True)
@@ -329,11 +341,17 @@ def _report(args, samples, cold, start, ref, after_sync, end_no_gc, end, procs, 
                     figure(f"{p} RSS peak", peak, "MB"),
                     figure(f"{p} RSS end / after {REFERENCE_STEP} steps", r, "x",
                            peer=f"after {REFERENCE_STEP} steps")]
+        slopes = (_slope(samples, "sync", p + "_rss", REFERENCE_STEP),
+                  _slope(samples, "ps", p + "_rss"))
+        figures += [figure(f"{p} RSS growth, SyncSGD", slopes[0], "MB per 1000 steps"),
+                    figure(f"{p} RSS growth, parameter server", slopes[1],
+                           "MB per 1000 updates")]
         ok &= _check(f"{p} RSS", r <= MEMORY_LIMIT,
                      f"cold start {cold[p + '_rss']:.1f} MB, start {start[p + '_rss']:.1f} MB, after {REFERENCE_STEP} steps "
                      f"{ref[p + '_rss']:.1f} MB, after SyncSGD {after_sync[p + '_rss']:.1f} MB, "
                      f"end {end[p + '_rss']:.1f} MB, peak {peak:.1f} MB, end / after "
-                     f"{REFERENCE_STEP} steps {r:.3f}x (limit {MEMORY_LIMIT}x)")
+                     f"{REFERENCE_STEP} steps {r:.3f}x (limit {MEMORY_LIMIT}x); growth "
+                     f"{slopes[0]:+.3f} MB/1000 steps, {slopes[1]:+.3f} MB/1000 updates")
     for what in ("threads", "sockets"):
         for p in procs:
             key = f"{p}_{what}"

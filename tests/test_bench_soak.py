@@ -46,9 +46,12 @@ def test_check_lines_printed_with_finite_figures(soak):
     for p in PROCS:
         m = re.search(rf"^  {p} RSS\s+cold start {N} MB, start {N} MB, after 100 steps {N} MB, "
                       rf"after SyncSGD {N} MB, end {N} MB, peak {N} MB, end / after 100 steps "
-                      rf"{N}x \(limit 1.1x\): (PASS|FAIL)$", stdout, re.MULTILINE)
+                      rf"{N}x \(limit 1.1x\); growth {N} MB/1000 steps, {N} MB/1000 updates: "
+                      rf"(PASS|FAIL)$", stdout, re.MULTILINE)
         assert m, f"no RSS check line for {p} in:\n{stdout[-3000:]}"
-        assert all(_finite(g) > 0 for g in m.groups()[:-1])
+        *sizes, slope_sync, slope_ps, _ = m.groups()
+        assert all(_finite(g) > 0 for g in sizes)           # MB and the ratio
+        _finite(slope_sync), _finite(slope_ps)               # growth may be negative
         for what in ("threads", "sockets"):
             m = re.search(rf"^  {p} {what}\s+cold start {N}, start {N}, peak {N}, after SyncSGD "
                           rf"{N}, end {N} \({N}\): (PASS|FAIL)$", stdout, re.MULTILINE)
@@ -85,7 +88,7 @@ def test_recorded_figures_complete_and_finite(soak):
     assert check_figures(figures) == []
     names = {f["name"]: f["value"] for f in figures}
     for p in PROCS:
-        for name in (f"{p} RSS after 100 steps", f"{p} RSS at end",
+        for name in (f"{p} RSS after 100 steps", f"{p} RSS at end", f"{p} RSS growth, SyncSGD",
                      f"{p} RSS end / after 100 steps", f"{p} threads at start",
                      f"{p} threads at end", f"{p} sockets at start", f"{p} sockets at end"):
             assert name in names, f"{name!r} not recorded"

@@ -470,6 +470,17 @@ def _to_dask(b: _Blocks, sizes):
     return _array_from_blocks(b.blocks, b.name, chunks, b.dtype, 1 + len(tail), sparse=b.sparse)
 
 
+def _futures_array(futures, sizes, like):
+    """The dask array whose chunk p is the block held by ``futures[p]`` (rows
+    ``sizes[p]``), with the trailing shape, dtype and chunk type of ``like``."""
+    import dask.array as da
+
+    tail = tuple(int(k) for k in like.shape[1:])
+    return da.concatenate([da.from_delayed(f, (int(s),) + tail, dtype=like.dtype,
+                                           meta=like._meta)
+                           for f, s in zip(futures, sizes)], axis=0)
+
+
 def _new_name(kind):
     return f"dml-{kind}-{uuid.uuid4().hex}"
 
@@ -623,19 +634,48 @@ def _materialiser(client, workers, persist):
     return _InProcess() if client is None else _Cluster(client, workers)
 
 
-def _held(run, layout, x, y, w):
+class _Source(NamedTuple):
+    """Where partition p's rows can be made again once the worker holding them is
+    lost: rows ``rows[p]`` of ``x`` (numpy, memory-mapped, CSR, or a dask array
+    whose graph recomputes them: Dask's lineage) and of ``y`` / ``w`` (the same
+    kinds, or None), X and w in ``dtype``. Kept by reference: no copy."""
+    x: object
+    y: object
+    w: object
+    rows: list
+    dtype: np.dtype
+
+    def futures(self, client, p, worker):
+        """(X, y, w) futures of partition p (None where absent), held on ``worker``."""
+        rows = np.asarray(self.rows[p])
+        return tuple(None if a is None else self._future(client, a, rows, dtype, worker)
+                     for a, dtype in ((self.x, self.dtype), (self.y, None), (self.w, self.dtype)))
+
+    @staticmethod
+    def _future(client, a, rows, dtype, worker):
+        dtype = a.dtype if dtype is None else dtype
+        if is_dask(a):              # recomputed on the cluster from its graph
+            return client.compute(a[rows].astype(dtype), workers=[worker],
+                                  allow_other_workers=False)
+        part = _take_rows(a, rows, dtype, False) if a.ndim == 2 else np.asarray(a[rows], dtype)
+        return client.scatter(part, workers=[worker], hash=False)
+
+
+def _held(run, layout, x, y, w, source=None):
     """The PartitionedData of the blocks ``x`` (``y``, ``w``: _Blocks or None) that
     ``run`` made; on a cluster, waits for X's blocks, raising the first task's error
-    (bad data: a ValueError)."""
+    (bad data: a ValueError). ``source``: a ``_Source`` to rebuild lost partitions from."""
     on_cluster = run.client is not None
     if on_cluster:
         _raise_first_error(x.blocks)
     sizes = [len(r) for r in layout.source_rows]
     X, Y, W = (None if b is None else _to_dask(b, sizes) for b in (x, y, w))
     fx, fy, fw = (b.blocks if on_cluster and b is not None else None for b in (x, y, w))
-    return PartitionedData(X, Y, w=W, layout=layout, client=run.client,
+    data = PartitionedData(X, Y, w=W, layout=layout, client=run.client,
                            placement=run.placement, x_futures=fx, y_futures=fy, w_futures=fw,
                            persisted=run.persisted)
+    data._source = source if on_cluster else None
+    return data
 
 
 # --------------------------------------------------------------------------
@@ -721,6 +761,7 @@ class PartitionedData:
         self.params = dict(layout.params)
         self.persisted = persisted
         self.partition_sizes = np.array([len(r) for r in self.source_rows], dtype=np.int64)
+        self._source = None                  # _Source: how lost partitions are made again
 
     @property
     def _class_count(self):
@@ -820,6 +861,28 @@ class PartitionedData:
             out.append(planned if (planned in holders or not holders) else sorted(holders)[0])
         return out
 
+    def rehost(self, partitions, worker):
+        """Make ``partitions`` (ids) again from their source, held on ``worker``
+        (after the worker holding them was lost); this object then reads them
+        there. Raises RuntimeError when the data keep no source to rebuild from."""
+        if self._source is None or self._x_futures is None:
+            raise RuntimeError(
+                f"partitions {list(partitions)} were lost with their worker and these "
+                "partitions keep no source to rebuild them from (made in this process, "
+                "lazily, or from blocks dmlcore did not cut)")
+        lists = [list(f) if f is not None else None
+                 for f in (self._x_futures, self._y_futures, self._w_futures)]
+        for p in partitions:
+            for held, new in zip(lists, self._source.futures(self.client, p, worker)):
+                if held is not None:
+                    held[p] = new
+            self._placement[p] = worker
+        _raise_first_error([lists[0][p] for p in partitions])
+        self._x_futures, self._y_futures, self._w_futures = lists
+        self.X, self.y, self.w = (
+            None if a is None else _futures_array(f, self.partition_sizes, a)
+            for a, f in zip((self.X, self.y, self.w), lists))
+
     def placed(self, client):
         """These partitions held on ``client``'s workers (``self`` if they already are).
 
@@ -841,7 +904,10 @@ class PartitionedData:
                                                    self.y.dtype, self.y.shape[1:])
         w = None if self.w is None else run.blocks(self._fetch(self.w, self._w_futures), "w",
                                                    self.dtype, ())
-        return _held(run, self._layout, x, y, w)
+        offsets = np.concatenate([[0], np.cumsum(self.partition_sizes)])
+        return _held(run, self._layout, x, y, w, self._source or _Source(
+            self.X, self.y, self.w, [np.arange(offsets[p], offsets[p + 1])
+                                     for p in range(self.n_partitions)], self.dtype))
 
     def _fetch(self, arr, futures):
         """``p -> partition p of arr`` as numpy or CSR, fetched from the cluster or computed."""
@@ -983,6 +1049,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     workers = _list_workers(client) if client is not None else None
     n_partitions = _n_partitions(n_partitions, workers)
     run = _materialiser(client, workers, persist)
+    lineage = Xs                        # what rebuilds a lost partition (graph or array)
     src, ys = run.source(Xs, ys)        # a dask X: on the cluster (persisted) or chunked lazily
     del Xs
     n = int(sum(src.lengths)) if isinstance(src, _Chunks) else int(src.shape[0])
@@ -1001,7 +1068,7 @@ def partition(X, y=None, n_partitions=None, scheme="iid", seed=0, *, client=None
     y = None if labels is None else run.blocks(lambda p: labels[plan[p]], "y", labels.dtype,
                                                labels.shape[1:])
     w = None if weights is None else run.blocks(lambda p: weights[plan[p]], "w", dtype, ())
-    return _held(run, layout, x, y, w)
+    return _held(run, layout, x, y, w, _Source(lineage, labels, weights, plan, dtype))
 
 
 def _n_partitions(n_partitions, workers) -> int:
@@ -1109,4 +1176,5 @@ def partition_in_place(X, y=None, *, client, check_finite=True, max_imbalance=1.
     y = None if labels is None else run.blocks(lambda p: labels[rows[p]], "y", labels.dtype,
                                                labels.shape[1:])
     w = None if weights is None else run.blocks(lambda p: weights[rows[p]], "w", dtype, ())
-    return _held(run, _layout(plan, "chunks", seed, {}, labels, is_class, weights), x, y, w)
+    return _held(run, _layout(plan, "chunks", seed, {}, labels, is_class, weights), x, y, w,
+                 _Source(Xs.astype(dtype), labels, weights, plan, dtype))

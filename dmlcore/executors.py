@@ -214,16 +214,21 @@ class _Done:
 
 
 class ExecutorPool:
-    """One executor per worker holding partitions; ``call`` runs a method on all."""
+    """One executor per group of partitions (by default the partitions of one
+    worker); ``call`` runs a method on all. ``workers[i]`` hosts executor i,
+    which holds partitions ``partition_ids[i]``; results come in that order."""
 
     def __init__(self, model, data, client=None, direct=True, timeout=DEFAULT_TIMEOUT,
-                 placement=None):
+                 placement=None, groups=None):
         """``direct``: make the calls over ``channel`` sockets (workers on TCP;
         otherwise, or when the sockets cannot connect, Dask actor calls, the
         fallback logged once with its reason);
         ``timeout``: the deadline of every data-plane wait (seconds);
         ``placement``: the worker of each partition (None: left out), default
-        where the data lie (``data.workers()``)."""
+        where the data lie (``data.workers()``);
+        ``groups``: ``[(worker, [partition ids]), ...]``, one executor each, in
+        this order (a worker may host several): a pool re-made after a worker
+        was lost keeps the groups, hence the order of every sum."""
         self.client = client
         self.model, self.timeout = model, float(timeout)
         self.channels = []
@@ -240,11 +245,13 @@ class ExecutorPool:
             self.partition_ids = [list(range(len(blocks)))]
             return
         futures = data.partition_futures()
-        for pid, worker in enumerate(data.workers() if placement is None else placement):
-            if worker is not None:
-                ids_by_worker.setdefault(worker, []).append(pid)
-        self.workers = sorted(ids_by_worker)
-        self.partition_ids = [ids_by_worker[w] for w in self.workers]
+        if groups is None:
+            for pid, worker in enumerate(data.workers() if placement is None else placement):
+                if worker is not None:
+                    ids_by_worker.setdefault(worker, []).append(pid)
+            groups = [(w, ids_by_worker[w]) for w in sorted(ids_by_worker)]
+        self.workers = [w for w, _ in groups]
+        self.partition_ids = [list(ids) for _, ids in groups]
         actor_futures = [
             client.submit(PartitionExecutor, model, ids,
                           *[f for pid in ids for f in futures[pid]],

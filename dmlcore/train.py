@@ -165,9 +165,11 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     keep the parameters on the workers (``SyncSGD(apply_on="workers")``)
     sync them less often; at other steps its ``params`` may be stale.
     ``timeout``: the longest any data-plane wait may take, in seconds; a
-    worker that fails, freezes or is cut off ends the fit with an error
+    worker that raises, freezes or is cut off ends the fit with an error
     naming it (a failure within seconds, a frozen worker after about
-    ``timeout``).
+    ``timeout``). A worker that dies (leaves the cluster) is recovered from:
+    its partitions are made again on a live worker and the work since the
+    last sync point is redone (``dmlcore.recovery``; ``events`` in the history).
     """
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")

@@ -244,11 +244,17 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
 
 
 @pytest.mark.slow                   # a fresh 3-process cluster each
-def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_workers):
-    """Scattered partitions die with their worker: BSP carries on with the others."""
+@pytest.mark.parametrize("source", ["kept", "none"])
+def test_partitions_of_a_dead_data_worker_are_rebuilt_or_dropped_and_bsp_goes_on(
+        three_workers, source):
+    """Scattered partitions die with their worker: they are made again from the
+    driver's source on a live worker, or, with no source kept, BSP carries on
+    with the others."""
     client = three_workers
     X, y = logistic_problem(n=900, d=5, seed=4)
     data = dml.partition(X, y, n_partitions=3, seed=0, client=client)   # one per worker
+    if source == "none":
+        data._source = None         # as data that keep no way to rebuild them
     model = dml.models.Logistic(X.shape[1])
     strategy = ParameterServer("bsp", batch_size=16)
     killed = {}
@@ -269,8 +275,9 @@ def test_partitions_of_a_dead_data_worker_are_dropped_and_bsp_goes_on(three_work
     (recovery,) = _events(result.history)
     assert recovery["worker"] == killed["address"]
     assert recovery["updates_lost"] == 0                 # the live server was halted first
-    assert recovery["partitions_dropped"] == str(killed["partitions"])
+    dropped = killed["partitions"] if source == "none" else []
+    assert recovery["partitions_dropped"] == str(dropped)
     assert np.all(result.history.staleness.values == 0)
     counts = result.history.partition_updates.values
     for p in range(3):
-        assert (counts[p] < 40) == (p in killed["partitions"])
+        assert (counts[p] < 40) == (p in dropped)

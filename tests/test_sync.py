@@ -194,33 +194,6 @@ def test_replicas_equal_the_driver_path_bit_for_bit(client, tmp_path):
     np.testing.assert_array_equal(saved["params"], b.params)
 
 
-def test_a_worker_dying_mid_run_is_a_connection_error():
-    """SIGKILL of a worker during a replicated run: the fit raises, it does not hang."""
-    import os
-    import signal
-
-    from distributed import Client, LocalCluster
-
-    X, y = logistic_problem(n=4000)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
-        data = dml.partition(X, y, n_partitions=2, seed=0, client=c)
-        pids = c.run(os.getpid)
-        victim = pids[sorted(pids)[1]]
-
-        class Kill:
-            sync_every = 5
-
-            def __call__(self, step, record, params):
-                if step == 5:
-                    os.kill(victim, signal.SIGKILL)
-
-        with pytest.raises(ConnectionError, match="died"):
-            dml.fit(dml.models.Logistic(X.shape[1]), data, dml.SyncSGD(batch_size=10),
-                    dml.optim.SGD(lr=0.1), steps=50, client=c, callbacks=[Kill()],
-                    progress=False)
-
-
 def test_eval_and_history_variables(client):
     X, y = logistic_problem(n=300)
     data = dml.partition(X, y, n_partitions=2, seed=0, client=client)

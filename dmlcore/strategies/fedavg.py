@@ -17,7 +17,10 @@ Clients are the partitions (K = ``data.n_partitions``). Round r:
    ``dml.optim`` (init, update) optimizer: ``SGD(momentum=0.9)`` is FedAvgM),
    takes a step along ``w_global - w_avg``; its state persists across rounds.
 
-Failures: a client that raises or returns non-finite weights is dropped
+Failures: a worker that dies drops its clients' updates for the round
+(``failed``); its executor is made again on a live worker (``dmlcore.recovery``)
+and its clients train there from the next round on. A client that raises or
+returns non-finite weights is dropped
 (``accept_failures=True``) or raises ``RuntimeError`` naming it; a round where
 no client counts leaves the model unchanged (``loss`` NaN). History per round:
 ``loss``, ``bytes_sent`` (transport-counted), ``participants``, ``sampled``,
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 
 import numpy as np
 
@@ -37,6 +41,7 @@ from ..aggregate import add_partials
 from ..checkpoint import restore_state
 from ..executors import ExecutorPool, hosted
 from ..messages import ClientSums
+from ..recovery import RecoveringPool
 from .base import Strategy
 
 
@@ -227,12 +232,17 @@ class FedAvg(Strategy):
     def run_steps(self, ctx):
         n_clients = int(ctx.data.n_partitions)
         n_sampled = self.clients_sampled(n_clients)
-        pool = ExecutorPool(ctx.model, ctx.data, ctx.client, timeout=ctx.timeout)
-        try:
+        def make(groups):
+            pool = ExecutorPool(ctx.model, ctx.data, ctx.client, timeout=ctx.timeout,
+                                groups=groups)
             if ctx.trainable is not None:
                 pool.call("configure", ctx.params, ctx.trainable)
-            where = {}                      # client id -> executor index
-            for e, ids in enumerate(pool.partition_ids):
+            return pool
+
+        pools = RecoveringPool(ctx, make)
+        try:
+            where = {}                      # client id -> executor index (fixed: groups stay)
+            for e, ids in enumerate(pools.pool.partition_ids):
                 for pid in ids:
                     where[int(pid)] = e
             server_state = self._server_state(ctx)
@@ -244,17 +254,23 @@ class FedAvg(Strategy):
                 for pid in clients:
                     by_executor.setdefault(where[int(pid)], []).append(int(pid))
                 fail = set(self.fail_clients.get(round_, ()))
+                pool = pools.pool
                 before = pool.traffic()
                 futures = {e: self._submit(pool, e, values, ctx, round_, ids,
                                            [i for i in ids if i in fail])
                            for e, ids in sorted(by_executor.items())}
-                partials, failed = [], {}
+                partials, failed, lost = [], {}, None
                 for e, future in futures.items():
                     try:
                         result = pool.results([future], indices=[e])[0]
                     except Exception as exc:  # the whole worker call failed
                         for pid in by_executor[e]:
                             failed[pid] = f"{type(exc).__name__}: {exc}"
+                        gone = pools.lost(exc, [pool.workers[e]])
+                        if gone:            # its clients are dropped this round, moved after it
+                            lost = (sorted(set(gone) | set(lost[0] if lost else ())),
+                                    time.time(), exc)
+                            continue
                         if not self.accept_failures:
                             raise RuntimeError(
                                 f"FedAvg round {round_}: the call for clients {by_executor[e]} "
@@ -269,6 +285,8 @@ class FedAvg(Strategy):
                     if result.ids:
                         partials.append(result)
                 nbytes = pool.traffic() - before
+                if lost is not None:
+                    pools.recover(lost[0], round_, lost[1], lost[2])
                 counted = sorted(pid for p in partials for pid in p.ids)
                 row = np.zeros(n_clients, dtype=np.int8)
                 row[counted] = 1
@@ -295,7 +313,7 @@ class FedAvg(Strategy):
                        "participants": len(counted), "sampled": len(clients),
                        "failed": len(failed)}
         finally:
-            pool.close()
+            pools.close()
 
     # ---- helpers ---------------------------------------------------------------
     def _submit(self, pool, executor, values, ctx, round_, ids, fail):

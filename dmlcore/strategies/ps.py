@@ -21,7 +21,9 @@ the history adds ``partition_updates``, ``worker_updates``, recovery events.
 *Resilience*: each snapshot the driver polls carries the whole state. A lost
 server restarts on a live worker from the last snapshot; a lost loop worker
 halts the server (exact state) and re-places the loops; partitions whose
-data died are dropped. A loop's error or a frozen worker ends the fit.
+data died are made again from their source on live workers
+(``PartitionedData.rehost``), or dropped when they keep none. A loop's error
+or a frozen worker ends the fit.
 """
 from __future__ import annotations
 
@@ -587,6 +589,7 @@ class _Run:
         state = self.last
         active = state.active.copy()
         placement, dropped = self.surviving_placement(active)
+        dropped = self.rebuild(dropped, placement)
         if dropped:
             logger.warning("parameter server recovery: the data of partitions %s are lost "
                            "with worker %s; training goes on without them", dropped, dead)
@@ -603,6 +606,33 @@ class _Run:
         logger.warning("parameter server re-created on %s from update %d after %s died: "
                        "%d update(s) lost", self.server_worker, state.count, dead, lost)
         return lost
+
+    def rebuild(self, lost, placement):
+        """Make the ``lost`` partitions again from their source on the live workers
+        holding the fewest rows (``placement`` updated); returns those that keep
+        no source (dropped)."""
+        data = self.ctx.data
+        live = sorted(set(self.client.nthreads()) - self.dead)
+        load = {w: 0 for w in live}
+        for pid, w in enumerate(placement):
+            if w in load:
+                load[w] += int(data.partition_sizes[pid])
+        dropped = []
+        for pid in lost:
+            target = min(live, key=lambda w: (load[w], w)) if live else None
+            try:
+                if target is None:
+                    raise RuntimeError("no live worker")
+                data.rehost([pid], target)
+            except RuntimeError as exc:
+                logger.warning("parameter server recovery: partition %d cannot be made "
+                               "again (%s)", pid, exc)
+                dropped.append(pid)
+                continue
+            placement[pid] = target
+            load[target] += int(data.partition_sizes[pid])
+        self.parts = data.partition_futures()
+        return dropped
 
     def surviving_placement(self, active, timeout=10.0):
         """Where each partition's data live now, and the partitions whose data are lost."""

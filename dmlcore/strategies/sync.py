@@ -36,6 +36,7 @@ from ..aggregate import add_partials, tree_reduce
 from ..executors import ExecutorPool, hosted
 from ..messages import Partial, ReplicaRun, ReplicaState
 from ..optim import LBFGS
+from ..recovery import RecoveringPool
 from .base import Strategy
 from .fedavg import client_sums, client_train  # noqa: F401 - local SGD is FedAvg's client step
 
@@ -276,13 +277,13 @@ class SyncSGD(Strategy):
 
     # ---- the loop ----------------------------------------------------------
     def run_steps(self, ctx):
-        evaluate, pool, close = self._evaluator(ctx)
+        evaluate, pools, close = self._evaluator(ctx)
         try:
             # replicas pay off between sync points; syncing every step (a callback
             # without ``sync_every``, one step per epoch) is the driver path's job
-            if (self.apply_on == "workers" and pool is not None and pool.channels
+            if (self.apply_on == "workers" and pools is not None and pools.pool.channels
                     and self.local_steps == 1 and not ctx.syncs_every_step):
-                yield from self._run_replicated(ctx, pool)
+                yield from self._run_replicated(ctx, pools)
                 return
             for step in range(ctx.start_step, ctx.total_steps):
                 values = ctx.trainable_values()
@@ -291,7 +292,8 @@ class SyncSGD(Strategy):
                     grad /= local.mean_divisor(rows)
                     ctx.opt_state = ctx.optimizer.update(grad, ctx.opt_state, values)
                 else:
-                    values, loss, rows, nbytes = self._local_round(ctx, pool, values, step)
+                    values, loss, rows, nbytes = pools.attempt(
+                        lambda pool: self._local_round(ctx, pool, values, step), step)
                 ctx.set_trainable_values(values)
                 yield {"loss": loss / local.mean_divisor(rows), "bytes_sent": nbytes}
         finally:
@@ -305,10 +307,11 @@ class SyncSGD(Strategy):
             raise ValueError(f"compression={self.compression!r} needs an (init, update) "
                              "optimizer: a batch solver's line search needs exact gradients")
         evaluate, _, close = self._evaluator(ctx)
-        spent = [0]
+        spent, done = [0], [ctx.start_step]     # bytes since the last record, iterations
 
         def loss_grad(values):
-            (loss, grad, rows), nbytes = evaluate(values, 0)
+            # full batches: the step only labels a recovery event
+            (loss, grad, rows), nbytes = evaluate(values, done[0])
             spent[0] += nbytes
             rows = local.mean_divisor(rows)
             return loss / rows, grad / rows
@@ -325,21 +328,27 @@ class SyncSGD(Strategy):
                     return
                 ctx.set_trainable_values(values)
                 nbytes, spent[0] = spent[0], 0
+                done[0] += 1
                 yield {"loss": loss, "bytes_sent": nbytes}
         finally:
             iterations.close()
             close()
 
     def _evaluator(self, ctx):
-        """``(evaluate, pool, close)``; ``evaluate(values, step) -> (Partial, bytes)``."""
+        """``(evaluate, pools, close)``; ``evaluate(values, step) -> (Partial, bytes)``;
+        ``pools``: the run's ``RecoveringPool`` (None on the "tasks" transport)."""
         model, data, client = ctx.model, ctx.data, ctx.client
         if self.transport != "tasks" or client is None:
-            pool = ExecutorPool(model, data, client, direct=self.transport == "actors",
-                                timeout=ctx.timeout)
-            if ctx.trainable is not None:
-                pool.call("configure", ctx.params, ctx.trainable)
+            def make(groups):
+                pool = ExecutorPool(model, data, client, direct=self.transport == "actors",
+                                    timeout=ctx.timeout, groups=groups)
+                if ctx.trainable is not None:
+                    pool.call("configure", ctx.params, ctx.trainable)
+                return pool
 
-            def evaluate(values, step):
+            pools = RecoveringPool(ctx, make)
+
+            def evaluate_on(pool, values, step):
                 before = pool.traffic()
                 if self.compression is None:
                     total = add_partials(*pool.call("loss_grad", values, step, self.batch_size,
@@ -350,7 +359,10 @@ class SyncSGD(Strategy):
                                   values.dtype)
                 return total, pool.traffic() - before
 
-            return evaluate, pool, pool.close
+            def evaluate(values, step):
+                return pools.attempt(lambda pool: evaluate_on(pool, values, step), step)
+
+            return evaluate, pools, pools.close
 
         parts = data.partition_futures()
         workers = data.workers()
@@ -369,17 +381,22 @@ class SyncSGD(Strategy):
 
         return evaluate, None, lambda: None
 
-    def _run_replicated(self, ctx, pool):
-        """The ``apply_on="workers"`` loop: runs of steps between sync points."""
-        pool.connect_mesh()
-        before = pool.traffic()
-        pool.call("replica_start", ctx.trainable_values(), ctx.optimizer, ctx.opt_state,
-                  self.compression, ctx.seed)
-        sharded = sharded_exchange(len(pool), ctx.trainable_values().nbytes, self.compression)
-        step = ctx.start_step
-        while step < ctx.total_steps:
-            end = ctx.next_sync(step)
-            t0 = time.perf_counter()
+    def _run_replicated(self, ctx, pools):
+        """The ``apply_on="workers"`` loop: runs of steps between sync points. A
+        lost worker's run is redone from the sync point it started at, on
+        replicas started again from the driver's state (``RecoveringPool``)."""
+        sharded = sharded_exchange(len(pools.pool), ctx.trainable_values().nbytes,
+                                   self.compression)
+        started, before = None, 0           # the pool generation holding replicas, its bytes
+
+        def run(pool, step, end):
+            nonlocal started, before
+            if started != pools.generation:
+                pool.connect_mesh()
+                before = pool.traffic()
+                pool.call("replica_start", ctx.trainable_values(), ctx.optimizer,
+                          ctx.opt_state, self.compression, ctx.seed)
+                started = pools.generation
             # each of the executors' exchanges has the deadline; the run of steps
             # as a whole gets it once per step
             runs = pool.call("replica_steps", step, end - step, self.batch_size, ctx.seed,
@@ -388,10 +405,17 @@ class SyncSGD(Strategy):
                 pieces = pool.call("replica_state")
             else:
                 pieces = pool.results([pool.submit_one(0, "replica_state")])
-            new_values, ctx.opt_state = merge_states(pieces)
             # the driver's calls (start, runs, states) count on the run's first step
             driver = pool.traffic() - before
             before += driver
+            return runs, pieces, driver
+
+        step = ctx.start_step
+        while step < ctx.total_steps:
+            end = ctx.next_sync(step)
+            t0 = time.perf_counter()
+            runs, pieces, driver = pools.attempt(lambda pool: run(pool, step, end), step)
+            new_values, ctx.opt_state = merge_states(pieces)
             for i, (loss, t) in enumerate(zip(runs[0].losses, runs[0].ends)):
                 record = {"loss": loss, "bytes_sent": sum(r.sent[i] for r in runs),
                           "_time": t0 + t}

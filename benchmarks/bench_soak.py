@@ -308,8 +308,10 @@ def _report(args, samples, cold, start, ref, after_sync, end_no_gc, end, procs, 
             ps_s, sync_loss, ps_loss, wall):
     print("\ntimeline (RSS MB / threads / sockets per process; scheduler tasks):")
     print(f"  {'sample':18s} {'s':>7s} " + " ".join(f"{p:>18s}" for p in procs) + "  tasks")
-    shown = samples if len(samples) <= 40 else (
-        samples[:1] + samples[1:-1][:: max(1, len(samples) // 36)] + samples[-1:])
+    stepped = [s for s in samples if " step " in s["label"]]
+    every = max(1, len(stepped) // 36)
+    kept = {id(s) for s in stepped[::every]}
+    shown = [s for s in samples if " step " not in s["label"] or id(s) in kept]
     for s in shown:
         print(f"  {s['label']:18s} {s['t']:7.1f} " + " ".join(
             f"{s[p + '_rss']:8.1f}/{s[p + '_threads']:3d}/{s[p + '_sockets']:4d}" for p in procs)

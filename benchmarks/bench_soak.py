@@ -59,6 +59,16 @@ def _connections(proc):
     return connections(kind="inet")
 
 
+def _pooled(dask_worker=None, dask_scheduler=None):
+    """Connections open in this Dask server's ConnectionPool (reused between calls)
+    and, on a worker, in the pool of its worker client (``get_client()``)."""
+    server = dask_worker or dask_scheduler
+    client = getattr(server, "_client", None)
+    return {"open in Dask's connection pool": server.rpc.open,
+            "worker client": int(client is not None),
+            "open in the worker client's pool": client.rpc.open if client is not None else 0}
+
+
 def _thread_names():
     import threading
 
@@ -110,6 +120,13 @@ class Sampler:
                 else:
                     socks[f"to {ports.get(c.raddr.port, c.raddr.port)}"] += 1
             out[name] = (Counter(_strip_ids(n) for n in names[name]), socks)
+        # Dask's connection pools keep connections for reuse: the client's and the
+        # scheduler's (both in the driver process) and each worker's
+        pools = [Counter(self.client.run_on_scheduler(_pooled))
+                 + Counter({"open in the client's pool": self.client.rpc.open}),
+                 *map(Counter, dict(sorted(self.client.run(_pooled).items())).values())]
+        for name, counts in zip(out, pools):
+            out[name] += (counts,)
         return out
 
     def sample(self, label, phase, step):
@@ -294,9 +311,10 @@ def run(argv=None):
     ref = next(s for s in sampler.samples if s["phase"] == "sync"
                and s["step"] == REFERENCE_STEP)
     procs = ["driver"] + [f"worker{i}" for i in range(len(pids))]
-    print("\nthreads and sockets that differ (Python thread names; sockets by peer):")
+    print("\nthreads and sockets that differ (Python thread names; sockets by peer; Dask's "
+          "connection pools, which keep connections for reuse):")
     for p in procs:
-        for i, what in enumerate(("threads", "sockets")):
+        for i, what in enumerate(("threads", "sockets", "pooled")):
             print(f"  {p} {what}: cold start -> start "
                   f"[{_difference(cold_inventory[p][i], start_inventory[p][i]) or 'same'}]; "
                   f"start -> end [{_difference(start_inventory[p][i], end_inventory[p][i]) or 'same'}]")

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -376,7 +377,7 @@ def main(argv=None):
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     started = _dt.datetime.now(_dt.timezone.utc)
     payload = {"date": started.isoformat(timespec="seconds"), "quick": args.quick,
-               "command": " ".join(["python -m benchmarks", *argv]),
+               "command": shlex.join(["python", "-m", "benchmarks", *argv]),
                "conditions": args.conditions, "machine": machine(), "benchmarks": {}}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmlcore-bench-") as tmp:

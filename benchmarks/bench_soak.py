@@ -288,7 +288,8 @@ def run(argv=None):
         start_inventory = sampler.inventory()
         params, sync_loss, sync_s = _phase(
             dml, sampler, model, data, dml.SyncSGD(batch_size=args.batch_size),
-            dml.optim.SGD(lr=0.05, momentum=0.9), args.steps, args.fits, sync_every, "sync", client, None)
+            dml.optim.SGD(lr=0.05, momentum=0.9), args.steps, args.fits, sync_every, "sync",
+            client, None)
         after_sync = sampler.sample("after sync", "sync", args.steps)
         print(f"SyncSGD: {args.steps} steps in {sync_s:.1f} s ({sync_s / args.steps * 1e3:.2f} "
               f"ms/step), final loss {sync_loss:.4f}", flush=True)
@@ -315,9 +316,9 @@ def run(argv=None):
           "connection pools, which keep connections for reuse):")
     for p in procs:
         for i, what in enumerate(("threads", "sockets", "pooled")):
-            print(f"  {p} {what}: cold start -> start "
-                  f"[{_difference(cold_inventory[p][i], start_inventory[p][i]) or 'same'}]; "
-                  f"start -> end [{_difference(start_inventory[p][i], end_inventory[p][i]) or 'same'}]")
+            warm = _difference(cold_inventory[p][i], start_inventory[p][i]) or "same"
+            soaked = _difference(start_inventory[p][i], end_inventory[p][i]) or "same"
+            print(f"  {p} {what}: cold start -> start [{warm}]; start -> end [{soaked}]")
     return _report(args, sampler.samples, cold, start, ref, after_sync, end_no_gc, end, procs,
                    pids, sync_s, ps_s, sync_loss, ps_loss, wall)
 
@@ -347,8 +348,9 @@ def _report(args, samples, cold, start, ref, after_sync, end_no_gc, end, procs, 
                figure("soak wall time", wall, "s"),
                figure("SyncSGD final loss", sync_loss, "loss"),
                figure("parameter-server final loss", ps_loss, "loss")]
-    print(f"\nchecks (cold start: before any fit; start: after the warm-up fits; reference: after {REFERENCE_STEP} SyncSGD "
-          f"steps; end: after the last fit, settled, after gc.collect()):")
+    print(f"\nchecks (cold start: before any fit; start: after the warm-up fits; reference: "
+          f"after {REFERENCE_STEP} SyncSGD steps; end: after the last fit, settled, after "
+          f"gc.collect()):")
     ok = True
     for p in procs:
         peak = max(s[p + "_rss"] for s in samples)
@@ -367,8 +369,9 @@ def _report(args, samples, cold, start, ref, after_sync, end_no_gc, end, procs, 
                     figure(f"{p} RSS growth, parameter server", slopes[1],
                            "MB per 1000 updates")]
         ok &= _check(f"{p} RSS", r <= MEMORY_LIMIT,
-                     f"cold start {cold[p + '_rss']:.1f} MB, start {start[p + '_rss']:.1f} MB, after {REFERENCE_STEP} steps "
-                     f"{ref[p + '_rss']:.1f} MB, after SyncSGD {after_sync[p + '_rss']:.1f} MB, "
+                     f"cold start {cold[p + '_rss']:.1f} MB, start {start[p + '_rss']:.1f} MB, "
+                     f"after {REFERENCE_STEP} steps {ref[p + '_rss']:.1f} MB, after SyncSGD "
+                     f"{after_sync[p + '_rss']:.1f} MB, "
                      f"end {end[p + '_rss']:.1f} MB, peak {peak:.1f} MB, end / after "
                      f"{REFERENCE_STEP} steps {r:.3f}x (limit {MEMORY_LIMIT}x); growth "
                      f"{slopes[0]:+.3f} MB/1000 steps, {slopes[1]:+.3f} MB/1000 updates")

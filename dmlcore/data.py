@@ -861,6 +861,26 @@ class PartitionedData:
             out.append(planned if (planned in holders or not holders) else sorted(holders)[0])
         return out
 
+    def lost_partitions(self, partitions, live):
+        """Those of ``partitions`` (ids) of which some block is held by no ``live``
+        worker (its worker died; Dask may have moved the others, e.g. on retirement)."""
+        held = [(p, [f for f in self.partition_futures()[p] if f is not None])
+                for p in partitions]
+        ready = [f for _, fs in held for f in fs if f.status == "finished"]
+        try:
+            who = self.client.who_has(ready) if ready else {}
+        except Exception:  # noqa: BLE001 - a key forgotten meanwhile: judged lost below
+            who = {}
+        live = set(live)
+        return [p for p, fs in held
+                if any(f.status != "finished" or not live & set(who.get(f.key, ())) for f in fs)]
+
+    def moved(self, partitions, worker):
+        """Record that ``partitions`` are now used on ``worker`` (``workers()`` says so
+        once Dask holds them there)."""
+        for p in partitions:
+            self._placement[p] = worker
+
     def rehost(self, partitions, worker):
         """Make ``partitions`` (ids) again from their source, held on ``worker``
         (after the worker holding them was lost); this object then reads them

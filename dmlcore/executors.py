@@ -376,8 +376,15 @@ class ExecutorPool:
         self.channels = []
 
     def close(self):
+        """Close the channels and end the executors: their actors are cancelled,
+        not only released (each actor handle holds a future of its own, so a
+        released actor would live on its worker until the handles are
+        garbage-collected, and Dask refuses to retire a worker holding one)."""
         self._close_channels()
         self.executors = []
-        for f in getattr(self, "_actor_futures", []):
-            f.release()
-        self._actor_futures = []
+        futures, self._actor_futures = getattr(self, "_actor_futures", []), []
+        if futures:
+            try:
+                self.client.cancel(futures)
+            except Exception as exc:  # noqa: BLE001 - a closed client: nothing left to end
+                logger.debug("cancelling the executors failed: %r", exc)

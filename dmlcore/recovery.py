@@ -69,6 +69,38 @@ def reassign(groups, rows, live, lost):
     return out, moved
 
 
+def grow(groups, rows, live):
+    """``groups`` spread onto the ``live`` workers that host none; None when
+    none is idle or nothing can move. Whole groups move first, from the
+    workers hosting several (most rows first): sums keep their bits. When
+    every worker still hosts one group and some stay idle, the partitions are
+    grouped again, ``p mod W`` over the live workers (the sums' bracketing
+    changes: their rounding may). Returns (groups, regrouped)."""
+    hosted = {}
+    for i, (worker, ids) in enumerate(groups):
+        hosted.setdefault(worker, []).append(i)
+    idle = [w for w in live if w not in hosted]
+    if not idle:
+        return None
+    out, moved = [list(g) for g in groups], False
+    weight = lambda i: sum(int(rows[p]) for p in groups[i][1])  # noqa: E731
+    for worker in idle:
+        crowded = [w for w, i in hosted.items() if len(i) > 1]
+        if not crowded:
+            break
+        source = max(crowded, key=lambda w: (sum(map(weight, hosted[w])), w))
+        i = max(hosted[source], key=lambda i: (weight(i), -i))
+        hosted[source].remove(i)
+        hosted[worker] = [i]
+        out[i][0], moved = worker, True
+    n_parts = sum(len(ids) for _, ids in groups)
+    if all(w in hosted for w in live) or n_parts < len(live):
+        return ([tuple(g) for g in out], False) if moved else None
+    live = sorted(live)
+    ids = sorted(p for _, g in groups for p in g)
+    return [(w, [p for p in ids if p % len(live) == k]) for k, w in enumerate(live)], True
+
+
 class RecoveringPool:
     """The current ``ExecutorPool`` of a run, re-created after a worker is lost.
 
@@ -83,6 +115,7 @@ class RecoveringPool:
         self.ctx, self.make = ctx, make
         self.pool = make(None)
         self.generation = 0
+        self.since = time.time()            # retirement requests after this are served
 
     def attempt(self, work, step):
         """``work(pool)``, redone on a re-created pool each time a worker is lost
@@ -117,7 +150,10 @@ class RecoveringPool:
         except RuntimeError as err:
             raise err from exc
         for ids, worker in moved:
-            ctx.data.rehost(ids, worker)
+            gone = ctx.data.lost_partitions(ids, live)
+            if gone:
+                ctx.data.rehost(gone, worker)
+            ctx.data.moved(ids, worker)             # the others travel from where they are
         self.pool = self.make(groups)
         self.generation += 1
         recovery_s = time.monotonic() - t0
@@ -131,6 +167,96 @@ class RecoveringPool:
                        "on %s in %.2f s",
                        ", ".join(lost), step, type(exc).__name__,
                        [ids for ids, _ in moved], [w for _, w in moved], recovery_s)
+
+    def retiring(self):
+        """The pool's workers that ``client.retire_workers`` was asked to retire
+        since the run began and could not (Dask does not move the executors,
+        which are actors), from the scheduler's ``"all"`` events."""
+        def asked(dask_scheduler, since):
+            # runs on the scheduler (a nested function travels by value, so the
+            # scheduler needs no dmlcore); only the addresses come back, not the
+            # other events (some hold objects that do not serialise)
+            out = []
+            for when, msg in dask_scheduler.get_events("all"):
+                if (when >= since and isinstance(msg, dict)
+                        and msg.get("action") == "retire-workers"):
+                    out.extend(str(a) for a in msg.get("could-not-retire", ()))
+            return out
+
+        names = self.ctx.client.run_on_scheduler(asked, since=self.since)
+        return sorted(set(names) & set(self.pool.workers))
+
+    def rebalance(self, step):
+        """At an epoch or round boundary: move the executors off workers asked to
+        retire (whole groups: no bit changes), then retire those workers, and
+        give workers that joined executors (``grow``); True if the pool changed."""
+        if self.ctx.client is None:
+            return False
+        leaving = self.retiring()
+        if leaving:
+            self._hand_over(leaving, step)
+        return self._grow(step) or bool(leaving)
+
+    def _hand_over(self, leaving, step):
+        ctx, pool, t0 = self.ctx, self.pool, time.monotonic()
+        live = sorted(set(ctx.client.nthreads()) - set(leaving))
+        groups, moved = reassign(list(zip(pool.workers, pool.partition_ids)),
+                                 ctx.data.partition_sizes, live, leaving)
+        pool.close()
+        for ids, worker in moved:
+            ctx.data.moved(ids, worker)     # the new executors fetch them from there
+        self.pool = self.make(groups)
+        self.generation += 1
+        self._retire(leaving)
+        self.since = time.time()
+        for ids, worker in moved:
+            ctx.events.append({"step": int(step), "time": time.time(),
+                               "worker": ", ".join(leaving),
+                               "what": "executor handed over by a retiring worker",
+                               "moved_to": worker, "partitions": " ".join(map(str, ids)),
+                               "error": "", "recovery_s": time.monotonic() - t0})
+
+    def _retire(self, leaving, patience=10.0):
+        """``client.retire_workers(leaving)``, asked again while the scheduler still
+        sees the closed executors there (their release takes a moment)."""
+        client, deadline = self.ctx.client, time.monotonic() + patience
+        while True:
+            client.retire_workers(leaving)
+            still = set(leaving) & set(client.nthreads())
+            if not still:
+                return
+            if time.monotonic() > deadline:
+                logger.warning("dmlcore: workers %s could not be retired (their data "
+                               "were handed over; they stay in the cluster)", sorted(still))
+                return
+            time.sleep(0.2)
+
+    def _grow(self, step):
+        ctx, pool = self.ctx, self.pool
+        live = sorted(ctx.client.nthreads())
+        groups = list(zip(pool.workers, pool.partition_ids))
+        plan = grow(groups, ctx.data.partition_sizes, live)
+        if plan is None:
+            return False
+        t0 = time.monotonic()
+        new_groups, regrouped = plan
+        pool.close()
+        for worker, ids in new_groups:
+            ctx.data.moved(ids, worker)
+        self.pool = self.make(new_groups)
+        self.generation += 1
+        joined = sorted(set(live) - set(pool.workers))
+        ctx.events.append({"step": int(step), "time": time.time(), "worker": ", ".join(joined),
+                           "what": ("partitions regrouped over the live workers" if regrouped
+                                    else "executor moved to a joined worker"),
+                           "moved_to": ", ".join(joined), "partitions": " | ".join(
+                               " ".join(map(str, ids)) for w, ids in new_groups
+                               if w in joined),
+                           "error": "", "recovery_s": time.monotonic() - t0})
+        logger.info("dmlcore: worker(s) %s joined; executors now on %d workers (%s)",
+                    ", ".join(joined), len(set(self.pool.workers)),
+                    "regrouped" if regrouped else "whole groups moved")
+        return True
 
     def close(self):
         self.pool.close()

@@ -32,6 +32,10 @@ CASES = {
     "lbfgs": ("logistic", dict(batch_size=None), "lbfgs"),
     # a LocalCluster's nanny restarts the killed worker (a new address joins)
     "nanny": ("softmax", dict(batch_size=16), "adam"),
+    # a worker retired (client.retire_workers) mid-fit: Dask moves its data first
+    "retire": ("softmax", dict(batch_size=16), "adam"),
+    # a third worker joins mid-fit: used from the next epoch on
+    "join": ("softmax", dict(batch_size=16), "adam"),
     # FedAvg: the victim's clients are dropped for its round, then move
     "fedavg": ("softmax", dict(clients_per_round=1.0, batch_size=16), "sgd"),
 }
@@ -80,7 +84,20 @@ def _problem(kind):
     return X, y, KilledLogistic(12)
 
 
-def _fit(model, data, case, client):
+class _AtStep:
+    """A callback that runs ``action()`` once, at step ``step`` (a sync point)."""
+
+    sync_every = 4
+
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def __call__(self, step, record, params):
+        if step == self.step:
+            self.action()
+
+
+def _fit(model, data, case, client, callbacks=()):
     kind, keywords, opt = CASES[case]
     optimizer = {"adam": dml.optim.Adam(lr=0.02), "sgd": dml.optim.SGD(lr=0.1),
                  "lbfgs": dml.optim.LBFGS()}[opt]
@@ -89,7 +106,7 @@ def _fit(model, data, case, client):
     else:
         strategy, steps = dml.SyncSGD(**keywords), 30 if opt == "lbfgs" else STEPS
     t0 = time.perf_counter()
-    result = dml.fit(model, data, strategy, optimizer, steps=steps,
+    result = dml.fit(model, data, strategy, optimizer, steps=steps, callbacks=callbacks,
                      client=client, progress=False, timeout=20.0, seed=3)
     return result, time.perf_counter() - t0
 
@@ -98,7 +115,8 @@ def _fit(model, data, case, client):
 def _cluster(case, logdir):
     """The scheduler address of three single-threaded worker processes."""
     if case != "nanny":
-        with dask_cluster(logdir, [([], None)] * N_WORKERS, worker_args=["--no-nanny"]) as a:
+        n = N_WORKERS - 1 if case == "join" else N_WORKERS
+        with dask_cluster(logdir, [([], None)] * n, worker_args=["--no-nanny"]) as a:
             yield a
         return
     from distributed import LocalCluster
@@ -106,6 +124,16 @@ def _cluster(case, logdir):
     with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
         yield cluster.scheduler_address
+
+
+def _start_worker(address, logdir):
+    """One more `dask worker --no-nanny` process (the caller ends it)."""
+    import subprocess
+
+    log = open(os.path.join(logdir, "joined.log"), "ab")
+    return subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dask"), "worker",
+                             address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                             "--memory-limit", "2GiB"], stdout=log, stderr=log, cwd=logdir)
 
 
 def main(case, logdir):
@@ -119,7 +147,23 @@ def main(case, logdir):
         calm, calm_s = _fit(model, data, case, client)
         pids = client.run(os.getpid)
         victim = sorted(pids)[1]
-        model.victim_pid, model.stamp = pids[victim], stamp
+        callbacks, joined = [], []
+        if case == "retire":
+            def retire():
+                with open(stamp, "w") as f:
+                    f.write(repr(time.time()))
+                client.retire_workers([victim], close_workers=True)
+            callbacks = [_AtStep(STEPS // 2, retire)]
+        elif case == "join":
+            def join():
+                with open(stamp, "w") as f:
+                    f.write(repr(time.time()))
+                joined.append(_start_worker(address, logdir))
+                client.wait_for_workers(N_WORKERS, timeout=60)
+                joined.append(sorted(set(client.nthreads()) - set(pids))[0])
+            callbacks = [_AtStep(8, join)]
+        else:
+            model.victim_pid, model.stamp = pids[victim], stamp
         # two partitions per executor: two loss_grad calls a step (L-BFGS: an evaluation);
         # FedAvg: each of its two clients takes one call per local batch
         if case == "fedavg":
@@ -127,7 +171,14 @@ def main(case, logdir):
             model.at_call = per_round * KILL_ROUND + 5
         else:
             model.at_call = 2 * (7 if case == "lbfgs" else STEPS // 2) + 1
-        hit, hit_s = _fit(model, data, case, client)
+        try:
+            hit, hit_s = _fit(model, data, case, client, callbacks)
+        finally:
+            if joined:
+                joined[0].terminate()
+                joined[0].wait(timeout=30)
+        if case == "join":
+            victim = joined[1] if len(joined) > 1 else None
         history = hit.history
         events = {name[len("event_"):]: [v.item() for v in history[name].values]
                   for name in history.data_vars if name.startswith("event_")}

@@ -281,3 +281,41 @@ def test_partitions_of_a_dead_data_worker_are_rebuilt_or_dropped_and_bsp_goes_on
     counts = result.history.partition_updates.values
     for p in range(3):
         assert (counts[p] < 40) == (p in dropped)
+
+
+@pytest.mark.slow                   # a fresh cluster, grown mid-fit
+def test_a_worker_that_joins_mid_fit_starts_pushing():
+    """Two workers hold two partitions each; a third joins mid-fit: the server
+    halts (exact state), a partition moves to it and its loop pushes."""
+    from distributed import Client, LocalCluster
+
+    X, y = logistic_problem(n=1200, d=5, seed=5)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        data = dml.partition(X, y, n_partitions=4, seed=0, client=client)
+        before = set(client.nthreads())
+        joined = {}
+
+        def grow(step, record, params):
+            if step == 40:
+                cluster.scale(3)
+                client.wait_for_workers(3, timeout=60)
+                joined["address"] = (set(client.nthreads()) - before).pop()
+
+        result = fit_within(120, dml.models.Logistic(X.shape[1]), data,
+                            ParameterServer("async", batch_size=16,
+                                            # 20 ms a push: the loops, not the driver, pace it
+                                            slow_partitions={p: 0.02 for p in range(4)}),
+                            dml.optim.SGD(lr=0.2), steps=1000, client=client,
+                            callbacks=[grow], progress=False, timeout=20)
+    assert len(result.history.step) == 1000
+    moved = [e for e in _events(result.history) if e["what"] == "loops moved to a joined worker"]
+    wall = result.history.wall_time.values
+    assert len(moved) == 1, (_events(result.history), wall[40] - wall[0], wall[-1] - wall[0])
+    (event,) = moved
+    assert event["worker"] == joined["address"] and event["updates_lost"] == 0
+    assert event["partitions_moved"] != ""
+    updates = result.history.worker_updates
+    assert int(updates.sel(worker_address=joined["address"])) > 0
+    assert result.history.updates_lost.sum() == 0

@@ -7,7 +7,10 @@ itself at a set ``loss_grad`` call (case ``nanny``: a LocalCluster, whose
 nanny restarts the worker under a new address). The final parameters must be equal bit
 for bit, and the history (and its netCDF file) must name the lost worker.
 FedAvg (case ``fedavg``) drops the lost worker's clients for the round it
-died in and trains them on a survivor from the next round.
+died in and trains them on a survivor from the next round. ``retire``: a
+worker that ``client.retire_workers`` is asked to retire hands its executors
+over at the next epoch and is retired; ``join``: a worker that joins gets
+partitions at the next epoch.
 """
 import json
 import os
@@ -25,8 +28,9 @@ from dmlcore.channel import DataPlaneTimeout, PeerLost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SYNC_CASES = ["replicas", "driver", "local_steps", "lbfgs", "nanny"]
-CASES = SYNC_CASES + ["fedavg"]
+SYNC_CASES = ["replicas", "driver", "local_steps", "lbfgs", "nanny", "retire"]
+CASES = SYNC_CASES + ["fedavg", "join"]
+WHAT = {"retire": "executor handed over by a retiring worker"}
 PARALLEL, HARD_TIMEOUT = 2, 150
 
 
@@ -81,12 +85,12 @@ def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     assert out["loss_calm"] == out["loss_hit"]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SYNC_CASES + ["fedavg"])
 def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, case):
     out = recovered[case]
     events = out["events"]
     assert events["worker"] == [out["victim"]]
-    assert events["what"] == ["executor re-created on a survivor"]
+    assert events["what"] == [WHAT.get(case, "executor re-created on a survivor")]
     assert events["moved_to"][0] in out["workers_left"]
     assert out["victim"] not in out["workers_left"]
     assert events["time"][0] >= out["killed_at"]          # detected after the kill
@@ -106,6 +110,31 @@ def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(
     assert hit[:KILL_ROUND] == calm[:KILL_ROUND]          # same rounds before the loss
     assert out["events"]["step"] == [KILL_ROUND]
     assert abs(hit[-1] - calm[-1]) < 0.01 * calm[-1]
+
+
+def test_a_joining_worker_gets_partitions_at_the_next_epoch(recovered):
+    out = recovered["join"]
+    events = out["events"]
+    assert out["victim"] is not None                   # the joined worker's address
+    assert events["what"] == ["partitions regrouped over the live workers"]
+    assert events["moved_to"] == [out["victim"]]
+    assert events["step"] == [19.0]                    # 300 rows / 16: 19 steps an epoch
+    assert out["steps"][0] == out["steps"][1]
+    # three groups instead of two: the same sums, bracketed otherwise
+    assert out["max_abs_diff"] < 1e-12
+
+
+def test_grow_moves_whole_groups_first_then_regroups():
+    from dmlcore.recovery import grow
+
+    rows = np.full(6, 10)
+    # a survivor hosting two groups: one moves to the new worker, nothing is regrouped
+    assert grow([("a", [0, 3]), ("a", [1, 4]), ("c", [2, 5])], rows, ["a", "c", "d"]) == (
+        [("d", [0, 3]), ("a", [1, 4]), ("c", [2, 5])], False)
+    # one group each: the partitions are dealt p mod W over the live workers
+    assert grow([("a", [0, 2, 4]), ("b", [1, 3, 5])], rows, ["a", "b", "c"]) == (
+        [("a", [0, 3]), ("b", [1, 4]), ("c", [2, 5])], True)
+    assert grow([("a", [0, 1]), ("b", [2, 3])], rows[:4], ["a", "b"]) is None
 
 
 def test_lost_groups_move_whole_to_the_least_loaded_survivor():

@@ -241,13 +241,13 @@ class FedAvg(Strategy):
 
         pools = RecoveringPool(ctx, make)
         try:
-            where = {}                      # client id -> executor index (fixed: groups stay)
-            for e, ids in enumerate(pools.pool.partition_ids):
-                for pid in ids:
-                    where[int(pid)] = e
             server_state = self._server_state(ctx)
             first, participation = self._participation(ctx, n_clients)
             for round_ in range(ctx.start_step, ctx.total_steps):
+                if round_ > ctx.start_step:
+                    pools.rebalance(round_)      # workers that joined get clients
+                where = {int(pid): e for e, ids in enumerate(pools.pool.partition_ids)
+                         for pid in ids}    # client id -> executor index
                 values = ctx.trainable_values()
                 clients = sample_clients(ctx.seed, round_, n_clients, n_sampled)
                 by_executor: dict[int, list[int]] = {}

@@ -443,8 +443,9 @@ class _Run:
             while True:
                 started = time.monotonic()
                 dead = self.dead_loop_workers()
+                joined = [] if dead else self.newcomers()
                 try:
-                    if dead:    # a data worker died: stop here (exact state), re-place
+                    if dead or joined:  # stop here (exact state), re-place the loops
                         snap = self.server.halt().result(timeout=timeout)
                     else:
                         snap = self.server.snapshot(self.cfg.poll_interval).result(
@@ -465,6 +466,9 @@ class _Run:
                     lost_pending = 0
                 if dead:
                     lost_pending += self.recover(yielded, dead, None)
+                    continue
+                if joined:
+                    self.grow(yielded, joined)
                     continue
                 if snap.stopped and not snap.updates and snap.count >= ctx.total_steps:
                     self.finish()
@@ -532,7 +536,7 @@ class _Run:
             actor=True, workers=[self.server_worker], allow_other_workers=False, pure=False)
         with client.as_current():       # the handle calls through this client, not the default
             self.server = self.actor_future.result(timeout=ctx.timeout)
-        self.last_liveness = time.monotonic()
+        self.last_liveness = self.last_census = time.monotonic()
         # the loops run in the executors of the workers holding the partitions
         self.pool = ExecutorPool(ctx.model, ctx.data, client, direct=False, timeout=ctx.timeout,
                                  placement=[w if state.active[p] else None
@@ -560,6 +564,65 @@ class _Run:
                 raise
         return self.gone()
 
+    def newcomers(self):
+        """Live workers that run no loop (they joined after the launch), while some
+        loop worker runs more than one partition; checked at most once a second."""
+        now = time.monotonic()
+        if now - self.last_census < 1.0:
+            return []
+        self.last_census = now
+        counts = {}
+        for w in self.placement_now():
+            if w is not None:
+                counts[w] = counts.get(w, 0) + 1
+        if not counts or max(counts.values()) < 2:
+            return []
+        live = set(self.client.nthreads()) - self.dead
+        return sorted(live - set(counts) - {self.server_worker})
+
+    def placement_now(self):
+        """The worker of each active partition's loop (None: dropped)."""
+        out = [None] * len(self.last.active)
+        for w, ids in zip(self.pool.workers, self.pool.partition_ids):
+            for pid in ids:
+                out[pid] = w
+        return out
+
+    def grow(self, yielded, joined):
+        """Move partitions from the busiest loop workers to the ``joined`` ones
+        (whole partitions, to within one of even) and start server and loops
+        again from the halted state: nothing is lost."""
+        ctx, t0 = self.ctx, time.monotonic()
+        placement = self.placement_now()
+        by_worker = {w: [] for w in joined}
+        for pid, w in enumerate(placement):
+            if w is not None:
+                by_worker.setdefault(w, []).append(pid)
+        moves = []
+        while True:
+            big = max(by_worker, key=lambda w: (len(by_worker[w]), w))
+            small = min(by_worker, key=lambda w: (len(by_worker[w]), w))
+            if len(by_worker[big]) - len(by_worker[small]) < 2:
+                break
+            pid = by_worker[big].pop()
+            by_worker[small].append(pid)
+            placement[pid] = small
+            moves.append((pid, small))
+        for pid, w in moves:
+            ctx.data.moved([pid], w)        # the new loop fetches it from where it is
+        self.pool.close()
+        self.client.cancel([self.actor_future])
+        self.actor_future, self.server = None, None
+        self.launch(self.last, placement)
+        ctx.events.append({"step": yielded, "time": time.time(), "worker": ", ".join(joined),
+                           "what": "loops moved to a joined worker",
+                           "server_worker": self.server_worker, "from_update": self.last.count,
+                           "updates_lost": 0, "partitions_dropped": "[]",
+                           "partitions_moved": " ".join(str(p) for p, _ in moves),
+                           "recovery_s": time.monotonic() - t0})
+        logger.info("parameter server: partitions %s moved to joined worker(s) %s",
+                    [p for p, _ in moves], joined)
+
     def gone(self):
         """Loop workers (other than the server's) no longer in the cluster."""
         live = set(self.client.nthreads())
@@ -584,7 +647,7 @@ class _Run:
         ctx, t0 = self.ctx, time.monotonic()
         self.dead.update(dead)              # the scheduler may still list them for a moment
         self.pool.close()                   # live loops end at their next call of the dead server
-        self.actor_future.release()
+        self.client.cancel([self.actor_future])   # the handle holds one too: end it
         self.actor_future, self.server = None, None
         state = self.last
         active = state.active.copy()
@@ -689,5 +752,5 @@ class _Run:
         if self.pool is not None:
             self.pool.close()
         if self.actor_future is not None:
-            self.actor_future.release()
+            self.client.cancel([self.actor_future])   # the handle holds one too: end it
         self.pool, self.server, self.actor_future = None, None, None

@@ -285,7 +285,10 @@ class SyncSGD(Strategy):
                     and self.local_steps == 1 and not ctx.syncs_every_step):
                 yield from self._run_replicated(ctx, pools)
                 return
+            per_epoch = self.steps_per_epoch(ctx.data)
             for step in range(ctx.start_step, ctx.total_steps):
+                if pools is not None and step > ctx.start_step and step % per_epoch == 0:
+                    pools.rebalance(step)   # joined workers get partitions, retiring ones none
                 values = ctx.trainable_values()
                 if self.local_steps == 1:
                     (loss, grad, rows), nbytes = evaluate(values, step)
@@ -410,9 +413,11 @@ class SyncSGD(Strategy):
             before += driver
             return runs, pieces, driver
 
-        step = ctx.start_step
+        step, per_epoch = ctx.start_step, self.steps_per_epoch(ctx.data)
         while step < ctx.total_steps:
             end = ctx.next_sync(step)
+            if step > ctx.start_step and step % per_epoch == 0:
+                pools.rebalance(step)       # joined workers get partitions, retiring ones none
             t0 = time.perf_counter()
             runs, pieces, driver = pools.attempt(lambda pool: run(pool, step, end), step)
             new_values, ctx.opt_state = merge_states(pieces)

@@ -88,6 +88,7 @@ SPECS = {
     "bench_torch": Spec(["--epochs", "10"], ["--small"], fashion_mnist=True,
                         needs=("torch",), workers=True),
     "bench_soak": Spec([], ["--small"], timeout=900),
+    "bench_recovery": Spec([], ["--small"], timeout=900),
     # Each case trains for --budget seconds of fit time on a fresh namespaced cluster per
     # profile; the full size is a subset of bench_network's cases that fits the 30 minutes.
     "bench_network": Spec(["--profiles", "lan,wan", "--workers", "2", "--budget", "20",

@@ -213,6 +213,15 @@ class _Done:
         return self.value
 
 
+def _sent(send):
+    """``send()``'s channel future, or a failed one when the send itself failed (a
+    dead worker's socket): the error is then raised by ``results`` with the others."""
+    try:
+        return send()
+    except ConnectionError as exc:
+        return _Done(error=exc)
+
+
 class ExecutorPool:
     """One executor per group of partitions (by default the partitions of one
     worker); ``call`` runs a method on all. ``workers[i]`` hosts executor i,
@@ -315,7 +324,7 @@ class ExecutorPool:
         """Start ``method`` on executor ``index``; a future-like whose ``result()``
         returns the value or raises the call's error (in-process calls too)."""
         if self.channels:
-            return self.channels[index].submit(method, *args, **kwargs)
+            return _sent(lambda: self.channels[index].submit(method, *args, **kwargs))
         executor = self.executors[index]
         if self.client is not None:         # a Dask actor: hosted functions go through host()
             self._actor_bytes += array_bytes((args, kwargs))
@@ -331,7 +340,8 @@ class ExecutorPool:
         """Start ``method`` on every executor; returns one future-like per executor."""
         if self.channels:                   # encode the call once for every channel
             frames = call_frames(method, *args, **kwargs)
-            return [channel.submit_frames(method, frames) for channel in self.channels]
+            return [_sent(lambda c=channel: c.submit_frames(method, frames))
+                    for channel in self.channels]
         return [self.submit_one(i, method, *args, **kwargs) for i in range(len(self))]
 
     def call(self, method, *args, per_executor=None, wait=None, **kwargs):

@@ -152,7 +152,8 @@ def check_figures(script, stdout):
 # Smoke-run in their own test files: the export (tests/test_export.py), the network
 # harness (tests/test_network_harness.py, which needs root for its namespaces) and the soak
 # (tests/test_bench_soak.py).
-SMOKED_ELSEWHERE = {"bench_export.py", "bench_network.py", "bench_soak.py"}
+SMOKED_ELSEWHERE = {"bench_export.py", "bench_network.py", "bench_soak.py",
+                    "bench_recovery.py"}    # tests/test_bench_recovery.py
 
 
 def test_every_benchmark_has_a_smoke_run():

@@ -377,7 +377,8 @@ class SyncSGD(Strategy):
                                      self.batch_size, ctx.seed, pid, ctx.trainable,
                                      workers=[workers[pid]], pure=False)
                        for pid, (X, y, w) in enumerate(parts)]
-            total = tree_reduce(client, futures, self.fan_in, workers=workers).result()
+            total = tree_reduce(client, futures, self.fan_in, workers=workers).result(
+                timeout=ctx.timeout)
             # Dask moves these through the scheduler: the values to every task, one
             # partial per worker back (what its tree level sends)
             return total, values.nbytes * (len(parts) + n_workers)

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(HERE)
 SYNC_CASES = ["replicas", "driver", "local_steps", "lbfgs", "nanny", "retire"]
 CASES = SYNC_CASES + ["fedavg", "join"]
 WHAT = {"retire": "executor handed over by a retiring worker"}
-PARALLEL, HARD_TIMEOUT = 2, 150
+PARALLEL, HARD_TIMEOUT = 4, 150   # mostly process start-up: 4 side by side
 
 
 def _start(case, logdir):
@@ -76,6 +76,7 @@ def recovered():
     return results
 
 
+@pytest.mark.slow                   # eight fits on fresh dask processes
 @pytest.mark.parametrize("case", SYNC_CASES)
 def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     out = recovered[case]
@@ -85,6 +86,7 @@ def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     assert out["loss_calm"] == out["loss_hit"]
 
 
+@pytest.mark.slow                   # eight fits on fresh dask processes
 @pytest.mark.parametrize("case", SYNC_CASES + ["fedavg"])
 def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, case):
     out = recovered[case]
@@ -97,6 +99,7 @@ def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, c
     assert out["events_in_file"] == [out["victim"]]
 
 
+@pytest.mark.slow                   # eight fits on fresh dask processes
 def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(recovered):
     from recover_fit import KILL_ROUND, ROUNDS
 
@@ -112,6 +115,7 @@ def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(
     assert abs(hit[-1] - calm[-1]) < 0.01 * calm[-1]
 
 
+@pytest.mark.slow                   # eight fits on fresh dask processes
 def test_a_joining_worker_gets_partitions_at_the_next_epoch(recovered):
     out = recovered["join"]
     events = out["events"]

@@ -12,9 +12,8 @@ rename) and swaps the run's live checkpoints (``checkpoints.partial``) into
 a later run replaces or removes only names that manifest lists (folders:
 also those holding a ``.dmlcore-dir`` marker) and refuses, before writing
 anything, a name taken by a file it did not write: a user's file is never
-touched. A reader therefore sees either the previous run's file or
-the new one, never a half-written one, and a failed run leaves the previous
-run's files as they were.
+touched. A reader sees the previous run's file or the new one, never a
+half-written one; a failed run leaves the previous run's files as they were.
 
 ``model.npz`` holds ``params`` (the flat vector), ``config`` (the model's
 ``to_config()`` as JSON, rebuilt by ``dml.models.from_config``), the layout

@@ -17,12 +17,11 @@ Clients are the partitions (K = ``data.n_partitions``). Round r:
    ``dml.optim`` (init, update) optimizer: ``SGD(momentum=0.9)`` is FedAvgM),
    takes a step along ``w_global - w_avg``; its state persists across rounds.
 
-Failures: a worker that dies drops its clients' updates for the round
-(``failed``); its executor is made again on a live worker (``dmlcore.recovery``)
-and its clients train there from the next round on. A client that raises or
-returns non-finite weights is dropped
-(``accept_failures=True``) or raises ``RuntimeError`` naming it; a round where
-no client counts leaves the model unchanged (``loss`` NaN). History per round:
+Failures: a dead worker's clients are dropped for the round, then train on a
+live worker (``dmlcore.recovery``); a client that raises or returns
+non-finite weights is dropped (``accept_failures=True``) or raises
+``RuntimeError`` naming it; a round where no client counts leaves the model
+unchanged (``loss`` NaN). History per round:
 ``loss``, ``bytes_sent`` (transport-counted), ``participants``, ``sampled``,
 ``failed``, ``participation`` ((step, client) int8: 1 counted, -1 failed, 0 not
 sampled). ``fail_clients={round: [ids]}`` is the testing hook.

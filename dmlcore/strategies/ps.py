@@ -19,11 +19,10 @@ C at apply minus C at pull. *Records*: one per applied update (``loss``,
 ``bytes_sent``, ``staleness``, ``partition``/``worker``, ``updates_lost``);
 the history adds ``partition_updates``, ``worker_updates``, recovery events.
 *Resilience*: each snapshot the driver polls carries the whole state. A lost
-server restarts on a live worker from the last snapshot; a lost loop worker
-halts the server (exact state) and re-places the loops; partitions whose
-data died are made again from their source on live workers
-(``PartitionedData.rehost``), or dropped when they keep none. A loop's error
-or a frozen worker ends the fit.
+server restarts on a live worker from the last snapshot; a lost or joining
+loop worker halts the server (exact state) and re-places the loops, dead
+partitions made again from their source (``PartitionedData.rehost``) or
+dropped when they keep none. A loop's error or a frozen worker ends the fit.
 """
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ applied. The effective batch is ``batch_size`` x partitions.
   others over a ``PeerMesh`` (``sharded_exchange``), adding them in executor
   order: every replica stays bit-identical to the ``"driver"`` path. Replica
   runs end where the driver needs the state (``RunContext.next_sync``).
-* ``compression`` (``dmlcore.compression``): each executor encodes its own
-  partial (top-k's residual kept on it, zero on resume); the receivers decode
-  and add in executor order (same bits on both paths; no sharding). Local
-  SGD encodes each client's model delta as FedAvg does.
+* ``compression``: each executor encodes its own partial (top-k's residual
+  kept on it); receivers decode and add in executor order (no sharding).
+* A lost worker: its executors are re-made and the run since the last sync
+  point redone, with the same bits (``dmlcore.recovery``).
 * ``bytes_sent``: the frames the transport counted (channels and mesh).
 """
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Clients are the partitions (K = ``data.n_partitions``). Round r:
 
-1. sample m = max(round(C * K), 1) clients with ``default_rng((seed, r))`` (a
-   pure function of (seed, round): reproducible, resumable from the round);
+1. sample m = max(round(C * K), 1) clients with ``default_rng((seed, r))``;
 2. each sampled client runs ``local_epochs`` epochs of mini-batch SGD on its
    rows (``batch_size=None``: the whole local set; ``local_epochs=1`` then is
    FedSGD) from the global trainable values with the fit's optimizer (fresh
@@ -11,20 +10,18 @@ Clients are the partitions (K = ``data.n_partitions``). Round r:
    plus FedProx's ``proximal_mu/2 ||w - w_global||^2``;
 3. each worker sums ``n_k * w_k`` and ``n_k`` over its clients in float64, the
    driver adds the workers' sums and divides once (exact n_k-weighted mean);
-   ``compression``: clients upload w_k - w_global encoded (top-k's residual
-   per client, on its worker, zero on resume), decoded before the mean;
+   ``compression``: clients upload w_k - w_global encoded (a top-k residual
+   per client), decoded before the mean;
 4. the global model becomes that mean, or, with ``server_optimizer`` (any
    ``dml.optim`` (init, update) optimizer: ``SGD(momentum=0.9)`` is FedAvgM),
    takes a step along ``w_global - w_avg``; its state persists across rounds.
 
 Failures: a dead worker's clients are dropped for the round, then train on a
-live worker (``dmlcore.recovery``); a client that raises or returns
-non-finite weights is dropped (``accept_failures=True``) or raises
-``RuntimeError`` naming it; a round where no client counts leaves the model
-unchanged (``loss`` NaN). History per round:
-``loss``, ``bytes_sent`` (transport-counted), ``participants``, ``sampled``,
-``failed``, ``participation`` ((step, client) int8: 1 counted, -1 failed, 0 not
-sampled). ``fail_clients={round: [ids]}`` is the testing hook.
+live worker (``dmlcore.recovery``); a failing client (raises, non-finite
+weights) is dropped (``accept_failures``) or raises ``RuntimeError`` naming
+it; a round with no client leaves the model as it was (``loss`` NaN). The
+history adds ``participants``, ``sampled``, ``failed`` and ``participation``
+((step, client) int8: 1 counted, -1 failed, 0 not sampled).
 """
 from __future__ import annotations
 
@@ -153,6 +150,7 @@ class FedAvg(Strategy):
     counter (``round * steps per round + local step``): use a constant
     learning rate or a schedule meant in local steps. A worker whose whole
     call fails counts as a failure of every client it was sampled for.
+    ``fail_clients={round: [ids]}`` is the testing hook.
     """
 
     name = "fedavg"

@@ -7,9 +7,8 @@ worker holding the fewest partitions. *Workers*: each data worker's executor
 partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
 the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
 only when changed; in-process on the server's own worker). Compression:
-``"float16"`` sends values and MEAN gradients as float16 where they fit;
-``"int8"``/``{"topk": r}`` encode the pushed mean gradient (top-k's residual
-is the loop's, zero on resume); pulls then stay exact.
+``"float16"`` sends values and MEAN gradients as float16; ``"int8"`` and
+``{"topk": r}`` encode the pushed mean gradient (pulls stay exact).
 
 *Clocks* (Li et al. 2014; Ho et al. 2013): a partition's clock counts its
 pushes; the server clock C is the slowest active one. Clock c may pull when

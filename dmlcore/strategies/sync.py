@@ -6,8 +6,7 @@ partials are summed on each worker, then across workers (fan-in ``fan_in``),
 divided once by the row count (total weight), and one optimizer update is
 applied. The effective batch is ``batch_size`` x partitions.
 
-* ``local_steps=k``: each partition runs k steps on its own mini-batches and
-  the parameters become the row-weighted average (one round trip per k steps).
+* ``local_steps=k``: k steps per partition, then the row-weighted average.
 * A batch solver (``optim.LBFGS``, full batch only): every function
   evaluation is ONE tree-reduced round trip; one iteration = one step.
 * ``transport``: ``"actors"`` (executors called over ``channel`` sockets),

@@ -36,6 +36,8 @@ CASES = {
     "retire": ("softmax", dict(batch_size=16), "adam"),
     # a third worker joins mid-fit: used from the next epoch on
     "join": ("softmax", dict(batch_size=16), "adam"),
+    # a third worker joins a FedAvg run: it gets clients from the next round on
+    "fedavg_join": ("softmax", dict(clients_per_round=1.0, batch_size=16), "sgd"),
     # FedAvg: the victim's clients are dropped for its round, then move
     "fedavg": ("softmax", dict(clients_per_round=1.0, batch_size=16), "sgd"),
 }
@@ -101,7 +103,7 @@ def _fit(model, data, case, client, callbacks=()):
     kind, keywords, opt = CASES[case]
     optimizer = {"adam": dml.optim.Adam(lr=0.02), "sgd": dml.optim.SGD(lr=0.1),
                  "lbfgs": dml.optim.LBFGS()}[opt]
-    if case == "fedavg":
+    if case.startswith("fedavg"):
         strategy, steps = dml.FedAvg(**keywords), ROUNDS
     else:
         strategy, steps = dml.SyncSGD(**keywords), 30 if opt == "lbfgs" else STEPS
@@ -115,7 +117,7 @@ def _fit(model, data, case, client, callbacks=()):
 def _cluster(case, logdir):
     """The scheduler address of three single-threaded worker processes."""
     if case != "nanny":
-        n = N_WORKERS - 1 if case == "join" else N_WORKERS
+        n = N_WORKERS - 1 if case.endswith("join") else N_WORKERS
         with dask_cluster(logdir, [([], None)] * n, worker_args=["--no-nanny"]) as a:
             yield a
         return
@@ -154,14 +156,14 @@ def main(case, logdir):
                     f.write(repr(time.time()))
                 client.retire_workers([victim], close_workers=True)
             callbacks = [_AtStep(STEPS // 2, retire)]
-        elif case == "join":
+        elif case.endswith("join"):
             def join():
                 with open(stamp, "w") as f:
                     f.write(repr(time.time()))
                 joined.append(_start_worker(address, logdir))
                 client.wait_for_workers(N_WORKERS, timeout=60)
                 joined.append(sorted(set(client.nthreads()) - set(pids))[0])
-            callbacks = [_AtStep(8, join)]
+            callbacks = [_AtStep(2 if case == "fedavg_join" else 8, join)]
         else:
             model.victim_pid, model.stamp = pids[victim], stamp
         # two partitions per executor: two loss_grad calls a step (L-BFGS: an evaluation);
@@ -177,7 +179,7 @@ def main(case, logdir):
             if joined:
                 joined[0].terminate()
                 joined[0].wait(timeout=30)
-        if case == "join":
+        if case.endswith("join"):
             victim = joined[1] if len(joined) > 1 else None
         history = hit.history
         events = {name[len("event_"):]: [v.item() for v in history[name].values]

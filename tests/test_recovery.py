@@ -9,8 +9,8 @@ for bit, and the history (and its netCDF file) must name the lost worker.
 FedAvg (case ``fedavg``) drops the lost worker's clients for the round it
 died in and trains them on a survivor from the next round. ``retire``: a
 worker that ``client.retire_workers`` is asked to retire hands its executors
-over at the next epoch and is retired; ``join``: a worker that joins gets
-partitions at the next epoch.
+over at the next epoch and is retired; ``join`` / ``fedavg_join``: a worker that
+joins gets partitions at the next epoch or round.
 """
 import json
 import os
@@ -29,7 +29,7 @@ from dmlcore.channel import DataPlaneTimeout, PeerLost
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SYNC_CASES = ["replicas", "driver", "local_steps", "lbfgs", "nanny", "retire"]
-CASES = SYNC_CASES + ["fedavg", "join"]
+CASES = SYNC_CASES + ["fedavg", "join", "fedavg_join"]
 WHAT = {"retire": "executor handed over by a retiring worker"}
 PARALLEL, HARD_TIMEOUT = 4, 150   # mostly process start-up: 4 side by side
 
@@ -76,7 +76,7 @@ def recovered():
     return results
 
 
-@pytest.mark.slow                   # eight fits on fresh dask processes
+@pytest.mark.slow                   # nine fits on fresh dask processes
 @pytest.mark.parametrize("case", SYNC_CASES)
 def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     out = recovered[case]
@@ -86,7 +86,7 @@ def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     assert out["loss_calm"] == out["loss_hit"]
 
 
-@pytest.mark.slow                   # eight fits on fresh dask processes
+@pytest.mark.slow                   # nine fits on fresh dask processes
 @pytest.mark.parametrize("case", SYNC_CASES + ["fedavg"])
 def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, case):
     out = recovered[case]
@@ -99,7 +99,7 @@ def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, c
     assert out["events_in_file"] == [out["victim"]]
 
 
-@pytest.mark.slow                   # eight fits on fresh dask processes
+@pytest.mark.slow                   # nine fits on fresh dask processes
 def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(recovered):
     from recover_fit import KILL_ROUND, ROUNDS
 
@@ -115,7 +115,7 @@ def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(
     assert abs(hit[-1] - calm[-1]) < 0.01 * calm[-1]
 
 
-@pytest.mark.slow                   # eight fits on fresh dask processes
+@pytest.mark.slow                   # nine fits on fresh dask processes
 def test_a_joining_worker_gets_partitions_at_the_next_epoch(recovered):
     out = recovered["join"]
     events = out["events"]
@@ -126,6 +126,16 @@ def test_a_joining_worker_gets_partitions_at_the_next_epoch(recovered):
     assert out["steps"][0] == out["steps"][1]
     # three groups instead of two: the same sums, bracketed otherwise
     assert out["max_abs_diff"] < 1e-12
+
+
+@pytest.mark.slow                   # nine fits on fresh dask processes
+def test_a_joining_worker_gets_fedavg_clients_from_the_next_round(recovered):
+    out = recovered["fedavg_join"]
+    events = out["events"]
+    assert events["what"] == ["partitions regrouped over the live workers"]
+    assert events["moved_to"] == [out["victim"]] and events["step"] == [2.0]
+    assert out["participants"] == out["sampled"] and not any(out["failed"])
+    assert out["steps"][0] == out["steps"][1] and out["max_abs_diff"] < 1e-12
 
 
 def test_grow_moves_whole_groups_first_then_regroups():

@@ -1,32 +1,6 @@
 # cython: language_level=3
 """Fused loss + gradient kernels for the GLMs (squared, logistic, softmax).
 
-Design
-------
-Three layers, as in scikit-learn's ``_loss.pyx.tp``:
-
-1. Pointwise math on one vector of samples, in C (``loss_impl.h``): the
-   vectorised ``exp`` / ``log`` / ``log1p`` (Cephes/fdlibm range reduction,
-   ~1 ulp, NaN propagates) and the per-sample loss and dloss/dz, written with
-   GCC vector extensions so they vectorise without -ffast-math.  Stable forms:
-     squared   l = (z - y)^2 / 2                           r = z - y
-     logistic  l = log1p(exp(-|z|)) + max(z, 0) - y z      r = sigmoid(z) - y
-     softmax   l = log sum_k exp(z_k - max z) - (z_y - max z)
-               r = softmax(z) - onehot(y)
-2. Loops over cache-sized blocks of rows, in C (``loss_impl.h``): for each
-   block, z = Xb.w + b (the only read of X from memory; the next block is
-   prefetched), the pointwise stage, then g += Xb^T r while Xb is still in
-   L1.  One pass over X, one thread, no GIL, no allocation per block.  Block
-   sums are flushed into float64 accumulators, so float32 totals stay exact
-   to float32 precision over millions of rows.  A second copy of every loop is
-   compiled for AVX2+FMA and picked at run time on x86_64.
-3. This thin Python layer: validates shapes and dtypes (O(1)), converts the
-   buffers (``const floating[...]`` so read-only arrays from Dask work),
-   releases the GIL, and turns the kernel's flags into ``ValueError``:
-   labels outside the classes (checked inside the kernel, one flag), and
-   NaN/inf in the inputs, detected from the non-finite loss sum -- no second
-   pass over X.
-
 Naming: ``loss_grad_<loss>(X, y, coef, grad_out, ...) -> loss_sum``.  Every
 kernel returns the SUM of the per-row losses and overwrites ``grad_out`` with
 the SUM of the per-row gradients; the caller divides once.  With
@@ -34,6 +8,32 @@ the SUM of the per-row gradients; the caller divides once.  With
 a weight of 2 is the row counted twice, and the caller divides by sum w.
 ``coef`` and ``grad_out`` use the Model layout: W (row-major) then b.
 """
+# Design
+# ------
+# Three layers, as in scikit-learn's ``_loss.pyx.tp``:
+#
+# 1. Pointwise math on one vector of samples, in C (``loss_impl.h``): the
+#    vectorised ``exp`` / ``log`` / ``log1p`` (Cephes/fdlibm range reduction,
+#    ~1 ulp, NaN propagates) and the per-sample loss and dloss/dz, written with
+#    GCC vector extensions so they vectorise without -ffast-math.  Stable forms:
+#      squared   l = (z - y)^2 / 2                           r = z - y
+#      logistic  l = log1p(exp(-|z|)) + max(z, 0) - y z      r = sigmoid(z) - y
+#      softmax   l = log sum_k exp(z_k - max z) - (z_y - max z)
+#                r = softmax(z) - onehot(y)
+# 2. Loops over cache-sized blocks of rows, in C (``loss_impl.h``): for each
+#    block, z = Xb.w + b (the only read of X from memory; the next block is
+#    prefetched), the pointwise stage, then g += Xb^T r while Xb is still in
+#    L1.  One pass over X, one thread, no GIL, no allocation per block.  Block
+#    sums are flushed into float64 accumulators, so float32 totals stay exact
+#    to float32 precision over millions of rows.  A second copy of every loop is
+#    compiled for AVX2+FMA and picked at run time on x86_64.
+# 3. This thin Python layer: validates shapes and dtypes (O(1)), converts the
+#    buffers (``const floating[...]`` so read-only arrays from Dask work),
+#    releases the GIL, and turns the kernel's flags into ``ValueError``:
+#    labels outside the classes (checked inside the kernel, one flag), and
+#    NaN/inf in the inputs, detected from the non-finite loss sum -- no second
+#    pass over X.
+#
 import numpy as np
 from cython cimport floating
 from libc.stdint cimport int64_t

@@ -1,54 +1,57 @@
 # cython: language_level=3
 """MLP dense forward and backward on BLAS gemm, float32 and float64, nogil.
 
-Design
-------
-Layout. Parameters are ONE flat vector. Layer l (0-based, L layers, widths
-``sizes[0..L]``) holds W_l, shape (sizes[l], sizes[l+1]) row-major, then b_l,
-shape (sizes[l+1],), back to back (see ``dmlcore.models.base``).
-
-Forward, on a block of B rows (everything row-major, X may have a row stride):
-
-    Z_l = A_{l-1} @ W_l              gemm (A_{-1} = X)
-    A_l = act(Z_l + b_l)             one fused pass: bias, activation, finiteness probe
-
-The last layer has no activation: Z_{L-1} + b is the logits (softmax) or the
-prediction (linear); its bias is fused into the loss pass.
-
-Loss and output delta, per row (sums over rows, never means):
-
-    softmax:  loss = logsumexp(z) - z_y        D = softmax(z) - onehot(y)
-    linear:   loss = 1/2 sum_k (z_k - y_k)^2    D = z - y
-    sigmoid:  loss = sum_k log1p(e^-|z_k|) + max(z_k, 0) - y_k z_k
-                                                D = sigmoid(z) - y   (multilabel)
-
-Backward, accumulated over row blocks (gemm beta = 1 after the first block):
-
-    gW_l += A_{l-1}^T @ D_l          gb_l += sum over rows of D_l
-    D_{l-1} = (D_l @ W_l^T) * act'(A_{l-1})       act' read from the output A:
-                                                  relu 1[a > 0], tanh 1 - a^2,
-                                                  identity 1, logistic a (1 - a)
-
-Early stop: ``trainable[l]`` flags the layers whose gradient is wanted. Delta
-propagation stops at the lowest flagged layer (nothing below it is computed);
-the entries of unflagged layers are set to 0.
-
-Workspace for a block of B rows (see ``workspace_size``): the activations A_l
-of every layer (B x sizes[l+1] each, D_l overwrites A_l in place), one scratch
-block B x (widest hidden layer) for D_l @ W_l^T, and one row of the widest
-layer for the finiteness probe.
-
-Non-finite detection costs no second pass over X: every fused bias+activation
-pass adds (z - z) into a per-column accumulator (0 for finite z, NaN for NaN
-or +-inf, and vectorisable, unlike a scalar reduction); the accumulator sum is
-added to the returned loss (or returned as the probe by ``forward``). A NaN or
-inf anywhere in X, y or params therefore makes the returned sum non-finite.
+Parameters are ONE flat vector: W_l (row-major) then b_l for each layer
+(``dmlcore.models.base``); losses and gradients are SUMS over rows.
 
 Naming: ``_gemm`` is the thin BLAS wrapper; ``_bias_act_*``, ``_softmax_*``,
 ``_squared_*`` are the fused passes; ``_forward_block``/``_backward_block`` run
 one block; ``loss_grad_softmax``, ``loss_grad_squared`` and ``forward`` are the
 Python entry points (validate, then release the GIL).
 """
+# Design
+# ------
+# Layout. Parameters are ONE flat vector. Layer l (0-based, L layers, widths
+# ``sizes[0..L]``) holds W_l, shape (sizes[l], sizes[l+1]) row-major, then b_l,
+# shape (sizes[l+1],), back to back (see ``dmlcore.models.base``).
+#
+# Forward, on a block of B rows (everything row-major, X may have a row stride):
+#
+#     Z_l = A_{l-1} @ W_l              gemm (A_{-1} = X)
+#     A_l = act(Z_l + b_l)             one fused pass: bias, activation, finiteness probe
+#
+# The last layer has no activation: Z_{L-1} + b is the logits (softmax) or the
+# prediction (linear); its bias is fused into the loss pass.
+#
+# Loss and output delta, per row (sums over rows, never means):
+#
+#     softmax:  loss = logsumexp(z) - z_y        D = softmax(z) - onehot(y)
+#     linear:   loss = 1/2 sum_k (z_k - y_k)^2    D = z - y
+#     sigmoid:  loss = sum_k log1p(e^-|z_k|) + max(z_k, 0) - y_k z_k
+#                                                 D = sigmoid(z) - y   (multilabel)
+#
+# Backward, accumulated over row blocks (gemm beta = 1 after the first block):
+#
+#     gW_l += A_{l-1}^T @ D_l          gb_l += sum over rows of D_l
+#     D_{l-1} = (D_l @ W_l^T) * act'(A_{l-1})       act' read from the output A:
+#                                                   relu 1[a > 0], tanh 1 - a^2,
+#                                                   identity 1, logistic a (1 - a)
+#
+# Early stop: ``trainable[l]`` flags the layers whose gradient is wanted. Delta
+# propagation stops at the lowest flagged layer (nothing below it is computed);
+# the entries of unflagged layers are set to 0.
+#
+# Workspace for a block of B rows (see ``workspace_size``): the activations A_l
+# of every layer (B x sizes[l+1] each, D_l overwrites A_l in place), one scratch
+# block B x (widest hidden layer) for D_l @ W_l^T, and one row of the widest
+# layer for the finiteness probe.
+#
+# Non-finite detection costs no second pass over X: every fused bias+activation
+# pass adds (z - z) into a per-column accumulator (0 for finite z, NaN for NaN
+# or +-inf, and vectorisable, unlike a scalar reduction); the accumulator sum is
+# added to the returned loss (or returned as the probe by ``forward``). A NaN or
+# inf anywhere in X, y or params therefore makes the returned sum non-finite.
+#
 from cython cimport floating
 from libc.math cimport exp, expf, log, logf, log1p, log1pf, tanh, tanhf
 from libc.stdint cimport int64_t

@@ -111,11 +111,14 @@ class RecoveringPool:
     executors checks it to know when to set it up again).
     """
 
+    check_interval = 1.0                    # seconds between membership checks at boundaries
+
     def __init__(self, ctx, make):
         self.ctx, self.make = ctx, make
         self.pool = make(None)
         self.generation = 0
         self.since = time.time()            # retirement requests after this are served
+        self.checked = time.monotonic()     # the last membership check (``rebalance``)
 
     def attempt(self, work, step):
         """``work(pool)``, redone on a re-created pool each time a worker is lost
@@ -189,9 +192,13 @@ class RecoveringPool:
     def rebalance(self, step):
         """At an epoch or round boundary: move the executors off workers asked to
         retire (whole groups: no bit changes), then retire those workers, and
-        give workers that joined executors (``grow``); True if the pool changed."""
-        if self.ctx.client is None:
+        give workers that joined executors (``grow``); True if the pool changed.
+        Asks the scheduler at most every ``check_interval`` seconds: a boundary
+        every step (full batches) would otherwise pay two scheduler round trips."""
+        now = time.monotonic()
+        if self.ctx.client is None or now - self.checked < self.check_interval:
             return False
+        self.checked = now
         leaving = self.retiring()
         if leaving:
             self._hand_over(leaving, step)

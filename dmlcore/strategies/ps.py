@@ -609,8 +609,7 @@ class _Run:
         for pid, w in moves:
             ctx.data.moved([pid], w)        # the new loop fetches it from where it is
         self.pool.close()
-        self.client.cancel([self.actor_future])
-        self.actor_future, self.server = None, None
+        self.end_server()
         self.launch(self.last, placement)
         ctx.events.append({"step": yielded, "time": time.time(), "worker": ", ".join(joined),
                            "what": "loops moved to a joined worker",
@@ -645,8 +644,7 @@ class _Run:
         ctx, t0 = self.ctx, time.monotonic()
         self.dead.update(dead)              # the scheduler may still list them for a moment
         self.pool.close()                   # live loops end at their next call of the dead server
-        self.client.cancel([self.actor_future])   # the handle holds one too: end it
-        self.actor_future, self.server = None, None
+        self.end_server()
         state = self.last
         active = state.active.copy()
         placement, dropped = self.surviving_placement(active)
@@ -749,6 +747,15 @@ class _Run:
                 logger.debug("parameter server stop failed: %r", exc)
         if self.pool is not None:
             self.pool.close()
+        self.end_server()
+        self.pool = None
+
+    def end_server(self):
+        """Cancel the server's actor (its handle holds a future of its own: a mere
+        release would leave it on its worker until garbage collection)."""
         if self.actor_future is not None:
-            self.client.cancel([self.actor_future])   # the handle holds one too: end it
-        self.pool, self.server, self.actor_future = None, None, None
+            try:
+                self.client.cancel([self.actor_future])
+            except Exception as exc:  # noqa: BLE001 - a closed client: nothing left to end
+                logger.debug("cancelling the parameter server failed: %r", exc)
+        self.actor_future, self.server = None, None

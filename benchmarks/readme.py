@@ -320,6 +320,8 @@ _FA = "shards/FedAvg/E5/B10/lr0.05"
 _FAM = "shards/FedAvgM/E5/B10/lr0.05/server-lr1.0-m0.9"
 _FP = "shards/FedProx/E5/B10/lr0.05/mu0.1"
 
+_RECOVERY = ("replicas", "driver", "local_steps", "lbfgs")
+
 ROWS = [
     Row("bench_kernels", "logistic loss+gradient, [[rows|n]] x [[columns|n]] float64, 1 thread",
         "[[logistic time|.0f]] ms = [[logistic f64 / stream|.2f]] x one read of X",
@@ -497,6 +499,42 @@ ROWS = [
         "([[wan, 2 workers: lbfgs-logistic: iterations|.0f]] iterations)",
         "LAN: [[lan, 2 workers: lbfgs-logistic: seconds|.2f]] s",
         lambda g: f"{g('wan, 2 workers: lbfgs-logistic: seconds') / g('lan, 2 workers: lbfgs-logistic: seconds'):.1f}x the LAN time"),  # noqa: E501
+    Row("bench_recovery", "one of 3 worker processes SIGKILLed mid-fit (40% in), Fashion-MNIST "
+        "30k rows: SyncSGD replicas / driver path / `local_steps=4` / L-BFGS",
+        lambda g: "detected after " + " / ".join(
+            fmt(g(f"sync_{c}_detect"), ".3f") for c in _RECOVERY) + " s, recovered in "
+        + " / ".join(fmt(g(f"sync_{c}_recover"), ".3f") for c in _RECOVERY) + " s; "
+        + ("parameters bit-identical in all four" if all(
+            g(f"sync_{c}_bit_identical") == 1 for c in _RECOVERY) else "parameters differ"),
+        "the same fits undisturbed",
+        lambda g: " / ".join(fmt(g(f"sync_{c}_killed_vs_undisturbed_time"), ".2f")
+                             for c in _RECOVERY) + "x their time"),
+    Row("bench_recovery", "FedAvg (6 clients, 10 rounds) and the async parameter server "
+        "(3,000 updates) with a worker killed mid-run",
+        "FedAvg: [[fedavg_clients_dropped|.0f]] client updates dropped, test acc "
+        "[[fedavg_acc_killed|.4f]]; parameter server (its own worker killed): "
+        "[[ps_updates_lost|.0f]] updates lost, test acc [[ps_acc_server_killed|.4f]]",
+        "undisturbed: [[fedavg_acc_undisturbed|.4f]] / [[ps_acc_undisturbed|.4f]]",
+        lambda g: f"{100 * (g('fedavg_acc_killed') - g('fedavg_acc_undisturbed')):+.2f} / "
+        f"{100 * (g('ps_acc_server_killed') - g('ps_acc_undisturbed')):+.2f} points"),
+    Row("bench_recovery", "a third worker joins a 2-worker fit: parameter server (pushes "
+        "slowed 10 ms) / SyncSGD epoch",
+        "[[elastic_ps_rate_after|.0f]] updates/s; epoch [[elastic_sync_epoch_after|.3f]] s",
+        "2 workers: [[elastic_ps_rate_before|.0f]] updates/s; epoch "
+        "[[elastic_sync_epoch_before|.3f]] s",
+        "[[elastic_ps_rate_after_vs_before|.2f]]x the updates/s (a 2-core host: SyncSGD "
+        "gains no core)"),
+    Row("bench_soak", "soak: 64 partitions x [[SyncSGD steps|,.0f]] SyncSGD steps, then "
+        "[[parameter-server updates|,.0f]] async updates, 2 workers",
+        "[[SyncSGD step|.2f]] ms a step, [[parameter-server updates/s|,.0f]] updates/s; memory "
+        "at the end [[driver RSS end / after 100 steps|.3f]]x / [[worker0 RSS end / after 100 "
+        "steps|.3f]]x / [[worker1 RSS end / after 100 steps|.3f]]x (driver / workers)",
+        "after the first 100 steps; threads, sockets and scheduler tasks at the start",
+        lambda g: "threads, sockets and scheduler tasks back to their start" if all(
+            g(f"{p} {what} at end") == g(f"{p} {what} at start")
+            for p in ("driver", "worker0", "worker1") for what in ("threads", "sockets"))
+        and g("scheduler tasks at end, no gc") == g("scheduler tasks at start")
+        else "counts not back to their start"),
 ]
 
 

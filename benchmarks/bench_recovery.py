@@ -86,7 +86,7 @@ class Procs:
             proc.terminate()
         for proc, log in reversed(self.procs):
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)    # a graceful close can hang on a dead peer
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -231,24 +231,28 @@ def fedavg_part(args, train, test, tmp):
         data = dml.partition(*train, n_partitions=6, seed=0, client=client)
         model = dml.models.MLP([784, args.hidden, 10])
 
-        def fit():
+        def fit(callbacks=()):
             t0 = time.perf_counter()
             r = dml.fit(model, data, dml.FedAvg(clients_per_round=1.0, batch_size=32),
                         dml.optim.SGD(lr=0.05), rounds=args.rounds, client=client,
-                        progress=False, seed=1, timeout=30)
+                        progress=False, seed=1, timeout=30, callbacks=callbacks)
             return r, time.perf_counter() - t0
         fit()
         calm, calm_s = fit()
-        kill = kill_later(client, sorted(client.nthreads())[1], args.kill_at * calm_s)
-        hit, hit_s = fit()
+        kill, victim = {}, sorted(client.nthreads())[1]
+
+        def kill_mid_run(step, record, params):     # after round rounds // 2: the next dies
+            if step == args.rounds // 2 and not kill:
+                kill["shot"] = kill_later(client, victim, 0.0)
+        hit, hit_s = fit([kill_mid_run])
     dropped = int(hit.history.failed.values.sum())
-    row = {"acc_calm": accuracy(calm, test), "acc_hit": accuracy(hit, test),
-           "dropped": dropped, "calm_s": calm_s, "hit_s": hit_s, "killed": "at" in kill}
     ev = events(hit.history)
-    if ev and "at" in kill:
-        row["detect_s"] = ev[0]["time"] - kill["at"]
+    shot = kill.get("shot", {})
+    row = {"acc_calm": accuracy(calm, test), "acc_hit": accuracy(hit, test),
+           "dropped": dropped, "calm_s": calm_s, "hit_s": hit_s, "killed": "at" in shot,
+           "detect_s": ev[0]["time"] - shot["at"] if ev and "at" in shot else float("nan")}
     print(f"fedavg: test acc undisturbed {row['acc_calm']:.4f}, killed {row['acc_hit']:.4f}; "
-          f"client updates dropped {dropped}; detect {row.get('detect_s', float('nan')):.3f} s",
+          f"client updates dropped {dropped}; detect {row['detect_s']:.3f} s",
           flush=True)
     return row, [figure("fedavg_acc_undisturbed", row["acc_calm"], "accuracy"),
                  figure("fedavg_acc_killed", row["acc_hit"], "accuracy"),

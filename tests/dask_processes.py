@@ -51,7 +51,7 @@ def dask_cluster(logdir, workers, scheduler_host="127.0.0.1", memory_limit="2GiB
             proc.terminate()
         for proc, log in reversed(procs):
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)    # a graceful close can hang on a dead peer
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

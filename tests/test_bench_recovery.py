@@ -74,4 +74,5 @@ def test_fedavg_ps_and_elastic_parts_print_their_figures(tmp_path):
         assert all(_finite(g) >= 0 for g in m.groups())
     assert results["ps"]["restarted"] == 1
     assert results["fedavg"]["dropped"] > 0
+    assert results["elastic"]["sync"]["events"] == ["partitions regrouped over the live workers"]
     assert check_figures(results["figures"]) == []

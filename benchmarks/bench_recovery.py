@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,74 +43,25 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # run from a checkout
+sys.path.insert(0, str(ROOT / "tests"))         # dask_processes: the tests' process harness
 from benchmarks.runner import figure, ratio  # noqa: E402 - the runner's figure records
+from dask_processes import dask_processes  # noqa: E402
 
 
 # ---- processes ------------------------------------------------------------------
-class Procs:
-    """A `dask scheduler` and `dask worker --no-nanny` processes this script started."""
-
-    def __init__(self, logdir):
-        self.logdir, self.procs, self.address = Path(logdir), [], None
-
-    def _start(self, cmd, name):
-        log = open(self.logdir / f"{name}.log", "ab")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.logdir, env=env)
-        self.procs.append((proc, log))
-        return proc
-
-    def scheduler(self):
-        info = self.logdir / "scheduler.json"
-        self._start([_dask(), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                     "--dashboard-address", ":0", "--scheduler-file", str(info)], "scheduler")
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                self.address = json.loads(info.read_text())["address"]
-                return self.address
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.2)
-        raise RuntimeError("the dask scheduler did not start")
-
-    def worker(self):
-        n = len(self.procs)
-        return self._start([_dask(), "worker", self.address, "--nthreads", "1",
-                            "--no-nanny", "--no-dashboard", "--memory-limit", "4GiB",
-                            "--name", f"w{n}"], f"worker{n}")
-
-    def close(self):
-        for proc, _ in reversed(self.procs):
-            proc.terminate()
-        for proc, log in reversed(self.procs):
-            try:
-                proc.wait(timeout=5)    # a graceful close can hang on a dead peer
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-
-
-def _dask():
-    return str(Path(sys.executable).parent / "dask")
-
-
 @contextlib.contextmanager
 def cluster(n_workers, logdir):
-    """``(procs, client)``: a scheduler and ``n_workers`` workers, all ended on exit."""
+    """``(procs, client)``: a `dask scheduler` and ``n_workers`` `dask worker
+    --no-nanny` processes (``tests/dask_processes.DaskProcesses``: a killed
+    worker stays dead, ``procs.start_worker()`` adds one), all ended on exit."""
     from distributed import Client
 
-    procs = Procs(logdir)
-    try:
-        procs.scheduler()
-        for _ in range(n_workers):
-            procs.worker()
-        with Client(procs.address, timeout=30) as client:
-            client.wait_for_workers(n_workers, timeout=90)
-            yield procs, client
-    finally:
-        procs.close()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    with dask_processes(logdir, [([], None)] * n_workers, memory_limit="4GiB", env=env,
+                        worker_args=["--no-nanny"]) as procs, \
+            Client(procs.address, timeout=30) as client:
+        yield procs, client
 
 
 def kill_later(client, address, delay):
@@ -309,7 +259,7 @@ def elastic_part(args, train, test, tmp):
 
         def join(step, record, params):
             if step == args.join_epoch * per_epoch - 1:
-                procs.worker()
+                procs.start_worker()
                 client.wait_for_workers(3, timeout=90)
         join.sync_every = per_epoch
         dml.fit(dml.models.MLP([784, args.hidden, 10]), data, strategy, steps=per_epoch,
@@ -337,7 +287,7 @@ def elastic_part(args, train, test, tmp):
         def join_ps(step, record, params):
             if step == args.ps_updates // 3 and not joined:
                 joined["t"] = time.perf_counter()
-                procs.worker()
+                procs.start_worker()
                 client.wait_for_workers(3, timeout=90)
                 joined["ready"] = time.perf_counter()
         r = dml.fit(dml.models.Softmax(784, 10), data,

@@ -864,8 +864,8 @@ class PartitionedData:
     def lost_partitions(self, partitions, live):
         """Those of ``partitions`` (ids) of which some block is held by no ``live``
         worker (its worker died; Dask may have moved the others, e.g. on retirement)."""
-        held = [(p, [f for f in self.partition_futures()[p] if f is not None])
-                for p in partitions]
+        futures = self.partition_futures()
+        held = [(p, [f for f in futures[p] if f is not None]) for p in partitions]
         ready = [f for _, fs in held for f in fs if f.status == "finished"]
         try:
             who = self.client.who_has(ready) if ready else {}

@@ -146,7 +146,6 @@ class RecoveringPool:
         t0 = time.monotonic()
         ctx, pool = self.ctx, self.pool
         groups = list(zip(pool.workers, pool.partition_ids))
-        pool.close()
         live = sorted(set(ctx.client.nthreads()) - set(lost))
         try:
             groups, moved = reassign(groups, ctx.data.partition_sizes, live, lost)
@@ -156,16 +155,12 @@ class RecoveringPool:
             gone = ctx.data.lost_partitions(ids, live)
             if gone:
                 ctx.data.rehost(gone, worker)
-            ctx.data.moved(ids, worker)             # the others travel from where they are
-        self.pool = self.make(groups)
-        self.generation += 1
+        self._replace(groups)
         recovery_s = time.monotonic() - t0
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         for ids, worker in moved:
-            ctx.events.append({"step": int(step), "time": detected, "worker": ", ".join(lost),
-                               "what": "executor re-created on a survivor",
-                               "moved_to": worker, "partitions": " ".join(map(str, ids)),
-                               "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200],
-                               "recovery_s": recovery_s})
+            self._event(step, detected, lost, "executor re-created on a survivor", worker,
+                        " ".join(map(str, ids)), recovery_s, error)
         logger.warning("dmlcore: worker %s lost at step %d (%s); partitions %s made again "
                        "on %s in %.2f s",
                        ", ".join(lost), step, type(exc).__name__,
@@ -209,19 +204,12 @@ class RecoveringPool:
         live = sorted(set(ctx.client.nthreads()) - set(leaving))
         groups, moved = reassign(list(zip(pool.workers, pool.partition_ids)),
                                  ctx.data.partition_sizes, live, leaving)
-        pool.close()
-        for ids, worker in moved:
-            ctx.data.moved(ids, worker)     # the new executors fetch them from there
-        self.pool = self.make(groups)
-        self.generation += 1
+        self._replace(groups)
         self._retire(leaving)
         self.since = time.time()
         for ids, worker in moved:
-            ctx.events.append({"step": int(step), "time": time.time(),
-                               "worker": ", ".join(leaving),
-                               "what": "executor handed over by a retiring worker",
-                               "moved_to": worker, "partitions": " ".join(map(str, ids)),
-                               "error": "", "recovery_s": time.monotonic() - t0})
+            self._event(step, time.time(), leaving, "executor handed over by a retiring "
+                        "worker", worker, " ".join(map(str, ids)), time.monotonic() - t0)
 
     def _retire(self, leaving, patience=10.0):
         """``client.retire_workers(leaving)``, asked again while the scheduler still
@@ -247,23 +235,30 @@ class RecoveringPool:
             return False
         t0 = time.monotonic()
         new_groups, regrouped = plan
-        pool.close()
-        for worker, ids in new_groups:
-            ctx.data.moved(ids, worker)
-        self.pool = self.make(new_groups)
-        self.generation += 1
+        self._replace(new_groups)
         joined = sorted(set(live) - set(pool.workers))
-        ctx.events.append({"step": int(step), "time": time.time(), "worker": ", ".join(joined),
-                           "what": ("partitions regrouped over the live workers" if regrouped
-                                    else "executor moved to a joined worker"),
-                           "moved_to": ", ".join(joined), "partitions": " | ".join(
-                               " ".join(map(str, ids)) for w, ids in new_groups
-                               if w in joined),
-                           "error": "", "recovery_s": time.monotonic() - t0})
+        self._event(step, time.time(), joined, "partitions regrouped over the live workers"
+                    if regrouped else "executor moved to a joined worker", ", ".join(joined),
+                    " | ".join(" ".join(map(str, ids)) for w, ids in new_groups if w in joined),
+                    time.monotonic() - t0)
         logger.info("dmlcore: worker(s) %s joined; executors now on %d workers (%s)",
                     ", ".join(joined), len(set(self.pool.workers)),
                     "regrouped" if regrouped else "whole groups moved")
         return True
+
+    def _replace(self, groups):
+        """Close the pool and make one with ``groups``; each partition is read where
+        its group now runs (Dask moves a block still held elsewhere)."""
+        self.pool.close()
+        for worker, ids in groups:
+            self.ctx.data.moved(ids, worker)
+        self.pool = self.make(groups)
+        self.generation += 1
+
+    def _event(self, step, when, workers, what, moved_to, partitions, seconds, error=""):
+        self.ctx.events.append({"step": int(step), "time": when, "worker": ", ".join(workers),
+                                "what": what, "moved_to": moved_to, "partitions": partitions,
+                                "error": error, "recovery_s": seconds})
 
     def close(self):
         self.pool.close()

@@ -7,52 +7,90 @@ import time
 from pathlib import Path
 
 
-@contextlib.contextmanager
-def dask_cluster(logdir, workers, scheduler_host="127.0.0.1", memory_limit="2GiB", env=None,
-                 scheduler_args=(), worker_args=(), security=None):
-    """Start a `dask scheduler` on ``scheduler_host`` and one single-threaded
-    `dask worker` per entry of ``workers``: ``(command prefix, host or None)``,
-    e.g. ``(["ip", "netns", "exec", ns], "10.0.0.2")``. Yields the scheduler's
-    address once every worker has joined; terminates them all on exit. Each
-    process logs to ``logdir/<name>.log``. ``scheduler_args``/``worker_args``
-    are appended to the commands (e.g. ``--protocol tls --tls-cert ...``);
-    ``security`` is the ``distributed.Security`` of the readiness check."""
-    bindir = Path(sys.executable).parent
-    procs = []
+class DaskProcesses:
+    """A `dask scheduler` and single-threaded `dask worker` processes, each logging
+    to ``logdir/<name>.log``; ``close`` ends them all (SIGTERM, then SIGKILL
+    after 5 s: a survivor's graceful close can hang on a dead peer's connections).
+    ``scheduler_args``/``worker_args`` are appended to the commands (e.g.
+    ``--protocol tls --tls-cert ...``, ``--no-nanny``)."""
 
-    def start(cmd, name):
-        log = open(Path(logdir) / f"{name}.log", "ab")   # O_APPEND: readers never move it
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=logdir), log))
+    def __init__(self, logdir, scheduler_host="127.0.0.1", memory_limit="2GiB", env=None,
+                 scheduler_args=(), worker_args=()):
+        self.logdir, self.env = Path(logdir), env
+        self.scheduler_host, self.memory_limit = scheduler_host, memory_limit
+        self.scheduler_args, self.worker_args = list(scheduler_args), list(worker_args)
+        self.procs, self.address, self.n_workers = [], None, 0
 
-    try:
-        info = Path(logdir) / "scheduler.json"
-        start([str(bindir / "dask"), "scheduler", "--host", scheduler_host, "--port", "0",
-               "--dashboard-address", ":0", "--scheduler-file", str(info), *scheduler_args],
-              "scheduler")
-        address, deadline = None, time.time() + 90
-        while address is None and time.time() < deadline:
+    def _start(self, cmd, name):
+        log = open(self.logdir / f"{name}.log", "ab")   # O_APPEND: readers never move it
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env, cwd=self.logdir)
+        self.procs.append((proc, log))
+        return proc
+
+    def start_scheduler(self):
+        """Start the scheduler; its address once it has written it (90 s at most)."""
+        info = self.logdir / "scheduler.json"
+        self._start([_dask(), "scheduler", "--host", self.scheduler_host, "--port", "0",
+                     "--dashboard-address", ":0", "--scheduler-file", str(info),
+                     *self.scheduler_args], "scheduler")
+        deadline = time.time() + 90
+        while self.address is None and time.time() < deadline:
             try:
-                address = json.loads(info.read_text())["address"]
+                self.address = json.loads(info.read_text())["address"]
             except (OSError, ValueError, KeyError):
                 time.sleep(0.2)
-        assert address, "the dask scheduler did not start"
-        for i, (prefix, host) in enumerate(workers):
-            start([*prefix, str(bindir / "dask"), "worker", address, "--nthreads", "1",
-                   "--nworkers", "1", "--memory-limit", memory_limit, "--no-dashboard",
-                   "--name", f"w{i}", *(["--host", host] if host else []), *worker_args],
-                  f"worker{i}")
-        from distributed import Client
+        assert self.address, "the dask scheduler did not start"
+        return self.address
 
-        with Client(address, timeout=30, security=security) as client:
-            client.wait_for_workers(len(workers), timeout=60)
-        yield address
-    finally:
-        for proc, _ in reversed(procs):
+    def start_worker(self, prefix=(), host=None):
+        """One more worker (``prefix``: e.g. ``["ip", "netns", "exec", ns]``)."""
+        i, self.n_workers = self.n_workers, self.n_workers + 1
+        return self._start([*prefix, _dask(), "worker", self.address, "--nthreads", "1",
+                            "--nworkers", "1", "--memory-limit", self.memory_limit,
+                            "--no-dashboard", "--name", f"w{i}",
+                            *(["--host", host] if host else []), *self.worker_args],
+                           f"worker{i}")
+
+    def close(self):
+        for proc, _ in reversed(self.procs):
             proc.terminate()
-        for proc, log in reversed(procs):
+        for proc, log in reversed(self.procs):
             try:
-                proc.wait(timeout=5)    # a graceful close can hang on a dead peer
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
             log.close()
+        self.procs = []
+
+
+def _dask():
+    return str(Path(sys.executable).parent / "dask")
+
+
+@contextlib.contextmanager
+def dask_processes(logdir, workers, security=None, **options):
+    """``DaskProcesses(logdir, **options)`` with its scheduler and one worker per
+    entry of ``workers`` (``(command prefix, host or None)``), yielded once every
+    worker has joined (``security``: the ``distributed.Security`` of that check);
+    all ended on exit."""
+    procs = DaskProcesses(logdir, **options)
+    try:
+        procs.start_scheduler()
+        for prefix, host in workers:
+            procs.start_worker(prefix, host)
+        from distributed import Client
+
+        with Client(procs.address, timeout=30, security=security) as client:
+            client.wait_for_workers(len(workers), timeout=60)
+        yield procs
+    finally:
+        procs.close()
+
+
+@contextlib.contextmanager
+def dask_cluster(logdir, workers, **options):
+    """The scheduler's address of ``dask_processes(logdir, workers, **options)``:
+    e.g. ``workers=[(["ip", "netns", "exec", ns], "10.0.0.2")]``."""
+    with dask_processes(logdir, workers, **options) as procs:
+        yield procs.address

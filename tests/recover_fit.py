@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import dmlcore as dml
-from dask_processes import dask_cluster
+from dask_processes import dask_processes
 
 N_WORKERS, N_PARTITIONS, STEPS = 3, 6, 48
 
@@ -115,27 +115,18 @@ def _fit(model, data, case, client, callbacks=()):
 
 @contextlib.contextmanager
 def _cluster(case, logdir):
-    """The scheduler address of three single-threaded worker processes."""
+    """``(scheduler address, DaskProcesses or None)`` of three single-threaded worker
+    processes (two for the ``join`` cases: the third joins mid-fit)."""
     if case != "nanny":
         n = N_WORKERS - 1 if case.endswith("join") else N_WORKERS
-        with dask_cluster(logdir, [([], None)] * n, worker_args=["--no-nanny"]) as a:
-            yield a
+        with dask_processes(logdir, [([], None)] * n, worker_args=["--no-nanny"]) as procs:
+            yield procs.address, procs
         return
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
-        yield cluster.scheduler_address
-
-
-def _start_worker(address, logdir):
-    """One more `dask worker --no-nanny` process (the caller ends it)."""
-    import subprocess
-
-    log = open(os.path.join(logdir, "joined.log"), "ab")
-    return subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dask"), "worker",
-                             address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                             "--memory-limit", "2GiB"], stdout=log, stderr=log, cwd=logdir)
+        yield cluster.scheduler_address, None
 
 
 def main(case, logdir):
@@ -148,7 +139,7 @@ def main(case, logdir):
     kind = CASES[case][0]
     X, y, model = _problem(kind)
     stamp = os.path.join(logdir, "killed_at")
-    with _cluster(case, logdir) as address, Client(address, timeout=30) as client:
+    with _cluster(case, logdir) as (address, procs), Client(address, timeout=30) as client:
         data = dml.partition(X, y, n_partitions=N_PARTITIONS, seed=0, client=client)
         calm, calm_s = _fit(model, data, case, client)
         pids = client.run(os.getpid)
@@ -164,7 +155,7 @@ def main(case, logdir):
             def join():
                 with open(stamp, "w") as f:
                     f.write(repr(time.time()))
-                joined.append(_start_worker(address, logdir))
+                procs.start_worker()                # ended with the others
                 client.wait_for_workers(N_WORKERS, timeout=60)
                 joined.append(sorted(set(client.nthreads()) - set(pids))[0])
             callbacks = [_AtStep(2 if case == "fedavg_join" else 8, join)]
@@ -177,14 +168,9 @@ def main(case, logdir):
             model.at_call = per_round * KILL_ROUND + 5
         else:
             model.at_call = 2 * (7 if case == "lbfgs" else STEPS // 2) + 1
-        try:
-            hit, hit_s = _fit(model, data, case, client, callbacks)
-        finally:
-            if joined:
-                joined[0].terminate()
-                joined[0].wait(timeout=30)
+        hit, hit_s = _fit(model, data, case, client, callbacks)
         if case.endswith("join"):
-            victim = joined[1] if len(joined) > 1 else None
+            victim = joined[0] if joined else None
         history = hit.history
         events = {name[len("event_"):]: [v.item() for v in history[name].values]
                   for name in history.data_vars if name.startswith("event_")}

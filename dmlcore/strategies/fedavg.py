@@ -256,7 +256,7 @@ class FedAvg(Strategy):
                 futures = {e: self._submit(pool, e, values, ctx, round_, ids,
                                            [i for i in ids if i in fail])
                            for e, ids in sorted(by_executor.items())}
-                partials, failed, lost = [], {}, None
+                partials, failed, lost, loss = [], {}, set(), None
                 for e, future in futures.items():
                     try:
                         result = pool.results([future], indices=[e])[0]
@@ -265,8 +265,8 @@ class FedAvg(Strategy):
                             failed[pid] = f"{type(exc).__name__}: {exc}"
                         gone = pools.lost(exc, [pool.workers[e]])
                         if gone:            # its clients are dropped this round, moved after it
-                            lost = (sorted(set(gone) | set(lost[0] if lost else ())),
-                                    time.time(), exc)
+                            lost.update(gone)
+                            loss = loss or (time.time(), exc)
                             continue
                         if not self.accept_failures:
                             raise RuntimeError(
@@ -282,8 +282,8 @@ class FedAvg(Strategy):
                     if result.ids:
                         partials.append(result)
                 nbytes = pool.traffic() - before
-                if lost is not None:
-                    pools.recover(lost[0], round_, lost[1], lost[2])
+                if lost:
+                    pools.recover(sorted(lost), round_, *loss)
                 counted = sorted(pid for p in partials for pid in p.ids)
                 row = np.zeros(n_clients, dtype=np.int8)
                 row[counted] = 1

@@ -37,6 +37,7 @@ import numpy as np
 from .. import compression as codecs
 from .. import local
 from ..executors import ExecutorPool, hosted
+from ..recovery import reassign
 from ..messages import Pull, Push, Snapshot, Update
 from .base import Strategy
 
@@ -667,21 +668,19 @@ class _Run:
         return lost
 
     def rebuild(self, lost, placement):
-        """Make the ``lost`` partitions again from their source on the live workers
-        holding the fewest rows (``placement`` updated); returns those that keep
-        no source (dropped)."""
+        """Make the ``lost`` partitions again from their source, each on the live
+        worker holding the fewest rows (``recovery.reassign``; ``placement``
+        updated); returns those that keep no source (dropped)."""
         data = self.ctx.data
         live = sorted(set(self.client.nthreads()) - self.dead)
-        load = {w: 0 for w in live}
-        for pid, w in enumerate(placement):
-            if w in load:
-                load[w] += int(data.partition_sizes[pid])
+        if not live or not lost:
+            return list(lost)
+        held = [(w, [pid]) for pid, w in enumerate(placement) if w is not None]
+        _, moved = reassign(held + [(None, [pid]) for pid in lost], data.partition_sizes,
+                            live, [None])
         dropped = []
-        for pid in lost:
-            target = min(live, key=lambda w: (load[w], w)) if live else None
+        for (pid,), target in moved:
             try:
-                if target is None:
-                    raise RuntimeError("no live worker")
                 data.rehost([pid], target)
             except RuntimeError as exc:
                 logger.warning("parameter server recovery: partition %d cannot be made "
@@ -689,7 +688,6 @@ class _Run:
                 dropped.append(pid)
                 continue
             placement[pid] = target
-            load[target] += int(data.partition_sizes[pid])
         self.parts = data.partition_futures()
         return dropped
 

@@ -36,7 +36,7 @@ a weight of 2 is the row counted twice, and the caller divides by sum w.
 #
 import numpy as np
 from cython cimport floating
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t
 from libc.math cimport isfinite
 
 cdef extern from "loss_kernels.h" nogil:
@@ -372,136 +372,116 @@ def _tuning(block_bytes=None, prefetch_blocks=None):
 
 
 # ---- CSR (scipy.sparse) kernels -------------------------------------------------
-# One pass over the stored entries of each row: z_i = sum_k data[k] w[indices[k]]
-# + b, the pointwise stage, then g[indices[k]] += data[k] r_i. Sums go to a
-# float64 accumulator (``acc``), so float32 totals keep float32 precision;
-# entries of features no row touches stay 0. Indices: int32 or int64
-# (``csr_index``), as scipy.sparse makes them.
-ctypedef fused csr_index:
-    int
-    long long
+# The C bodies are in csr_impl.h: per block of rows, z_i = sum_k data[k]
+# w[indices[k]] + b, the pointwise stage, then g[indices[k]] += data[k] r_i.
+# Sums go to a float64 accumulator (``acc``), so float32 totals keep float32
+# precision; entries of features no row touches stay 0. Indices: int32 or
+# int64 (``csr_index``), as scipy.sparse makes them.
+cdef extern from "loss_kernels.h" nogil:
+    int64_t dml_csr_block
+    int dml_csr_glm_d_i32(int kind, const double *data, const int32_t *ind,
+                          const int32_t *indptr, int64_t n, int64_t p, const double *y,
+                          const double *w, const double *coef, double *acc, int compute_grad,
+                          double *loss_out, int *bad_out)
+    int dml_csr_glm_d_i64(int kind, const double *data, const int64_t *ind,
+                          const int64_t *indptr, int64_t n, int64_t p, const double *y,
+                          const double *w, const double *coef, double *acc, int compute_grad,
+                          double *loss_out, int *bad_out)
+    int dml_csr_glm_f_i32(int kind, const float *data, const int32_t *ind,
+                          const int32_t *indptr, int64_t n, int64_t p, const float *y,
+                          const float *w, const float *coef, double *acc, int compute_grad,
+                          double *loss_out, int *bad_out)
+    int dml_csr_glm_f_i64(int kind, const float *data, const int64_t *ind,
+                          const int64_t *indptr, int64_t n, int64_t p, const float *y,
+                          const float *w, const float *coef, double *acc, int compute_grad,
+                          double *loss_out, int *bad_out)
+    int dml_csr_softmax_d_i32(const double *data, const int32_t *ind, const int32_t *indptr,
+                              int64_t n, int64_t p, int64_t K, const int64_t *y,
+                              const double *w, const double *coef, double *acc,
+                              int compute_grad, double *loss_out, int *bad_out)
+    int dml_csr_softmax_d_i64(const double *data, const int64_t *ind, const int64_t *indptr,
+                              int64_t n, int64_t p, int64_t K, const int64_t *y,
+                              const double *w, const double *coef, double *acc,
+                              int compute_grad, double *loss_out, int *bad_out)
+    int dml_csr_softmax_f_i32(const float *data, const int32_t *ind, const int32_t *indptr,
+                              int64_t n, int64_t p, int64_t K, const int64_t *y,
+                              const float *w, const float *coef, double *acc,
+                              int compute_grad, double *loss_out, int *bad_out)
+    int dml_csr_softmax_f_i64(const float *data, const int64_t *ind, const int64_t *indptr,
+                              int64_t n, int64_t p, int64_t K, const int64_t *y,
+                              const float *w, const float *coef, double *acc,
+                              int compute_grad, double *loss_out, int *bad_out)
 
-DEF _CSR_BLOCK = 256              # rows whose exp/log go through the vector math at once
+ctypedef fused csr_index:
+    int32_t
+    int64_t
+
+
+def csr_block_rows(Py_ssize_t rows=-1):
+    """Get (and with ``rows`` >= 0 set) the CSR kernels' rows per block;
+    0 lets them choose from the problem's size (see loss_kernels.h)."""
+    global dml_csr_block
+    if rows >= 0:
+        dml_csr_block = rows
+    return dml_csr_block
 
 
 def _glm_csr(int kind, const floating[::1] data, const csr_index[::1] indices,
              const csr_index[::1] indptr, const floating[::1] y, const floating[::1] w,
              const floating[::1] coef, double[::1] acc, bint compute_grad):
     """Squared (kind 0) / logistic (kind 1) loss over CSR rows; ``acc`` (p + 1)
-    receives the gradient sums (zeroed by the caller). Returns (loss, bad).
-
-    Per block of rows: gather z, the pointwise stage with the vectorised exp
-    and log1p of ``loss_impl.h`` (per-row libm calls cost as much as the
-    gather), then scatter w_i r_i x_i into ``acc``."""
-    cdef Py_ssize_t n = indptr.shape[0] - 1, p = coef.shape[0] - 1, i, k, i0, m, t
-    cdef double z, r, yi, wi, loss = 0.0, e
-    cdef int bad = 0
+    receives the gradient sums (zeroed by the caller). Returns (loss, bad)."""
+    cdef int64_t n = indptr.shape[0] - 1, p = coef.shape[0] - 1
+    cdef double loss = 0.0
+    cdef int bad = 0, rc = 0
     cdef const floating *wp = &w[0] if w is not None and n > 0 else NULL
-    cdef double[::1] zb = np.empty(_CSR_BLOCK), eb = np.empty(_CSR_BLOCK)
-    cdef double[::1] lb = np.empty(_CSR_BLOCK)
+    cdef const floating *dp = &data[0] if data.shape[0] > 0 else NULL
+    cdef const csr_index *ip = &indices[0] if indices.shape[0] > 0 else NULL
     with nogil:
-        for i0 in range(0, n, _CSR_BLOCK):
-            m = min(_CSR_BLOCK, n - i0)
-            for t in range(m):
-                i = i0 + t
-                z = coef[p]
-                for k in range(indptr[i], indptr[i + 1]):
-                    z += <double> data[k] * coef[indices[k]]
-                zb[t] = z
-                eb[t] = -z if z >= 0 else z              # -|z|
-            if kind == KIND_LOGISTIC:
-                dml_vexp_d(&eb[0], &eb[0], m)            # exp(-|z|) in (0, 1]
-                dml_vlog1p_d(&eb[0], &lb[0], m)
-            for t in range(m):
-                i = i0 + t
-                z, yi = zb[t], y[i]
-                wi = wp[i] if wp != NULL else 1.0
-                if kind == KIND_SQUARED:
-                    r = z - yi
-                    loss += wi * 0.5 * r * r
-                else:
-                    if yi != 0 and yi != 1:
-                        bad = 1
-                    e = eb[t]
-                    loss += wi * (lb[t] + (z if z > 0 else 0.0) - yi * z)
-                    r = (1.0 if z >= 0 else e) / (1.0 + e) - yi
-                zb[t] = r * wi
-            if compute_grad:
-                for t in range(m):
-                    i = i0 + t
-                    r = zb[t]
-                    for k in range(indptr[i], indptr[i + 1]):
-                        acc[indices[k]] += <double> data[k] * r
-                    acc[p] += r
+        if floating is double and csr_index is int32_t:
+            rc = dml_csr_glm_d_i32(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
+                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
+        elif floating is double:
+            rc = dml_csr_glm_d_i64(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
+                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
+        elif csr_index is int32_t:
+            rc = dml_csr_glm_f_i32(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
+                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
+        else:
+            rc = dml_csr_glm_f_i64(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
+                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
+    if rc != 0:
+        raise MemoryError("loss_grad_csr: could not allocate the block scratch")
     return loss, bad
 
 
 def _softmax_csr(const floating[::1] data, const csr_index[::1] indices,
-                 const csr_index[::1] indptr, const long long[::1] y, const floating[::1] w,
+                 const csr_index[::1] indptr, const int64_t[::1] y, const floating[::1] w,
                  const floating[::1] coef, Py_ssize_t K, double[::1] acc, bint compute_grad):
     """Softmax cross-entropy over CSR rows; ``acc`` (p*K + K) receives the
-    gradient sums (zeroed by the caller). Per block of rows: gather the logits,
-    exp and log through the vectorised math, scatter the weighted residuals."""
-    cdef Py_ssize_t n = indptr.shape[0] - 1, i, k, c, j, i0, m, t
-    cdef Py_ssize_t p = (coef.shape[0] - K) // K
-    cdef double mx, loss = 0.0, wi, x
-    cdef long long yi
-    cdef int bad = 0
+    gradient sums (zeroed by the caller). Returns (loss, bad)."""
+    cdef int64_t n = indptr.shape[0] - 1, p = (coef.shape[0] - K) // K
+    cdef double loss = 0.0
+    cdef int bad = 0, rc = 0
     cdef const floating *wp = &w[0] if w is not None and n > 0 else NULL
-    cdef double[:, ::1] Z = np.empty((_CSR_BLOCK, K))
-    cdef double[::1] zy = np.empty(_CSR_BLOCK), sb = np.empty(_CSR_BLOCK)
-    cdef double[::1] lb = np.empty(_CSR_BLOCK)
-    cdef double *zr
+    cdef const floating *dp = &data[0] if data.shape[0] > 0 else NULL
+    cdef const csr_index *ip = &indices[0] if indices.shape[0] > 0 else NULL
+    cdef const int64_t *yp = &y[0] if n > 0 else NULL
     with nogil:
-        for i0 in range(0, n, _CSR_BLOCK):
-            m = min(_CSR_BLOCK, n - i0)
-            for t in range(m):
-                i = i0 + t
-                zr = &Z[t, 0]
-                for c in range(K):
-                    zr[c] = coef[p * K + c]
-                for k in range(indptr[i], indptr[i + 1]):
-                    j = indices[k]
-                    x = data[k]
-                    for c in range(K):
-                        zr[c] += x * coef[j * K + c]
-                mx = zr[0]
-                for c in range(1, K):
-                    if zr[c] > mx:
-                        mx = zr[c]
-                yi = y[i]
-                if yi < 0 or yi >= K:
-                    bad = 1
-                    yi = 0
-                zy[t] = zr[yi] - mx
-                for c in range(K):
-                    zr[c] -= mx
-            dml_vexp_d(&Z[0, 0], &Z[0, 0], m * K)
-            for t in range(m):
-                sb[t] = 0.0
-                for c in range(K):
-                    sb[t] += Z[t, c]
-            dml_vlog_d(&sb[0], &lb[0], m)
-            for t in range(m):
-                i = i0 + t
-                wi = wp[i] if wp != NULL else 1.0
-                yi = y[i] if 0 <= y[i] < K else 0
-                loss += wi * (lb[t] - zy[t])
-                zr = &Z[t, 0]
-                for c in range(K):
-                    zr[c] *= wi / sb[t]
-                zr[yi] -= wi
-            if compute_grad:
-                for t in range(m):
-                    i = i0 + t
-                    zr = &Z[t, 0]
-                    for k in range(indptr[i], indptr[i + 1]):
-                        j = indices[k]
-                        x = data[k]
-                        for c in range(K):
-                            acc[j * K + c] += x * zr[c]
-                    for c in range(K):
-                        acc[p * K + c] += zr[c]
+        if floating is double and csr_index is int32_t:
+            rc = dml_csr_softmax_d_i32(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
+                                       compute_grad, &loss, &bad)
+        elif floating is double:
+            rc = dml_csr_softmax_d_i64(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
+                                       compute_grad, &loss, &bad)
+        elif csr_index is int32_t:
+            rc = dml_csr_softmax_f_i32(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
+                                       compute_grad, &loss, &bad)
+        else:
+            rc = dml_csr_softmax_f_i64(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
+                                       compute_grad, &loss, &bad)
+    if rc != 0:
+        raise MemoryError("loss_grad_csr: could not allocate the block scratch")
     return loss, bad
 
 
@@ -512,7 +492,7 @@ def _check_csr(name, X, coef, grad_out, n_coef):
     if not sp.issparse(X) or X.format != "csr":
         raise ValueError(f"{name}: X must be a scipy.sparse CSR matrix, got {type(X).__name__}")
     _check_coef_grad(name, X, coef, grad_out, n_coef)
-    index = np.intc if X.indices.dtype == X.indptr.dtype == np.int32 else np.longlong
+    index = np.int32 if X.indices.dtype == X.indptr.dtype == np.int32 else np.int64
     indices, indptr = X.indices.astype(index, copy=False), X.indptr.astype(index, copy=False)
     return (np.ascontiguousarray(X.data), np.ascontiguousarray(indices),
             np.ascontiguousarray(indptr))

@@ -55,6 +55,57 @@ def test_csr_kernel_equals_the_dense_kernel(model, dtype, weighted, index):
     assert not W[7].any()                                      # the absent feature
 
 
+@pytest.fixture
+def csr_block_rows():
+    """Set the CSR kernels' rows per block for one test, then restore automatic."""
+    from dmlcore._ext import loss
+
+    yield loss.csr_block_rows
+    loss.csr_block_rows(0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300, 0])
+@pytest.mark.parametrize("model", MODELS, ids=repr)
+def test_csr_kernel_is_the_same_for_every_block_size(model, rows, csr_block_rows):
+    # 300 rows: several blocks and a partial one at the default 64; rows=1 and
+    # 300 are the extremes of the large-block mode the kernel uses when coef
+    # and gradient outgrow the cache.
+    rng = np.random.default_rng(4)
+    n = 300
+    X = sp.random(n, P, density=0.2, format="csr", random_state=5)
+    X.data = rng.normal(size=X.nnz)
+    y = (rng.integers(0, K, n) if isinstance(model, Softmax)
+         else rng.integers(0, 2, n).astype(np.float64))
+    w = rng.uniform(0, 2, n)
+    params = model.init(seed=2) + rng.normal(scale=0.5, size=model.n_params)
+    g_dense = np.empty_like(params)
+    l_dense = model.loss_grad(params, X.toarray(), y, g_dense, sample_weight=w)
+    csr_block_rows(rows)
+    g = np.empty_like(params)
+    assert model.loss_grad(params, X, y, g, sample_weight=w) == pytest.approx(l_dense, rel=1e-12)
+    np.testing.assert_allclose(g, g_dense, rtol=1e-10, atol=1e-12)
+
+
+def test_csr_softmax_with_a_gradient_larger_than_the_cache():
+    # 60,000 x 10 coefficients: coef and gradient are 9.6 MB, so the kernel
+    # picks large blocks (loss_kernels.h); checked against scipy.sparse + NumPy.
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(6)
+    n, p, k = 2000, 60_000, 10
+    X = sp.random(n, p, density=5e-4, format="csr", random_state=7)
+    y = rng.integers(0, k, n)
+    params = rng.normal(scale=0.3, size=p * k + k)
+    Z = X @ params[:p * k].reshape(p, k) + params[p * k:]
+    loss = np.sum(logsumexp(Z, axis=1) - Z[np.arange(n), y])
+    R = np.exp(Z - logsumexp(Z, axis=1, keepdims=True))
+    R[np.arange(n), y] -= 1
+    grad = np.empty_like(params)
+    assert Softmax(p, k).loss_grad(params, X, y, grad) == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(grad, np.concatenate([(X.T @ R).ravel(), R.sum(axis=0)]),
+                               rtol=1e-10, atol=1e-12)
+
+
 def test_csr_kernel_errors():
     X = _csr(np.float64)
     model = Logistic(P)

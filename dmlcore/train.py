@@ -10,6 +10,7 @@ whatever else the strategy reports (``staleness``, ``participants`` ...).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -196,10 +197,27 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
         ctx.sync_periods = _sync_periods(per_epoch,
                                          eval_every if eval_data is not None else 0,
                                          checkpoint_every if checkpoint_dir else 0, callbacks)
-        return _Loop(ctx, strategy, eval_data, eval_every, checkpoint_dir, checkpoint_every,
-                     callbacks, progress).run()
+        loop = _Loop(ctx, strategy, eval_data, eval_every, checkpoint_dir, checkpoint_every,
+                     callbacks, progress)
+        with _driver_blas(client):
+            return loop.run()
     finally:
         owned_close()
+
+
+def _driver_blas(client):
+    """One BLAS thread in this (the driver's) process while a cluster computes.
+
+    The driver's share of a fit is vector arithmetic (optimizer steps, L-BFGS);
+    an OpenBLAS pool left idle busy-waits after every call, and on a host the
+    workers share, that spinning took a core from a worker at every step.
+    In-process fits (``client=False``) keep the caller's setting."""
+    if client is None:
+        return contextlib.nullcontext()
+    import scipy.linalg  # noqa: F401 - loads scipy's BLAS (L-BFGS-B's) so the limit covers it
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _start(model, data, strategy, optimizer, client, seed, init_params, total, checkpoint_dir,

@@ -303,3 +303,32 @@ def test_sharded_replicas_on_four_workers_equal_the_driver_path():
     # steps 2, 3: no sync point; reduce-scatter + all-gather: 2 x 12 messages
     assert_payload(b.history.bytes_sent.values[1], 2 * 3 * vector, 24)
     assert_payload(a.history.bytes_sent.values[1], 2 * 4 * vector, 8)
+
+
+def test_the_driver_runs_one_blas_thread_during_a_cluster_fit(client):
+    # An idle OpenBLAS pool in the driver busy-waits after each call and took
+    # a core from a worker on a shared host; the caller's setting comes back.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+
+    import scipy.linalg  # noqa: F401 - every BLAS the fit uses is loaded before `before`
+
+    X, y = logistic_problem()
+    seen = []
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        dml.fit(dml.models.Logistic(X.shape[1]), dml.partition(X, y, client=client),
+                dml.SyncSGD(batch_size=None), dml.optim.LBFGS(max_iter=5), steps=5,
+                client=client, progress=False,
+                callbacks=[lambda step, rec, params: seen.append(blas_threads())])
+        assert blas_threads() == before
+    assert before == [2] and seen and all(s == [1] for s in seen)
+    seen.clear()
+    with threadpool_limits(limits=2, user_api="blas"):
+        dml.fit(dml.models.Logistic(X.shape[1]), dml.partition(X, y, client=False),
+                dml.SyncSGD(batch_size=None), dml.optim.LBFGS(max_iter=5), steps=5,
+                client=False, progress=False,
+                callbacks=[lambda step, rec, params: seen.append(blas_threads())])
+    assert seen and all(s == [2] for s in seen)                 # in-process: untouched

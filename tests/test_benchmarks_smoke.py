@@ -99,6 +99,8 @@ FIGURES = {
         (rf"scipy / logistic kernel\s+{N}", None),
         (rf"scikit-learn lbfgs \(1 process\)\s+{N} s\s+objective {N}", None),
         (rf"dmlcore \(2 workers\)\s+{N} s\s+objective {N}.*sklearn time / this {N}x", None),
+        (rf"dmlcore, data partitioned before \(2 workers\)\s+{N} s\s+objective {N}.*"
+         rf"sklearn time / this {N}x", None),
         (rf"scikit-learn saga \(tol {N}\): {N} s, {N} epochs, objective {N}", None),
         (rf"time to saga's objective: dmlcore {N} s vs saga {N} s: {N}x faster", None)],
     "bench_sync_step.py": [

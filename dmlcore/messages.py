@@ -56,6 +56,7 @@ class Push(NamedTuple):
     kind: str           # "sum": payload is the gradient sum; "mean": its mean (float16);
                         # "coded": its mean, encoded by ``dmlcore.compression``
     payload: Any
+    seconds: float = 0.0    # the loop's wall time computing it (its worker's speed)
 
 
 class Pull(NamedTuple):
@@ -86,6 +87,7 @@ class Snapshot(NamedTuple):
     stopped: bool
     pushes: dict        # worker slot -> partition mini-batches since the last snapshot
     partition_pushes: Any
+    push_seconds: Any = None    # {worker slot: their compute seconds (Push.seconds)}
 
 
 class Half(NamedTuple):

@@ -171,6 +171,8 @@ def fit(model, data, strategy, optimizer=None, *, epochs=None, steps=None, round
     ``timeout``). A worker that dies (leaves the cluster) is recovered from:
     its partitions are made again on a live worker and the work since the
     last sync point is redone (``dmlcore.recovery``; ``events`` in the history).
+    While a cluster trains, this process's BLAS runs one thread (callbacks
+    included); the caller's setting is restored at the end.
     """
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")

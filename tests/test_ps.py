@@ -319,3 +319,29 @@ def test_a_worker_that_joins_mid_fit_starts_pushing():
     updates = result.history.worker_updates
     assert int(updates.sel(worker_address=joined["address"])) > 0
     assert result.history.updates_lost.sum() == 0
+
+
+def test_the_server_moves_off_a_slow_worker_and_nothing_is_lost(client):
+    # The server starts on the first worker (both hold one partition); that worker's
+    # partition sleeps 20 ms per mini-batch, so its loop computes far more slowly than
+    # the other's and the server moves, once, from the exact halted state.
+    X, y = logistic_problem(n=800, d=5, seed=4)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)
+    first = sorted(client.nthreads())[0]
+    slow = [p for p, w in enumerate(data.workers()) if w == first]
+    model = dml.models.Logistic(X.shape[1])
+    steps = 1500
+    result = fit_within(120, model, data,
+                        ParameterServer("async", batch_size=8,
+                                        slow_partitions={p: 0.02 for p in slow}),
+                        dml.optim.SGD(lr=0.05), steps=steps, client=client, progress=False)
+    moves = [e for e in _events(result.history) if e["what"] == "server moved off a slow worker"]
+    assert len(moves) == 1
+    assert moves[0]["worker"] == first and moves[0]["server_worker"] != first
+    assert result.steps == steps and result.history.sizes["step"] == steps
+    assert (result.history.updates_lost.values == 0).all()
+    assert full_loss(model, result.params, X, y) < full_loss(model, model.init(0), X, y)
+    # without a slow worker the server stays where it started
+    still = dml.fit(model, data, ParameterServer("async", batch_size=8), dml.optim.SGD(lr=0.05),
+                    steps=steps, client=client, progress=False)
+    assert not [e for e in _events(still.history) if e["what"].startswith("server moved")]

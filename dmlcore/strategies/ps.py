@@ -2,7 +2,9 @@
 
 *Server*: the trainable values, optimizer state and clocks in one ``_Server``
 actor (coroutines on its worker's event loop, one at a time) on the live
-worker holding the fewest partitions. *Workers*: each data worker's executor
+worker holding the fewest partitions; it moves once to the fastest loop
+worker when the loop on its own worker computes its mini-batches more than
+twice as slowly (a slow worker would serve every loop slowly). *Workers*: each data worker's executor
 (``ExecutorPool``) hosts a loop, in a thread of its own, round-robin over its
 partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
 the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
@@ -48,6 +50,10 @@ _WAIT = "wait"            # exchange's answer when a pull is not allowed yet: as
 _MAX_WAIT = 1.0           # seconds a pull waits inside one exchange call
 _LOCAL_CALLS = True       # the loop on the server's own worker calls it without the network
 _SERVERS: dict = {}       # run token -> the _Server living in this process (its worker)
+MOVE_AFTER_S = 0.5        # the server's worker is judged after this long (see faster_host)
+MOVE_SLOWER = 2.0         # ... and left when its loop's mini-batches take this much longer
+MOVE_MIN_PUSHES = 10      # ... (over at least this many mini-batches of each worker)
+MOVE_MIN_GAP_S = 1e-3     # ... and this much longer in seconds (tiny batches stay put)
 
 
 def _copy_state(state):
@@ -92,6 +98,7 @@ class _Server:
         self.remote_slots = set(remote_slots)
         self.updates = []
         self.pushes = {}                      # slot -> partition mini-batches since the last snapshot
+        self.push_seconds = {}                # slot -> their compute seconds (Push.seconds)
         self.partition_pushes = np.zeros(len(self.clocks), dtype=np.int64)
         self.stopped = self.count >= self.stop_at
         self.buffer = None                    # BSP: [grad sum, loss sum, rows, bytes, staleness]
@@ -147,6 +154,7 @@ class _Server:
         self.clocks[pid] += 1
         self.partition_pushes[pid] += 1
         self.pushes[slot] = self.pushes.get(slot, 0) + 1
+        self.push_seconds[slot] = self.push_seconds.get(slot, 0.0) + float(push.seconds)
         if self.consistency != "bsp":
             self._apply(grad_sum, push.loss, push.rows, nbytes, staleness, pid, slot)
             self._notify()
@@ -204,13 +212,15 @@ class _Server:
                 pass
         updates, self.updates = self.updates, []
         pushes, self.pushes = self.pushes, {}
+        seconds, self.push_seconds = self.push_seconds, {}
         partition_pushes = self.partition_pushes.copy()
         self.partition_pushes[:] = 0
         clocks = self.clocks.copy()
         if self.consistency == "bsp":
             clocks = np.minimum(clocks, self._server_clock())
         return Snapshot(updates, self.values.copy(), _copy_state(self.opt_state), self.count,
-                        clocks, self.active.copy(), self.stopped, pushes, partition_pushes)
+                        clocks, self.active.copy(), self.stopped, pushes, partition_pushes,
+                        seconds)
 
     async def halt(self):
         """Stop and return the last ``Snapshot`` (the exact state)."""
@@ -323,6 +333,7 @@ def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow, com
             version = reply.version
             view.scatter(params, reply.values)
         X, y, w = parts[pid]
+        started = time.perf_counter()
         rows = local.batch_slice(X.shape[0], batch_size, reply.clock, seed, pid)
         loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, view, w=w)
         if slow.get(pid):
@@ -335,7 +346,7 @@ def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow, com
         elif coder is not None:
             kind = "coded"
             payload = coder.encode(grad / local.mean_divisor(n), (pid, reply.clock))
-        push = Push(pid, reply.clock, loss, n, kind, payload)
+        push = Push(pid, reply.clock, loss, n, kind, payload, time.perf_counter() - started)
         i += 1
 
 
@@ -427,6 +438,7 @@ class _Run:
         if resumed.shape == (P,):           # dml.fit(resume=True) restores ctx.extra
             self.partition_counts += resumed
         self.worker_counts, self.slots, self.dead = {}, [], set()
+        self.worker_seconds, self.moved_server = {}, False
         self.pool, self.actor_future, self.server = None, None, None
         # the state to resume from should the server be lost: the last snapshot's
         self.last = Snapshot([], ctx.trainable_values().copy(), _copy_state(ctx.opt_state),
@@ -443,8 +455,9 @@ class _Run:
                 started = time.monotonic()
                 dead = self.dead_loop_workers()
                 joined = [] if dead else self.newcomers()
+                target = None if dead or joined else self.faster_host()
                 try:
-                    if dead or joined:  # stop here (exact state), re-place the loops
+                    if dead or joined or target:  # stop here (exact state), re-place
                         snap = self.server.halt().result(timeout=timeout)
                     else:
                         snap = self.server.snapshot(self.cfg.poll_interval).result(
@@ -468,6 +481,9 @@ class _Run:
                     continue
                 if joined:
                     self.grow(yielded, joined)
+                    continue
+                if target:
+                    self.move_server(yielded, target)
                     continue
                 if snap.stopped and not snap.updates and snap.count >= ctx.total_steps:
                     self.finish()
@@ -493,6 +509,9 @@ class _Run:
         for slot, n in snap.pushes.items():
             address = self.slots[slot]
             self.worker_counts[address] = self.worker_counts.get(address, 0) + n
+        for slot, sec in (snap.push_seconds or {}).items():
+            address = self.slots[slot]
+            self.worker_seconds[address] = self.worker_seconds.get(address, 0.0) + sec
         self.publish()
 
     def publish(self):
@@ -509,9 +528,11 @@ class _Run:
             dims="worker_address", coords={"worker_address": np.array(addresses, dtype=str)})
 
     # ---- placement --------------------------------------------------------------
-    def launch(self, state, placement):
+    def launch(self, state, placement, server_worker=None):
         """Start a server from ``state`` (a ``Snapshot``) and the worker loops
-        on ``placement`` (partition -> worker, None for dropped ones)."""
+        on ``placement`` (partition -> worker, None for dropped ones); the
+        server on ``server_worker`` if it is live, else on the live worker
+        holding the fewest partitions."""
         ctx, cfg, client = self.ctx, self.cfg, self.client
         live = sorted(set(client.nthreads()) - self.dead)
         if not live:
@@ -520,7 +541,10 @@ class _Run:
         for pid in np.flatnonzero(state.active):
             by_worker.setdefault(placement[pid], []).append(int(pid))
         load = {w: len(by_worker.get(w, ())) for w in live}
-        self.server_worker = min(live, key=lambda w: (load[w], w))
+        self.server_worker = (server_worker if server_worker in live
+                              else min(live, key=lambda w: (load[w], w)))
+        self.at_launch = (dict(self.worker_counts), dict(self.worker_seconds))
+        self.launched_at = time.monotonic()
         slots = {}
         for w in sorted(by_worker):
             slots[w] = len(self.slots)
@@ -620,6 +644,50 @@ class _Run:
                            "recovery_s": time.monotonic() - t0})
         logger.info("parameter server: partitions %s moved to joined worker(s) %s",
                     [p for p, _ in moves], joined)
+
+    def faster_host(self):
+        """The loop worker the server should move to, or None.
+
+        Once per run, ``MOVE_AFTER_S`` seconds after the launch: when the loop
+        on the server's worker took more than ``MOVE_SLOWER`` times as long
+        per mini-batch as the fastest loop (``Push.seconds``, its computation
+        only, no waits) and ``MOVE_MIN_GAP_S`` longer, the server moves to that
+        fastest worker; a slow worker (a CPU quota, a loaded host) would serve
+        every loop slowly. Needs ``MOVE_MIN_PUSHES`` mini-batches of each.
+        """
+        if self.moved_server or time.monotonic() - self.launched_at < MOVE_AFTER_S:
+            return None
+        counts, seconds = self.at_launch
+        per_push = {}
+        for w in self.loop_workers:
+            n = self.worker_counts.get(w, 0) - counts.get(w, 0)
+            if n >= MOVE_MIN_PUSHES:
+                per_push[w] = (self.worker_seconds.get(w, 0.0) - seconds.get(w, 0.0)) / n
+        if self.server_worker not in per_push or len(per_push) < 2:
+            return None
+        best = min(per_push, key=lambda w: (per_push[w], w))
+        here, there = per_push[self.server_worker], per_push[best]
+        if here > MOVE_SLOWER * there and here - there > MOVE_MIN_GAP_S:
+            return best
+        return None
+
+    def move_server(self, yielded, target):
+        """Halt the server (exact state) and start it again on ``target``, the
+        loops where they are: nothing is lost."""
+        t0, source = time.monotonic(), self.server_worker
+        placement = self.placement_now()
+        self.pool.close()
+        self.end_server()
+        self.moved_server = True
+        self.launch(self.last, placement, server_worker=target)
+        self.ctx.events.append({"step": yielded, "time": time.time(), "worker": source,
+                                "what": "server moved off a slow worker",
+                                "server_worker": self.server_worker,
+                                "from_update": self.last.count, "updates_lost": 0,
+                                "partitions_dropped": "[]", "partitions_moved": "",
+                                "recovery_s": time.monotonic() - t0})
+        logger.info("parameter server: moved from %s (its loop computed more than %gx "
+                    "slower) to %s", source, MOVE_SLOWER, target)
 
     def gone(self):
         """Loop workers (other than the server's) no longer in the cluster."""

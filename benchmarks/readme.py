@@ -305,9 +305,9 @@ def _net_best(g, where, cases):
 _NET_CASES = ("sync-ls16", "ls16-topk", "fedavg", "fedavg-int8", "ps-async")
 
 
-def _net_row(profile, text, where=None, cases=_NET_CASES):
-    where = where or f"{profile}, 2 workers"
-    return Row("bench_network", f"{text}, MLP 784-256-10 on 2 workers, time to 0.85 test "
+def _net_row(profile, text, where=None, cases=_NET_CASES, workers=2):
+    where = where or f"{profile}, {workers} workers"
+    return Row("bench_network", f"{text}, MLP 784-256-10 on {workers} workers, time to 0.85 test "
                f"accuracy ([[budget per run|.0f]] s of fit per case)",
                lambda g: _net_cases(g, where, cases),
                lambda g: f"SyncSGD {_net_t(g, where, 'sync')} (acc "
@@ -465,6 +465,15 @@ ROWS = [
         "scikit-learn saga (tol 1e-4, 1 process) [[l1: saga time|.2f]] s, "
         "[[l1: saga epochs|.0f]] epochs",
         "[[l1: saga time / dmlcore time to saga's objective|.2f]]x faster to the same objective"),
+    *[Row("bench_compression", f"SyncSGD gradient compression `{label}`, Fashion-MNIST MLP "
+          "784-256-10, batch 64 per worker, [[epochs|.0f]] epochs, 2 workers",
+          f"[[{name}: bytes per step|,.0f]] bytes per step (both workers), test accuracy "
+          f"[[{name}: test accuracy|.4f]] ([[{name}: fit time|.1f]] s)",
+          "the same fit uncompressed: [[none: bytes per step|,.0f]] bytes per step, accuracy "
+          "[[none: test accuracy|.4f]]",
+          f"[[{name}: fewer bytes|.1f]]x fewer bytes, accuracy [[{name}: accuracy change|+.4f]]")
+      for name, label in (("float16", '"float16"'), ("int8", '"int8"'),
+                          ("topk 1%", '{"topk": 0.01}'))],
     Row("bench_tls", "data plane on a TLS `LocalCluster` (the cluster's certificates), 16 tiny "
         "partitions", "step [[full batch, driver updates: tls step|.2f]] ms (driver updates), "
         "[[batch 16, replicated optimizer: tls step|.2f]] ms (replicated)",
@@ -486,8 +495,9 @@ ROWS = [
         "([[same label as the float model|%]] same labels)"),
     _net_row("lan", "LAN (network namespaces, no shaping)"),
     _net_row("wan", "WAN (50 Mbit/s, 40 ms RTT)"),
-    _net_row("lan", "LAN with one worker held to 1/4 of a CPU", where="lan, 2 workers, 4x "
-             "straggler", cases=("ps-async",)),
+    _net_row("edge", "edge (10 Mbit/s, 100 ms RTT, 0.1% loss)"),
+    *[_net_row("lan", f"LAN with one worker held to 1/{f} of a CPU",
+               where=f"lan, 2 workers, {f}x straggler", cases=("ps-async",)) for f in (2, 4)],
     Row("bench_network", "bytes per history step and worker on the WAN (counted by the "
         "transport, parameter collections included): compression against the same strategy",
         "FedAvg + int8: [[wan, 2 workers: fedavg-int8: bytes per step per worker|,.0f]]; local "

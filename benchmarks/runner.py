@@ -76,6 +76,7 @@ SPECS = {
                          ["--rows", "10000", "--cols", "2000", "--repeat", "2", "--fit",
                           "--fit-rows", "3000", "--l1", "--l1-C", "0.05"]),
     "bench_fashion_mlp": Spec([], ["--small"], fashion_mnist=True),
+    "bench_compression": Spec([], ["--small"], fashion_mnist=True),
     "bench_fedavg": Spec(["--cap-iid", "100", "--cap-noniid", "120", "--cap-local", "30",
                           "--out", "{tmp}/fedavg"],
                          ["--small", "--only", "iid/", "--out", "{tmp}/fedavg"],
@@ -91,9 +92,9 @@ SPECS = {
     "bench_recovery": Spec([], ["--small"], timeout=900),
     # Each case trains for --budget seconds of fit time on a fresh namespaced cluster per
     # profile; the full size is a subset of bench_network's cases that fits the 30 minutes.
-    "bench_network": Spec(["--profiles", "lan,wan", "--workers", "2", "--budget", "20",
+    "bench_network": Spec(["--profiles", "lan,wan,edge", "--workers", "2", "--budget", "20",
                            "--cases", "sync,sync-ls16,ls16-topk,fedavg,fedavg-int8,ps-async",
-                           "--straggler", "4", "--straggler-cases", "sync,ps-async",
+                           "--straggler", "2,4", "--straggler-cases", "sync,ps-async",
                            "--lbfgs", "200000", "--json", "{tmp}/network.json"],
                           ["--smoke", "--profiles", "lan", "--workers", "2", "--budget", "3",
                            "--cases", "sync,sync-topk", "--lbfgs", "0",

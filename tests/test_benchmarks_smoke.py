@@ -26,6 +26,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SMALL_ARGS = {
     "bench_kernels.py": ["--rows", "20000", "--cols", "20", "--repeat", "2"],
     "bench_mlp_optim.py": ["--small"],
+    "bench_compression.py": ["--small"],
     "bench_convex.py": ["--rows", "20000", "--cols", "10", "--chunks", "4"],
     "bench_estimator.py": ["--rows", "20000", "--cols", "10", "--chunks", "4", "--weighted"],
     "bench_sync_step.py": ["--rows", "20000", "--cols", "10", "--steps", "20"],
@@ -48,6 +49,11 @@ A = "acc"        # marks a pattern whose figures are accuracies: in (0, 1]
 # For each script: (pattern, kind) pairs, each of which must match a line of stdout
 # (re.MULTILINE; every group is a figure), and the peers' names that must appear.
 FIGURES = {
+    "bench_compression.py": [         # bytes per step, test accuracy
+        (rf"^  none\s+{N}\s+[\d.]+x\s+{N}", A),
+        (rf"^  float16\s+{N}\s+[\d.]+x\s+{N}", A),
+        (rf"^  int8\s+{N}\s+[\d.]+x\s+{N}", A),
+        (rf"^  topk 1%\s+{N}\s+[\d.]+x\s+{N}", A)],
     "bench_convex.py": [
         (rf"^dmlcore lbfgs\s+{N}\s+{N}", None),                      # time, objective
         (rf"^dask-ml lbfgs\s+{N}\s+{N}\s+\S+\s+{N}x", None),          # time, objective, ratio
@@ -121,6 +127,7 @@ FIGURES = {
 }
 
 PEERS = {
+    "bench_compression.py": ["none"],
     "bench_convex.py": ["dask-ml", "scikit-learn"],
     "bench_estimator.py": ["dask-ml"],
     "bench_fashion_mlp.py": ["scikit-learn"],
@@ -164,7 +171,7 @@ def test_every_benchmark_has_a_smoke_run():
     assert sorted(FIGURES) == sorted(PEERS) == sorted(SMALL_ARGS)
 
 
-NEEDS_FASHION_MNIST = {"bench_torch.py", "bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
+NEEDS_FASHION_MNIST = {"bench_compression.py", "bench_torch.py", "bench_fashion_mlp.py", "bench_fedavg.py", "bench_partial.py", "bench_ps.py"}
 
 
 # Seconds each: the two kernel benchmarks stay in the quick subset (-m "not slow").

@@ -255,7 +255,8 @@ def _or_not(g, name, spec):
 # ---- bench_network: which strategy for which network ----------------------------------
 _NET_LABELS = {"sync": "SyncSGD", "sync-ls16": "local SGD (16)", "ls16-topk": "local SGD (16) + "
                "top-k 1%", "fedavg": "FedAvg", "fedavg-int8": "FedAvg + int8",
-               "ps-async": "PS async", "sync-topk": "SyncSGD + top-k 1%"}
+               "ps-async": "PS async", "sync-topk": "SyncSGD + top-k 1%",
+               "ps-async-plain": "PS async (SGD without momentum)"}
 
 
 def _net_t(g, where, case, target=0.85):
@@ -497,7 +498,8 @@ ROWS = [
     _net_row("wan", "WAN (50 Mbit/s, 40 ms RTT)"),
     _net_row("edge", "edge (10 Mbit/s, 100 ms RTT, 0.1% loss)"),
     *[_net_row("lan", f"LAN with one worker held to 1/{f} of a CPU",
-               where=f"lan, 2 workers, {f}x straggler", cases=("ps-async",)) for f in (2, 4)],
+               where=f"lan, 2 workers, {f}x straggler", cases=("ps-async-plain",))
+      for f in (2, 4)],
     Row("bench_network", "bytes per history step and worker on the WAN (counted by the "
         "transport, parameter collections included): compression against the same strategy",
         "FedAvg + int8: [[wan, 2 workers: fedavg-int8: bytes per step per worker|,.0f]]; local "

@@ -94,7 +94,7 @@ SPECS = {
     # profile; the full size is a subset of bench_network's cases that fits the 30 minutes.
     "bench_network": Spec(["--profiles", "lan,wan,edge", "--workers", "2", "--budget", "20",
                            "--cases", "sync,sync-ls16,ls16-topk,fedavg,fedavg-int8,ps-async",
-                           "--straggler", "2,4", "--straggler-cases", "sync,ps-async",
+                           "--straggler", "2,4", "--straggler-cases", "sync,ps-async-plain",
                            "--lbfgs", "200000", "--json", "{tmp}/network.json"],
                           ["--smoke", "--profiles", "lan", "--workers", "2", "--budget", "3",
                            "--cases", "sync,sync-topk", "--lbfgs", "0",

@@ -379,38 +379,14 @@ def _tuning(block_bytes=None, prefetch_blocks=None):
 # int64 (``csr_index``), as scipy.sparse makes them.
 cdef extern from "loss_kernels.h" nogil:
     int64_t dml_csr_block
-    int dml_csr_glm_d_i32(int kind, const double *data, const int32_t *ind,
-                          const int32_t *indptr, int64_t n, int64_t p, const double *y,
-                          const double *w, const double *coef, double *acc, int compute_grad,
-                          double *loss_out, int *bad_out)
-    int dml_csr_glm_d_i64(int kind, const double *data, const int64_t *ind,
-                          const int64_t *indptr, int64_t n, int64_t p, const double *y,
-                          const double *w, const double *coef, double *acc, int compute_grad,
-                          double *loss_out, int *bad_out)
-    int dml_csr_glm_f_i32(int kind, const float *data, const int32_t *ind,
-                          const int32_t *indptr, int64_t n, int64_t p, const float *y,
-                          const float *w, const float *coef, double *acc, int compute_grad,
-                          double *loss_out, int *bad_out)
-    int dml_csr_glm_f_i64(int kind, const float *data, const int64_t *ind,
-                          const int64_t *indptr, int64_t n, int64_t p, const float *y,
-                          const float *w, const float *coef, double *acc, int compute_grad,
-                          double *loss_out, int *bad_out)
-    int dml_csr_softmax_d_i32(const double *data, const int32_t *ind, const int32_t *indptr,
-                              int64_t n, int64_t p, int64_t K, const int64_t *y,
-                              const double *w, const double *coef, double *acc,
-                              int compute_grad, double *loss_out, int *bad_out)
-    int dml_csr_softmax_d_i64(const double *data, const int64_t *ind, const int64_t *indptr,
-                              int64_t n, int64_t p, int64_t K, const int64_t *y,
-                              const double *w, const double *coef, double *acc,
-                              int compute_grad, double *loss_out, int *bad_out)
-    int dml_csr_softmax_f_i32(const float *data, const int32_t *ind, const int32_t *indptr,
-                              int64_t n, int64_t p, int64_t K, const int64_t *y,
-                              const float *w, const float *coef, double *acc,
-                              int compute_grad, double *loss_out, int *bad_out)
-    int dml_csr_softmax_f_i64(const float *data, const int64_t *ind, const int64_t *indptr,
-                              int64_t n, int64_t p, int64_t K, const int64_t *y,
-                              const float *w, const float *coef, double *acc,
-                              int compute_grad, double *loss_out, int *bad_out)
+    int dml_csr_glm(int f64, int i64, int kind, const void *data, const void *ind,
+                    const void *indptr, int64_t n, int64_t p, const void *y, const void *w,
+                    const void *coef, double *acc, int compute_grad, double *loss_out,
+                    int *bad_out)
+    int dml_csr_softmax(int f64, int i64, const void *data, const void *ind,
+                        const void *indptr, int64_t n, int64_t p, int64_t K, const int64_t *y,
+                        const void *w, const void *coef, double *acc, int compute_grad,
+                        double *loss_out, int *bad_out)
 
 ctypedef fused csr_index:
     int32_t
@@ -438,18 +414,9 @@ def _glm_csr(int kind, const floating[::1] data, const csr_index[::1] indices,
     cdef const floating *dp = &data[0] if data.shape[0] > 0 else NULL
     cdef const csr_index *ip = &indices[0] if indices.shape[0] > 0 else NULL
     with nogil:
-        if floating is double and csr_index is int32_t:
-            rc = dml_csr_glm_d_i32(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
-                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
-        elif floating is double:
-            rc = dml_csr_glm_d_i64(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
-                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
-        elif csr_index is int32_t:
-            rc = dml_csr_glm_f_i32(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
-                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
-        else:
-            rc = dml_csr_glm_f_i64(kind, dp, ip, &indptr[0], n, p, &y[0] if n > 0 else NULL,
-                                   wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
+        rc = dml_csr_glm(sizeof(floating) == 8, sizeof(csr_index) == 8, kind, dp, ip,
+                         &indptr[0], n, p, &y[0] if n > 0 else NULL, wp, &coef[0], &acc[0],
+                         compute_grad, &loss, &bad)
     if rc != 0:
         raise MemoryError("loss_grad_csr: could not allocate the block scratch")
     return loss, bad
@@ -468,18 +435,8 @@ def _softmax_csr(const floating[::1] data, const csr_index[::1] indices,
     cdef const csr_index *ip = &indices[0] if indices.shape[0] > 0 else NULL
     cdef const int64_t *yp = &y[0] if n > 0 else NULL
     with nogil:
-        if floating is double and csr_index is int32_t:
-            rc = dml_csr_softmax_d_i32(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
-                                       compute_grad, &loss, &bad)
-        elif floating is double:
-            rc = dml_csr_softmax_d_i64(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
-                                       compute_grad, &loss, &bad)
-        elif csr_index is int32_t:
-            rc = dml_csr_softmax_f_i32(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
-                                       compute_grad, &loss, &bad)
-        else:
-            rc = dml_csr_softmax_f_i64(dp, ip, &indptr[0], n, p, K, yp, wp, &coef[0], &acc[0],
-                                       compute_grad, &loss, &bad)
+        rc = dml_csr_softmax(sizeof(floating) == 8, sizeof(csr_index) == 8, dp, ip, &indptr[0],
+                             n, p, K, yp, wp, &coef[0], &acc[0], compute_grad, &loss, &bad)
     if rc != 0:
         raise MemoryError("loss_grad_csr: could not allocate the block scratch")
     return loss, bad

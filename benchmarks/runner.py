@@ -91,15 +91,17 @@ SPECS = {
     "bench_soak": Spec([], ["--small"], timeout=900),
     "bench_recovery": Spec([], ["--small"], timeout=900),
     # Each case trains for --budget seconds of fit time on a fresh namespaced cluster per
-    # profile; the full size is a subset of bench_network's cases that fits the 30 minutes.
+    # profile (60 on the WAN, where SyncSGD needs more than 20 to reach 0.85); the full size
+    # is a subset of bench_network's cases that fits the 30 minutes.
     "bench_network": Spec(["--profiles", "lan,wan,edge", "--workers", "2", "--budget", "20",
+                           "--budget-for", "wan=60",
                            "--cases", "sync,sync-ls16,ls16-topk,fedavg,fedavg-int8,ps-async",
                            "--straggler", "2,4", "--straggler-cases", "sync,ps-async-plain",
                            "--lbfgs", "200000", "--json", "{tmp}/network.json"],
                           ["--smoke", "--profiles", "lan", "--workers", "2", "--budget", "3",
                            "--cases", "sync,sync-topk", "--lbfgs", "0",
                            "--json", "{tmp}/network.json"],
-                          fashion_mnist=True, unavailable=_network_unavailable, timeout=900),
+                          fashion_mnist=True, unavailable=_network_unavailable, timeout=1500),
 }
 
 

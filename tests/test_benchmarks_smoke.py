@@ -278,3 +278,21 @@ def test_network_figures_from_runs():
     assert bench_readme._net_best(get, "wan, 2 workers", ("ls16-topk", "ps-async")) == (
         "local SGD (16) + top-k 1%: 5.0x sooner to 0.85 than SyncSGD")
     assert bench_readme._net_t(get, "wan, 2 workers", "ps-async") == "> 20 s"
+
+
+def test_a_profile_budget_is_the_one_its_rows_show():
+    # --budget-for wan=60: the WAN rows' "> N s" and lower bounds use 60, the others 20
+    from benchmarks import bench_network
+
+    def run(profile, case, t85, budget):
+        return {"profile": profile, "workers": 2, "straggler": None, "case": case, "t85": t85,
+                "t88": None, "final_acc": 0.8, "best_acc": 0.8, "steps": 10,
+                "bytes_per_step_per_worker": 1000.0, "budget_s": budget}
+    out = {"budget_s": 20.0, "runs": [run("wan", "sync", None, 60.0),
+                                      run("wan", "fedavg-int8", 6.0, 60.0),
+                                      run("lan", "sync", None, 20.0)]}
+    get = bench_readme.getter(bench_network.figures(out))
+    assert bench_readme._net_t(get, "wan, 2 workers", "sync") == "> 60 s"
+    assert bench_readme._net_t(get, "lan, 2 workers", "sync") == "> 20 s"
+    assert bench_readme._net_best(get, "wan, 2 workers", ("fedavg-int8",)) == (
+        "FedAvg + int8: >= 10.0x sooner to 0.85 than SyncSGD")

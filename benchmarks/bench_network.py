@@ -331,10 +331,8 @@ def figures(out):
                               ref["bytes_per_step_per_worker"]
                               / row["bytes_per_step_per_worker"], peer))
     figs.append(figure("budget per run", out["budget_s"], "s"))
-    for where in sorted({_name(r).rsplit(": ", 1)[0] for r in runs if "budget_s" in r}):
-        budget = next(r["budget_s"] for r in runs if _name(r).startswith(where + ": ")
-                      and "budget_s" in r)
-        figs.append(figure(f"{where}: budget per run", budget, "s"))
+    budgets = {_name(r).rsplit(": ", 1)[0]: r["budget_s"] for r in runs if "budget_s" in r}
+    figs += [figure(f"{where}: budget per run", b, "s") for where, b in sorted(budgets.items())]
     return {"figures": figs, "notes": notes}
 
 

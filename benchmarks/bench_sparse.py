@@ -231,16 +231,12 @@ def _fit_partitioned(dml, client, X, y, base_objective):
     timed): (seconds to reach ``base_objective``, or of the whole fit if it
     never does; final objective; iterations). The parameters of each
     iteration are kept and scored after the fit, so scoring costs no fit time."""
-    n, p = X.shape
+    n = X.shape[0]
     data = dml.partition(X, y.astype(np.float64), client=client)
-    model = dml.models.Logistic(p)
-    trace = []
     t0 = time.perf_counter()
-    fit = dml.fit(model, data, dml.SyncSGD(batch_size=None),
-                  dml.optim.LBFGS(max_iter=1000, tol=1e-6, weight_decay=1.0 / n), steps=1000,
-                  client=client, init_params=np.zeros(model.n_params), progress=False,
-                  callbacks=[lambda step, rec, params: trace.append(
-                      (time.perf_counter() - t0, params.copy()))])
+    fit, trace = _traced_fit(dml, client, data,
+                             dml.optim.LBFGS(max_iter=1000, tol=1e-6, weight_decay=1.0 / n),
+                             1000, t0, lambda rec, params: params.copy())
     total = time.perf_counter() - t0
     scores = [objective(w[:-1], w[-1], X, y) for _, w in trace]
     # "reached": within 1e-9 relative (both solvers stop at a gradient tolerance)
@@ -250,6 +246,18 @@ def _fit_partitioned(dml, client, X, y, base_objective):
           + (f"scikit-learn's objective at iteration {reached + 1} of {fit.steps}"
              if reached is not None else f"not at scikit-learn's objective in {fit.steps}"))
     return (total if reached is None else trace[reached][0]), scores[-1], fit.steps
+
+
+def _traced_fit(dml, client, data, solver, steps, t0, keep):
+    """``dml.fit`` of a Logistic model from zero with the batch ``solver``:
+    ``(fit, [(seconds since t0, keep(record, params)) per iteration])``."""
+    model = dml.models.Logistic(data.n_features)
+    trace = []
+    fit = dml.fit(model, data, dml.SyncSGD(batch_size=None), solver, steps=steps, client=client,
+                  init_params=np.zeros(model.n_params), progress=False,
+                  callbacks=[lambda step, rec, params: trace.append(
+                      (time.perf_counter() - t0, keep(rec, params)))])
+    return fit, trace
 
 
 def l1_objective(coef, intercept, X, y, C):
@@ -285,16 +293,9 @@ def l1_comparison(n, p, per_row, C, saga_tol):
             Client(cluster) as client:
         t0 = time.perf_counter()
         data = dml.partition(X, y.astype(np.float64), n_partitions=16, client=client)
-        model = dml.models.Logistic(p)
-        trace = []
-
-        def record(step, rec, params):     # the objective after each iteration
-            trace.append((time.perf_counter() - t0, rec["loss"] + l1 * np.abs(params[:-1]).sum()))
-
-        fit = dml.fit(model, data, dml.SyncSGD(batch_size=None),
-                      dml.optim.OWLQN(l1=l1, max_iter=500, tol=1e-8), steps=500,
-                      client=client, init_params=np.zeros(model.n_params), callbacks=[record],
-                      progress=False)
+        fit, trace = _traced_fit(   # the objective after each iteration
+            dml, client, data, dml.optim.OWLQN(l1=l1, max_iter=500, tol=1e-8), 500, t0,
+            lambda rec, params: rec["loss"] + l1 * np.abs(params[:-1]).sum())
         total = time.perf_counter() - t0
     reached = next((t for t, f in trace if f <= f_saga), None)
     coef = fit.params[:-1]

@@ -56,7 +56,7 @@ class Push(NamedTuple):
     kind: str           # "sum": payload is the gradient sum; "mean": its mean (float16);
                         # "coded": its mean, encoded by ``dmlcore.compression``
     payload: Any
-    seconds: float = 0.0    # the loop's wall time computing it (its worker's speed)
+    seconds: float      # the loop's wall time computing it (its worker's speed)
 
 
 class Pull(NamedTuple):
@@ -87,7 +87,7 @@ class Snapshot(NamedTuple):
     stopped: bool
     pushes: dict        # worker slot -> partition mini-batches since the last snapshot
     partition_pushes: Any
-    push_seconds: Any = None    # {worker slot: their compute seconds (Push.seconds)}
+    push_seconds: dict  # worker slot -> those mini-batches' compute seconds (Push.seconds)
 
 
 class Half(NamedTuple):

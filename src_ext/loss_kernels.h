@@ -204,35 +204,15 @@ static inline void dml_vlog1p_unit##sfx(const T *x, T *out, int64_t n) {        
 DML_DEFINE_PUBLIC(_d, double)
 DML_DEFINE_PUBLIC(_f, float)
 
-#define DML_DEFINE_CSR(sfx, T, I)                                                  \
-static inline int dml_csr_glm##sfx(int kind, const T *data, const I *ind, const I *indptr, \
-                            int64_t n, int64_t p, const T *y, const T *w, const T *coef, \
-                            double *acc, int compute_grad, double *loss_out,      \
-                            int *bad_out) {                                        \
-    return DML_DISPATCH(csr_glm, sfx, (kind, data, ind, indptr, n, p, y, w, coef, acc,    \
-                                compute_grad, loss_out, bad_out));                 \
-}                                                                                  \
-static inline int dml_csr_softmax##sfx(const T *data, const I *ind, const I *indptr,     \
-                            int64_t n, int64_t p, int64_t K, const int64_t *y,     \
-                            const T *w, const T *coef, double *acc, int compute_grad, \
-                            double *loss_out, int *bad_out) {                      \
-    return DML_DISPATCH(csr_softmax, sfx, (data, ind, indptr, n, p, K, y, w, coef, \
-                                           acc, compute_grad, loss_out, bad_out)); \
-}
-
-DML_DEFINE_CSR(_d_i32, double, int32_t)
-DML_DEFINE_CSR(_d_i64, double, int64_t)
-DML_DEFINE_CSR(_f_i32, float, int32_t)
-DML_DEFINE_CSR(_f_i64, float, int64_t)
-
-/* The CSR kernels for any (data, index) type pair: f64 picks double data (else
- * float), i64 int64 indices (else int32); the pointers are of those types. */
+/* The CSR kernels for any (data, index) type pair, on the run-time ISA: f64
+ * picks double data (else float), i64 int64 indices (else int32); the
+ * pointers are of those types. */
 static inline int dml_csr_glm(int f64, int i64, int kind, const void *data, const void *ind,
                               const void *indptr, int64_t n, int64_t p, const void *y,
                               const void *w, const void *coef, double *acc, int compute_grad,
                               double *loss_out, int *bad_out) {
-#define DML_CSR_GLM(sfx) dml_csr_glm##sfx(kind, data, ind, indptr, n, p, y, w, coef, acc, \
-                                          compute_grad, loss_out, bad_out)
+#define DML_CSR_GLM(sfx) DML_DISPATCH(csr_glm, sfx, (kind, data, ind, indptr, n, p, y, w, \
+                                                     coef, acc, compute_grad, loss_out, bad_out))
     return f64 ? (i64 ? DML_CSR_GLM(_d_i64) : DML_CSR_GLM(_d_i32))
                : (i64 ? DML_CSR_GLM(_f_i64) : DML_CSR_GLM(_f_i32));
 #undef DML_CSR_GLM
@@ -242,8 +222,9 @@ static inline int dml_csr_softmax(int f64, int i64, const void *data, const void
                                   const int64_t *y, const void *w, const void *coef,
                                   double *acc, int compute_grad, double *loss_out,
                                   int *bad_out) {
-#define DML_CSR_SM(sfx) dml_csr_softmax##sfx(data, ind, indptr, n, p, K, y, w, coef, acc, \
-                                             compute_grad, loss_out, bad_out)
+#define DML_CSR_SM(sfx) DML_DISPATCH(csr_softmax, sfx, (data, ind, indptr, n, p, K, y, w, \
+                                                        coef, acc, compute_grad, loss_out, \
+                                                        bad_out))
     return f64 ? (i64 ? DML_CSR_SM(_d_i64) : DML_CSR_SM(_d_i32))
                : (i64 ? DML_CSR_SM(_f_i64) : DML_CSR_SM(_f_i32));
 #undef DML_CSR_SM

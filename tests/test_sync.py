@@ -316,19 +316,13 @@ def test_the_driver_runs_one_blas_thread_during_a_cluster_fit(client):
     import scipy.linalg  # noqa: F401 - every BLAS the fit uses is loaded before `before`
 
     X, y = logistic_problem()
-    seen = []
-    with threadpool_limits(limits=2, user_api="blas"):
-        before = blas_threads()
-        dml.fit(dml.models.Logistic(X.shape[1]), dml.partition(X, y, client=client),
-                dml.SyncSGD(batch_size=None), dml.optim.LBFGS(max_iter=5), steps=5,
-                client=client, progress=False,
-                callbacks=[lambda step, rec, params: seen.append(blas_threads())])
-        assert blas_threads() == before
-    assert before == [2] and seen and all(s == [1] for s in seen)
-    seen.clear()
-    with threadpool_limits(limits=2, user_api="blas"):
-        dml.fit(dml.models.Logistic(X.shape[1]), dml.partition(X, y, client=False),
-                dml.SyncSGD(batch_size=None), dml.optim.LBFGS(max_iter=5), steps=5,
-                client=False, progress=False,
-                callbacks=[lambda step, rec, params: seen.append(blas_threads())])
-    assert seen and all(s == [2] for s in seen)                 # in-process: untouched
+    for where, during in ((client, [1]), (False, [2])):         # in-process: untouched
+        seen = []
+        with threadpool_limits(limits=2, user_api="blas"):
+            before = blas_threads()
+            dml.fit(dml.models.Logistic(X.shape[1]), dml.partition(X, y, client=where),
+                    dml.SyncSGD(batch_size=None), dml.optim.LBFGS(max_iter=5), steps=5,
+                    client=where, progress=False,
+                    callbacks=[lambda step, rec, params: seen.append(blas_threads())])
+            assert blas_threads() == before
+        assert before == [2] and seen and all(s == during for s in seen)

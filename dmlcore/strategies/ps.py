@@ -4,8 +4,8 @@
 actor (coroutines on its worker's event loop, one at a time) on the live
 worker holding the fewest partitions; it moves once to the fastest loop
 worker when the loop on its own worker computes its mini-batches more than
-twice as slowly (a slow worker would serve every loop slowly). *Workers*: each data worker's executor
-(``ExecutorPool``) hosts a loop, in a thread of its own, round-robin over its
+twice as slowly (a slow worker would serve every loop slowly).
+*Workers*: each data worker's executor (``ExecutorPool``) hosts a loop, in a thread of its own, round-robin over its
 partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
 the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
 only when changed; in-process on the server's own worker). Compression:
@@ -443,7 +443,7 @@ class _Run:
         # the state to resume from should the server be lost: the last snapshot's
         self.last = Snapshot([], ctx.trainable_values().copy(), _copy_state(ctx.opt_state),
                              ctx.start_step, np.full(P, start, dtype=np.int64),
-                             np.ones(P, dtype=bool), False, {}, None)
+                             np.ones(P, dtype=bool), False, {}, None, {})
 
     # ---- the driver's loop ----------------------------------------------------
     def records(self):
@@ -509,9 +509,8 @@ class _Run:
         for slot, n in snap.pushes.items():
             address = self.slots[slot]
             self.worker_counts[address] = self.worker_counts.get(address, 0) + n
-        for slot, sec in (snap.push_seconds or {}).items():
-            address = self.slots[slot]
-            self.worker_seconds[address] = self.worker_seconds.get(address, 0.0) + sec
+            self.worker_seconds[address] = (self.worker_seconds.get(address, 0.0)
+                                            + snap.push_seconds[slot])
         self.publish()
 
     def publish(self):
@@ -633,15 +632,9 @@ class _Run:
             moves.append((pid, small))
         for pid, w in moves:
             ctx.data.moved([pid], w)        # the new loop fetches it from where it is
-        self.pool.close()
-        self.end_server()
-        self.launch(self.last, placement)
-        ctx.events.append({"step": yielded, "time": time.time(), "worker": ", ".join(joined),
-                           "what": "loops moved to a joined worker",
-                           "server_worker": self.server_worker, "from_update": self.last.count,
-                           "updates_lost": 0, "partitions_dropped": "[]",
-                           "partitions_moved": " ".join(str(p) for p, _ in moves),
-                           "recovery_s": time.monotonic() - t0})
+        self.relaunch(placement)
+        self.event(yielded, joined, "loops moved to a joined worker", t0,
+                   partitions_moved=" ".join(str(p) for p, _ in moves))
         logger.info("parameter server: partitions %s moved to joined worker(s) %s",
                     [p for p, _ in moves], joined)
 
@@ -675,19 +668,27 @@ class _Run:
         """Halt the server (exact state) and start it again on ``target``, the
         loops where they are: nothing is lost."""
         t0, source = time.monotonic(), self.server_worker
-        placement = self.placement_now()
-        self.pool.close()
-        self.end_server()
         self.moved_server = True
-        self.launch(self.last, placement, server_worker=target)
-        self.ctx.events.append({"step": yielded, "time": time.time(), "worker": source,
-                                "what": "server moved off a slow worker",
-                                "server_worker": self.server_worker,
-                                "from_update": self.last.count, "updates_lost": 0,
-                                "partitions_dropped": "[]", "partitions_moved": "",
-                                "recovery_s": time.monotonic() - t0})
+        self.relaunch(self.placement_now(), server_worker=target)
+        self.event(yielded, [source], "server moved off a slow worker", t0, partitions_moved="")
         logger.info("parameter server: moved from %s (its loop computed more than %gx "
                     "slower) to %s", source, MOVE_SLOWER, target)
+
+    def relaunch(self, placement, server_worker=None):
+        """End the loops and the (halted) server; start both again from the last
+        snapshot on ``placement`` (``launch``)."""
+        self.pool.close()
+        self.end_server()
+        self.launch(self.last, placement, server_worker=server_worker)
+
+    def event(self, yielded, workers, what, t0, updates_lost=0, partitions_dropped="[]",
+              **more):
+        """Record a recovery or placement event of ``workers`` begun at ``t0``."""
+        self.ctx.events.append({"step": yielded, "time": time.time(), "worker": ", ".join(workers),
+                                "what": what, "server_worker": self.server_worker,
+                                "from_update": self.last.count, "updates_lost": updates_lost,
+                                "partitions_dropped": partitions_dropped, **more,
+                                "recovery_s": time.monotonic() - t0})
 
     def gone(self):
         """Loop workers (other than the server's) no longer in the cluster."""
@@ -726,11 +727,8 @@ class _Run:
             raise RuntimeError(f"every partition's data was lost with worker {dead}") from exc
         lost = max(0, yielded - state.count)
         self.launch(state._replace(active=active), placement)
-        ctx.events.append({"step": yielded, "time": time.time(), "worker": ", ".join(dead),
-                           "what": "parameter server restarted",
-                           "server_worker": self.server_worker, "from_update": state.count,
-                           "updates_lost": lost, "partitions_dropped": str(dropped),
-                           "recovery_s": time.monotonic() - t0})
+        self.event(yielded, dead, "parameter server restarted", t0, updates_lost=lost,
+                   partitions_dropped=str(dropped))
         logger.warning("parameter server re-created on %s from update %d after %s died: "
                        "%d update(s) lost", self.server_worker, state.count, dead, lost)
         return lost

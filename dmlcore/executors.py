@@ -222,6 +222,16 @@ def _sent(send):
         return _Done(error=exc)
 
 
+def placement_groups(placement):
+    """``[(worker, [partition ids])]``, one group per worker in ``placement`` (the
+    worker of each partition; None: left out), sorted by worker."""
+    ids_by_worker: dict[str, list[int]] = {}
+    for pid, worker in enumerate(placement):
+        if worker is not None:
+            ids_by_worker.setdefault(worker, []).append(pid)
+    return [(w, ids_by_worker[w]) for w in sorted(ids_by_worker)]
+
+
 class ExecutorPool:
     """One executor per group of partitions (by default the partitions of one
     worker); ``call`` runs a method on all. ``workers[i]`` hosts executor i,
@@ -242,7 +252,6 @@ class ExecutorPool:
         self.model, self.timeout = model, float(timeout)
         self.channels = []
         self._actor_bytes = 0
-        ids_by_worker: dict[str, list[int]] = {}
         if client is None:
             blocks = [(as_block(xb.compute(scheduler="sync")),
                        np.asarray(yb.compute(scheduler="sync")),
@@ -255,10 +264,7 @@ class ExecutorPool:
             return
         futures = data.partition_futures()
         if groups is None:
-            for pid, worker in enumerate(data.workers() if placement is None else placement):
-                if worker is not None:
-                    ids_by_worker.setdefault(worker, []).append(pid)
-            groups = [(w, ids_by_worker[w]) for w in sorted(ids_by_worker)]
+            groups = placement_groups(data.workers() if placement is None else placement)
         self.workers = [w for w, _ in groups]
         self.partition_ids = [list(ids) for _, ids in groups]
         actor_futures = [
@@ -268,7 +274,7 @@ class ExecutorPool:
             for w, ids in zip(self.workers, self.partition_ids)
         ]
         with client.as_current():       # the handles call through this client, not the default
-            self.executors = [f.result() for f in actor_futures]
+            self.executors = [f.result(timeout=self.timeout) for f in actor_futures]
         self._actor_futures = actor_futures
         if not direct:
             return

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import time
 
+from .executors import placement_groups
+
 logger = logging.getLogger("dmlcore")
 
 # errors that a lost worker causes on the driver, besides ConnectionError/TimeoutError
@@ -115,7 +117,7 @@ class RecoveringPool:
 
     def __init__(self, ctx, make):
         self.ctx, self.make = ctx, make
-        self.pool = make(None)
+        self.pool = self._first_pool()
         self.generation = 0
         self.since = time.time()            # retirement requests after this are served
         self.checked = time.monotonic()     # the last membership check (``rebalance``)
@@ -133,6 +135,25 @@ class RecoveringPool:
                     raise
                 self.recover(lost, step, detected, exc)
 
+    def _first_pool(self):
+        """``make(groups)`` with the groups where the data lie (``make(None)``
+        in-process); a worker lost while the pool starts (its executor's
+        actor cancelled, a socket reset) has its groups made again on a live one
+        (an event at the run's first step), as ``attempt`` does later on."""
+        ctx = self.ctx
+        groups = None if ctx.client is None else placement_groups(ctx.data.workers())
+        while True:
+            try:
+                return self.make(groups)
+            except Exception as exc:
+                detected = time.time()
+                lost = self.lost(exc, [w for w, _ in groups or ()])
+                if not lost:
+                    raise
+                t0 = time.monotonic()
+                groups, moved = self._regroup(groups, lost, exc)
+                self._record(moved, lost, ctx.start_step, detected, exc, t0)
+
     def lost(self, exc, workers=None):
         """Which of ``workers`` (default: the pool's) are gone after ``exc``; [] in-process."""
         if self.ctx.client is None:
@@ -144,8 +165,16 @@ class RecoveringPool:
         """Re-create the pool with the groups of the ``lost`` workers on live ones
         (``step``, ``detected`` (``time.time()``) and ``exc`` go into the events)."""
         t0 = time.monotonic()
-        ctx, pool = self.ctx, self.pool
-        groups = list(zip(pool.workers, pool.partition_ids))
+        groups, moved = self._regroup(list(zip(self.pool.workers, self.pool.partition_ids)),
+                                      lost, exc)
+        self._replace(groups)
+        self._record(moved, lost, step, detected, exc, t0)
+
+    def _regroup(self, groups, lost, exc):
+        """``groups`` with the ``lost`` workers' groups on live workers, their
+        partitions made again there when no live worker holds them;
+        returns (groups, [(ids, worker)] moved)."""
+        ctx = self.ctx
         live = sorted(set(ctx.client.nthreads()) - set(lost))
         try:
             groups, moved = reassign(groups, ctx.data.partition_sizes, live, lost)
@@ -155,7 +184,9 @@ class RecoveringPool:
             gone = ctx.data.lost_partitions(ids, live)
             if gone:
                 ctx.data.rehost(gone, worker)
-        self._replace(groups)
+        return groups, moved
+
+    def _record(self, moved, lost, step, detected, exc, t0):
         recovery_s = time.monotonic() - t0
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         for ids, worker in moved:

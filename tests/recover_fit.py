@@ -38,6 +38,8 @@ CASES = {
     "join": ("softmax", dict(batch_size=16), "adam"),
     # a third worker joins a FedAvg run: it gets clients from the next round on
     "fedavg_join": ("softmax", dict(clients_per_round=1.0, batch_size=16), "sgd"),
+    # the victim dies while the pool starts (unpickling its executor's model)
+    "at_start": ("softmax", dict(batch_size=16), "adam"),
     # FedAvg: the victim's clients are dropped for its round, then move
     "fedavg": ("softmax", dict(clients_per_round=1.0, batch_size=16), "sgd"),
 }
@@ -55,6 +57,14 @@ class KilledSoftmax(dml.models.Softmax):
         return super().loss_grad(params, X, y, grad, trainable=trainable,
                                  sample_weight=sample_weight)
 
+    def __setstate__(self, state):
+        """``at_call = 0``: die as soon as the victim unpickles the model (the
+        fit's pool is starting: its executors' actors are being made)."""
+        self.__dict__.update(state)
+        if self.at_call == 0:
+            self._calls = -1
+            _maybe_die(self)
+
 
 class KilledLogistic(dml.models.Logistic):
     """``Logistic`` with the same kill switch as ``KilledSoftmax``."""
@@ -69,7 +79,7 @@ class KilledLogistic(dml.models.Logistic):
 
 def _maybe_die(model):
     if os.getpid() == model.victim_pid:
-        model._calls = getattr(model, "_calls", 0) + 1
+        model._calls = getattr(model, "_calls", 0) + 1      # at_call 0: set to -1 first
         if model._calls == model.at_call:
             with open(model.stamp, "w") as f:
                 f.write(repr(time.time()))
@@ -166,6 +176,8 @@ def main(case, logdir):
         if case == "fedavg":
             per_round = 2 * -(-(len(X) // N_PARTITIONS) // CASES[case][1]["batch_size"])
             model.at_call = per_round * KILL_ROUND + 5
+        elif case == "at_start":
+            model.at_call = 0
         else:
             model.at_call = 2 * (7 if case == "lbfgs" else STEPS // 2) + 1
         hit, hit_s = _fit(model, data, case, client, callbacks)

@@ -10,7 +10,8 @@ FedAvg (case ``fedavg``) drops the lost worker's clients for the round it
 died in and trains them on a survivor from the next round. ``retire``: a
 worker that ``client.retire_workers`` is asked to retire hands its executors
 over at the next epoch and is retired; ``join`` / ``fedavg_join``: a worker that
-joins gets partitions at the next epoch or round.
+joins gets partitions at the next epoch or round. ``at_start``: the victim dies
+while the fit's pool starts (its executor's actor is lost with it).
 """
 import json
 import os
@@ -28,7 +29,7 @@ from dmlcore.channel import DataPlaneTimeout, PeerLost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SYNC_CASES = ["replicas", "driver", "local_steps", "lbfgs", "nanny", "retire"]
+SYNC_CASES = ["replicas", "driver", "local_steps", "lbfgs", "nanny", "retire", "at_start"]
 CASES = SYNC_CASES + ["fedavg", "join", "fedavg_join"]
 WHAT = {"retire": "executor handed over by a retiring worker"}
 PARALLEL, HARD_TIMEOUT = 4, 150   # mostly process start-up: 4 side by side
@@ -76,7 +77,7 @@ def recovered():
     return results
 
 
-@pytest.mark.slow                   # nine fits on fresh dask processes
+@pytest.mark.slow                   # ten fits on fresh dask processes
 @pytest.mark.parametrize("case", SYNC_CASES)
 def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     out = recovered[case]
@@ -86,7 +87,7 @@ def test_a_killed_worker_changes_no_bit_of_the_result(recovered, case):
     assert out["loss_calm"] == out["loss_hit"]
 
 
-@pytest.mark.slow                   # nine fits on fresh dask processes
+@pytest.mark.slow                   # ten fits on fresh dask processes
 @pytest.mark.parametrize("case", SYNC_CASES + ["fedavg"])
 def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, case):
     out = recovered[case]
@@ -97,9 +98,11 @@ def test_the_history_records_the_loss_and_where_its_partitions_went(recovered, c
     assert out["victim"] not in out["workers_left"]
     assert events["time"][0] >= out["killed_at"]          # detected after the kill
     assert out["events_in_file"] == [out["victim"]]
+    if case == "at_start":
+        assert events["step"] == [0]
 
 
-@pytest.mark.slow                   # nine fits on fresh dask processes
+@pytest.mark.slow                   # ten fits on fresh dask processes
 def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(recovered):
     from recover_fit import KILL_ROUND, ROUNDS
 
@@ -115,7 +118,7 @@ def test_fedavg_drops_the_lost_clients_for_one_round_then_trains_them_elsewhere(
     assert abs(hit[-1] - calm[-1]) < 0.01 * calm[-1]
 
 
-@pytest.mark.slow                   # nine fits on fresh dask processes
+@pytest.mark.slow                   # ten fits on fresh dask processes
 def test_a_joining_worker_gets_partitions_at_the_next_epoch(recovered):
     out = recovered["join"]
     events = out["events"]
@@ -128,7 +131,7 @@ def test_a_joining_worker_gets_partitions_at_the_next_epoch(recovered):
     assert out["max_abs_diff"] < 1e-12
 
 
-@pytest.mark.slow                   # nine fits on fresh dask processes
+@pytest.mark.slow                   # ten fits on fresh dask processes
 def test_a_joining_worker_gets_fedavg_clients_from_the_next_round(recovered):
     out = recovered["fedavg_join"]
     events = out["events"]

@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster, Security
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ._util import first_line
+from .recovery import looks_lost
 
 
 class ClusterError(ValueError):
@@ -28,11 +29,16 @@ class KernelThreads(WorkerPlugin):
     """One BLAS thread per kernel on every worker; warm import of the compiled core."""
 
     name = "dmlcore-kernel-threads"
+    idempotent = True           # registered once per scheduler (it has no settings)
 
     def setup(self, worker):
         from threadpoolctl import threadpool_limits
 
-        import dmlcore._ext.loss  # noqa: F401  (warm import)
+        # warm imports; the MLP kernels call scipy's BLAS (cython_blas), a library
+        # apart from numpy's: both must be loaded for the limit to cover them
+        import dmlcore._ext.loss  # noqa: F401
+        import dmlcore._ext.mlp  # noqa: F401
+        import scipy.linalg  # noqa: F401
 
         self._limits = threadpool_limits(limits=1)
 
@@ -83,8 +89,14 @@ def security(address, tls=None):
 
 
 def prepare(client):
-    """Register the per-worker set-up on ``client``'s workers (idempotent)."""
-    client.register_plugin(KernelThreads(), name=KernelThreads.name)
+    """Register the per-worker set-up on ``client``'s workers, once per scheduler.
+    A worker that dies while the plugin is sent to it does not fail this: the
+    scheduler keeps the plugin for every live and future worker."""
+    try:
+        client.register_plugin(KernelThreads(), name=KernelThreads.name)
+    except Exception as exc:
+        if not looks_lost(exc):
+            raise
     return client
 
 

@@ -7,8 +7,9 @@ same shape when it is absent, said so), evaluated on its test set.
 
 1. *SyncSGD* (3 workers, 6 partitions): each of replicas (``apply_on=
    "workers"``), the driver path, local SGD (``local_steps=4``) and L-BFGS
-   runs once undisturbed and once with one worker SIGKILLed at
-   ``--kill-at`` of the undisturbed run's time. Printed: the seconds from
+   runs once undisturbed and once with one worker SIGKILLing itself in the
+   step at ``--kill-at`` of the run (the kill switch is in its model's
+   ``loss_grad``: mid-fit however short the fit). Printed: the seconds from
    the kill to the fault's event (detect), the event's ``recovery_s``
    (recover: data made again, executors re-created), the disturbed fit's
    time over the undisturbed one, and whether the parameters are
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))   # run from a checkout
 sys.path.insert(0, str(ROOT / "tests"))         # dask_processes: the tests' process harness
 from benchmarks.runner import figure, ratio  # noqa: E402 - the runner's figure records
 from dask_processes import dask_processes  # noqa: E402
+from benchmarks.worker_faults import hooked, kill_at  # noqa: E402
 
 
 # ---- processes ------------------------------------------------------------------
@@ -111,11 +113,11 @@ def accuracy(result, test):
 
 
 # ---- parts ----------------------------------------------------------------------
-SYNC_CASES = {
-    "replicas": dict(batch_size=64),
-    "driver": dict(batch_size=64, apply_on="driver"),
-    "local_steps": dict(batch_size=64, local_steps=4),
-    "lbfgs": dict(batch_size=None),
+SYNC_CASES = {   # keywords, loss_grad calls per partition and step
+    "replicas": (dict(batch_size=64), 1),
+    "driver": (dict(batch_size=64, apply_on="driver"), 1),
+    "local_steps": (dict(batch_size=64, local_steps=4), 4),
+    "lbfgs": (dict(batch_size=None), 1),     # per evaluation: at least one an iteration
 }
 
 
@@ -124,28 +126,32 @@ def sync_part(args, train, test, tmp):
 
     out, figures = {}, []
     for case in args.sync_cases.split(","):
-        keywords = SYNC_CASES[case]
+        keywords, calls_per_step = SYNC_CASES[case]
         with cluster(3, _dir(tmp, f"sync-{case}")) as (procs, client):
             data = dml.partition(*train, n_partitions=6, seed=0, client=client)
             if case == "lbfgs":
-                model, optimizer, length = dml.models.Softmax(784, 10), dml.optim.LBFGS(), \
-                    dict(steps=args.lbfgs_iterations)
+                kind, shape, optimizer, length = dml.models.Softmax, (784, 10), \
+                    dml.optim.LBFGS(), dict(steps=args.lbfgs_iterations)
             else:
-                model = dml.models.MLP([784, args.hidden, 10])
+                kind, shape = dml.models.MLP, ([784, args.hidden, 10],)
                 optimizer = dml.optim.Adam(lr=1e-3) if case != "local_steps" else \
                     dml.optim.SGD(lr=0.05)
                 length = dict(epochs=args.epochs)
 
-            def fit():
+            def fit(model):
                 t0 = time.perf_counter()
                 r = dml.fit(model, data, dml.SyncSGD(**keywords), optimizer, client=client,
                             progress=False, seed=1, timeout=30, **length)
                 return r, time.perf_counter() - t0
-            fit()                                   # warm-up: imports and first calls
-            calm, calm_s = fit()
+            fit(kind(*shape))                       # warm-up: imports and first calls
+            calm, calm_s = fit(kind(*shape))
             victim = sorted(client.nthreads())[1]
-            kill = kill_later(client, victim, args.kill_at * calm_s)
-            hit, hit_s = fit()
+            stamp = Path(tmp) / f"killed-{case}"
+            kill_step = int(args.kill_at * calm.history.sizes["step"])
+            at_call = data.workers().count(victim) * calls_per_step * kill_step + 1
+            pid = client.run(os.getpid, workers=[victim])[victim]
+            hit, hit_s = fit(hooked(kind, pid, kill_at(at_call, stamp))(*shape))
+            kill = {"at": float(stamp.read_text())} if stamp.exists() else {}
             ev = [e for e in events(hit.history) if e.get("what", "").startswith("executor re")]
         row = {"calm_s": calm_s, "hit_s": hit_s, "identical": bool(np.array_equal(
             calm.params, hit.params)), "events": len(ev), "killed": "at" in kill}
@@ -330,7 +336,7 @@ def run(argv=None):
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--ps-updates", type=int, default=3000)
     parser.add_argument("--kill-at", type=float, default=0.4,
-                        help="kill at this fraction of the undisturbed fit's time")
+                        help="SyncSGD: kill in the step at this fraction of the fit")
     parser.add_argument("--join-epoch", type=int, default=3)
     parser.add_argument("--epochs-after", type=int, default=3)
     parser.add_argument("--push-delay", type=float, default=0.01)

@@ -296,3 +296,30 @@ def test_a_profile_budget_is_the_one_its_rows_show():
     assert bench_readme._net_t(get, "lan, 2 workers", "sync") == "> 20 s"
     assert bench_readme._net_best(get, "wan, 2 workers", ("fedavg-int8",)) == (
         "FedAvg + int8: >= 10.0x sooner to 0.85 than SyncSGD")
+
+
+def test_a_slowed_worker_sleeps_its_calls_time_again_only_in_its_process(monkeypatch):
+    # benchmarks/worker_faults: the straggler of bench_network (a clock stands in for time)
+    import numpy as np
+
+    import dmlcore as dml
+    from benchmarks import worker_faults
+
+    clock, slept = [0.0], []
+
+    def perf_counter():
+        clock[0] += 0.5                 # every reading: half a second later
+        return clock[0]
+
+    monkeypatch.setattr(worker_faults.time, "perf_counter", perf_counter)
+    monkeypatch.setattr(worker_faults.time, "sleep", slept.append)
+    X, y = np.ones((4, 3)), np.array([0.0, 1.0, 1.0, 0.0])
+    plain = dml.models.Logistic(3)
+    params = plain.init(0)
+    expected = plain.loss_grad(params, X, y, np.zeros_like(params))
+    for pid, sleeps in ((os.getpid(), [1.5]), (os.getpid() + 1, [])):
+        model = worker_faults.hooked(dml.models.Logistic, pid, worker_faults.slowed(4.0))(3)
+        grad = np.zeros_like(params)
+        assert model.loss_grad(params, X, y, grad) == expected
+        assert slept == sleeps          # (4 - 1) x the call's 0.5 s; none elsewhere
+        slept.clear()

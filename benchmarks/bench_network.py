@@ -13,7 +13,11 @@ SyncSGD, local SGD (4, 16), FedAvg, PS async and SSP(2), last-layer-only
 fine-tuning from a model pretrained in-process on part of the data, and
 SyncSGD under each compression; "-plain" PS cases use SGD(lr 0.1) without
 momentum. ``--straggler 2,4`` adds LAN runs with
-worker 0 held to 1/f of a CPU (sync, PS async, SSP). ``--lbfgs ROWS`` adds
+worker 0 f times slower (sync, PS async, SSP): its gradient calls take f
+times as long (``--straggler-kind compute``, as a slower machine's would),
+or it is held to 1/f of a CPU (``cpu``: on a 2-core host a worker that
+waits on the network uses less than a CPU, so this slows it less than f
+times). ``--lbfgs ROWS`` adds
 full-batch logistic regression with L-BFGS on synthetic ROWS x 100 data.
 Results go to ``--json`` (default ``benchmarks/results/network-<date>-<host>.json``),
 rewritten atomically after every run. ``--smoke``: a tiny size for tests.
@@ -36,6 +40,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import netns  # noqa: E402
+from benchmarks.worker_faults import hooked, slowed  # noqa: E402
 
 TARGETS = (0.85, 0.88)
 ALL_CASES = ("sync", "sync-ls4", "sync-ls16", "fedavg", "ps-async", "ps-ssp2", "lastlayer",
@@ -124,14 +129,22 @@ def run_profile(dml, args, profile, n_workers, straggler, cases, data_np, test, 
     from distributed import Client
 
     X, y = data_np
-    with netns.cluster(n_workers, profile, straggler=straggler, shape_now=False) as cl, \
+    cpu = straggler if args.straggler_kind == "cpu" else None
+    with netns.cluster(n_workers, profile, straggler=cpu, shape_now=False) as cl, \
             Client(cl.address, timeout=60) as client:
         data = dml.partition(X, y, n_partitions=n_workers, seed=0, client=client)
         cl.shape(profile)
         out["link_kind"] = cl.network.link_kind
-        if straggler:
+        kind = dml.models.MLP
+        if straggler and cpu is None:               # worker 0 computes `straggler` x slower
+            w0 = [a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "w0"]
+            pid = client.run(os.getpid, workers=w0)[w0[0]]
+            kind = hooked(kind, pid, slowed(straggler))
+            out["straggler_kind"] = ("compute: worker 0's gradient calls take f times as long "
+                                     "(it sleeps f - 1 times each call's time)")
+        elif straggler:
             out["straggler_kind"] = cl.straggler_kind
-        model = dml.models.MLP([X.shape[1], 256, 10])
+        model = kind([X.shape[1], 256, 10])
         budget = args.budget_for.get(profile, args.budget)
         for case in cases:
             strategy, every = build_case(dml, case)
@@ -224,6 +237,9 @@ def measure(argv=None):
     p.add_argument("--budget-for", default="",
                    help="per-profile budgets overriding --budget, e.g. wan=60,edge=60")
     p.add_argument("--straggler", default="", help="slow-down factors, e.g. 2,4 (LAN runs)")
+    p.add_argument("--straggler-kind", choices=("compute", "cpu"), default="compute",
+                   help="compute: worker 0's gradients take f x as long; cpu: worker 0 held "
+                        "to 1/f of a CPU (a cgroup quota)")
     p.add_argument("--cases", default=",".join(ALL_CASES))
     p.add_argument("--straggler-cases", default=",".join(STRAGGLER_CASES))
     p.add_argument("--lbfgs", type=int, default=200_000, help="rows (0: skip)")

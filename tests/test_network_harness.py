@@ -127,10 +127,14 @@ def test_bench_network_smoke(tmp_path):
     out = tmp_path / "net.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_network.py"),
                            "--smoke", "--profiles", "lan", "--cases", "sync,ps-async",
-                           "--budget", "2", "--lbfgs", "2000", "--json", str(out)],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+                           "--budget", "2", "--lbfgs", "2000", "--straggler", "3",
+                           "--straggler-cases", "sync", "--json", str(out)],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = json.loads(out.read_text())["runs"]
-    assert [r["case"] for r in runs] == ["sync", "ps-async", "lbfgs-logistic"]
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [r["case"] for r in runs] == ["sync", "ps-async", "lbfgs-logistic", "sync"]
+    assert [r["straggler"] for r in runs] == [None, None, None, 3.0]
+    assert result["straggler_kind"].startswith("compute")
     assert all("error" not in r for r in runs), runs
     assert all(0.0 <= r["final_acc"] <= 1.0 for r in runs)

@@ -473,7 +473,7 @@ ROWS = [
         "(partitioning included; [[l1: dmlcore total time|.2f]] s to its own end, "
         "[[l1: dmlcore iterations|.0f]] iterations, [[l1: dmlcore objective - saga's|+.1e]] from "
         "saga's, [[l1: dmlcore non-zero share|%]] non-zero)",
-        "scikit-learn saga (tol 1e-4, 1 process) [[l1: saga time|.2f]] s, "
+        "scikit-learn saga (tol [[l1: saga tol|g]], 1 process) [[l1: saga time|.2f]] s, "
         "[[l1: saga epochs|.0f]] epochs",
         "[[l1: saga time / dmlcore time to saga's objective|.2f]]x faster to the same objective"),
     *[Row("bench_compression", f"SyncSGD gradient compression `{label}`, Fashion-MNIST MLP "
@@ -507,7 +507,8 @@ ROWS = [
     _net_row("lan", "LAN (network namespaces, no shaping)"),
     _net_row("wan", "WAN (50 Mbit/s, 40 ms RTT)"),
     _net_row("edge", "edge (10 Mbit/s, 100 ms RTT, 0.1% loss)"),
-    *[_net_row("lan", f"LAN with one worker held to 1/{f} of a CPU",
+    *[_net_row("lan", f"LAN with one worker {f}x slower (its gradient calls take {f}x as "
+                      "long)",
                where=f"lan, 2 workers, {f}x straggler", cases=("ps-async-plain",))
       for f in (2, 4)],
     Row("bench_network", "bytes per history step and worker on the WAN (counted by the "

@@ -72,7 +72,7 @@ SPECS = {
     "bench_sync_step": Spec(["--rows", "1000000", "--steps", "100"],
                             ["--rows", "10000", "--cols", "10", "--steps", "10"]),
     "bench_sparse": Spec(["--rows", "2000000", "--repeat", "3", "--fit", "--fit-rows", "2000000",
-                          "--l1", "--l1-rows", "100000", "--l1-C", "0.15"],
+                          "--l1", "--l1-C", "0.015", "--saga-tol", "1e-3"],
                          ["--rows", "10000", "--cols", "2000", "--repeat", "2", "--fit",
                           "--fit-rows", "3000", "--l1", "--l1-C", "0.05"]),
     "bench_fashion_mlp": Spec([], ["--small"], fashion_mnist=True),

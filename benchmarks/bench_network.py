@@ -40,7 +40,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import netns  # noqa: E402
-from benchmarks.worker_faults import hooked, slowed  # noqa: E402
+from benchmarks.worker_faults import hooked, slowed, worker_pid  # noqa: E402
 
 TARGETS = (0.85, 0.88)
 ALL_CASES = ("sync", "sync-ls4", "sync-ls16", "fedavg", "ps-async", "ps-ssp2", "lastlayer",
@@ -137,9 +137,9 @@ def run_profile(dml, args, profile, n_workers, straggler, cases, data_np, test, 
         out["link_kind"] = cl.network.link_kind
         kind = dml.models.MLP
         if straggler and cpu is None:               # worker 0 computes `straggler` x slower
-            w0 = [a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "w0"]
-            pid = client.run(os.getpid, workers=w0)[w0[0]]
-            kind = hooked(kind, pid, slowed(straggler))
+            w0 = next(a for a, w in client.scheduler_info()["workers"].items()
+                      if w["name"] == "w0")
+            kind = hooked(kind, worker_pid(client, w0), slowed(straggler))
             out["straggler_kind"] = ("compute: worker 0's gradient calls take f times as long "
                                      "(it sleeps f - 1 times each call's time)")
         elif straggler:

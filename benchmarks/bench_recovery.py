@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))   # run from a checkout
 sys.path.insert(0, str(ROOT / "tests"))         # dask_processes: the tests' process harness
 from benchmarks.runner import figure, ratio  # noqa: E402 - the runner's figure records
 from dask_processes import dask_processes  # noqa: E402
-from benchmarks.worker_faults import hooked, kill_at  # noqa: E402
+from benchmarks.worker_faults import hooked, kill_at, worker_pid  # noqa: E402
 
 
 # ---- processes ------------------------------------------------------------------
@@ -69,7 +69,7 @@ def cluster(n_workers, logdir):
 def kill_later(client, address, delay):
     """SIGKILL ``address``'s process after ``delay`` s (a thread); returns a dict
     that gets ``"at"`` (``time.time()`` of the kill)."""
-    pid = client.run(os.getpid, workers=[address])[address]
+    pid = worker_pid(client, address)
     out = {}
 
     def fire():
@@ -149,8 +149,8 @@ def sync_part(args, train, test, tmp):
             stamp = Path(tmp) / f"killed-{case}"
             kill_step = int(args.kill_at * calm.history.sizes["step"])
             at_call = data.workers().count(victim) * calls_per_step * kill_step + 1
-            pid = client.run(os.getpid, workers=[victim])[victim]
-            hit, hit_s = fit(hooked(kind, pid, kill_at(at_call, stamp))(*shape))
+            hit, hit_s = fit(hooked(kind, worker_pid(client, victim),
+                                    kill_at(at_call, stamp))(*shape))
             kill = {"at": float(stamp.read_text())} if stamp.exists() else {}
             ev = [e for e in events(hit.history) if e.get("what", "").startswith("executor re")]
         row = {"calm_s": calm_s, "hit_s": hit_s, "identical": bool(np.array_equal(

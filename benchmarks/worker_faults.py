@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 
 
+def worker_pid(client, address):
+    """The process id of the worker at ``address``."""
+    return client.run(os.getpid, workers=[address])[address]
+
+
 def hooked(cls, pid, hook):
     """``cls`` with ``loss_grad`` wrapped by ``hook`` in process ``pid``."""
     class Hooked(cls):

@@ -17,7 +17,7 @@ import os
 from distributed import Client, LocalCluster, Security
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ._util import first_line
+from ._util import first_line, one_blas_thread
 from .recovery import looks_lost
 
 
@@ -32,15 +32,10 @@ class KernelThreads(WorkerPlugin):
     idempotent = True           # registered once per scheduler (it has no settings)
 
     def setup(self, worker):
-        from threadpoolctl import threadpool_limits
-
-        # warm imports; the MLP kernels call scipy's BLAS (cython_blas), a library
-        # apart from numpy's: both must be loaded for the limit to cover them
-        import dmlcore._ext.loss  # noqa: F401
+        import dmlcore._ext.loss  # noqa: F401  (warm imports)
         import dmlcore._ext.mlp  # noqa: F401
-        import scipy.linalg  # noqa: F401
 
-        self._limits = threadpool_limits(limits=1)
+        self._limits = one_blas_thread()
 
 
 def local_cluster(n_workers=None, threads_per_worker=1, host="127.0.0.1", **kwargs):

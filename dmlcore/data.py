@@ -853,12 +853,12 @@ class PartitionedData:
         """Address of the worker holding each partition (None for in-process data)."""
         if self._x_futures is None:
             return [None] * self.n_partitions
+        from distributed.client import FuturesCancelledError
+
         try:
             who = self.client.who_has(self._x_futures)
-        except Exception as exc:  # noqa: BLE001 - futures cancelled with a lost worker
-            if type(exc).__name__ not in ("FuturesCancelledError", "FutureCancelledError"):
-                raise
-            who = {}                # the planned places: a pool there finds the loss
+        except FuturesCancelledError:   # cancelled with a lost worker: the planned
+            who = {}                    # places, where a pool finds the loss
         out = []
         for p, f in enumerate(self._x_futures):
             holders = list(who.get(f.key, ()))

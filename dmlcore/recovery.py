@@ -23,7 +23,8 @@ from .executors import placement_groups
 
 logger = logging.getLogger("dmlcore")
 
-# errors that a lost worker causes on the driver, besides ConnectionError/TimeoutError
+# errors (or their base classes) that a lost worker causes on the driver, besides
+# ConnectionError: e.g. distributed's FutureCancelledError, a CancelledError
 _LOSS_ERRORS = ("CommClosedError", "FuturesCancelledError", "CancelledError", "KilledWorker",
                 "StreamClosedError")
 
@@ -33,7 +34,8 @@ def looks_lost(exc):
     connection closed or reset. (A timeout is what a frozen worker causes; the
     scheduler lists it until its heartbeats time out, so it is not waited for.)"""
     while exc is not None:
-        if isinstance(exc, ConnectionError) or type(exc).__name__ in _LOSS_ERRORS:
+        if isinstance(exc, ConnectionError) or any(
+                cls.__name__ in _LOSS_ERRORS for cls in type(exc).__mro__):
             return True
         exc = exc.__cause__
     return False

@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from . import checkpoint as ckpt
+from ._util import one_blas_thread
 from .cluster import get_client
 from .strategies.base import RunContext
 
@@ -214,12 +215,7 @@ def _driver_blas(client):
     an OpenBLAS pool left idle busy-waits after every call, and on a host the
     workers share, that spinning took a core from a worker at every step.
     In-process fits (``client=False``) keep the caller's setting."""
-    if client is None:
-        return contextlib.nullcontext()
-    import scipy.linalg  # noqa: F401 - loads scipy's BLAS (L-BFGS-B's) so the limit covers it
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
+    return contextlib.nullcontext() if client is None else one_blas_thread("blas")
 
 
 def _start(model, data, strategy, optimizer, client, seed, init_params, total, checkpoint_dir,

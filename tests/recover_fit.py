@@ -61,9 +61,8 @@ class KilledSoftmax(dml.models.Softmax):
         """``at_call = 0``: die as soon as the victim unpickles the model (the
         fit's pool is starting: its executors' actors are being made)."""
         self.__dict__.update(state)
-        if self.at_call == 0:
-            self._calls = -1
-            _maybe_die(self)
+        if self.at_call == 0 and os.getpid() == self.victim_pid:
+            _die(self.stamp)
 
 
 class KilledLogistic(dml.models.Logistic):
@@ -79,11 +78,16 @@ class KilledLogistic(dml.models.Logistic):
 
 def _maybe_die(model):
     if os.getpid() == model.victim_pid:
-        model._calls = getattr(model, "_calls", 0) + 1      # at_call 0: set to -1 first
+        model._calls = getattr(model, "_calls", 0) + 1
         if model._calls == model.at_call:
-            with open(model.stamp, "w") as f:
-                f.write(repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die(model.stamp)
+
+
+def _die(stamp):
+    """Write ``time.time()`` to ``stamp``, then SIGKILL this process."""
+    with open(stamp, "w") as f:
+        f.write(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _problem(kind):

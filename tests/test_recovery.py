@@ -170,6 +170,8 @@ def test_only_connection_losses_count_as_a_lost_worker():
     wrapped = RuntimeError("on worker x")
     wrapped.__cause__ = ConnectionError("reset")
     assert looks_lost(wrapped)
+    from distributed.client import FutureCancelledError  # an actor lost with its worker
+    assert looks_lost(FutureCancelledError("k", reason="lost dependencies"))
     assert not looks_lost(MemoryError("injected"))
     assert not looks_lost(DataPlaneTimeout("frozen"))
 

@@ -484,7 +484,8 @@ ROWS = [
           "[[none: test accuracy|.4f]]",
           f"[[{name}: fewer bytes|.1f]]x fewer bytes, accuracy [[{name}: accuracy change|+.4f]]")
       for name, label in (("float16", '"float16"'), ("int8", '"int8"'),
-                          ("topk 1%", '{"topk": 0.01}'))],
+                          ("topk 1%", '{"topk": 0.01}'),
+                          ("topk 1% EF only", '{"topk": 0.01, "momentum_correction": False}'))],
     Row("bench_tls", "data plane on a TLS `LocalCluster` (the cluster's certificates), 16 tiny "
         "partitions", "step [[full batch, driver updates: tls step|.2f]] ms (driver updates), "
         "[[batch 16, replicated optimizer: tls step|.2f]] ms (replicated)",

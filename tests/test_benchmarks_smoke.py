@@ -53,7 +53,8 @@ FIGURES = {
         (rf"^  none\s+{N}\s+[\d.]+x\s+{N}", A),
         (rf"^  float16\s+{N}\s+[\d.]+x\s+{N}", A),
         (rf"^  int8\s+{N}\s+[\d.]+x\s+{N}", A),
-        (rf"^  topk 1%\s+{N}\s+[\d.]+x\s+{N}", A)],
+        (rf"^  topk 1%\s+{N}\s+[\d.]+x\s+{N}", A),
+        (rf"^  topk 1% EF only\s+{N}\s+[\d.]+x\s+{N}", A)],
     "bench_convex.py": [
         (rf"^dmlcore lbfgs\s+{N}\s+{N}", None),                      # time, objective
         (rf"^dask-ml lbfgs\s+{N}\s+{N}\s+\S+\s+{N}x", None),          # time, objective, ratio

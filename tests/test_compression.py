@@ -76,6 +76,46 @@ def test_error_feedback_conserves_mass():
     assert np.abs(plain - total).sum() > 2 * np.abs(coder.residual).sum()
 
 
+def test_momentum_correction_matches_a_numpy_reference_of_deep_gradient_compression():
+    """u <- m u + g; v <- v + u; send the top-k of v; v and u lose the sent entries."""
+    rng = np.random.default_rng(4)
+    m, ratio, n = 0.9, 0.02, 3000
+    inputs = rng.standard_normal((40, n)) + np.linspace(-2, 2, n)
+    coder = codecs.Compressor({"topk": ratio}, seed=0, momentum=m)
+    u, v = np.zeros(n), np.zeros(n)
+    k = math.ceil(ratio * n)
+    for g in inputs:
+        message = coder.encode(g)
+        u = m * u + g
+        v += u
+        chosen = np.sort(np.argsort(-np.abs(v), kind="stable")[:k])
+        np.testing.assert_array_equal(message.indices, chosen)
+        sent = codecs.decode(message, np.float64)
+        np.testing.assert_allclose(sent[chosen], v[chosen], rtol=1e-3)
+        assert np.all(np.delete(sent, chosen) == 0)
+        v[chosen] -= sent[chosen]               # the float16 rounding stays behind
+        u[chosen] = 0
+        np.testing.assert_allclose(coder.residual, v, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(coder.velocity, u, rtol=0, atol=1e-9)
+
+
+def test_momentum_moves_into_top_k_senders_only_for_sgd_with_plain_momentum():
+    sgd = dml.optim.SGD(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    plain, momentum = codecs.momentum_correction(TOPK, sgd)
+    assert momentum == 0.9 and plain.momentum == 0.0
+    assert (plain.lr, plain.weight_decay, plain.schedule) == (0.1, 1e-4, sgd.schedule)
+    assert sgd.momentum == 0.9                   # the user's optimizer is not changed
+    off = codecs.parse({"topk": 0.01, "momentum_correction": False})
+    assert off == {"topk": 0.01, "momentum_correction": False}
+    assert codecs.parse({"topk": 0.01, "momentum_correction": True}) == TOPK
+    for spec, optimizer in ((off, sgd), ("int8", sgd), (None, sgd),
+                            (TOPK, dml.optim.SGD(lr=0.1)), (TOPK, dml.optim.Adam()),
+                            (TOPK, dml.optim.SGD(lr=0.1, momentum=0.9, nesterov=True))):
+        assert codecs.momentum_correction(spec, optimizer) == (optimizer, 0.0)
+    with pytest.raises(ValueError, match="momentum correction needs top-k"):
+        codecs.Compressor("int8", momentum=0.9)
+
+
 def test_float16_scales_sums_past_its_range_and_non_finite_vectors_travel_raw():
     x = np.array([1e7, -3e6, 2.5, 0.0, 1e-3], dtype=np.float32)
     coder = codecs.Compressor("float16")
@@ -111,7 +151,9 @@ def test_messages_travel_as_raw_frames_and_bad_ones_are_refused():
 
 
 @pytest.mark.parametrize("bad", ["int4", "fp16", {"topk": 0}, {"topk": 1.5}, {"topk": "a"},
-                                 {"topk": True}, {"top": 0.1}, {"topk": 0.1, "x": 1}, True, 8])
+                                 {"topk": True}, {"top": 0.1}, {"topk": 0.1, "x": 1}, True, 8,
+                                 {"topk": 0.1, "momentum_correction": "no"},
+                                 {"momentum_correction": False}])
 def test_bad_values_are_one_clear_error(bad):
     for make in (dml.SyncSGD, dml.FedAvg, ParameterServer):
         with pytest.raises(ValueError, match=r"^compression must be None, 'float16', 'int8' "
@@ -163,8 +205,9 @@ def _fit(problem, client, strategy, steps, lr=0.05):
 
 def test_sync_replicas_compress_their_exchange(problem, client):
     model = problem[0]
+    ef_only = {"topk": 0.01, "momentum_correction": False}
     runs = {str(c): _fit(problem, client, dml.SyncSGD(batch_size=16, compression=c), 120)
-            for c in (None, "float16", "int8", TOPK)}
+            for c in (None, "float16", "int8", TOPK, ef_only)}
     # a replica run's first step also carries the driver's calls: the steps
     # after an epoch's end are left out
     epoch = dml.SyncSGD(batch_size=16).steps_per_epoch(problem[1])
@@ -176,7 +219,7 @@ def test_sync_replicas_compress_their_exchange(problem, client):
     k = math.ceil(0.01 * model.n_params)
     expected = {"float16": 2 * model.n_params,
                 "int8": model.n_params + 4 * math.ceil(model.n_params / codecs.BLOCK),
-                str(TOPK): 6 * k}
+                str(TOPK): 6 * k, str(ef_only): 6 * k}
     for name, payload in expected.items():
         _, accuracy, sent = runs[name]
         assert np.all(sent[inner] >= 2 * payload)
@@ -186,6 +229,10 @@ def test_sync_replicas_compress_their_exchange(problem, client):
     assert 3.8 < ratio("int8") < 4.1
     assert ratio(str(TOPK)) >= 50
     assert base_acc > 0.8
+    # momentum correction: the senders keep the momentum, the optimizer's stays zero
+    assert not np.any(runs[str(TOPK)][0].opt_state.velocity)
+    assert np.any(runs[str(ef_only)][0].opt_state.velocity)
+    assert runs[str(TOPK)][0].optimizer.momentum == 0.9     # what the user gave is kept
 
 
 @pytest.mark.parametrize("compression", ["int8", TOPK])

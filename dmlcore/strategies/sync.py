@@ -19,6 +19,8 @@ applied. The effective batch is ``batch_size`` x partitions.
   runs end where the driver needs the state (``RunContext.next_sync``).
 * ``compression``: each executor encodes its own partial (top-k's residual
   kept on it); receivers decode and add in executor order (no sharding).
+  Top-k with SGD momentum moves the momentum into the senders (momentum
+  correction, ``compression.momentum_correction``).
 * A lost worker: its executors are re-made and the run since the last sync
   point redone, with the same bits (``dmlcore.recovery``).
 * ``bytes_sent``: the frames the transport counted (channels and mesh).
@@ -116,10 +118,12 @@ class _Replica:
     slice [lo, hi) of them it updates (all of it when the exchange is full);
     ``compressor``: its gradients' encoder, or None."""
 
-    def __init__(self, values, optimizer, opt_state, mesh, compression=None, seed=0):
+    def __init__(self, values, optimizer, opt_state, mesh, compression=None, seed=0,
+                 momentum=0.0):
         self.values, self.optimizer, self.state = np.array(values, copy=True), optimizer, opt_state
         size, n = self.values.shape[0], mesh.size
-        self.compressor = None if compression is None else codecs.Compressor(compression, seed)
+        self.compressor = (None if compression is None
+                           else codecs.Compressor(compression, seed, momentum))
         self.sharded = sharded_exchange(n, self.values.nbytes, compression)
         self.bounds = shard_bounds(size, n)
         me = mesh.index
@@ -127,21 +131,25 @@ class _Replica:
 
 
 @hosted
-def replica_start(executor, values, optimizer, opt_state, compression=None, seed=0):
+def replica_start(executor, values, optimizer, opt_state, compression=None, seed=0,
+                  momentum=0.0):
     """Take the driver's trainable values and optimizer state as this replica's;
-    ``compression``: how its partial gradients travel (a ``compression.parse`` spec)."""
+    ``compression``: how its partial gradients travel (a ``compression.parse``
+    spec), ``momentum``: its top-k momentum correction (0 for none)."""
     executor.run_state = _Replica(values, optimizer, opt_state, executor.mesh,
-                                  compression, seed)
+                                  compression, seed, momentum)
     return True
 
 
 @hosted
-def compressed_loss_grad(executor, values, step, batch_size, seed, compression):
+def compressed_loss_grad(executor, values, step, batch_size, seed, compression, momentum=0.0):
     """``loss_grad`` with the gradient encoded by this executor's ``Compressor``
-    for ``compression`` (kept in ``run_state``, so top-k's residual carries over)."""
+    for ``compression`` and ``momentum`` (kept in ``run_state``, so top-k's
+    residual and velocity carry over)."""
     state = executor.run_state
-    if not isinstance(state, codecs.Compressor) or state.spec != codecs.parse(compression):
-        state = executor.run_state = codecs.Compressor(compression, seed)
+    if (not isinstance(state, codecs.Compressor) or state.spec != codecs.parse(compression)
+            or state.momentum != float(momentum)):
+        state = executor.run_state = codecs.Compressor(compression, seed, momentum)
     mine = executor.loss_grad(values, step, batch_size, seed)
     return mine._replace(grad=state.encode(mine.grad, (step, _sender(executor))))
 
@@ -276,13 +284,15 @@ class SyncSGD(Strategy):
 
     # ---- the loop ----------------------------------------------------------
     def run_steps(self, ctx):
-        evaluate, pools, close = self._evaluator(ctx)
+        # one-step rounds: the optimizer applied, and the momentum top-k senders keep
+        optimizer, momentum = codecs.momentum_correction(self.compression, ctx.optimizer)
+        evaluate, pools, close = self._evaluator(ctx, momentum)
         try:
             # replicas pay off between sync points; syncing every step (a callback
             # without ``sync_every``, one step per epoch) is the driver path's job
             if (self.apply_on == "workers" and pools is not None and pools.pool.channels
                     and self.local_steps == 1 and not ctx.syncs_every_step):
-                yield from self._run_replicated(ctx, pools)
+                yield from self._run_replicated(ctx, pools, optimizer, momentum)
                 return
             per_epoch = self.steps_per_epoch(ctx.data)
             for step in range(ctx.start_step, ctx.total_steps):
@@ -292,7 +302,7 @@ class SyncSGD(Strategy):
                 if self.local_steps == 1:
                     (loss, grad, rows), nbytes = evaluate(values, step)
                     grad /= local.mean_divisor(rows)
-                    ctx.opt_state = ctx.optimizer.update(grad, ctx.opt_state, values)
+                    ctx.opt_state = optimizer.update(grad, ctx.opt_state, values)
                 else:
                     values, loss, rows, nbytes = pools.attempt(
                         lambda pool: self._local_round(ctx, pool, values, step), step)
@@ -336,9 +346,10 @@ class SyncSGD(Strategy):
             iterations.close()
             close()
 
-    def _evaluator(self, ctx):
+    def _evaluator(self, ctx, momentum=0.0):
         """``(evaluate, pools, close)``; ``evaluate(values, step) -> (Partial, bytes)``;
-        ``pools``: the run's ``RecoveringPool`` (None on the "tasks" transport)."""
+        ``pools``: the run's ``RecoveringPool`` (None on the "tasks" transport);
+        ``momentum``: the top-k senders' momentum correction."""
         model, data, client = ctx.model, ctx.data, ctx.client
         if self.transport != "tasks" or client is None:
             def make(groups):
@@ -357,7 +368,8 @@ class SyncSGD(Strategy):
                                                     ctx.seed))
                 else:
                     total = _sums(pool.call("compressed_loss_grad", values, step,
-                                            self.batch_size, ctx.seed, self.compression),
+                                            self.batch_size, ctx.seed, self.compression,
+                                            momentum),
                                   values.dtype)
                 return total, pool.traffic() - before
 
@@ -384,10 +396,11 @@ class SyncSGD(Strategy):
 
         return evaluate, None, lambda: None
 
-    def _run_replicated(self, ctx, pools):
+    def _run_replicated(self, ctx, pools, optimizer, momentum):
         """The ``apply_on="workers"`` loop: runs of steps between sync points. A
         lost worker's run is redone from the sync point it started at, on
-        replicas started again from the driver's state (``RecoveringPool``)."""
+        replicas started again from the driver's state (``RecoveringPool``).
+        ``optimizer`` and ``momentum``: as ``compression.momentum_correction`` gives."""
         sharded = sharded_exchange(len(pools.pool), ctx.trainable_values().nbytes,
                                    self.compression)
         started, before = None, 0           # the pool generation holding replicas, its bytes
@@ -397,8 +410,8 @@ class SyncSGD(Strategy):
             if started != pools.generation:
                 pool.connect_mesh()
                 before = pool.traffic()
-                pool.call("replica_start", ctx.trainable_values(), ctx.optimizer,
-                          ctx.opt_state, self.compression, ctx.seed)
+                pool.call("replica_start", ctx.trainable_values(), optimizer,
+                          ctx.opt_state, self.compression, ctx.seed, momentum)
                 started = pools.generation
             # each of the executors' exchanges has the deadline; the run of steps
             # as a whole gets it once per step

@@ -17,7 +17,8 @@ worker 0 f times slower (sync, PS async, SSP): its gradient calls take f
 times as long (``--straggler-kind compute``, as a slower machine's would),
 or it is held to 1/f of a CPU (``cpu``: on a 2-core host a worker that
 waits on the network uses less than a CPU, so this slows it less than f
-times). ``--lbfgs ROWS`` adds
+times). ``--also 3:lan:sync,fedavg`` adds runs at another worker
+count (its profiles joined by +, its cases). ``--lbfgs ROWS`` adds
 full-batch logistic regression with L-BFGS on synthetic ROWS x 100 data.
 Results go to ``--json`` (default ``benchmarks/results/network-<date>-<host>.json``),
 rewritten atomically after every run. ``--smoke``: a tiny size for tests.
@@ -242,6 +243,9 @@ def measure(argv=None):
                         "to 1/f of a CPU (a cgroup quota)")
     p.add_argument("--cases", default=",".join(ALL_CASES))
     p.add_argument("--straggler-cases", default=",".join(STRAGGLER_CASES))
+    p.add_argument("--also", action="append", default=[], metavar="N:PROFILES:CASES",
+                   help="more runs at another worker count, e.g. 3:lan:sync,fedavg (PROFILES "
+                        "joined by +); repeatable")
     p.add_argument("--lbfgs", type=int, default=200_000, help="rows (0: skip)")
     p.add_argument("--lbfgs-iter", type=int, default=30)
     p.add_argument("--json", default=None)
@@ -256,6 +260,10 @@ def measure(argv=None):
     unknown = set(args.budget_for) - set(netns.PROFILES)
     if unknown:
         p.error(f"--budget-for: no profile {', '.join(sorted(unknown))}")
+    try:
+        also = [parse_also(spec) for spec in args.also]
+    except ValueError as exc:
+        p.error(f"--also: {exc}")
     reason = netns.unavailable()
     if reason:
         print(f"bench_network: skipped: {reason}", file=sys.stderr)
@@ -272,7 +280,8 @@ def measure(argv=None):
         X, y, Xt, yt = X[:6000], y[:6000], Xt[:1000], yt[:1000]
         args.lbfgs = min(args.lbfgs, 5000)
         args.lbfgs_iter = min(args.lbfgs_iter, 5)
-    pre = pretrain(dml, X, y) if "lastlayer" in args.cases.split(",") else None
+    wants_pre = "lastlayer" in args.cases.split(",") + [c for _, _, cs in also for c in cs]
+    pre = pretrain(dml, X, y) if wants_pre else None
     out = {"benchmark": "bench_network", "date": date, "machine": machine(),
            "profiles": {k: vars(v) for k, v in netns.PROFILES.items()},
            "recipe": "MLP 784-256-10, SGD(lr=0.1, momentum=0.9), 64 rows/partition/step",
@@ -290,8 +299,26 @@ def measure(argv=None):
             args_l = argparse.Namespace(**{**vars(args), "lbfgs": 0})
             run_profile(dml, args_l, "lan", n_workers, factor,
                         args.straggler_cases.split(","), (X, y), (Xt, yt), None, out)
+    for n_workers, profiles, cases in also:
+        args_l = argparse.Namespace(**{**vars(args), "lbfgs": 0})
+        for profile in profiles:
+            run_profile(dml, args_l, profile, n_workers, None, cases, (X, y), (Xt, yt), pre, out)
     print(f"wrote {args.json}")
     return out
+
+
+def parse_also(spec):
+    """``"3:lan+wan:sync,fedavg"`` -> (3, ["lan", "wan"], ["sync", "fedavg"])."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) < 1:
+        raise ValueError(f"expected WORKERS:PROFILES:CASES, got {spec!r}")
+    profiles = [x for x in parts[1].split("+") if x]
+    cases = [x for x in parts[2].split(",") if x]
+    bad = ([x for x in profiles if x not in netns.PROFILES]
+           + [x for x in cases if x not in ALL_CASES])
+    if bad or not profiles or not cases:
+        raise ValueError(f"{spec!r}: unknown or missing profile / case {', '.join(bad)}")
+    return int(parts[0]), profiles, cases
 
 
 def _name(row):

@@ -1,9 +1,13 @@
-"""The Fashion-MNIST MLP (784-256-10, relu) with one recipe: dmlcore SyncSGD vs PyTorch and DDP.
+"""The Fashion-MNIST MLP (784-256-10, relu), same recipes: dmlcore SyncSGD vs PyTorch and DDP.
 
 Recipe for all: SGD lr 0.1, momentum 0.9, 128 rows per step (mean gradient),
 ``--epochs`` epochs from the same initial weights (dmlcore's ``MLP.init(0)``),
 test accuracy evaluated at the end of every epoch (the clock runs through
-the evaluations, for every peer alike).
+the evaluations, for every peer alike). ``--grid`` runs every recipe of
+``GRID`` for every library (the same small grid for all: SGD momentum 0.9
+constant or cosine, Adam with cosine at 128 and 512 rows per step; a cosine
+schedule decays to 0 over the ``--epochs``, the same function in PyTorch
+through ``LambdaLR``) and prints each library's best time to the target.
   * PyTorch in this process, ``torch.set_num_threads(--threads)`` (2);
   * PyTorch ``DistributedDataParallel`` over gloo, n processes of 1 thread,
     128/n rows each per step (each process its own shard of every epoch);
@@ -25,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 SIZES = [784, 256, 10]
 ROWS_PER_STEP = 128
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe, the same for every library.
+
+    ``optimizer``: "sgd" (heavy-ball momentum ``momentum``) or "adam" (betas
+    0.9 / 0.999, eps 1e-8); ``schedule``: "constant" or "cosine" (to 0 at the
+    last step); ``rows``: rows per step over all processes (each of n
+    processes / workers takes rows // n)."""
+
+    optimizer: str
+    lr: float
+    schedule: str
+    rows: int
+    momentum: float = 0.9
+
+    @property
+    def label(self):
+        opt = (f"SGD lr {self.lr:g} m {self.momentum:g}" if self.optimizer == "sgd"
+               else f"Adam lr {self.lr:g}")
+        return f"{opt}, {self.schedule}, {self.rows} rows"
+
+
+GRID = (Recipe("sgd", 0.1, "constant", 128), Recipe("sgd", 0.1, "cosine", 128),
+        Recipe("adam", 0.002, "cosine", 128), Recipe("adam", 0.002, "cosine", 512))
 
 
 from benchmarks.runner import figure  # noqa: E402 - the runner's figure records
@@ -71,17 +102,42 @@ def _accuracy(net, Xt, yt):
         return float((net(Xt).argmax(1) == yt).float().mean())
 
 
-def train_torch(net, X, y, Xt, yt, epochs, batch, lr, momentum, seed, rank=0, world=1,
-                step_hook=None):
+def dml_optimizer(recipe):
+    """dmlcore's optimizer for ``recipe`` (a cosine horizon is filled in by ``dml.fit``)."""
+    import dmlcore as dml
+
+    schedule = None if recipe.schedule == "constant" else dml.optim.Cosine()
+    if recipe.optimizer == "sgd":
+        return dml.optim.SGD(lr=recipe.lr, momentum=recipe.momentum, schedule=schedule)
+    return dml.optim.Adam(lr=recipe.lr, schedule=schedule)
+
+
+def torch_optimizer(params, recipe, total_steps):
+    """(optimizer, scheduler or None): ``recipe`` in PyTorch, dmlcore's schedule function."""
+    import torch
+
+    import dmlcore as dml
+
+    if recipe.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+    else:
+        opt = torch.optim.Adam(params, lr=recipe.lr, betas=(0.9, 0.999), eps=1e-8)
+    if recipe.schedule == "constant":
+        return opt, None
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, dml.optim.Cosine(total_steps))
+
+
+def train_torch(net, X, y, Xt, yt, epochs, recipe, seed, rank=0, world=1, step_hook=None):
     """Train ``net``; (step times, [(seconds since start, accuracy) per epoch])."""
     import torch
 
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    batch = recipe.rows // world
     lossf = torch.nn.CrossEntropyLoss()
     X, y = torch.from_numpy(X), torch.from_numpy(y)
     Xt, yt = torch.from_numpy(Xt), torch.from_numpy(yt)
     n = X.shape[0]
     steps = -(-n // (batch * world))
+    opt, scheduler = torch_optimizer(net.parameters(), recipe, steps * epochs)
     step_times, curve = [], []
     t0 = time.perf_counter()
     for epoch in range(epochs):
@@ -95,6 +151,8 @@ def train_torch(net, X, y, Xt, yt, epochs, batch, lr, momentum, seed, rank=0, wo
             opt.zero_grad(set_to_none=False)
             lossf(net(X[idx]), y[idx]).backward()
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             step_times.append(time.perf_counter() - ts)
         acc = _accuracy(net, Xt, yt) if rank == 0 else float("nan")
         curve.append((time.perf_counter() - t0, acc))
@@ -103,7 +161,7 @@ def train_torch(net, X, y, Xt, yt, epochs, batch, lr, momentum, seed, rank=0, wo
     return step_times, curve, steps
 
 
-def _ddp_worker(rank, world, port, small, epochs, lr, momentum, out):
+def _ddp_worker(rank, world, port, small, epochs, recipe, out):
     import torch
     import torch.distributed as dist
 
@@ -118,15 +176,15 @@ def _ddp_worker(rank, world, port, small, epochs, lr, momentum, out):
         net = torch_net(dml.models.MLP(SIZES).init(0, dtype=np.float32))
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         dist.barrier()
-        step_times, curve, steps = train_torch(ddp, X, y, Xt, yt, epochs,
-                                               ROWS_PER_STEP // world, lr, momentum, seed=0,
-                                               rank=rank, world=world,
+        step_times, curve, steps = train_torch(ddp, X, y, Xt, yt, epochs, Recipe(**recipe),
+                                               seed=0, rank=rank, world=world,
                                                step_hook=dist.barrier)
         if rank == 0:
             tmp = out + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"step_times": step_times, "curve": curve, "steps": steps}, f)
             os.replace(tmp, out)
+        dist.barrier()                 # both ranks done before gloo's threads shut down
     finally:
         dist.destroy_process_group()
 
@@ -137,19 +195,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_ddp(world, small, epochs, lr, momentum, timeout):
+def run_ddp(world, small, epochs, recipe, timeout):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.json")
-        ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), small, epochs, lr,
-                                                    momentum, out),
+        ctx = mp.start_processes(_ddp_worker, args=(world, _free_port(), small, epochs,
+                                                    asdict(recipe), out),
                                  nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"DDP on {world} processes ran past {timeout:.0f} s")
+        except mp.ProcessExitedException as exc:
+            # gloo now and then aborts a process as it shuts down ("terminate called without
+            # an active exception"): rank 0's complete results (written atomically after
+            # the last epoch) are used; a crash before that is an error.
+            if not Path(out).exists():
+                raise
+            print(f"  note: DDP on {world} processes: {exc} after rank 0 wrote its results",
+                  flush=True)
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -159,7 +225,7 @@ def run_ddp(world, small, epochs, lr, momentum, timeout):
     return r["step_times"], [tuple(c) for c in r["curve"]], r["steps"]
 
 
-def run_dmlcore(n_workers, X, y, Xt, yt, epochs, lr, momentum):
+def run_dmlcore(n_workers, X, y, Xt, yt, epochs, recipe):
     from distributed import Client
 
     import dmlcore as dml
@@ -169,12 +235,12 @@ def run_dmlcore(n_workers, X, y, Xt, yt, epochs, lr, momentum):
     with local_cluster(n_workers=n_workers, threads_per_worker=1,
                        dashboard_address=":0") as cluster, Client(cluster) as client:
         data = dml.partition(X, y, n_partitions=n_workers, scheme="iid", seed=0, client=client)
-        strategy = dml.SyncSGD(batch_size=ROWS_PER_STEP // n_workers)
+        strategy = dml.SyncSGD(batch_size=recipe.rows // n_workers)
         steps = strategy.steps_per_epoch(data)
         # warm-up: imports, worker code, the data plane (not timed)
-        dml.fit(model, data, strategy, dml.optim.SGD(lr=lr, momentum=momentum), steps=5,
+        dml.fit(model, data, strategy, dml_optimizer(recipe), steps=5,
                 client=client, progress=False)
-        res = dml.fit(model, data, strategy, dml.optim.SGD(lr=lr, momentum=momentum),
+        res = dml.fit(model, data, strategy, dml_optimizer(recipe),
                       epochs=epochs, eval_data=(Xt, yt), eval_every=steps,
                       init_params=model.init(0, dtype=np.float32), client=client,
                       progress=False)
@@ -205,6 +271,9 @@ def run(argv=None):
     parser.add_argument("--workers", default="2",
                         help="comma-separated worker / process counts (e.g. 1,2,4)")
     parser.add_argument("--skip-ddp", action="store_true")
+    parser.add_argument("--grid", action="store_true",
+                        help="also run every recipe of GRID on the counts >= 2; each "
+                             "library's best time to the target")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds a DDP run may take before it is ended")
     args = parser.parse_args(argv)
@@ -221,20 +290,25 @@ def run(argv=None):
           f"{args.lr} momentum {args.momentum}, {ROWS_PER_STEP} rows per step, {epochs} "
           f"epochs, target {target}; torch {torch.__version__}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
-    rows = {}
-    torch.set_num_threads(args.threads)
-    net = torch_net(dml.models.MLP(SIZES).init(0, dtype=np.float32))
     single = f"PyTorch 1 process, {args.threads} threads"
-    rows[single] = summary(*train_torch(net, X, y, Xt, yt, epochs, ROWS_PER_STEP, args.lr,
-                                        args.momentum, seed=0), target)
-    torch.set_num_threads(1)
-    for n in counts:
-        if n >= 2 and not args.skip_ddp:
-            rows[f"PyTorch DDP gloo, {n} processes"] = summary(
-                *run_ddp(n, args.small, epochs, args.lr, args.momentum, args.timeout), target)
-        rows[f"dmlcore SyncSGD, {n} workers"] = summary(
-            *run_dmlcore(n, X, y, Xt, yt, epochs, args.lr, args.momentum), target)
 
+    def libraries(recipe, worker_counts):
+        """{library: (seconds per epoch, seconds to target or None, final accuracy)}."""
+        out = {}
+        torch.set_num_threads(args.threads)
+        net = torch_net(dml.models.MLP(SIZES).init(0, dtype=np.float32))
+        out[single] = summary(*train_torch(net, X, y, Xt, yt, epochs, recipe, seed=0), target)
+        torch.set_num_threads(1)
+        for n in worker_counts:
+            if n >= 2 and not args.skip_ddp:
+                out[f"PyTorch DDP gloo, {n} processes"] = summary(
+                    *run_ddp(n, args.small, epochs, recipe, args.timeout), target)
+            out[f"dmlcore SyncSGD, {n} workers"] = summary(
+                *run_dmlcore(n, X, y, Xt, yt, epochs, recipe), target)
+        return out
+
+    base = Recipe("sgd", args.lr, "constant", ROWS_PER_STEP, args.momentum)
+    rows = libraries(base, counts)
     figures, notes = [], []
     print(f"\n{'run':34s} {'s/epoch':>8s} {f's to {target}':>10s} {'final acc':>9s}")
     for name, (per_epoch, hit, acc) in rows.items():
@@ -271,9 +345,53 @@ def run(argv=None):
                       f"(parallel efficiency {speedup / n:.2f})")
                 figures.append(figure(f"dmlcore epoch speed-up 1 -> {n} workers", speedup, "x",
                                     peer="dmlcore SyncSGD, 1 worker"))
+    if args.grid:
+        grid_counts = [n for n in counts if n >= 2]
+        results = {base.label: {k: v for k, v in rows.items() if k != "dmlcore SyncSGD, 1 workers"}}
+        for recipe in GRID:
+            if recipe.label not in results:
+                results[recipe.label] = libraries(recipe, grid_counts)
+        figures += grid_figures(results, target, grid_counts, notes)
     for note in notes:
         print(f"  note: {note}")
     return {"figures": figures, "notes": notes}
+
+
+def grid_figures(results, target, counts, notes):
+    """Print the grid; figures per (library, recipe) and each library's best time to target.
+
+    ``results``: {recipe label: {library: summary}}."""
+    print(f"\ngrid: time to {target} (s) / final accuracy")
+    libs = list(next(iter(results.values())))
+    print(f"{'recipe':38s} " + " ".join(f"{lib[:30]:>30s}" for lib in libs))
+    figures, best = [], {}
+    for label, by_lib in results.items():
+        cells = []
+        for lib, (_, hit, acc) in by_lib.items():
+            cells.append(f"{'-' if hit is None else f'{hit:.2f}':>7s} / {acc:.4f}".rjust(30))
+            figures.append(figure(f"{lib} [{label}]: final test accuracy", acc, "accuracy"))
+            if hit is not None:
+                figures.append(figure(f"{lib} [{label}]: time to {target}", hit, "s"))
+                if lib not in best or hit < best[lib][0]:
+                    best[lib] = (hit, label)
+        print(f"{label:38s} " + " ".join(cells))
+    for lib in libs:
+        if lib in best:
+            print(f"  best of the grid, {lib}: {best[lib][0]:.2f} s ({best[lib][1]})")
+            figures.append(figure(f"{lib}: best time to {target} of the grid", best[lib][0], "s",
+                                  recipe=best[lib][1]))
+        else:
+            notes.append(f"{lib}: no recipe of the grid reached {target}")
+    for n in counts:
+        ours = best.get(f"dmlcore SyncSGD, {n} workers")
+        for peer in (lib for lib in libs if not lib.startswith("dmlcore")):
+            if ours is not None and peer in best:
+                r = best[peer][0] / ours[0]
+                print(f"  best of the grid, time to {target}: {peer} / dmlcore on {n} workers: "
+                      f"{r:.2f}")
+                figures.append(figure(f"best of the grid, time to {target}: {peer} / dmlcore, "
+                                      f"{n} workers", r, "x", peer=peer))
+    return figures
 
 
 def main(argv=None):

@@ -252,6 +252,54 @@ def _or_not(g, name, spec):
         return f"not reached in {g('epochs'):.0f} epochs"
 
 
+def _grid_best(g, lib):
+    """(seconds, recipe label) of ``lib``'s fastest recipe of bench_torch's grid to the
+    target, or None when none reached it."""
+    from benchmarks.bench_torch import GRID
+
+    t = g("target test accuracy")
+    found = []
+    for recipe in GRID:
+        try:
+            found.append((g(f"{lib} [{recipe.label}]: time to {t:g}"), recipe.label))
+        except Missing:
+            g(f"{lib} [{recipe.label}]: final test accuracy")     # the grid ran
+    return min(found) if found else None
+
+
+def _grid_cell(g, lib, short):
+    best = _grid_best(g, lib)
+    if best is None:
+        return f"{short}: no recipe reached {g('target test accuracy'):g}"
+    return f"{short}: {best[0]:.1f} s ({best[1]})"
+
+
+def _grid_row(n):
+    from benchmarks.bench_torch import GRID
+
+    ours, ddp = f"dmlcore SyncSGD, {n} workers", f"PyTorch DDP gloo, {n} processes"
+    single = "PyTorch 1 process, 2 threads"
+
+    def ratio(g):
+        mine = _grid_best(g, ours)
+        if mine is None:
+            return "n/a (dmlcore did not reach the target)"
+        out = []
+        for label, lib in (("DDP", ddp), ("PyTorch 1 process", single)):
+            theirs = _grid_best(g, lib)
+            out.append(f"{theirs[0] / mine[0]:.2f}x sooner than {label}" if theirs else
+                       f"{label} did not reach it")
+        return "; ".join(out)
+    return Row("bench_torch",
+               lambda g: f"each library's best of the same {len(GRID)}-recipe grid ("
+                         + "; ".join(r.label for r in GRID)
+                         + f"), time to {g('target test accuracy'):g} test accuracy",
+               lambda g: _grid_cell(g, ours, f"SyncSGD, {n} workers"),
+               lambda g: (_grid_cell(g, single, "PyTorch 1 process, 2 threads") + "; "
+                          + _grid_cell(g, ddp, f"DDP gloo, {n} processes")),
+               ratio)
+
+
 # ---- bench_network: which strategy for which network ----------------------------------
 _NET_LABELS = {"sync": "SyncSGD", "sync-ls16": "local SGD (16)", "ls16-topk": "local SGD (16) + "
                "top-k 1%", "fedavg": "FedAvg", "fedavg-int8": "FedAvg + int8",
@@ -312,7 +360,7 @@ def _net_best(g, where, cases):
     return f"{_NET_LABELS.get(best, best)}: {lead} sooner to 0.85 than SyncSGD"
 
 
-_NET_CASES = ("sync-ls16", "ls16-topk", "fedavg", "fedavg-int8", "ps-async")
+_NET_CASES = ("sync-ls16", "ls16-topk", "fedavg", "fedavg-int8", "ps-async-plain")
 
 
 def _net_row(profile, text, where=None, cases=_NET_CASES, workers=2):
@@ -425,6 +473,7 @@ ROWS = [
         "|.2f]] s", "[[dmlcore epoch, 2 workers / PyTorch epoch|.2f]]x PyTorch's epoch"),
     Row("bench_torch", lambda g: f"same recipe, time to {g('target test accuracy'):g} test "
         f"accuracy ({g('epochs'):.0f} epochs, evaluated after each)", *_torch_time(2)),
+    _grid_row(2),
     Row("bench_torch", "SyncSGD epoch, 1 -> 2 workers (same recipe)",
         "2 workers: [[dmlcore SyncSGD, 2 workers: seconds per epoch|.2f]] s",
         "1 worker: [[dmlcore SyncSGD, 1 workers: seconds per epoch|.2f]] s",
@@ -506,6 +555,8 @@ ROWS = [
         "[[size int8 / float|.3f]]x the size, [[accuracy change int8 - float|+.2f]] points "
         "([[same label as the float model|%]] same labels)"),
     _net_row("lan", "LAN (network namespaces, no shaping)"),
+    _net_row("lan", "LAN (network namespaces, no shaping)", workers=3,
+             cases=("ls16-topk", "fedavg-int8", "ps-async-plain")),
     _net_row("wan", "WAN (50 Mbit/s, 40 ms RTT)"),
     _net_row("edge", "edge (10 Mbit/s, 100 ms RTT, 0.1% loss)"),
     *[_net_row("lan", f"LAN with one worker {f}x slower (its gradient calls take {f}x as "

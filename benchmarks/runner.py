@@ -86,7 +86,7 @@ SPECS = {
     "bench_tls": Spec(["--steps", "200"], ["--small", "--steps", "10", "--repeat", "1",
                                            "--skip-mlp"]),
     "bench_export": Spec([], ["--small", "--epochs", "1"], fashion_mnist=True),
-    "bench_torch": Spec(["--epochs", "10"], ["--small"], fashion_mnist=True,
+    "bench_torch": Spec(["--epochs", "10", "--grid"], ["--small"], fashion_mnist=True,
                         needs=("torch",), workers=True),
     "bench_soak": Spec([], ["--small"], timeout=900),
     "bench_recovery": Spec([], ["--small"], timeout=900),
@@ -95,8 +95,10 @@ SPECS = {
     # is a subset of bench_network's cases that fits the 30 minutes.
     "bench_network": Spec(["--profiles", "lan,wan,edge", "--workers", "2", "--budget", "20",
                            "--budget-for", "wan=60",
-                           "--cases", "sync,sync-ls16,ls16-topk,fedavg,fedavg-int8,ps-async",
+                           "--cases", "sync,sync-ls16,ls16-topk,fedavg,fedavg-int8,"
+                           "ps-async-plain",
                            "--straggler", "2,4", "--straggler-cases", "sync,ps-async-plain",
+                           "--also", "3:lan:sync,ls16-topk,fedavg-int8,ps-async-plain",
                            "--lbfgs", "200000", "--json", "{tmp}/network.json"],
                           ["--smoke", "--profiles", "lan", "--workers", "2", "--budget", "3",
                            "--cases", "sync,sync-topk", "--lbfgs", "0",

@@ -34,7 +34,7 @@ SMALL_ARGS = {
     "bench_fedavg.py": ["--small"],
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
-    "bench_torch.py": ["--small"],
+    "bench_torch.py": ["--small", "--grid", "--epochs", "1"],
     "bench_tls.py": ["--small", "--steps", "20", "--repeat", "1"],
     "bench_sparse.py": ["--rows", "20000", "--cols", "2000", "--repeat", "2", "--fit",
                         "--fit-rows", "5000", "--l1", "--l1-C", "0.05"],
@@ -119,7 +119,8 @@ FIGURES = {
         (rf"local_steps=\s*16:\s+{N} ms per synchronisation,\s+{N} ms per local step "
          rf"\({N}x throughput\)", None)],
     "bench_torch.py": [
-        (rf"dmlcore epoch on 2 workers / .* epoch: {N}", None)],
+        (rf"dmlcore epoch on 2 workers / .* epoch: {N}", None),
+        (rf"^Adam lr 0.002, cosine, 512 rows\s+\S+ / {N}\s+\S+ / {N}\s+\S+ / {N}$", A)],
     "bench_tls.py": [
         (rf"full batch, driver updates\s+tcp\s+{N} ms\s+tls\s+{N} ms\s+ratio {N}", None),
         (rf"batch 16, replicated optimizer\s+tcp\s+{N} ms\s+tls\s+{N} ms\s+ratio {N}", None),
@@ -297,6 +298,56 @@ def test_a_profile_budget_is_the_one_its_rows_show():
     assert bench_readme._net_t(get, "lan, 2 workers", "sync") == "> 20 s"
     assert bench_readme._net_best(get, "wan, 2 workers", ("fedavg-int8",)) == (
         "FedAvg + int8: >= 10.0x sooner to 0.85 than SyncSGD")
+
+
+def test_also_adds_runs_at_another_worker_count_and_refuses_unknown_names():
+    from benchmarks import bench_network
+
+    assert bench_network.parse_also("3:lan+wan:sync,fedavg-int8") == (
+        3, ["lan", "wan"], ["sync", "fedavg-int8"])
+    for bad in ("3:lan", "x:lan:sync", "0:lan:sync", "3:moon:sync", "3:lan:nosuchcase",
+                "3::sync", "3:lan:"):
+        with pytest.raises(ValueError):
+            bench_network.parse_also(bad)
+
+
+def test_grid_best_recipe_per_library_and_its_readme_row(capsys):
+    # bench_torch --grid: each library's fastest recipe to the target; the README row reads it
+    from benchmarks import bench_torch
+
+    a, b, c, d = (r.label for r in bench_torch.GRID)
+    ours, ddp, one = ("dmlcore SyncSGD, 2 workers", "PyTorch DDP gloo, 2 processes",
+                      "PyTorch 1 process, 2 threads")
+    results = {a: {one: (1.0, None, 0.87), ddp: (1.0, None, 0.86), ours: (1.0, 9.0, 0.881)},
+               b: {one: (1.0, 8.0, 0.882), ddp: (1.0, None, 0.87), ours: (1.0, 6.0, 0.884)},
+               c: {one: (1.0, 5.0, 0.89), ddp: (1.0, 12.0, 0.885), ours: (1.0, 2.0, 0.89)},
+               d: {one: (1.0, 7.0, 0.888), ddp: (1.0, 6.0, 0.883), ours: (1.0, 3.0, 0.887)}}
+    notes = []
+    figures = bench_torch.grid_figures(results, 0.88, [2], notes)
+    assert runner.check_figures(figures) == [] and notes == []
+    values = {f["name"]: f for f in figures}
+    assert values[f"{ours}: best time to 0.88 of the grid"]["value"] == 2.0
+    assert values[f"{ours}: best time to 0.88 of the grid"]["recipe"] == c
+    assert values[f"{ddp}: best time to 0.88 of the grid"]["recipe"] == d
+    assert values[f"best of the grid, time to 0.88: {ddp} / dmlcore, 2 workers"]["value"] == 3.0
+    assert f"{ddp} [{a}]: time to 0.88" not in values          # not reached: no figure
+    assert "best of the grid, dmlcore SyncSGD, 2 workers: 2.00 s" in capsys.readouterr().out
+    get = bench_readme.getter({"figures": figures + [
+        runner.figure("target test accuracy", 0.88, "accuracy")]})
+    row = bench_readme._grid_row(2)
+    assert bench_readme.cell(row.ours, get) == f"SyncSGD, 2 workers: 2.0 s ({c})"
+    assert bench_readme.cell(row.peer, get) == (
+        f"PyTorch 1 process, 2 threads: 5.0 s ({c}); DDP gloo, 2 processes: 6.0 s ({d})")
+    assert bench_readme.cell(row.ratio, get) == (
+        "3.00x sooner than DDP; 2.50x sooner than PyTorch 1 process")
+    # a library that reached the target with no recipe: said so, and a note
+    none = {label: {**by, ddp: (1.0, None, 0.8)} for label, by in results.items()}
+    notes = []
+    figures = bench_torch.grid_figures(none, 0.88, [2], notes)
+    assert notes == [f"{ddp}: no recipe of the grid reached 0.88"]
+    get = bench_readme.getter({"figures": figures + [
+        runner.figure("target test accuracy", 0.88, "accuracy")]})
+    assert "DDP did not reach it" in bench_readme.cell(row.ratio, get)
 
 
 def test_a_slowed_worker_sleeps_its_calls_time_again_only_in_its_process(monkeypatch):

@@ -130,6 +130,57 @@ def test_float16_scales_sums_past_its_range_and_non_finite_vectors_travel_raw():
         np.testing.assert_array_equal(codecs.decode(raw, np.float32), bad)
 
 
+@pytest.mark.skipif(not codecs._codec.SUPPORTED, reason="this CPU has no F16C: NumPy packs")
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 31, 203_530])
+def test_the_compiled_float16_codec_gives_numpys_bits(n):
+    from dmlcore._ext import codec
+
+    rng = np.random.default_rng(n)
+    # magnitudes over 2**-40 .. 2**20: after the scale some halves are subnormal or 0
+    x = (rng.standard_normal(n) * 2.0 ** rng.integers(-40, 20, n)).astype(np.float32)
+    if n > 8:
+        x[:4] = [0.0, -0.0, 2.0 ** -24 * 3, 65519.0 * 2.0 ** -10]   # ties to even, signed 0
+    scale = codecs._pow2_scale(x)
+    half = np.empty(n, dtype=np.float16)
+    codec.pack(x, scale, half.view(np.uint16))
+    want = (x / scale).astype(np.float16)
+    np.testing.assert_array_equal(half.view(np.uint16), want.view(np.uint16))
+    back = np.empty(n, dtype=np.float32)
+    codec.unpack(half.view(np.uint16), scale, back)
+    np.testing.assert_array_equal(back.view(np.uint32),
+                                  (want.astype(np.float32) * np.float32(scale)).view(np.uint32))
+    total = x.copy()
+    codec.unpack(half.view(np.uint16), scale, total, add=True)
+    np.testing.assert_array_equal(total, x + want.astype(np.float32) * np.float32(scale))
+    # through the Compressor: the same message as NumPy's casts, read-only frames decode
+    message = codecs.Compressor("float16").encode(x)
+    np.testing.assert_array_equal(message.values.view(np.uint16), want.view(np.uint16))
+    frozen = message.values.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(codecs.decode(Half(frozen, message.scale), np.float32), back)
+    with pytest.raises(ValueError, match="out has"):
+        codec.pack(x, scale, np.empty(n + 1, dtype=np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_decode_into_gives_decode_then_copy_or_add(dtype):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(3001).astype(dtype)      # 5 whole int8 blocks and a tail
+    base = rng.standard_normal(3001).astype(dtype)
+    for spec in (None, "float16", "int8", TOPK):
+        message = codecs.Compressor(spec).encode(x, (0,))
+        dense = codecs.decode(message, dtype)
+        out = np.full(3001, np.nan, dtype=dtype)
+        np.testing.assert_array_equal(codecs.decode_into(message, out), dense)
+        out = base.copy()
+        codecs.decode_into(message, out, add=True)
+        np.testing.assert_array_equal(out, base + dense)
+    # a top-k message whose indices repeat (or run backwards) is refused, not summed twice
+    twice = TopK(3001, np.array([5, 5], dtype=np.uint32), np.ones(2, np.float16), 1.0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        codecs.decode_into(twice, base.copy(), add=True)
+
+
 def test_messages_travel_as_raw_frames_and_bad_ones_are_refused():
     x = np.random.default_rng(4).standard_normal(5000).astype(np.float32)
     for spec in ("float16", "int8", TOPK):

@@ -100,9 +100,9 @@ def _sender(executor):
 def _add_in_order(grads, out):
     """``out`` = grads[0] + grads[1] + ... (each decoded, ``dmlcore.compression``),
     added in executor order: the driver path's and every replica's bits."""
-    np.copyto(out, codecs.decode(grads[0], out.dtype))
+    codecs.decode_into(grads[0], out)
     for grad in grads[1:]:
-        out += codecs.decode(grad, out.dtype)
+        codecs.decode_into(grad, out, add=True)
     return out
 
 

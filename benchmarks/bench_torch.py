@@ -307,8 +307,8 @@ def run(argv=None):
                 *run_dmlcore(n, X, y, Xt, yt, epochs, recipe), target)
         return out
 
-    base = Recipe("sgd", args.lr, "constant", ROWS_PER_STEP, args.momentum)
-    rows = libraries(base, counts)
+    first = Recipe("sgd", args.lr, "constant", ROWS_PER_STEP, args.momentum)
+    rows = libraries(first, counts)
     figures, notes = [], []
     print(f"\n{'run':34s} {'s/epoch':>8s} {f's to {target}':>10s} {'final acc':>9s}")
     for name, (per_epoch, hit, acc) in rows.items():
@@ -347,7 +347,8 @@ def run(argv=None):
                                     peer="dmlcore SyncSGD, 1 worker"))
     if args.grid:
         grid_counts = [n for n in counts if n >= 2]
-        results = {base.label: {k: v for k, v in rows.items() if k != "dmlcore SyncSGD, 1 workers"}}
+        results = {first.label: {k: v for k, v in rows.items()
+                                 if k != "dmlcore SyncSGD, 1 workers"}}
         for recipe in GRID:
             if recipe.label not in results:
                 results[recipe.label] = libraries(recipe, grid_counts)

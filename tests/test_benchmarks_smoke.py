@@ -34,7 +34,7 @@ SMALL_ARGS = {
     "bench_fedavg.py": ["--small"],
     "bench_partial.py": ["--small"],
     "bench_ps.py": ["--small"],
-    "bench_torch.py": ["--small", "--grid", "--epochs", "1"],
+    "bench_torch.py": ["--small", "--grid", "--epochs", "1", "--workers", "1,2"],
     "bench_tls.py": ["--small", "--steps", "20", "--repeat", "1"],
     "bench_sparse.py": ["--rows", "20000", "--cols", "2000", "--repeat", "2", "--fit",
                         "--fit-rows", "5000", "--l1", "--l1-C", "0.05"],

@@ -21,12 +21,16 @@ cdef extern from "half_impl.h" nogil:
 SUPPORTED = bool(dml_half_supported())
 
 
+cdef _check(str name, Py_ssize_t n_src, Py_ssize_t n_out):
+    if not SUPPORTED:
+        raise RuntimeError(f"codec.{name}: this CPU has no F16C")
+    if n_out != n_src:
+        raise ValueError(f"codec.{name}: out has {n_out} values for {n_src}")
+
+
 def pack(const float[::1] src, double scale, uint16_t[::1] out):
     """``out`` (uint16 view of float16, shape of ``src``) = float16(src / scale)."""
-    if not SUPPORTED:
-        raise RuntimeError("codec.pack: this CPU has no F16C")
-    if out.shape[0] != src.shape[0]:
-        raise ValueError(f"codec.pack: out has {out.shape[0]} values for {src.shape[0]}")
+    _check("pack", src.shape[0], out.shape[0])
     cdef float s = <float>scale
     with nogil:
         dml_half_pack(&src[0] if src.shape[0] else NULL, s,
@@ -35,10 +39,7 @@ def pack(const float[::1] src, double scale, uint16_t[::1] out):
 
 def unpack(const uint16_t[::1] src, double scale, float[::1] out, bint add=False):
     """``out`` (float32) = float32(src) * scale, or ``+=`` that with ``add``."""
-    if not SUPPORTED:
-        raise RuntimeError("codec.unpack: this CPU has no F16C")
-    if out.shape[0] != src.shape[0]:
-        raise ValueError(f"codec.unpack: out has {out.shape[0]} values for {src.shape[0]}")
+    _check("unpack", src.shape[0], out.shape[0])
     cdef float s = <float>scale
     with nogil:
         dml_half_unpack(&src[0] if src.shape[0] else NULL, s,

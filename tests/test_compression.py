@@ -162,6 +162,19 @@ def test_the_compiled_float16_codec_gives_numpys_bits(n):
         codec.pack(x, scale, np.empty(n + 1, dtype=np.uint16))
 
 
+def test_without_f16c_numpy_packs_float16_with_the_same_bits(monkeypatch):
+    x = np.random.default_rng(11).standard_normal(1001).astype(np.float32)
+    fast = codecs.Compressor("float16").encode(x)
+    fast_sum = codecs.decode_into(fast, np.ones(1001, np.float32), add=True)
+    monkeypatch.setattr(codecs._codec, "SUPPORTED", False)    # a CPU without F16C
+    slow = codecs.Compressor("float16").encode(x)
+    np.testing.assert_array_equal(slow.values.view(np.uint16), fast.values.view(np.uint16))
+    assert slow.scale == fast.scale
+    np.testing.assert_array_equal(codecs.decode(slow, np.float32), codecs.decode(fast, np.float32))
+    np.testing.assert_array_equal(codecs.decode_into(slow, np.ones(1001, np.float32), add=True),
+                                  fast_sum)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_decode_into_gives_decode_then_copy_or_add(dtype):
     rng = np.random.default_rng(7)

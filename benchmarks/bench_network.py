@@ -291,18 +291,18 @@ def measure(argv=None):
         old = json.loads(Path(args.json).read_text())
         out["runs"] = old.get("runs", [])
         out.update({k: old[k] for k in ("link_kind", "straggler_kind") if k in old})
+    no_lbfgs = argparse.Namespace(**{**vars(args), "lbfgs": 0})   # straggler and --also runs
     for n_workers in [int(w) for w in args.workers.split(",") if w]:
         for profile in [s for s in args.profiles.split(",") if s]:
             run_profile(dml, args, profile, n_workers, None, args.cases.split(","),
                         (X, y), (Xt, yt), pre, out)
         for factor in [float(f) for f in args.straggler.split(",") if f]:
-            args_l = argparse.Namespace(**{**vars(args), "lbfgs": 0})
-            run_profile(dml, args_l, "lan", n_workers, factor,
+            run_profile(dml, no_lbfgs, "lan", n_workers, factor,
                         args.straggler_cases.split(","), (X, y), (Xt, yt), None, out)
     for n_workers, profiles, cases in also:
-        args_l = argparse.Namespace(**{**vars(args), "lbfgs": 0})
         for profile in profiles:
-            run_profile(dml, args_l, profile, n_workers, None, cases, (X, y), (Xt, yt), pre, out)
+            run_profile(dml, no_lbfgs, profile, n_workers, None, cases, (X, y), (Xt, yt), pre,
+                        out)
     print(f"wrote {args.json}")
     return out
 

@@ -72,28 +72,37 @@ def _pow2_scale(vector):
     return math.ldexp(1.0, math.frexp(top)[1] - 1 - _FLOAT16_TOP)
 
 
-def _fast_half(vector, dtype):
-    """Whether the compiled F16C codec (``dmlcore._ext.codec``, same bits as the
-    NumPy casts) takes this 1-D contiguous vector: float32 only, where the CPU has F16C."""
-    return (_codec.SUPPORTED and dtype == np.float32 and vector.ndim == 1
-            and vector.flags.c_contiguous)
+def _f16c(*arrays):
+    """Whether the compiled F16C codec (``dmlcore._ext.codec``: the bits of NumPy's
+    casts) takes these 1-D contiguous arrays (the CPU has F16C)."""
+    return _codec.SUPPORTED and all(a.ndim == 1 and a.flags.c_contiguous for a in arrays)
 
 
-def _unscale(values, scale, dtype):
-    """float16 ``values`` times the power of two ``scale``, in ``dtype`` (exact)."""
-    dtype = np.dtype(dtype)
-    if values.dtype == np.float16 and _fast_half(values, dtype):
-        out = np.empty(values.shape[0], dtype=np.float32)
-        _codec.unpack(values.view(np.uint16), scale, out)
-        return out
-    out = values.astype(dtype)
-    out *= np.asarray(scale, dtype=dtype)
+def _store(out, dense, add):
+    """``out`` = ``dense`` (``out += dense`` with ``add``); returns ``out``."""
+    if add:
+        out += dense
+    else:
+        np.copyto(out, dense)
     return out
+
+
+def _unscale(values, scale, dtype, out=None, add=False):
+    """float16 ``values`` times the power of two ``scale`` (exact), in ``dtype``: a
+    new array, or written into ``out`` (added to it with ``add``)."""
+    if values.dtype == np.float16 and np.dtype(dtype) == np.float32 and (
+            _f16c(values) if out is None else _f16c(values, out)):
+        target = np.empty(values.shape[0], dtype=np.float32) if out is None else out
+        _codec.unpack(values.view(np.uint16), scale, target, add and out is not None)
+        return target
+    dense = values.astype(dtype)
+    dense *= np.asarray(scale, dtype=dtype)
+    return dense if out is None else _store(out, dense, add)
 
 
 def _half(vector):
     scale = _pow2_scale(vector)
-    if _fast_half(vector, vector.dtype):
+    if vector.dtype == np.float32 and _f16c(vector):
         out = np.empty(vector.shape[0], dtype=np.float16)
         _codec.pack(vector, scale, out.view(np.uint16))
         return out, scale
@@ -206,22 +215,54 @@ def decode(message, dtype):
             raise ValueError(f"float16 message: values of shape {message.values.shape}")
         return _unscale(message.values, message.scale, dtype)
     if isinstance(message, Int8Blocks):
-        n, block = _check_int8(message)
-        n_blocks = message.scales.shape[0]
-        out = np.zeros(n_blocks * block, dtype=dtype)
-        out[:n] = message.codes
-        out.reshape(n_blocks, block)[:] *= (message.scales.astype(np.float64)
-                                            / _LEVELS).astype(dtype)[:, None]
-        return out[:n]
+        return decode_into(message, np.empty(_check_int8(message)[0], dtype=dtype))
     if isinstance(message, TopK):
-        out = np.zeros(max(int(message.size), 0), dtype=dtype)
+        return decode_into(message, np.empty(max(int(message.size), 0), dtype=dtype))
+    raise TypeError(f"not a compressed vector: {type(message).__name__}")
+
+
+def decode_into(message, out, add=False):
+    """``out`` (1-D float, the message's length) = the vector ``message`` encodes,
+    or ``out +=`` it with ``add``, without a dense temporary where it can: the
+    bits of ``decode`` then ``np.copyto`` / ``+=``."""
+    if isinstance(message, np.ndarray):
+        return _store(out, message.astype(out.dtype, copy=False), add)
+    if isinstance(message, Half):
+        if message.values.shape != out.shape:
+            raise ValueError(f"float16 message: values of shape {message.values.shape} "
+                             f"for a vector of {out.shape[0]}")
+        return _unscale(message.values, message.scale, out.dtype, out, add)
+    if isinstance(message, Int8Blocks):
+        n, block = _check_int8(message)
+        if out.shape != (n,):
+            raise ValueError(f"int8 message: {n} codes for a vector of {out.shape[0]}")
+        # codes x their block's factor, written (or added) into out: whole blocks, the tail
+        factors = (message.scales.astype(np.float64) / _LEVELS).astype(out.dtype)
+        m = n - n % block
+        for codes, dst, f in ((message.codes[:m].reshape(-1, block), out[:m].reshape(-1, block),
+                               factors[:m // block, None]),
+                              (message.codes[m:], out[m:], factors[m // block:])):
+            if add:
+                dst += codes * f
+            else:
+                np.multiply(codes, f, out=dst)
+        return out
+    if isinstance(message, TopK):
         _check_topk(message, out.shape[0])
-        out[message.indices] = _unscale(message.values, message.scale, dtype)
+        if max(int(message.size), 0) != out.shape[0]:
+            raise ValueError(f"top-k message: a vector of {message.size}, not {out.shape[0]}")
+        values = _unscale(message.values, message.scale, out.dtype)
+        if add:                                 # only the k sent entries: out + 0 is out
+            out[message.indices] += values      # indices are unique (strictly increasing)
+        else:
+            out[...] = 0
+            out[message.indices] = values
         return out
     raise TypeError(f"not a compressed vector: {type(message).__name__}")
 
 
 def _check_int8(message):
+    """(n, block) of a well-formed int8 message, else ``ValueError``."""
     n, block = message.codes.shape[0], int(message.block)
     if block < 1 or message.codes.ndim != 1 or message.scales.ndim != 1 \
             or message.scales.shape[0] != -(-n // block):
@@ -231,52 +272,13 @@ def _check_int8(message):
 
 
 def _check_topk(message, size):
+    """``ValueError`` unless the indices are ints, strictly increasing, within ``size``."""
     index = message.indices
     if (index.ndim != 1 or index.shape != message.values.shape or index.dtype.kind not in "iu"
             or (index.size and not 0 <= int(index.min()) <= int(index.max()) < size)):
         raise ValueError(f"top-k message: indices do not fit a vector of {message.size}")
     if index.size > 1 and not (index[1:] > index[:-1]).all():
         raise ValueError("top-k message: indices are not strictly increasing")
-
-
-def decode_into(message, out, add=False):
-    """``out`` (1-D, C-contiguous float) = the vector ``message`` encodes, or
-    ``out += `` it with ``add``: the bits of ``decode`` then ``np.copyto`` /
-    ``+=``, without the temporary where a float16 message meets the compiled codec."""
-    if (isinstance(message, Half) and isinstance(message.values, np.ndarray)
-            and message.values.dtype == np.float16 and message.values.shape == out.shape
-            and _fast_half(message.values, out.dtype) and out.flags.c_contiguous):
-        _codec.unpack(message.values.view(np.uint16), message.scale, out, add)
-        return out
-    if isinstance(message, TopK) and int(message.size) == out.shape[0]:
-        # only the k sent entries: (out + 0 elsewhere is out)
-        _check_topk(message, out.shape[0])
-        values = _unscale(message.values, message.scale, out.dtype)
-        if add:
-            out[message.indices] += values      # indices are unique (sorted)
-        else:
-            out[...] = 0
-            out[message.indices] = values
-        return out
-    if isinstance(message, Int8Blocks) and message.codes.shape == out.shape:
-        # codes x their block's factor, written (or added) block by block into out
-        n, block = _check_int8(message)
-        factors = (message.scales.astype(np.float64) / _LEVELS).astype(out.dtype)
-        m = n - n % block                        # the whole blocks, then the tail
-        for codes, dst, f in ((message.codes[:m].reshape(-1, block), out[:m].reshape(-1, block),
-                               factors[:m // block, None]),
-                              (message.codes[m:], out[m:], factors[m // block:])):
-            if add:
-                dst += codes * f
-            else:
-                np.multiply(codes, f, out=dst)
-        return out
-    dense = decode(message, out.dtype)
-    if add:
-        out += dense
-    else:
-        np.copyto(out, dense)
-    return out
 
 
 def nbytes(message):

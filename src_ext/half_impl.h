@@ -21,7 +21,6 @@
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
-#define DML_HALF_X86 1
 
 static int dml_half_supported(void) {
     __builtin_cpu_init();
@@ -63,7 +62,6 @@ static void dml_half_unpack(const uint16_t *src, float scale, float *dst, ptrdif
 }
 
 #else
-#define DML_HALF_X86 0
 
 static int dml_half_supported(void) { return 0; }
 

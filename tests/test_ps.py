@@ -345,3 +345,81 @@ def test_the_server_moves_off_a_slow_worker_and_nothing_is_lost(client):
     still = dml.fit(model, data, ParameterServer("async", batch_size=8), dml.optim.SGD(lr=0.05),
                     steps=steps, client=client, progress=False)
     assert not [e for e in _events(still.history) if e["what"].startswith("server moved")]
+
+
+def _bsp_server(P=2, n=4):
+    from dmlcore.strategies.ps import _Server
+
+    optimizer, values = dml.optim.SGD(lr=1.0), np.zeros(n)
+    return _Server(token=f"test-{os.getpid()}-{P}", consistency="bsp", staleness=0,
+                   optimizer=optimizer, values=values, opt_state=optimizer.init(values),
+                   clocks=np.zeros(P), active=np.ones(P, dtype=bool), count=0, stop_at=100,
+                   transfer=None, remote_slots=[1])
+
+
+def _push(pid, clock, grad):
+    from dmlcore.messages import Push
+
+    return Push(pid, clock, 0.0, 1.0, "sum", np.asarray(grad, dtype=np.float64), 0.0)
+
+
+def test_server_thread_and_coroutine_callers_wake_each_other():
+    """The loop thread on the server's worker (``exchange_here``) and the actor's
+    coroutines (``exchange``, on the event loop) share one state: a pull held
+    back by BSP in one wakes when the other pushes the clock it waits for."""
+    import asyncio
+    import threading
+
+    from dmlcore.messages import Pull
+    from dmlcore.strategies.ps import _SERVERS
+
+    server = _bsp_server()
+    try:
+        async def main():
+            # a coroutine waits (partition 1 at clock 1 after its push) until the thread pushes
+            waiter = asyncio.ensure_future(server.exchange(1, _push(1, 0, [1, 0, 0, 0]), 1, -1))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            answers = {}
+            thread = threading.Thread(target=lambda: answers.setdefault(
+                "thread", server.exchange_here(0, _push(0, 0, [0, 1, 0, 0]), 0, -1)))
+            thread.start()
+            reply = await asyncio.wait_for(waiter, 0.9)
+            thread.join(1)
+            assert isinstance(reply, Pull) and isinstance(answers["thread"], Pull)
+            np.testing.assert_allclose(reply.values, [-.5, -.5, 0, 0])   # the mean of 2 rows, lr 1
+            assert server.count == 1 and reply.version == 1
+            # now the thread waits (clock 1 -> 2) and the coroutine's push releases it
+            thread = threading.Thread(target=lambda: answers.update(
+                second=server.exchange_here(0, _push(0, 1, [0, 0, 2, 0]), 0, 1)))
+            thread.start()
+            await asyncio.sleep(0.05)
+            assert thread.is_alive()
+            await server.exchange(1, _push(1, 1, [0, 0, 0, 2]), 1, 1)
+            thread.join(1)
+            assert not thread.is_alive()
+            np.testing.assert_allclose(answers["second"].values, [-.5, -.5, -1, -1])
+            snap = await server.halt()
+            assert snap.count == 2 and len(snap.updates) == 2
+
+        asyncio.run(main())
+    finally:
+        _SERVERS.pop(server.token, None)
+
+
+def test_server_pull_waits_at_most_the_wait_bound_in_both_callers(monkeypatch):
+    """A held-back pull answers "wait" after ``_MAX_WAIT`` from either caller."""
+    import asyncio
+    import time
+
+    from dmlcore.strategies import ps
+
+    monkeypatch.setattr(ps, "_MAX_WAIT", 0.1)
+    server = _bsp_server()
+    try:
+        t0 = time.monotonic()
+        assert server.exchange_here(0, _push(0, 0, [1, 0, 0, 0]), 0, -1) == ps._WAIT
+        assert asyncio.run(server.exchange(0, None, 0, -1)) == ps._WAIT
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        ps._SERVERS.pop(server.token, None)

@@ -56,6 +56,19 @@ MOVE_MIN_PUSHES = 10      # ... (over at least this many mini-batches of each wo
 MOVE_MIN_GAP_S = 1e-3     # ... and this much longer in seconds (tiny batches stay put)
 
 
+class _Release:
+    """``with``: releases a lock acquired beforehand (see ``_Server._held``)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
 def _copy_state(state):
     """The optimizer state with its arrays copied (the server updates them in place)."""
     if state is None:
@@ -102,21 +115,46 @@ class _Server:
         self.partition_pushes = np.zeros(len(self.clocks), dtype=np.int64)
         self.stopped = self.count >= self.stop_at
         self.buffer = None                    # BSP: [grad sum, loss sum, rows, bytes, staleness]
-        self._event = None
+        # The state is shared by the actor's coroutines (the worker's event
+        # loop) and the loop thread on this worker (``exchange_here``): every
+        # read or change of it holds ``_lock``; waiters wake on ``_cond``
+        # (threads) or ``_event`` (coroutines, set on ``_loop``).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._event = self._loop = None
 
     # ---- clocks and notification -------------------------------------------
     def _server_clock(self):
         return int(self.clocks[self.active].min())
 
     def _changed(self):
+        """The event the next ``_notify`` sets (call in a coroutine, holding ``_lock``)."""
         if self._event is None:
+            self._loop = asyncio.get_running_loop()
             self._event = asyncio.Event()
         return self._event
 
     def _notify(self):
+        """Wake every waiter (hold ``_lock``): threads now, coroutines on their loop."""
+        self._cond.notify_all()
         event, self._event = self._event, None
-        if event is not None:
+        if event is None:
+            return
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:                # called from the loop thread, not a coroutine
+            here = False
+        if here:
             event.set()
+        else:
+            self._loop.call_soon_threadsafe(event.set)
+
+    def _held(self, timeout):
+        """``_lock``, acquired within ``timeout`` s (its holders only compute: a
+        failure means a stuck server, reported instead of waited on)."""
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"the parameter server's state stayed locked for {timeout} s")
+        return _Release(self._lock)
 
     def _may_pull(self, pid):
         if self.consistency == "async":
@@ -173,25 +211,8 @@ class _Server:
             self._apply(buf[0], buf[1], buf[2], buf[3], buf[4], None, None)
             self._notify()
 
-    # ---- the actor's interface ---------------------------------------------
-    async def exchange(self, slot, push, pid, have_version):
-        """Apply ``push`` (a ``Push`` or None), then pull for partition ``pid``.
-
-        Returns None when training is over, ``"wait"`` when the pull is not
-        allowed within ``_MAX_WAIT`` s (ask again), else a ``Pull`` (its
-        values None when ``have_version`` is current).
-        """
-        if push is not None:
-            self._push(slot, push)
-        deadline = time.monotonic() + _MAX_WAIT
-        while not self.stopped and not self._may_pull(pid):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return _WAIT
-            try:
-                await asyncio.wait_for(self._changed().wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
+    def _pull(self, slot, pid, have_version):
+        """The answer to a pull that may go ahead (hold ``_lock``)."""
         if self.stopped or not self.active[pid]:
             return None
         self.pulled_at[pid] = self._server_clock()
@@ -201,15 +222,63 @@ class _Server:
         self.pull_bytes[pid] += values.nbytes if slot in self.remote_slots else 0
         return Pull(int(self.clocks[pid]), self.count, values)
 
+    # ---- the actor's interface ---------------------------------------------
+    async def exchange(self, slot, push, pid, have_version):
+        """Apply ``push`` (a ``Push`` or None), then pull for partition ``pid``.
+
+        Returns None when training is over, ``"wait"`` when the pull is not
+        allowed within ``_MAX_WAIT`` s (ask again), else a ``Pull`` (its
+        values None when ``have_version`` is current).
+        """
+        deadline = time.monotonic() + _MAX_WAIT
+        with self._held(_MAX_WAIT):
+            if push is not None:
+                self._push(slot, push)
+        while True:
+            with self._held(_MAX_WAIT):
+                if self.stopped or self._may_pull(pid):
+                    return self._pull(slot, pid, have_version)
+                changed = self._changed().wait()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                changed.close()
+                return _WAIT
+            try:
+                await asyncio.wait_for(changed, remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def exchange_here(self, slot, push, pid, have_version):
+        """``exchange`` for the loop thread on the server's own worker: the same
+        answer, computed in the calling thread (no event-loop hop, so the loop
+        does not queue behind the remote workers' calls)."""
+        deadline = time.monotonic() + _MAX_WAIT
+        with self._held(_MAX_WAIT):
+            if push is not None:
+                self._push(slot, push)
+            while not self.stopped and not self._may_pull(pid):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return _WAIT
+                self._cond.wait(remaining)
+            return self._pull(slot, pid, have_version)
+
     async def snapshot(self, wait):
         """A ``Snapshot``: the updates since the last one (waiting up to ``wait``
         s for one) and the whole state. Under BSP the clocks are those of the
         last applied update (pushes waiting in the buffer are redone)."""
-        if not self.updates and not self.stopped:
+        with self._held(_MAX_WAIT):
+            changed = None if self.updates or self.stopped else self._changed().wait()
+        if changed is not None:
             try:
-                await asyncio.wait_for(self._changed().wait(), wait)
+                await asyncio.wait_for(changed, wait)
             except asyncio.TimeoutError:
                 pass
+        with self._held(_MAX_WAIT):
+            return self._snapshot()
+
+    def _snapshot(self):
+        """Take the updates since the last snapshot (hold ``_lock``)."""
         updates, self.updates = self.updates, []
         pushes, self.pushes = self.pushes, {}
         seconds, self.push_seconds = self.push_seconds, {}
@@ -224,14 +293,16 @@ class _Server:
 
     async def halt(self):
         """Stop and return the last ``Snapshot`` (the exact state)."""
-        self.stopped = True
-        self._notify()
-        return await self.snapshot(0)
+        with self._held(_MAX_WAIT):
+            self.stopped = True
+            self._notify()
+            return self._snapshot()
 
     async def stop(self):
         """End training: waiting and later pulls answer None."""
-        self.stopped = True
-        self._notify()
+        with self._held(_MAX_WAIT):
+            self.stopped = True
+            self._notify()
         _SERVERS.pop(self.token, None)
         return self.count
 
@@ -242,16 +313,14 @@ class _Server:
 def _exchange_function(server, token, server_worker, timeout, worker):
     """``exchange(...) -> reply`` for the loop on ``worker``; blocks until the server answers.
 
-    On the server's own worker the call runs the actor's coroutine on the
-    worker's event loop directly (where actor calls run anyway, so the
-    server's state sees the same single-threaded order), without serialising
-    the vectors or a network round trip; elsewhere it is an actor call.
+    On the server's own worker the loop thread calls ``exchange_here``
+    directly (the server's lock orders it with the actor's calls), without
+    serialising the vectors, a network round trip or a wait for the event
+    loop; elsewhere it is an actor call.
     """
-    from distributed.utils import sync
-
     here = _SERVERS.get(token) if _LOCAL_CALLS and worker.address == server_worker else None
     if here is not None:
-        return lambda *args: sync(worker.loop, here.exchange, *args, callback_timeout=timeout)
+        return here.exchange_here
     getattr(server, "exchange")    # binds the handle to this worker while its context is set
     return lambda *args: server.exchange(*args).result(timeout=timeout)
 

@@ -122,6 +122,7 @@ class _Server:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._event = self._loop = None
+        self._mean = None                     # _apply's mean gradient, reused
 
     # ---- clocks and notification -------------------------------------------
     def _server_clock(self):
@@ -164,9 +165,10 @@ class _Server:
 
     # ---- updates -------------------------------------------------------------
     def _apply(self, grad_sum, loss_sum, rows, nbytes, staleness, pid, slot):
-        grad = grad_sum / local.mean_divisor(rows)
-        self.opt_state = self.optimizer.update(grad.astype(self.dtype, copy=False),
-                                               self.opt_state, self.values)
+        if self._mean is None:
+            self._mean = np.empty_like(self.values)
+        np.divide(grad_sum, local.mean_divisor(rows), out=self._mean, casting="unsafe")
+        self.opt_state = self.optimizer.update(self._mean, self.opt_state, self.values)
         self.count += 1
         self.updates.append(Update(loss_sum / local.mean_divisor(rows), int(nbytes),
                                    int(staleness), pid, slot))
@@ -211,14 +213,20 @@ class _Server:
             self._apply(buf[0], buf[1], buf[2], buf[3], buf[4], None, None)
             self._notify()
 
-    def _pull(self, slot, pid, have_version):
-        """The answer to a pull that may go ahead (hold ``_lock``)."""
+    def _pull(self, slot, pid, have_version, into=None):
+        """The answer to a pull that may go ahead (hold ``_lock``); ``into``: an
+        array of the values' shape that receives them (the Pull's values)."""
         if self.stopped or not self.active[pid]:
             return None
         self.pulled_at[pid] = self._server_clock()
         if have_version == self.count:
             return Pull(int(self.clocks[pid]), self.count, None)
-        values = _pack(self.values, self.transfer)
+        if into is None:
+            values = _pack(self.values, self.transfer)
+        else:
+            values = into
+            np.copyto(into, self.values if self.transfer is None
+                      else _pack(self.values, self.transfer), casting="unsafe")
         self.pull_bytes[pid] += values.nbytes if slot in self.remote_slots else 0
         return Pull(int(self.clocks[pid]), self.count, values)
 
@@ -248,10 +256,11 @@ class _Server:
             except asyncio.TimeoutError:
                 pass
 
-    def exchange_here(self, slot, push, pid, have_version):
+    def exchange_here(self, slot, push, pid, have_version, into=None):
         """``exchange`` for the loop thread on the server's own worker: the same
         answer, computed in the calling thread (no event-loop hop, so the loop
-        does not queue behind the remote workers' calls)."""
+        does not queue behind the remote workers' calls); pulled values are
+        copied into ``into`` when given."""
         deadline = time.monotonic() + _MAX_WAIT
         with self._held(_MAX_WAIT):
             if push is not None:
@@ -261,7 +270,7 @@ class _Server:
                 if remaining <= 0:
                     return _WAIT
                 self._cond.wait(remaining)
-            return self._pull(slot, pid, have_version)
+            return self._pull(slot, pid, have_version, into)
 
     async def snapshot(self, wait):
         """A ``Snapshot``: the updates since the last one (waiting up to ``wait``
@@ -311,7 +320,8 @@ class _Server:
 # The worker loop (hosted by each data worker's executor, in a thread of its own)
 # ----------------------------------------------------------------------------
 def _exchange_function(server, token, server_worker, timeout, worker):
-    """``exchange(...) -> reply`` for the loop on ``worker``; blocks until the server answers.
+    """``exchange(slot, push, pid, have_version, into=None) -> reply`` for the loop
+    on ``worker``; blocks until the server answers (``push`` consumed by then).
 
     On the server's own worker the loop thread calls ``exchange_here``
     directly (the server's lock orders it with the actor's calls), without
@@ -322,7 +332,7 @@ def _exchange_function(server, token, server_worker, timeout, worker):
     if here is not None:
         return here.exchange_here
     getattr(server, "exchange")    # binds the handle to this worker while its context is set
-    return lambda *args: server.exchange(*args).result(timeout=timeout)
+    return lambda *args, into=None: server.exchange(*args).result(timeout=timeout)
 
 
 class _Loop:
@@ -385,11 +395,15 @@ def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow, com
     pids = sorted(parts)
     transfer = None if transfer is None else np.dtype(transfer)
     coder = None if compression is None else codecs.Compressor(compression, seed)
+    # every exchange consumes its push before it returns: one gradient buffer
+    # serves every step; a local pull of every value lands in params directly
+    grad_buf = np.empty_like(params)
+    into = params if view.index is None else None
     version, push, pushes, i = -1, None, 0, 0
     while True:
         pid = pids[i % len(pids)]
         try:
-            reply = exchange(slot, push, pid, version)
+            reply = exchange(slot, push, pid, version, into=into)
         except Exception as exc:   # the server's worker died, or the call timed out
             return {"slot": slot, "pushes": pushes, "ended": f"server unreachable: {exc!r}"}
         pushes += push is not None
@@ -404,7 +418,7 @@ def _worker_loop(executor, exchange, slot, batch_size, seed, transfer, slow, com
         X, y, w = parts[pid]
         started = time.perf_counter()
         rows = local.batch_slice(X.shape[0], batch_size, reply.clock, seed, pid)
-        loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, view, w=w)
+        loss, grad, n = local.loss_grad_sum(model, params, X, y, rows, view, out=grad_buf, w=w)
         if slow.get(pid):
             time.sleep(slow[pid])
         kind, payload = "sum", grad

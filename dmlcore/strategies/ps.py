@@ -28,6 +28,7 @@ dropped when they keep none. A loop's error or a frozen worker ends the fit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -54,19 +55,6 @@ MOVE_AFTER_S = 0.5        # the server's worker is judged after this long (see f
 MOVE_SLOWER = 2.0         # ... and left when its loop's mini-batches take this much longer
 MOVE_MIN_PUSHES = 10      # ... (over at least this many mini-batches of each worker)
 MOVE_MIN_GAP_S = 1e-3     # ... and this much longer in seconds (tiny batches stay put)
-
-
-class _Release:
-    """``with``: releases a lock acquired beforehand (see ``_Server._held``)."""
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
 
 
 def _copy_state(state):
@@ -122,7 +110,7 @@ class _Server:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._event = self._loop = None
-        self._mean = None                     # _apply's mean gradient, reused
+        self._mean = np.empty_like(self.values)   # _apply's mean gradient, reused
 
     # ---- clocks and notification -------------------------------------------
     def _server_clock(self):
@@ -150,12 +138,20 @@ class _Server:
         else:
             self._loop.call_soon_threadsafe(event.set)
 
+    @contextlib.contextmanager
     def _held(self, timeout):
-        """``_lock``, acquired within ``timeout`` s (its holders only compute: a
-        failure means a stuck server, reported instead of waited on)."""
+        """``with``: ``_lock``, acquired within ``timeout`` s (its holders only
+        compute: a failure means a stuck server, reported instead of waited on)."""
         if not self._lock.acquire(timeout=timeout):
             raise TimeoutError(f"the parameter server's state stayed locked for {timeout} s")
-        return _Release(self._lock)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _ready(self, pid):
+        """Whether a pull for ``pid`` is answered now (a Pull, or None once stopped)."""
+        return self.stopped or self._may_pull(pid)
 
     def _may_pull(self, pid):
         if self.consistency == "async":
@@ -165,12 +161,11 @@ class _Server:
 
     # ---- updates -------------------------------------------------------------
     def _apply(self, grad_sum, loss_sum, rows, nbytes, staleness, pid, slot):
-        if self._mean is None:
-            self._mean = np.empty_like(self.values)
-        np.divide(grad_sum, local.mean_divisor(rows), out=self._mean, casting="unsafe")
+        divisor = local.mean_divisor(rows)
+        np.divide(grad_sum, divisor, out=self._mean, casting="unsafe")
         self.opt_state = self.optimizer.update(self._mean, self.opt_state, self.values)
         self.count += 1
-        self.updates.append(Update(loss_sum / local.mean_divisor(rows), int(nbytes),
+        self.updates.append(Update(loss_sum / divisor, int(nbytes),
                                    int(staleness), pid, slot))
         if self.count >= self.stop_at:
             self.stopped = True
@@ -239,12 +234,12 @@ class _Server:
         values None when ``have_version`` is current).
         """
         deadline = time.monotonic() + _MAX_WAIT
-        with self._held(_MAX_WAIT):
-            if push is not None:
-                self._push(slot, push)
         while True:
             with self._held(_MAX_WAIT):
-                if self.stopped or self._may_pull(pid):
+                if push is not None:
+                    self._push(slot, push)
+                    push = None
+                if self._ready(pid):
                     return self._pull(slot, pid, have_version)
                 changed = self._changed().wait()
             remaining = deadline - time.monotonic()
@@ -265,7 +260,7 @@ class _Server:
         with self._held(_MAX_WAIT):
             if push is not None:
                 self._push(slot, push)
-            while not self.stopped and not self._may_pull(pid):
+            while not self._ready(pid):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return _WAIT

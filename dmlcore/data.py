@@ -25,8 +25,10 @@ Strategies read ``partition_futures()`` and ``workers()`` (no transfer).
 """
 from __future__ import annotations
 
+import logging
 import os
 import uuid
+import weakref
 from pathlib import Path
 
 from typing import NamedTuple
@@ -38,6 +40,7 @@ from ._util import is_dask
 __all__ = ["partition", "partition_in_place", "PartitionedData", "SCHEMES", "make_plan"]
 
 SCHEMES = ("iid", "shards", "dirichlet")
+logger = logging.getLogger("dmlcore")
 _DIRICHLET_TRIES = 100
 
 
@@ -374,25 +377,57 @@ def _meta(dtype, ndim, sparse):
 def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=128 * 2**20):
     """Scatter ``make_part(p)`` to ``workers[p]`` under the array key of chunk p.
 
-    Parts are built one at a time and sent in batches of about ``batch_bytes``
-    per worker, so the client holds at most one batch beyond its input.
+    Each worker's parts are built one at a time and sent in batches of about
+    ``batch_bytes`` (``scatter_to``), every worker's in its own thread, so the
+    workers receive (and, on TLS, decrypt) at the same time and the client holds
+    at most one batch per worker beyond its input.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     futures = [None] * n_parts
-    for worker in sorted(set(workers)):
+
+    def send(worker):
         batch, size = {}, 0
-        for p in (q for q in range(n_parts) if workers[q] == worker):
+        mine = [q for q in range(n_parts) if workers[q] == worker]
+        for i, p in enumerate(mine):
             key = (name, p, 0) if ndim == 2 else (name, p)
             batch[key] = make_part(p)
             size += _nbytes(batch[key])
-            if size >= batch_bytes:
-                futures_by_key = client.scatter(batch, workers=[worker])
-                for k, f in futures_by_key.items():
+            if size >= batch_bytes or i == len(mine) - 1:
+                for k, f in scatter_to(client, batch, worker).items():
                     futures[k[1]] = f
                 batch, size = {}, 0
-        if batch:
-            for k, f in client.scatter(batch, workers=[worker]).items():
-                futures[k[1]] = f
+
+    owners = sorted(set(workers))
+    with ThreadPoolExecutor(max_workers=len(owners), thread_name_prefix="dmlcore-scatter") as pool:
+        for done in [pool.submit(send, w) for w in owners]:
+            done.result()
     return futures
+
+
+# clients whose workers this process could not reach directly (see scatter_to)
+_VIA_SCHEDULER = weakref.WeakSet()
+
+
+def scatter_to(client, data, worker, **kwargs):
+    """``client.scatter(data, workers=[worker])``, sent straight to the worker.
+
+    Through the scheduler (Dask's default) every byte crosses two connections
+    and queues on the scheduler's event loop (benchmarks/HISTORY.md has the
+    times). A client created with ``direct_to_workers=False``, or one whose
+    worker could not be reached (the reason is logged once), goes through the
+    scheduler.
+    """
+    direct = client.direct_to_workers is not False and client not in _VIA_SCHEDULER
+    if direct:
+        try:
+            return client.scatter(data, workers=[worker], direct=True, **kwargs)
+        except OSError as exc:          # unreachable worker (a timeout is an OSError too)
+            if client not in _VIA_SCHEDULER:
+                _VIA_SCHEDULER.add(client)
+                logger.warning("dmlcore: partitions go through the scheduler: worker %s "
+                               "cannot be reached directly from this process (%s)", worker, exc)
+    return client.scatter(data, workers=[worker], **kwargs)
 
 
 def _raise_first_error(futures):
@@ -658,7 +693,7 @@ class _Source(NamedTuple):
             return client.compute(a[rows].astype(dtype), workers=[worker],
                                   allow_other_workers=False)
         part = _take_rows(a, rows, dtype, False) if a.ndim == 2 else np.asarray(a[rows], dtype)
-        return client.scatter(part, workers=[worker], hash=False)
+        return scatter_to(client, part, worker, hash=False)
 
 
 def _held(run, layout, x, y, w, source=None):

@@ -212,6 +212,67 @@ def test_partitions_live_evenly_on_the_workers(client):
     assert max(loads) - min(loads) <= int(rep["bytes"].max())
 
 
+def test_partitions_go_straight_to_their_workers_or_through_the_scheduler(client, monkeypatch,
+                                                                        caplog):
+    """Parts are scattered to their worker directly; where that connection
+    fails, once, the rest go through the scheduler, logged once, and land on
+    the same workers."""
+    import dmlcore.data as dd
+
+    X, y = _rows_xy(n=800, d=4)
+    calls = []
+    scatter = type(client).scatter
+
+    def spy(self, data, **kw):
+        calls.append(kw.get("direct"))
+        return scatter(self, data, **kw)
+
+    monkeypatch.setattr(type(client), "scatter", spy)
+    data = partition(X, y, 4, seed=0, client=client)
+    assert calls and all(calls)                    # every part sent directly
+    direct_blocks = [b.copy() for b in _blocks(data)[0]]
+
+    calls.clear()
+
+    def unreachable(self, data, **kw):
+        calls.append(kw.get("direct"))
+        if kw.get("direct"):
+            raise OSError("Timed out trying to connect to tcp://10.0.0.9:1234")
+        return scatter(self, data, **kw)
+
+    monkeypatch.setattr(type(client), "scatter", unreachable)
+    with caplog.at_level("WARNING", logger="dmlcore"):
+        again = partition(X, y, 4, seed=0, client=client)
+        partition(X, y, 4, seed=1, client=client)
+    assert calls.count(True) == 1                  # tried once, then the scheduler
+    assert [r.getMessage() for r in caplog.records].count(next(
+        r.getMessage() for r in caplog.records if "through the scheduler" in r.getMessage())) == 1
+    assert "10.0.0.9" in caplog.text
+    workers = sorted(client.nthreads())
+    assert again.workers() == [workers[p % 2] for p in range(4)]
+    who = client.who_has([xf for xf, _, _ in again.partition_futures()])
+    assert [who[xf.key] for xf, _, _ in again.partition_futures()] == [(w,) for w in
+                                                                       again.workers()]
+    for a, b in zip(_blocks(again)[0], direct_blocks):
+        np.testing.assert_array_equal(a, b)
+    dd._VIA_SCHEDULER.discard(client)
+
+
+def test_a_client_that_asks_for_the_scheduler_path_gets_it(client, monkeypatch):
+    from distributed import Client
+
+    X, y = _rows_xy(n=100, d=2)
+    with Client(client.scheduler.address, direct_to_workers=False) as other:
+        calls = []
+        scatter = type(other).scatter
+        monkeypatch.setattr(type(other), "scatter",
+                            lambda self, data, **kw: calls.append(kw.get("direct"))
+                            or scatter(self, data, **kw))
+        data = partition(X, y, 2, seed=0, client=other)
+        assert calls and not any(calls)
+        np.testing.assert_array_equal(np.sort(data.X.compute()[:, 0]), np.arange(100))
+
+
 def test_dask_input_unknown_chunks_rebalanced(client):
     X, y = _rows_xy(n=1000, d=3)
     Xd = da.from_array(X, chunks=((50, 400, 150, 300, 100), (3,)))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 import weakref
 from pathlib import Path
@@ -399,7 +400,8 @@ def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=
                 batch, size = {}, 0
 
     owners = sorted(set(workers))
-    with ThreadPoolExecutor(max_workers=len(owners), thread_name_prefix="dmlcore-scatter") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, len(owners)),
+                            thread_name_prefix="dmlcore-scatter") as pool:
         for done in [pool.submit(send, w) for w in owners]:
             done.result()
     return futures
@@ -407,6 +409,7 @@ def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=
 
 # clients whose workers this process could not reach directly (see scatter_to)
 _VIA_SCHEDULER = weakref.WeakSet()
+_VIA_SCHEDULER_LOCK = threading.Lock()
 
 
 def scatter_to(client, data, worker, **kwargs):
@@ -423,8 +426,10 @@ def scatter_to(client, data, worker, **kwargs):
         try:
             return client.scatter(data, workers=[worker], direct=True, **kwargs)
         except OSError as exc:          # unreachable worker (a timeout is an OSError too)
-            if client not in _VIA_SCHEDULER:
+            with _VIA_SCHEDULER_LOCK:
+                first = client not in _VIA_SCHEDULER
                 _VIA_SCHEDULER.add(client)
+            if first:
                 logger.warning("dmlcore: partitions go through the scheduler: worker %s "
                                "cannot be reached directly from this process (%s)", worker, exc)
     return client.scatter(data, workers=[worker], **kwargs)

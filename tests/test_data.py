@@ -217,8 +217,11 @@ def test_partitions_go_straight_to_their_workers_or_through_the_scheduler(client
     """Parts are scattered to their worker directly; where that connection
     fails, once, the rest go through the scheduler, logged once, and land on
     the same workers."""
+    import weakref
+
     import dmlcore.data as dd
 
+    monkeypatch.setattr(dd, "_VIA_SCHEDULER", weakref.WeakSet())   # restored after the test
     X, y = _rows_xy(n=800, d=4)
     calls = []
     scatter = type(client).scatter
@@ -243,10 +246,12 @@ def test_partitions_go_straight_to_their_workers_or_through_the_scheduler(client
     monkeypatch.setattr(type(client), "scatter", unreachable)
     with caplog.at_level("WARNING", logger="dmlcore"):
         again = partition(X, y, 4, seed=0, client=client)
+        # tried at most once per worker (their threads may try at the same time)
+        assert 1 <= calls.count(True) <= 2
+        calls.clear()
         partition(X, y, 4, seed=1, client=client)
-    assert calls.count(True) == 1                  # tried once, then the scheduler
-    assert [r.getMessage() for r in caplog.records].count(next(
-        r.getMessage() for r in caplog.records if "through the scheduler" in r.getMessage())) == 1
+    assert calls and not any(calls)                # then only the scheduler
+    assert sum("through the scheduler" in r.getMessage() for r in caplog.records) == 1
     assert "10.0.0.9" in caplog.text
     workers = sorted(client.nthreads())
     assert again.workers() == [workers[p % 2] for p in range(4)]
@@ -255,7 +260,6 @@ def test_partitions_go_straight_to_their_workers_or_through_the_scheduler(client
                                                                        again.workers()]
     for a, b in zip(_blocks(again)[0], direct_blocks):
         np.testing.assert_array_equal(a, b)
-    dd._VIA_SCHEDULER.discard(client)
 
 
 def test_a_client_that_asks_for_the_scheduler_path_gets_it(client, monkeypatch):

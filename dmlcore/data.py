@@ -395,7 +395,7 @@ def _scatter_parts(client, make_part, n_parts, name, ndim, workers, batch_bytes=
             batch[key] = make_part(p)
             size += _nbytes(batch[key])
             if size >= batch_bytes or i == len(mine) - 1:
-                for k, f in scatter_to(client, batch, worker).items():
+                for k, f in scatter_to(client, batch, [worker]).items():
                     futures[k[1]] = f
                 batch, size = {}, 0
 
@@ -412,27 +412,26 @@ _VIA_SCHEDULER = weakref.WeakSet()
 _VIA_SCHEDULER_LOCK = threading.Lock()
 
 
-def scatter_to(client, data, worker, **kwargs):
-    """``client.scatter(data, workers=[worker])``, sent straight to the worker.
+def scatter_to(client, data, workers=None, **kwargs):
+    """``client.scatter(data, workers=workers)``, sent straight to the workers.
 
     Through the scheduler (Dask's default) every byte crosses two connections
     and queues on the scheduler's event loop (benchmarks/HISTORY.md has the
     times). A client created with ``direct_to_workers=False``, or one whose
-    worker could not be reached (the reason is logged once), goes through the
+    workers could not be reached (the reason is logged once), goes through the
     scheduler.
     """
-    direct = client.direct_to_workers is not False and client not in _VIA_SCHEDULER
-    if direct:
+    if client.direct_to_workers is not False and client not in _VIA_SCHEDULER:
         try:
-            return client.scatter(data, workers=[worker], direct=True, **kwargs)
+            return client.scatter(data, workers=workers, direct=True, **kwargs)
         except OSError as exc:          # unreachable worker (a timeout is an OSError too)
             with _VIA_SCHEDULER_LOCK:
                 first = client not in _VIA_SCHEDULER
                 _VIA_SCHEDULER.add(client)
             if first:
-                logger.warning("dmlcore: partitions go through the scheduler: worker %s "
-                               "cannot be reached directly from this process (%s)", worker, exc)
-    return client.scatter(data, workers=[worker], **kwargs)
+                logger.warning("dmlcore: partitions go through the scheduler: a worker "
+                               "cannot be reached directly from this process (%s)", exc)
+    return client.scatter(data, workers=workers, **kwargs)
 
 
 def _raise_first_error(futures):
@@ -663,7 +662,7 @@ class _Cluster(_InProcess):
         return out
 
     def put_each(self, objs):
-        return self.client.scatter(list(objs), hash=False)
+        return scatter_to(self.client, list(objs), hash=False)
 
 
 def _materialiser(client, workers, persist):
@@ -698,7 +697,7 @@ class _Source(NamedTuple):
             return client.compute(a[rows].astype(dtype), workers=[worker],
                                   allow_other_workers=False)
         part = _take_rows(a, rows, dtype, False) if a.ndim == 2 else np.asarray(a[rows], dtype)
-        return scatter_to(client, part, worker, hash=False)
+        return scatter_to(client, part, [worker], hash=False)
 
 
 def _held(run, layout, x, y, w, source=None):

@@ -212,6 +212,25 @@ def test_partitions_live_evenly_on_the_workers(client):
     assert max(loads) - min(loads) <= int(rep["bytes"].max())
 
 
+def _recorded_scatter(monkeypatch, unreachable=False):
+    """``Client.scatter`` patched to record each call's ``direct``; with
+    ``unreachable``, a direct call fails as it does when a worker cannot be reached."""
+    from distributed import Client
+
+    calls = []
+    scatter = getattr(Client.scatter, "__wrapped__", Client.scatter)
+
+    def recorded(self, data, **kw):
+        calls.append(kw.get("direct"))
+        if unreachable and kw.get("direct"):
+            raise OSError("Timed out trying to connect to tcp://10.0.0.9:1234")
+        return scatter(self, data, **kw)
+
+    recorded.__wrapped__ = scatter
+    monkeypatch.setattr(Client, "scatter", recorded)
+    return calls
+
+
 def test_partitions_go_straight_to_their_workers_or_through_the_scheduler(client, monkeypatch,
                                                                         caplog):
     """Parts are scattered to their worker directly; where that connection
@@ -223,27 +242,12 @@ def test_partitions_go_straight_to_their_workers_or_through_the_scheduler(client
 
     monkeypatch.setattr(dd, "_VIA_SCHEDULER", weakref.WeakSet())   # restored after the test
     X, y = _rows_xy(n=800, d=4)
-    calls = []
-    scatter = type(client).scatter
-
-    def spy(self, data, **kw):
-        calls.append(kw.get("direct"))
-        return scatter(self, data, **kw)
-
-    monkeypatch.setattr(type(client), "scatter", spy)
+    calls = _recorded_scatter(monkeypatch)
     data = partition(X, y, 4, seed=0, client=client)
     assert calls and all(calls)                    # every part sent directly
     direct_blocks = [b.copy() for b in _blocks(data)[0]]
 
-    calls.clear()
-
-    def unreachable(self, data, **kw):
-        calls.append(kw.get("direct"))
-        if kw.get("direct"):
-            raise OSError("Timed out trying to connect to tcp://10.0.0.9:1234")
-        return scatter(self, data, **kw)
-
-    monkeypatch.setattr(type(client), "scatter", unreachable)
+    calls = _recorded_scatter(monkeypatch, unreachable=True)
     with caplog.at_level("WARNING", logger="dmlcore"):
         again = partition(X, y, 4, seed=0, client=client)
         # tried at most once per worker (their threads may try at the same time)
@@ -267,11 +271,7 @@ def test_a_client_that_asks_for_the_scheduler_path_gets_it(client, monkeypatch):
 
     X, y = _rows_xy(n=100, d=2)
     with Client(client.scheduler.address, direct_to_workers=False) as other:
-        calls = []
-        scatter = type(other).scatter
-        monkeypatch.setattr(type(other), "scatter",
-                            lambda self, data, **kw: calls.append(kw.get("direct"))
-                            or scatter(self, data, **kw))
+        calls = _recorded_scatter(monkeypatch)
         data = partition(X, y, 2, seed=0, client=other)
         assert calls and not any(calls)
         np.testing.assert_array_equal(np.sort(data.X.compute()[:, 0]), np.arange(100))

@@ -2,8 +2,10 @@
 
 On ``LocalCluster(2 workers x 1 thread)`` with the data in 2 iid partitions
 (one per worker), every strategy trains ``Softmax(784, 10)`` with
-``SGD(lr)`` and mini-batches of 64 rows per partition, evaluated on the test
-set every ``--eval-every`` steps. Printed per run: updates applied per second
+``SGD(lr)`` on a cosine schedule over its run (``--schedule constant``: a
+fixed rate) and mini-batches of 64 rows per partition, evaluated on the test
+set every ``--eval-every`` steps. The schedule lets each run end converged,
+so its final accuracy is not one draw of a fixed rate's fluctuation. Printed per run: updates applied per second
 (steady state, from the history's wall times: (n - 1) / (t_last - t_first)),
 the wall time of the whole fit (start-up included), the final test accuracy,
 the best and the mean of the last 5 evaluations (SGD's test accuracy
@@ -39,9 +41,11 @@ def first_reach(history, target):
     return float(history.wall_time.values[i]), int(history.step.values[i])
 
 
-def run_strategy(dml, model, data, strategy, steps, lr, test, eval_every, client):
+def run_strategy(dml, model, data, strategy, steps, lr, test, eval_every, client,
+                 schedule="cosine"):
     t = time.perf_counter()
-    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=lr), steps=steps,
+    decay = dml.optim.Cosine() if schedule == "cosine" else None
+    result = dml.fit(model, data, strategy, dml.optim.SGD(lr=lr, schedule=decay), steps=steps,
                      eval_data=test, eval_every=eval_every, client=client, progress=False)
     total = time.perf_counter() - t
     h = result.history
@@ -68,6 +72,8 @@ def run(argv=None):
     parser.add_argument("--updates", type=int, default=2814,
                         help="async/SSP updates (default 3 epochs = 3 x 938)")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help="the learning rate over each run (default: cosine to 0)")
     parser.add_argument("--target", type=float, default=0.82)
     parser.add_argument("--eval-every", type=int, default=100)
     args = parser.parse_args(argv)
@@ -107,7 +113,7 @@ def run(argv=None):
         rows = {}
         for name, (strategy, steps) in runs.items():
             result, row = run_strategy(dml, model, data, strategy, steps, args.lr, (Xt, yt),
-                                       eval_every, client)
+                                       eval_every, client, args.schedule)
             row["steps"] = steps
             row["t_target"], row["n_target"] = first_reach(result.history, args.target)
             if name == "async":
@@ -120,7 +126,7 @@ def run(argv=None):
         cluster.close()
 
     print(f"\nFashion-MNIST softmax, {len(y)} training rows in 2 partitions on 2 workers x 1 "
-          f"thread, batch 64 per partition, SGD(lr={args.lr}), target test accuracy "
+          f"thread, batch 64 per partition, SGD(lr={args.lr}, {args.schedule}), target test accuracy "
           f"{args.target}")
     print(f"| run | updates | rows/update | updates/s | fit wall s | test acc final/best/mean of last 5 evals | "
           f"s to {args.target} | updates to {args.target} | staleness mean/max | bytes/update |")
@@ -144,13 +150,13 @@ def run(argv=None):
           f"{h['best']:.4f} vs {a['best']:.4f}, updates/s {h['rate']:.0f} vs {a['rate']:.0f}, "
           f"bytes/update {h['bytes']:.0f} vs {a['bytes']:.0f}")
     print(f"async per-worker updates: {a['worker_updates']}")
-    ok = a["rate"] >= 400 and a["acc"] >= 0.82
+    ok = a["rate"] >= 1000 and a["acc"] >= 0.82
     try:
         import os
         print(f"load average during the run: {os.getloadavg()[0]:.1f} (2 cores)")
     except OSError:
         pass
-    print(f"\ngoal async >= 400 updates/s with >= 0.82 test accuracy: "
+    print(f"\ngoal async >= 1,000 updates/s with >= 0.82 final test accuracy: "
           f"{'met' if ok else 'NOT met'} ({a['rate']:.0f} updates/s, {a['acc']:.4f})")
     figures, notes = [figure("training rows", len(y), "rows"),
                       figure("target test accuracy", args.target, "accuracy")], []

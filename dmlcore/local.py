@@ -96,6 +96,7 @@ def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, part
     params = params.copy()
     values = view.gather(params).copy() if view.index is not None else params
     anchor = values.copy() if proximal_mu else None
+    pull = np.empty_like(values) if proximal_mu else None     # mu * (w - w_start), reused
     state = optimizer.init(values, view.decay_mask)._replace(step=int(first_step))
     buffer = np.empty_like(params)
     loss_total, rows_total = 0.0, 0
@@ -105,7 +106,9 @@ def local_sgd(model, optimizer, params, X, y, *, batch_size, n_steps, seed, part
         loss, grad, n = loss_grad_sum(model, params, X, y, rows, view, out=buffer, w=w)
         grad /= mean_divisor(n)
         if proximal_mu:
-            grad += proximal_mu * (values - anchor)
+            np.subtract(values, anchor, out=pull)
+            pull *= proximal_mu
+            grad += pull
         state = optimizer.update(grad, state, values)
         loss_total += loss
         rows_total += n

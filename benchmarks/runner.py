@@ -89,7 +89,9 @@ SPECS = {
     "bench_torch": Spec(["--epochs", "10", "--grid"], ["--small"], fashion_mnist=True,
                         needs=("torch",), workers=True),
     "bench_soak": Spec([], ["--small"], timeout=900),
-    "bench_recovery": Spec([], ["--small"], timeout=900),
+    # --quick: the replicated and the L-BFGS cases (the driver and local-SGD cases run the
+    # same script code with other keywords; tests/test_recovery.py covers all of them)
+    "bench_recovery": Spec([], ["--small", "--sync-cases", "replicas,lbfgs"], timeout=900),
     # Each case trains for --budget seconds of fit time on a fresh namespaced cluster per
     # profile (60 on the WAN, where SyncSGD needs more than 20 to reach 0.85); the full size
     # is a subset of bench_network's cases that fits the 30 minutes.

@@ -10,7 +10,7 @@ from pathlib import Path
 class DaskProcesses:
     """A `dask scheduler` and single-threaded `dask worker` processes, each logging
     to ``logdir/<name>.log``; ``close`` ends them all (SIGTERM, then SIGKILL
-    after 5 s: a survivor's graceful close can hang on a dead peer's connections).
+    after 5 s: a survivor's graceful close can hang).
     ``scheduler_args``/``worker_args`` are appended to the commands (e.g.
     ``--protocol tls --tls-cert ...``, ``--no-nanny``)."""
 
@@ -19,7 +19,7 @@ class DaskProcesses:
         self.logdir, self.env = Path(logdir), env
         self.scheduler_host, self.memory_limit = scheduler_host, memory_limit
         self.scheduler_args, self.worker_args = list(scheduler_args), list(worker_args)
-        self.procs, self.address, self.n_workers = [], None, 0
+        self.procs, self.address, self.n_workers, self._scheduler = [], None, 0, None
 
     def _start(self, cmd, name):
         log = open(self.logdir / f"{name}.log", "ab")   # O_APPEND: readers never move it
@@ -30,9 +30,10 @@ class DaskProcesses:
     def start_scheduler(self):
         """Start the scheduler; its address once it has written it (90 s at most)."""
         info = self.logdir / "scheduler.json"
-        self._start([_dask(), "scheduler", "--host", self.scheduler_host, "--port", "0",
-                     "--dashboard-address", ":0", "--scheduler-file", str(info),
-                     *self.scheduler_args], "scheduler")
+        self._scheduler = self._start(
+            [_dask(), "scheduler", "--host", self.scheduler_host, "--port", "0",
+             "--dashboard-address", ":0", "--scheduler-file", str(info), *self.scheduler_args],
+            "scheduler")
         deadline = time.time() + 90
         while self.address is None and time.time() < deadline:
             try:
@@ -51,17 +52,23 @@ class DaskProcesses:
                             *(["--host", host] if host else []), *self.worker_args],
                            f"worker{i}")
 
-    def close(self):
-        for proc, _ in reversed(self.procs):
-            proc.terminate()
-        for proc, log in reversed(self.procs):
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-        self.procs = []
+    def close(self, grace=5.0):
+        """The workers first, then the scheduler (a worker whose scheduler dies
+        while it closes can hang in its shutdown); each group gets SIGTERM and
+        ``grace`` seconds in all, then SIGKILL."""
+        procs, self.procs = list(reversed(self.procs)), []
+        scheduler = [p for p in procs if p[0] is self._scheduler]
+        for group in ([p for p in procs if p not in scheduler], scheduler):
+            for proc, _ in group:
+                proc.terminate()
+            deadline = time.monotonic() + grace
+            for proc, log in group:
+                try:
+                    proc.wait(timeout=max(0.01, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
 
 
 def _dask():

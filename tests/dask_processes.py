@@ -19,7 +19,7 @@ class DaskProcesses:
         self.logdir, self.env = Path(logdir), env
         self.scheduler_host, self.memory_limit = scheduler_host, memory_limit
         self.scheduler_args, self.worker_args = list(scheduler_args), list(worker_args)
-        self.procs, self.address, self.n_workers, self._scheduler = [], None, 0, None
+        self.procs, self.address, self.n_workers = [], None, 0
 
     def _start(self, cmd, name):
         log = open(self.logdir / f"{name}.log", "ab")   # O_APPEND: readers never move it
@@ -30,10 +30,9 @@ class DaskProcesses:
     def start_scheduler(self):
         """Start the scheduler; its address once it has written it (90 s at most)."""
         info = self.logdir / "scheduler.json"
-        self._scheduler = self._start(
-            [_dask(), "scheduler", "--host", self.scheduler_host, "--port", "0",
-             "--dashboard-address", ":0", "--scheduler-file", str(info), *self.scheduler_args],
-            "scheduler")
+        self._start([_dask(), "scheduler", "--host", self.scheduler_host, "--port", "0",
+                     "--dashboard-address", ":0", "--scheduler-file", str(info),
+                     *self.scheduler_args], "scheduler")
         deadline = time.time() + 90
         while self.address is None and time.time() < deadline:
             try:
@@ -53,12 +52,11 @@ class DaskProcesses:
                            f"worker{i}")
 
     def close(self, grace=5.0):
-        """The workers first, then the scheduler (a worker whose scheduler dies
-        while it closes can hang in its shutdown); each group gets SIGTERM and
-        ``grace`` seconds in all, then SIGKILL."""
-        procs, self.procs = list(reversed(self.procs)), []
-        scheduler = [p for p in procs if p[0] is self._scheduler]
-        for group in ([p for p in procs if p not in scheduler], scheduler):
+        """The workers first, then the scheduler (the first process started: a
+        worker whose scheduler dies while it closes can hang in its shutdown);
+        each group gets SIGTERM and ``grace`` seconds in all, then SIGKILL."""
+        procs, self.procs = self.procs, []
+        for group in (procs[1:], procs[:1]):
             for proc, _ in group:
                 proc.terminate()
             deadline = time.monotonic() + grace

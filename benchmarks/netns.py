@@ -6,6 +6,9 @@ a host's link: the rate by ``tc tbf``, the delay and loss by ``tc netem``
 when the kernel has it, else by a userspace delay line (one process per host
 shuttling frames between two tap devices; ``Network.link_kind`` says which).
 The delay is half the RTT in each direction; loss applies in each direction.
+A cluster for an unshaped profile (lan) runs on plain veth pairs whatever the
+kernel has: the delay line would put a Python process on every frame's path
+(it made SyncSGD's LAN steps about 5 times slower).
 ``cluster(n_workers, profile, straggler=f)`` runs a ``dask scheduler`` and
 ``n_workers`` single-threaded ``dask worker`` processes, each in its own
 namespace; the profile shapes the workers' links only (the scheduler's is
@@ -110,13 +113,18 @@ class Network:
     tag: str
     bridge: str
     gateway: str
-    link_kind: str                       # "netem" or "userspace delay line"
+    link_kind: str                       # "netem", "userspace delay line" or "veth"
     hosts: dict = field(default_factory=dict)
 
     def shape(self, name, profile):
         """Set host ``name``'s link to ``profile`` (a Profile or a key of PROFILES), both ways."""
         profile = PROFILES[profile] if isinstance(profile, str) else profile
         host = self.hosts[name]
+        if self.link_kind == "veth" and (profile.rtt_ms > 0 or profile.loss_pct > 0):
+            raise RuntimeError(
+                f"profile {profile.name!r} needs a delay or loss, which this network cannot "
+                "give: the kernel has no netem and it was built without the userspace "
+                "delay line (build it with userspace=None)")
         for prefix, dev in (([], host.outside), (host.prefix, host.inside)):
             _run(*prefix, "tc", "qdisc", "del", "dev", dev, "root", check=False)
             if not profile.shaped:
@@ -134,7 +142,7 @@ class Network:
                          "handle", "10:", *tbf)
             elif tbf:
                 _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", *tbf)
-        if self.link_kind != "netem":
+        if host.shuttle is not None:
             host.shuttle.stdin.write(f"{profile.rtt_ms / 2} {profile.loss_pct}\n")
             host.shuttle.stdin.flush()
         host.profile = profile
@@ -165,18 +173,21 @@ def network(names, *, userspace=None):
     """Namespaces ``names`` behind one bridge; yields a ``Network`` (all links unshaped).
 
     ``userspace``: force (True) or forbid (False) the userspace delay line;
-    None uses netem when the kernel has it. Raises RuntimeError naming the
-    reason where namespaces cannot be made. Removes everything on exit.
+    None uses netem when the kernel has it. Without either (False on a kernel
+    without netem) the links are plain veth pairs (``link_kind`` "veth"): they
+    take a rate but no delay or loss. Raises RuntimeError naming the reason
+    where namespaces cannot be made. Removes everything on exit.
     """
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
+    netem = _has_qdisc("netem", ["delay", "1ms"])
     if userspace is None:
-        userspace = not _has_qdisc("netem", ["delay", "1ms"])
+        userspace = not netem
     tag = f"dn{os.getpid() % 100000:05d}{next(_COUNTER) % 100:02d}"
     subnet = _free_subnet()
     net = Network(tag, f"{tag}br", f"{subnet}.1",
-                  "userspace delay line" if userspace else "netem")
+                  "userspace delay line" if userspace else "netem" if netem else "veth")
     made_links, made_ns = [net.bridge], []
     try:
         _run("ip", "link", "add", net.bridge, "type", "bridge")
@@ -333,7 +344,12 @@ def cluster(n_workers, profile="lan", *, straggler=None, shape_now=True, logdir=
     with ``shape_now=False``, when ``Cluster.shape(profile)`` is called (so
     data can be placed first). ``straggler=f`` (f > 1) slows worker 0 to 1/f
     of a CPU. Logs go to ``logdir`` (a temporary folder by default, removed).
+    ``userspace`` as for ``network``, except that None with an unshaped
+    ``profile`` builds plain veth links (no delay line to cross).
     """
+    if userspace is None and not (PROFILES[profile] if isinstance(profile, str)
+                                  else profile).shaped:
+        userspace = False
     names = ["sched"] + [f"w{i}" for i in range(n_workers)]
     bindir = Path(sys.executable).parent
     own_logdir = logdir is None

@@ -3,7 +3,8 @@
 A WAN-profile link is measured from inside its namespace with a TCP echo and
 a bulk send to a listener on the bridge: the round trip must be at least the
 profile's RTT and the throughput at most its rate (a small allowance for the
-token bucket's burst). A fit over a 2-worker cluster (one a 2x straggler)
+token bucket's burst); links built without the delay line take a rate and
+refuse a delay they cannot give. A fit over a 2-worker cluster (one a 2x straggler)
 trains, and afterwards no namespace, link, cgroup or process of the harness
 remains. One ``bench_network.py --smoke`` run writes its JSON. Needs root
 and iproute2; skipped with the reason otherwise.
@@ -98,6 +99,24 @@ def test_wan_profile_delays_and_limits_the_link():
     assert leftovers(tag) == []
 
 
+def test_links_without_delay_line_take_a_rate_and_refuse_a_delay():
+    """``userspace=False``: veth pairs (or netem where the kernel has it), no frame shuttle."""
+    wan = netns.PROFILES["wan"]
+    with netns.network(["h"], userspace=False) as net:
+        assert net.link_kind in ("veth", "netem")
+        assert net.hosts["h"].shuttle is None
+        rtt_plain, _ = measure(net, "h")
+        net.shape("h", netns.Profile("rate-only", rate_mbit=wan.rate_mbit))
+        _, mbit = measure(net, "h", 4 << 20)
+        if net.link_kind == "veth":
+            with pytest.raises(RuntimeError, match="needs a delay or loss"):
+                net.shape("h", "wan")
+        tag = net.tag
+    assert rtt_plain < wan.rtt_ms / 4, rtt_plain
+    assert mbit <= wan.rate_mbit * 1.1, mbit
+    assert leftovers(tag) == []
+
+
 def test_fit_over_the_harness_then_nothing_left():
     import dmlcore as dml
     from distributed import Client
@@ -109,6 +128,9 @@ def test_fit_over_the_harness_then_nothing_left():
         pids = [p.pid for p in cl.processes.values()]
         tag = cl.network.tag
         assert cl.straggler_kind is not None
+        # an unshaped cluster has nothing to delay: no frame shuttle on its links
+        assert cl.network.link_kind != "userspace delay line"
+        assert all(h.shuttle is None for h in cl.network.hosts.values())
         with Client(cl.address, timeout=30) as client:
             hosts = sorted(w.split("//")[1].split(":")[0]
                            for w in client.scheduler_info()["workers"])
@@ -136,5 +158,6 @@ def test_bench_network_smoke(tmp_path):
     assert [r["case"] for r in runs] == ["sync", "ps-async", "lbfgs-logistic", "sync"]
     assert [r["straggler"] for r in runs] == [None, None, None, 3.0]
     assert result["straggler_kind"].startswith("compute")
+    assert result["link_kind"]["lan"] in ("veth", "netem")
     assert all("error" not in r for r in runs), runs
     assert all(0.0 <= r["final_acc"] <= 1.0 for r in runs)

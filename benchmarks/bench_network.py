@@ -5,7 +5,11 @@ and workers each in a network namespace) receives the data unshaped, then
 its workers' links are shaped and every case trains the 784-256-10 MLP with
 SGD(lr 0.1, momentum 0.9), 64 rows per partition per step, until ``--budget``
 seconds of the fit's wall time have passed (``--budget-for wan=60``: one
-profile's budget). Per run: seconds to the first
+profile's budget); a run stops at its first evaluation past the budget
+(``EVAL_EVERY``: every 48 steps or rounds on the LAN, fewer on slow links;
+every 100 PS updates; every FedAvg round). The LAN profile's links are plain veth pairs;
+the shaped ones use netem, or the userspace delay line where the kernel has
+no netem (the JSON's ``link_kind`` per profile). Per run: seconds to the first
 evaluation at >= 0.85 and >= 0.88 test accuracy (None, printed "> budget",
 when not reached: a lower bound), final and best test accuracy, bytes sent
 per worker (total and per step) from the history's ``bytes_sent``. Cases:
@@ -48,15 +52,23 @@ ALL_CASES = ("sync", "sync-ls4", "sync-ls16", "fedavg", "ps-async", "ps-ssp2", "
              "sync-fp16", "sync-int8", "sync-topk", "ls16-topk", "fedavg-int8",
              "ps-async-plain", "ps-ssp2-plain")
 STRAGGLER_CASES = ("sync", "ps-async", "ps-ssp2", "ps-async-plain", "ps-ssp2-plain")
+# Steps between evaluations, per profile: (SyncSGD and its compressions, local SGD, whose
+# history step is a round of 16 local steps). A budget can stop a run only at an evaluation:
+# 48 local-SGD rounds took 35 s on the WAN, and at 10 Mbit/s 48 steps took 48 s (SyncSGD)
+# to 124 s (local SGD). Each SyncSGD evaluation also fetches the parameters and optimizer
+# state from a worker (1.6 MB), so its intervals stay the longer; local SGD's values come to
+# the driver every round anyway.
+EVAL_EVERY = {"lan": (48, 48), "wan": (48, 16), "edge": (12, 6)}
 
 
-def build_case(dml, name):
-    """(strategy, eval_every in steps) of case ``name``."""
+def build_case(dml, name, profile="lan"):
+    """(strategy, eval_every in steps) of case ``name`` on ``profile``."""
     S, PS = dml.SyncSGD, dml.ParameterServer
+    every, local = EVAL_EVERY.get(profile, EVAL_EVERY["lan"])
     table = {
-        "sync": (lambda: S(batch_size=64), 48),
-        "sync-ls4": (lambda: S(batch_size=64, local_steps=4), 48),
-        "sync-ls16": (lambda: S(batch_size=64, local_steps=16), 48),
+        "sync": (lambda: S(batch_size=64), every),
+        "sync-ls4": (lambda: S(batch_size=64, local_steps=4), local),
+        "sync-ls16": (lambda: S(batch_size=64, local_steps=16), local),
         "fedavg": (lambda: dml.FedAvg(clients_per_round=1.0, local_epochs=1, batch_size=64), 1),
         "fedavg-int8": (lambda: dml.FedAvg(clients_per_round=1.0, local_epochs=1, batch_size=64,
                                            compression="int8"), 1),
@@ -64,11 +76,12 @@ def build_case(dml, name):
         "ps-ssp2": (lambda: PS("ssp", staleness=2, batch_size=64), 100),
         "ps-async-plain": (lambda: PS("async", batch_size=64), 100),
         "ps-ssp2-plain": (lambda: PS("ssp", staleness=2, batch_size=64), 100),
-        "lastlayer": (lambda: S(batch_size=64, trainable=["layer1"]), 48),
-        "sync-fp16": (lambda: S(batch_size=64, compression="float16"), 48),
-        "sync-int8": (lambda: S(batch_size=64, compression="int8"), 48),
-        "sync-topk": (lambda: S(batch_size=64, compression={"topk": 0.01}), 48),
-        "ls16-topk": (lambda: S(batch_size=64, local_steps=16, compression={"topk": 0.01}), 48),
+        "lastlayer": (lambda: S(batch_size=64, trainable=["layer1"]), every),
+        "sync-fp16": (lambda: S(batch_size=64, compression="float16"), every),
+        "sync-int8": (lambda: S(batch_size=64, compression="int8"), every),
+        "sync-topk": (lambda: S(batch_size=64, compression={"topk": 0.01}), every),
+        "ls16-topk": (lambda: S(batch_size=64, local_steps=16, compression={"topk": 0.01}),
+                      local),
     }
     make, every = table[name]
     return make(), every
@@ -135,7 +148,7 @@ def run_profile(dml, args, profile, n_workers, straggler, cases, data_np, test, 
             Client(cl.address, timeout=60) as client:
         data = dml.partition(X, y, n_partitions=n_workers, seed=0, client=client)
         cl.shape(profile)
-        out["link_kind"] = cl.network.link_kind
+        out.setdefault("link_kind", {})[profile] = cl.network.link_kind
         kind = dml.models.MLP
         if straggler and cpu is None:               # worker 0 computes `straggler` x slower
             w0 = next(a for a, w in client.scheduler_info()["workers"].items()
@@ -148,7 +161,7 @@ def run_profile(dml, args, profile, n_workers, straggler, cases, data_np, test, 
         model = kind([X.shape[1], 256, 10])
         budget = args.budget_for.get(profile, args.budget)
         for case in cases:
-            strategy, every = build_case(dml, case)
+            strategy, every = build_case(dml, case, profile)
             t = time.perf_counter()
             try:
                 res = dml.fit(model, data, strategy, build_optimizer(dml, case),
@@ -290,7 +303,10 @@ def measure(argv=None):
     if args.append and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
         out["runs"] = old.get("runs", [])
-        out.update({k: old[k] for k in ("link_kind", "straggler_kind") if k in old})
+        kinds = old.get("link_kind")                # one per profile (a str before)
+        out["link_kind"] = dict(kinds) if isinstance(kinds, dict) else {}
+        if "straggler_kind" in old:
+            out["straggler_kind"] = old["straggler_kind"]
     no_lbfgs = argparse.Namespace(**{**vars(args), "lbfgs": 0})   # straggler and --also runs
     for n_workers in [int(w) for w in args.workers.split(",") if w]:
         for profile in [s for s in args.profiles.split(",") if s]:
@@ -373,6 +389,7 @@ def figures(out):
             figs.append(ratio(f"{_name(row)}: bytes per step, sync / this",
                               ref["bytes_per_step_per_worker"]
                               / row["bytes_per_step_per_worker"], peer))
+    notes += [f"{profile} links: {kind}" for profile, kind in out.get("link_kind", {}).items()]
     figs.append(figure("budget per run", out["budget_s"], "s"))
     budgets = {_name(r).rsplit(": ", 1)[0]: r["budget_s"] for r in runs if "budget_s" in r}
     figs += [figure(f"{where}: budget per run", b, "s") for where, b in sorted(budgets.items())]

@@ -561,8 +561,8 @@ ROWS = [
         "[[float model test accuracy|.4f]]",
         "[[size int8 / float|.3f]]x the size, [[accuracy change int8 - float|+.2f]] points "
         "([[same label as the float model|%]] same labels)"),
-    _net_row("lan", "LAN (network namespaces, no shaping)"),
-    _net_row("lan", "LAN (network namespaces, no shaping)", workers=3,
+    _net_row("lan", "LAN (network namespaces, veth links, no shaping)"),
+    _net_row("lan", "LAN (network namespaces, veth links, no shaping)", workers=3,
              cases=("ls16-topk", "fedavg-int8", "ps-async-plain")),
     _net_row("wan", "WAN (50 Mbit/s, 40 ms RTT)"),
     _net_row("edge", "edge (10 Mbit/s, 100 ms RTT, 0.1% loss)"),

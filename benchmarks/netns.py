@@ -53,6 +53,11 @@ class Profile:
 
 PROFILES = {"lan": Profile("lan"), "wan": Profile("wan", 50.0, 40.0, 0.0),
             "edge": Profile("edge", 10.0, 100.0, 0.1)}
+
+
+def _profile(profile):
+    """A Profile, or the one of PROFILES a name gives."""
+    return PROFILES[profile] if isinstance(profile, str) else profile
 _COUNTER = itertools.count()
 _WAIT = 30.0                                   # default deadline of any one wait, seconds
 
@@ -118,7 +123,7 @@ class Network:
 
     def shape(self, name, profile):
         """Set host ``name``'s link to ``profile`` (a Profile or a key of PROFILES), both ways."""
-        profile = PROFILES[profile] if isinstance(profile, str) else profile
+        profile = _profile(profile)
         host = self.hosts[name]
         if self.link_kind == "veth" and (profile.rtt_ms > 0 or profile.loss_pct > 0):
             raise RuntimeError(
@@ -181,7 +186,7 @@ def network(names, *, userspace=None):
     reason = unavailable()
     if reason:
         raise RuntimeError(reason)
-    netem = _has_qdisc("netem", ["delay", "1ms"])
+    netem = userspace is not True and _has_qdisc("netem", ["delay", "1ms"])
     if userspace is None:
         userspace = not netem
     tag = f"dn{os.getpid() % 100000:05d}{next(_COUNTER) % 100:02d}"
@@ -347,8 +352,7 @@ def cluster(n_workers, profile="lan", *, straggler=None, shape_now=True, logdir=
     ``userspace`` as for ``network``, except that None with an unshaped
     ``profile`` builds plain veth links (no delay line to cross).
     """
-    if userspace is None and not (PROFILES[profile] if isinstance(profile, str)
-                                  else profile).shaped:
+    if userspace is None and not _profile(profile).shaped:
         userspace = False
     names = ["sched"] + [f"w{i}" for i in range(n_workers)]
     bindir = Path(sys.executable).parent

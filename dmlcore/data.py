@@ -377,14 +377,12 @@ def _meta(dtype, ndim, sparse):
 
 def _aligned(block):
     """``block`` (an ndarray or a CSR matrix) with every array aligned to its item
-    size: only a misaligned array is copied (``np.require``)."""
-    if _is_sparse(block):
-        for name in ("data", "indices", "indptr"):
-            a = getattr(block, name)
-            if not a.flags.aligned:
-                setattr(block, name, np.require(a, requirements="A"))
-        return block
-    return block if block.flags.aligned else np.require(block, requirements="A")
+    size: ``np.require`` copies only a misaligned array."""
+    if not _is_sparse(block):
+        return np.require(block, requirements="A")
+    for name in ("data", "indices", "indptr"):
+        setattr(block, name, np.require(getattr(block, name), requirements="A"))
+    return block
 
 
 class _Aligned:

@@ -323,9 +323,13 @@ def test_grid_best_recipe_per_library_and_its_readme_row(capsys):
                c: {one: (1.0, 5.0, 0.89), ddp: (1.0, 12.0, 0.885), ours: (1.0, 2.0, 0.89)},
                d: {one: (1.0, 7.0, 0.888), ddp: (1.0, 6.0, 0.883), ours: (1.0, 3.0, 0.887)}}
     notes = []
-    figures = bench_torch.grid_figures(results, 0.88, [2], notes)
+    figures = bench_torch.grid_figures(results, 0.88, [2], notes, full=a)
     assert runner.check_figures(figures) == [] and notes == []
     values = {f["name"]: f for f in figures}
+    # the first recipe ran every epoch; the others stopped at the target
+    assert values[f"{one} [{a}]: final test accuracy"]["value"] == 0.87
+    assert values[f"{one} [{b}]: last test accuracy"]["value"] == 0.882
+    assert f"{one} [{b}]: final test accuracy" not in values
     assert values[f"{ours}: best time to 0.88 of the grid"]["value"] == 2.0
     assert values[f"{ours}: best time to 0.88 of the grid"]["recipe"] == c
     assert values[f"{ddp}: best time to 0.88 of the grid"]["recipe"] == d
@@ -343,11 +347,41 @@ def test_grid_best_recipe_per_library_and_its_readme_row(capsys):
     # a library that reached the target with no recipe: said so, and a note
     none = {label: {**by, ddp: (1.0, None, 0.8)} for label, by in results.items()}
     notes = []
-    figures = bench_torch.grid_figures(none, 0.88, [2], notes)
+    figures = bench_torch.grid_figures(none, 0.88, [2], notes, full=a)
     assert notes == [f"{ddp}: no recipe of the grid reached 0.88"]
     get = bench_readme.getter({"figures": figures + [
         runner.figure("target test accuracy", 0.88, "accuracy")]})
     assert "DDP did not reach it" in bench_readme.cell(row.ratio, get)
+
+
+def test_grid_runs_end_at_the_first_epoch_reaching_the_target():
+    # bench_torch: PyTorch's loop and dmlcore's callback stop at the target, not before
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    import dmlcore as dml
+    from benchmarks import bench_torch
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(256, 784)).astype(np.float32), rng.integers(0, 10, 256)
+    recipe = bench_torch.GRID[0]
+    torch.set_num_threads(1)
+
+    def epochs_run(stop_at):
+        net = bench_torch.torch_net(dml.models.MLP(bench_torch.SIZES).init(0, dtype=np.float32))
+        _, curve, _ = bench_torch.train_torch(net, X, y, X[:64], y[:64], 3, recipe, seed=0,
+                                              stop_at=stop_at)
+        return len(curve)
+
+    assert epochs_run(None) == 3 and epochs_run(2.0) == 3 and epochs_run(0.0) == 1
+    said = []
+    assert bench_torch.train_torch(
+        bench_torch.torch_net(dml.models.MLP(bench_torch.SIZES).init(0, dtype=np.float32)),
+        X, y, X[:64], y[:64], 3, recipe, seed=0,
+        epoch_hook=lambda stop: said.append(stop) or len(said) == 2)[1].__len__() == 2
+    reached = bench_torch._Reached(0.88)
+    assert not reached(5, {"loss": 1.0}, None) and not reached(6, {"eval_accuracy": 0.87}, None)
+    assert reached(7, {"eval_accuracy": 0.88}, None)
 
 
 def test_a_slowed_worker_sleeps_its_calls_time_again_only_in_its_process(monkeypatch):

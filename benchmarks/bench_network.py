@@ -22,8 +22,9 @@ times as long (``--straggler-kind compute``, as a slower machine's would),
 or it is held to 1/f of a CPU (``cpu``: on a 2-core host a worker that
 waits on the network uses less than a CPU, so this slows it less than f
 times). ``--also 3:lan:sync,fedavg`` adds runs at another worker
-count (its profiles joined by +, its cases). ``--lbfgs ROWS`` adds
-full-batch logistic regression with L-BFGS on synthetic ROWS x 100 data.
+count (its profiles joined by +, its cases); ``--side-budget`` sets the budget of
+the straggler and ``--also`` runs. ``--lbfgs ROWS`` adds full-batch logistic
+regression with L-BFGS on synthetic ROWS x 100 data (placed before the shaping).
 Results go to ``--json`` (default ``benchmarks/results/network-<date>-<host>.json``),
 rewritten atomically after every run. ``--smoke``: a tiny size for tests.
 Needs root and iproute2 (exit code 3 with the reason otherwise).
@@ -259,6 +260,8 @@ def measure(argv=None):
     p.add_argument("--budget", type=float, default=30.0, help="seconds of fit per run")
     p.add_argument("--budget-for", default="",
                    help="per-profile budgets overriding --budget, e.g. wan=60,edge=60")
+    p.add_argument("--side-budget", type=float, default=None,
+                   help="seconds of fit per straggler and --also run (default: --budget)")
     p.add_argument("--straggler", default="", help="slow-down factors, e.g. 2,4 (LAN runs)")
     p.add_argument("--straggler-kind", choices=("compute", "cpu"), default="compute",
                    help="compute: worker 0's gradients take f x as long; cpu: worker 0 held "
@@ -307,7 +310,8 @@ def measure(argv=None):
     out = {"benchmark": "bench_network", "date": date, "machine": machine(),
            "profiles": {k: vars(v) for k, v in netns.PROFILES.items()},
            "recipe": "MLP 784-256-10, SGD(lr=0.1, momentum=0.9), 64 rows/partition/step",
-           "budget_s": args.budget, "budget_for": args.budget_for, "smoke": args.smoke,
+           "budget_s": args.budget, "budget_for": args.budget_for,
+           "side_budget_s": args.side_budget, "smoke": args.smoke,
            "runs": []}
     if args.append and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
@@ -316,7 +320,8 @@ def measure(argv=None):
         out["link_kind"] = dict(kinds) if isinstance(kinds, dict) else {}
         if "straggler_kind" in old:
             out["straggler_kind"] = old["straggler_kind"]
-    no_lbfgs = argparse.Namespace(**{**vars(args), "lbfgs": 0})   # straggler and --also runs
+    side = {} if args.side_budget is None else {"budget": args.side_budget, "budget_for": {}}
+    no_lbfgs = argparse.Namespace(**{**vars(args), "lbfgs": 0, **side})  # straggler, --also
     for n_workers in [int(w) for w in args.workers.split(",") if w]:
         for profile in [s for s in args.profiles.split(",") if s]:
             run_profile(dml, args, profile, n_workers, None, args.cases.split(","),

@@ -150,13 +150,14 @@ def test_bench_network_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_network.py"),
                            "--smoke", "--profiles", "lan", "--cases", "sync,ps-async",
                            "--budget", "2", "--lbfgs", "2000", "--straggler", "3",
-                           "--straggler-cases", "sync", "--json", str(out)],
+                           "--straggler-cases", "sync", "--side-budget", "1", "--json", str(out)],
                           capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     runs = result["runs"]
     assert [r["case"] for r in runs] == ["sync", "ps-async", "lbfgs-logistic", "sync"]
     assert [r["straggler"] for r in runs] == [None, None, None, 3.0]
+    assert [r.get("budget_s") for r in runs] == [2.0, 2.0, None, 1.0]   # --side-budget
     assert result["straggler_kind"].startswith("compute")
     assert result["link_kind"]["lan"] in ("veth", "netem")
     assert all("error" not in r for r in runs), runs

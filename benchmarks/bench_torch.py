@@ -257,7 +257,7 @@ def run_dmlcore(n_workers, X, y, Xt, yt, epochs, recipe, stop_at=None):
         res = dml.fit(model, data, strategy, dml_optimizer(recipe),
                       epochs=epochs, eval_data=(Xt, yt), eval_every=steps,
                       init_params=model.init(0, dtype=np.float32), client=client,
-                      progress=False, callbacks=[] if stop_at is None else [_Reached(stop_at)])
+                      progress=False, callbacks=[] if stop_at is None else [_Reached(stop_at, steps)])
     h = res.history
     wall = h["wall_time"].values
     acc = h["eval_accuracy"].values
@@ -267,10 +267,12 @@ def run_dmlcore(n_workers, X, y, Xt, yt, epochs, recipe, stop_at=None):
 
 
 class _Reached:
-    """Callback: stop at the first evaluation whose test accuracy reaches ``target``."""
+    """Callback: stop at the first evaluation (every ``sync_every`` steps) whose test
+    accuracy reaches ``target``. ``sync_every`` matters: a callback without it is called
+    with current parameters at every step, which puts the replicated step on the driver."""
 
-    def __init__(self, target):
-        self.target = target
+    def __init__(self, target, sync_every):
+        self.target, self.sync_every = target, int(sync_every)
 
     def __call__(self, step, record, params):
         return record.get("eval_accuracy", -1.0) >= self.target

@@ -162,6 +162,24 @@ def test_resume_continues_exactly(tmp_path, client, apply_on, stop):
                                rtol=1e-12)
 
 
+def test_a_callback_that_syncs_every_step_is_warned_about(client, caplog):
+    # without sync_every the replicas cannot run between steps: said once, with the fix
+    X, y = logistic_problem(n=300)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)
+    model = dml.models.Logistic(X.shape[1])
+
+    def warnings(callback):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dmlcore.sync"):
+            dml.fit(model, data, dml.SyncSGD(batch_size=10), dml.optim.SGD(lr=0.1), steps=12,
+                    progress=False, client=client, callbacks=[callback])
+        return [r.getMessage() for r in caplog.records if r.name == "dmlcore.sync"]
+
+    said = warnings(StopAt(100))
+    assert len(said) == 1 and "sync_every" in said[0] and "every step" in said[0]
+    assert warnings(StopAt(100, sync_every=4)) == []
+
+
 def test_replicas_equal_the_driver_path_bit_for_bit(client, tmp_path):
     """apply_on="workers" (replicated optimizer, peer exchange, syncs at
     eval/checkpoint points) gives the same bits as the driver-applied path."""

@@ -27,6 +27,7 @@ applied. The effective batch is ``batch_size`` x partitions.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -40,6 +41,8 @@ from ..optim import LBFGS
 from ..recovery import RecoveringPool
 from .base import Strategy
 from .fedavg import client_sums, client_train  # noqa: F401 - local SGD is FedAvg's client step
+
+logger = logging.getLogger("dmlcore.sync")
 
 
 # ----------------------------------------------------------------------------
@@ -290,11 +293,18 @@ class SyncSGD(Strategy):
         try:
             # replicas pay off between sync points; syncing every step (a callback
             # without ``sync_every``, one step per epoch) is the driver path's job
-            if (self.apply_on == "workers" and pools is not None and pools.pool.channels
-                    and self.local_steps == 1 and not ctx.syncs_every_step):
+            replicas = (self.apply_on == "workers" and pools is not None
+                        and pools.pool.channels and self.local_steps == 1)
+            if replicas and not ctx.syncs_every_step:
                 yield from self._run_replicated(ctx, pools, optimizer, momentum)
                 return
             per_epoch = self.steps_per_epoch(ctx.data)
+            if replicas and per_epoch > 1:
+                logger.warning("dmlcore: SyncSGD syncs with the driver at every step (a callback "
+                               "without a sync_every attribute, or evaluations or checkpoints "
+                               "every step), so each step's update runs on the driver instead "
+                               "of on the workers' replicas; give the callback sync_every=k to "
+                               "be called only every k steps")
             for step in range(ctx.start_step, ctx.total_steps):
                 if pools is not None and step > ctx.start_step and step % per_epoch == 0:
                     pools.rebalance(step)   # joined workers get partitions, retiring ones none

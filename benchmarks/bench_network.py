@@ -320,18 +320,19 @@ def measure(argv=None):
         out["link_kind"] = dict(kinds) if isinstance(kinds, dict) else {}
         if "straggler_kind" in old:
             out["straggler_kind"] = old["straggler_kind"]
+    # the straggler and --also runs: no L-BFGS row, and --side-budget's budget where given
     side = {} if args.side_budget is None else {"budget": args.side_budget, "budget_for": {}}
-    no_lbfgs = argparse.Namespace(**{**vars(args), "lbfgs": 0, **side})  # straggler, --also
+    side_args = argparse.Namespace(**{**vars(args), "lbfgs": 0, **side})
     for n_workers in [int(w) for w in args.workers.split(",") if w]:
         for profile in [s for s in args.profiles.split(",") if s]:
             run_profile(dml, args, profile, n_workers, None, args.cases.split(","),
                         (X, y), (Xt, yt), pre, out)
         for factor in [float(f) for f in args.straggler.split(",") if f]:
-            run_profile(dml, no_lbfgs, "lan", n_workers, factor,
+            run_profile(dml, side_args, "lan", n_workers, factor,
                         args.straggler_cases.split(","), (X, y), (Xt, yt), None, out)
     for n_workers, profiles, cases in also:
         for profile in profiles:
-            run_profile(dml, no_lbfgs, profile, n_workers, None, cases, (X, y), (Xt, yt), pre,
+            run_profile(dml, side_args, profile, n_workers, None, cases, (X, y), (Xt, yt), pre,
                         out)
     print(f"wrote {args.json}")
     return out

@@ -257,7 +257,8 @@ def run_dmlcore(n_workers, X, y, Xt, yt, epochs, recipe, stop_at=None):
         res = dml.fit(model, data, strategy, dml_optimizer(recipe),
                       epochs=epochs, eval_data=(Xt, yt), eval_every=steps,
                       init_params=model.init(0, dtype=np.float32), client=client,
-                      progress=False, callbacks=[] if stop_at is None else [_Reached(stop_at, steps)])
+                      progress=False,
+                      callbacks=[] if stop_at is None else [_Reached(stop_at, steps)])
     h = res.history
     wall = h["wall_time"].values
     acc = h["eval_accuracy"].values
@@ -279,7 +280,7 @@ class _Reached:
 
 
 def summary(step_times, curve, steps, target):
-    """(seconds per epoch, seconds to target or None, final accuracy)."""
+    """(seconds per epoch, seconds to target or None, the last epoch's accuracy)."""
     per_epoch = float(np.median(step_times)) * steps
     hit = next((t for t, a in curve if a >= target), None)
     return per_epoch, hit, curve[-1][1]

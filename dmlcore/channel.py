@@ -12,7 +12,10 @@ Dask stays the control plane (placement, actors, failures).
   ``wire.Reply(ok, value or exception)``; one outstanding call per channel.
 * TLS (``tls://`` clusters): every socket is wrapped by ``ssl`` with the
   cluster's ``distributed.Security`` contexts (both ends verified against its
-  CA) before the token is sent; nothing travels in clear.
+  CA) before the token is sent; nothing travels in clear. Executors of a TLS
+  mesh on one host pass their arrays through shared memory instead
+  (``lanes``: no cipher for bytes that never leave the host); the headers
+  still go, encrypted, over their socket.
 * Limits: a header declaring more than ``max_bytes`` is refused before any
   allocation (``MessageTooLarge``) and the connection closed; every wait has
   a deadline (``DataPlaneTimeout``); sockets keep alive; a failed peer is
@@ -31,8 +34,12 @@ import threading
 import time
 
 from . import wire
+from .lanes import InLane, OutLane, fits_slot, lanes_available
 
 _HEADER = struct.Struct("!QI")
+# flags in the header's buffer count: the buffers are in the lane's slot 0 or 1
+_IN_LANE, _SLOT_ONE = 1 << 31, 1 << 30
+_COUNT = _SLOT_ONE - 1
 _INDEX = struct.Struct("!I")
 _LENGTH = struct.Struct("!Q")
 _TOKEN_BYTES = 16
@@ -61,9 +68,17 @@ for _error in (PeerLost, DataPlaneTimeout, MessageTooLarge):
 def _frames(obj):
     """``obj`` as the byte strings of one message (header + JSON, raw buffers)."""
     payload, raws = wire.encode(obj)
-    head = _HEADER.pack(len(payload), len(raws)) + b"".join(
-        _LENGTH.pack(memoryview(r).nbytes) for r in raws)
-    return [head + payload, *raws]
+    return [_head(payload, raws), *raws]
+
+
+def _head(payload, raws, lane_slot=None):
+    """The first frame of a message: header, buffer lengths, JSON. With
+    ``lane_slot``, the buffers are not sent after it: they are in that slot
+    of the connection's lane."""
+    count = len(raws) if lane_slot is None else len(raws) | _IN_LANE | (
+        _SLOT_ONE if lane_slot else 0)
+    return _HEADER.pack(len(payload), count) + b"".join(
+        _LENGTH.pack(memoryview(r).nbytes) for r in raws) + payload
 
 
 def call_frames(method, *args, **kwargs):
@@ -360,12 +375,14 @@ class _Outgoing:
 
 class _Incoming:
     """One message being read (the ``_frames`` format), out-of-band buffers
-    received into the reusable ``inbox`` list. On a non-blocking socket
-    ``pump`` returns False when it must wait; on a blocking one it returns
-    once the message is complete."""
+    received into the reusable ``inbox`` list (copied from ``lane``, the
+    connection's ``lanes.InLane``, when the header says they are there). On
+    a non-blocking socket ``pump`` returns False when it must wait; on a
+    blocking one it returns once the message is complete."""
 
-    def __init__(self, inbox, max_bytes=None):
-        self.inbox, self.max_bytes = inbox, max_bytes
+    def __init__(self, inbox, max_bytes=None, lane=None):
+        self.inbox, self.max_bytes, self.lane = inbox, max_bytes, lane
+        self.lane_slot = None
         self.head = bytearray(_HEADER.size)
         self.targets = [self.head]          # buffers still to fill, in order
         self.pos = 0
@@ -375,6 +392,11 @@ class _Incoming:
     def _next_stage(self):
         if self.stage == 0:
             size, n_buffers = _HEADER.unpack(self.head)
+            if n_buffers & _IN_LANE:
+                if self.lane is None:
+                    raise ValueError("a message in a lane on a connection without one")
+                self.lane_slot = 1 if n_buffers & _SLOT_ONE else 0
+                n_buffers &= _COUNT
             if self.max_bytes is not None and (size > self.max_bytes
                                                or n_buffers * _LENGTH.size > self.max_bytes):
                 raise MessageTooLarge(f"message of {size} bytes and {n_buffers} buffers "
@@ -398,7 +420,11 @@ class _Incoming:
                 elif len(self.inbox[i]) != n:
                     self.inbox[i] = bytearray(n)
             self.stage = 2
-            self.targets = [self.payload, *self.inbox]
+            if self.lane_slot is None:
+                self.targets = [self.payload, *self.inbox]
+            else:
+                self.targets = [self.payload]
+                self.lane_lengths = lengths
 
     def pump(self, sock):
         """Read what has arrived; True once the message is complete."""
@@ -408,6 +434,8 @@ class _Incoming:
                 self.pos = 0
             if not self.targets:
                 if self.stage == 2:
+                    if self.lane_slot is not None:
+                        self.lane.read(self.lane_slot, self.lane_lengths, self.inbox)
                     return True
                 self._next_stage()
                 continue
@@ -445,10 +473,20 @@ class PeerMesh:
     the largest message accepted from a peer. ``close()`` tells the peers at
     once (they see ``PeerLost``). ``ssl_contexts``: (server context, client
     context) on TLS clusters; every pair then talks TLS.
+
+    ``lanes``: whether peers on this host exchange arrays through shared
+    memory (``dmlcore.lanes``), each lane's slot holding ``lane_bytes``;
+    None (default) = on TLS meshes, where they spare both ends the cipher.
+    Headers still cross the socket; messages larger than a slot go by socket.
     """
 
-    def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None, ssl_contexts=None):
+    def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None, ssl_contexts=None,
+                 lanes=None, lane_bytes=8 << 20):
         self.server_context, self.client_context = ssl_contexts or (None, None)
+        self.lanes_wanted = (ssl_contexts is not None if lanes is None else bool(lanes)) \
+            and lanes_available()
+        self.lane_bytes = int(lane_bytes)
+        self._out_lanes, self._in_lanes = {}, {}
         self.token = secrets.token_bytes(_TOKEN_BYTES)
         self.timeout, self.max_bytes = float(timeout), max_bytes
         self._listener = _listen(host)
@@ -484,6 +522,7 @@ class PeerMesh:
                     sock.close()
                     continue
                 self._socks[j] = sock
+            self._open_lanes()
         except BaseException:
             self.close()
             raise
@@ -493,6 +532,40 @@ class PeerMesh:
             _tune(sock, timeout)
             sock.setblocking(False)
         return True
+
+    def _open_lanes(self):
+        """Offer every peer a lane (or None) over its socket, map the peers'
+        offers that check out, say which; then the lanes' files are unlinked
+        (the peers that accepted have mapped them). Small blocking messages:
+        every end sends before it reads, so none waits for another."""
+        for j, sock in self._socks.items():
+            lane = None
+            if self.lanes_wanted:
+                try:
+                    lane = self._out_lanes[j] = OutLane(self.lane_bytes)
+                except OSError:             # /dev/shm full or not writable: sockets
+                    lane = None
+            sock.sendall(b"".join(_frames(lane and lane.offer())))
+        for j, sock in self._socks.items():
+            offer = _recv(sock, 1 << 16)
+            lane = InLane.open(offer) if self.lanes_wanted and isinstance(offer, dict) \
+                else None
+            if lane is not None:
+                self._in_lanes[j] = lane
+            sock.sendall(b"".join(_frames(lane is not None)))
+        for j, sock in self._socks.items():
+            accepted = _recv(sock, 1 << 16) is True
+            lane = self._out_lanes.get(j)
+            if lane is not None:
+                lane.unlink()
+                if not accepted:
+                    del self._out_lanes[j]
+                    lane.close()
+
+    @property
+    def lane_peers(self):
+        """The peers this executor sends to through shared memory."""
+        return sorted(self._out_lanes)
 
     def _peer(self, j):
         return f"peer executor {j} ({self._names.get(j, '?')})"
@@ -511,15 +584,24 @@ class PeerMesh:
         sockets and ``poll``), so no message waits for another. The peers'
         arrays are received into buffers kept per ``tag`` and reused by the
         next call with that tag: use them before then."""
-        frames = {}
+        encoded = {}
         for j in self._socks:                   # serialise each distinct object once
-            if id(objs[j]) not in frames:
-                frames[id(objs[j])] = _frames(objs[j])
+            if id(objs[j]) not in encoded:
+                encoded[id(objs[j])] = wire.encode(objs[j])
         by_sock = {sock: j for j, sock in self._socks.items()}
-        outgoing = {sock: _Outgoing(frames[id(objs[j])]) for sock, j in by_sock.items()}
-        self.bytes_sent += sum(_nbytes(frames[id(objs[j])]) for j in self._socks)
+        outgoing = {}
+        for sock, j in by_sock.items():
+            payload, raws = encoded[id(objs[j])]
+            lane = self._out_lanes.get(j)
+            if lane is not None and raws and fits_slot(raws, lane.slot_bytes):
+                frames = [_head(payload, raws, lane.write(raws))]
+            else:
+                frames = [_head(payload, raws), *raws]
+            outgoing[sock] = _Outgoing(frames)
+            self.bytes_sent += _nbytes(frames[:1]) + _nbytes(raws)
         inbox = self._inbox.setdefault(tag, {})
-        incoming = {sock: _Incoming(inbox.setdefault(j, []), self.max_bytes)
+        incoming = {sock: _Incoming(inbox.setdefault(j, []), self.max_bytes,
+                                    self._in_lanes.get(j))
                     for sock, j in by_sock.items()}
         got = {self.index: objs[self.index]}
         by_fd = {sock.fileno(): sock for sock in by_sock}
@@ -578,6 +660,9 @@ class PeerMesh:
                 pass
             sock.close()
         self._socks = {}
+        for lane in (*self._out_lanes.values(), *self._in_lanes.values()):
+            lane.close()
+        self._out_lanes, self._in_lanes = {}, {}
 
 
 def wait_all(futures, timeout, grace=2.0):

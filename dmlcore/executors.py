@@ -64,6 +64,12 @@ def message_cap(model, n_parts):
     return 8 * 8 * n_params * (int(n_parts) + 1) + (1 << 20)
 
 
+def lane_bytes(model):
+    """A shared-memory lane's slot for ``model``: two float64 parameter
+    vectors (a gradient and its loss, in either dtype) plus 64 KiB."""
+    return 16 * int(getattr(model, "n_params", 0) or 0) + (1 << 16)
+
+
 def hosted(function):
     """Register ``function(executor, *args, **kwargs)`` as a method executors
     host: a strategy's worker-side step, written in the strategy's module and
@@ -159,7 +165,7 @@ class PartitionExecutor:
         self.close_mesh()
         self.mesh = PeerMesh(host, timeout=self.timeout,
                              max_bytes=message_cap(self.model, len(self.parts)),
-                             ssl_contexts=self._tls)
+                             ssl_contexts=self._tls, lane_bytes=lane_bytes(self.model))
         return self.mesh.address
 
     def connect_peers(self, index, addresses):

@@ -131,6 +131,45 @@ def test_tls_mesh_exchanges_in_lockstep(security):
             m.close()
 
 
+def test_a_tls_mesh_on_one_host_sends_its_arrays_through_lanes(security):
+    """Executors on one host: the arrays go through shared memory, only the
+    encrypted headers cross the socket (relayed here to see every byte)."""
+    contexts = _contexts(security, "worker")
+    meshes = [PeerMesh("127.0.0.1", timeout=10, ssl_contexts=contexts) for _ in range(2)]
+    relay = _Relay(meshes[0].address)
+    addresses = [relay.address, meshes[1].address]      # executor 1 dials 0 via the relay
+    threads = [threading.Thread(target=m.connect, args=(i, addresses))
+               for i, m in enumerate(meshes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    marker = np.frombuffer(b"GRADIENT-IN-CLEAR!" * 20_000, dtype=np.uint8).copy()
+    results = [None, None]
+
+    def run(i):
+        everyone = meshes[i].exchange((float(i), marker[::1 - 2 * i].copy()))
+        results[i] = [(loss, vec.copy()) for loss, vec in everyone]
+
+    try:
+        assert [m.lane_peers for m in meshes] == [[1], [0]]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        for i in range(2):
+            assert [loss for loss, _ in results[i]] == [0.0, 1.0]
+            np.testing.assert_array_equal(results[i][0][1], marker)
+            np.testing.assert_array_equal(results[i][1][1], marker[::-1])
+    finally:
+        for m in meshes:
+            m.close()
+    assert 0 < len(relay.seen) < marker.nbytes          # headers only on the socket
+    assert b"GRADIENT-IN-CLEAR!" not in relay.seen
+    assert b"!RAELC-NI-TNEIDARG" not in relay.seen
+
+
 @pytest.mark.slow
 def test_mesh_refuses_a_plain_peer(security):
     tls = PeerMesh("127.0.0.1", timeout=3, ssl_contexts=_contexts(security, "worker"))

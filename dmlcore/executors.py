@@ -43,7 +43,7 @@ def _log_fallback(reason):
                        "driver-side updates): %s", reason)
 
 
-def _worker_tls():
+def worker_tls():
     """(server, client) SSL contexts from the ``distributed.Security`` of the
     worker this runs on (its certificate, the cluster's CA)."""
     from distributed import get_worker
@@ -149,7 +149,7 @@ class PartitionExecutor:
         bounds this executor's data-plane waits (its peer exchanges); ``tls``:
         this socket and the peer mesh use the worker's TLS certificates."""
         self.timeout = float(timeout)
-        self._tls = _worker_tls() if tls else None
+        self._tls = worker_tls() if tls else None
         self._channel = ChannelServer(self, host, max_bytes=message_cap(self.model, len(self.parts)),
                                       timeout=self.timeout,
                                       ssl_context=self._tls and self._tls[0])

@@ -217,7 +217,8 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     X, y = logistic_problem(n=1200, d=5, seed=2)
     data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
     model = dml.models.Logistic(X.shape[1])
-    strategy = ParameterServer("async", batch_size=16)
+    # paced (5 ms a mini-batch), so the kill lands while the server still trains
+    strategy = ParameterServer("async", batch_size=16, slow_partitions={0: 0.005, 1: 0.005})
     killed = {}
 
     def kill_server(step, record, params):
@@ -256,7 +257,8 @@ def test_partitions_of_a_dead_data_worker_are_rebuilt_or_dropped_and_bsp_goes_on
     if source == "none":
         data._source = None         # as data that keep no way to rebuild them
     model = dml.models.Logistic(X.shape[1])
-    strategy = ParameterServer("bsp", batch_size=16)
+    # paced (5 ms a mini-batch), so the kill lands while the server still trains
+    strategy = ParameterServer("bsp", batch_size=16, slow_partitions={p: 0.005 for p in range(3)})
     killed = {}
 
     def kill_data_worker(step, record, params):

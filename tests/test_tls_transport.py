@@ -232,6 +232,40 @@ def test_sync_sgd_keeps_the_direct_path_on_a_tls_cluster(tmp_path, caplog, apply
                                   np.asarray(runs["actor-calls"].params))
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_parameter_server_loops_exchange_over_sockets(tmp_path, tls):
+    """The loop on the server's own worker calls it in-process; the other
+    worker's loop over a socket of its own (TLS on a TLS cluster), not Dask
+    actor calls; the fit trains either way."""
+    import contextlib
+
+    import dmlcore as dml
+    from dask.distributed import Client, LocalCluster
+
+    X, y = _problem(n=1200)
+    if tls:
+        cluster = tls_local_cluster(tmp_path)
+    else:
+        @contextlib.contextmanager
+        def cluster():
+            with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                              host="127.0.0.1", dashboard_address=None) as c, Client(c) as cl:
+                yield cl
+        cluster = cluster()
+    with cluster as client:
+        data = dml.partition(X, y, 2, client=client)
+        model = dml.models.Logistic(6)
+        result = dml.fit(model, data, dml.ParameterServer("async", batch_size=16),
+                         dml.optim.SGD(lr=0.2), steps=200, client=client, progress=False,
+                         timeout=30)
+    endings = result.info["loop_endings"]
+    assert sorted(e["via"] for e in endings) == ["in-process", "tls socket" if tls else "socket"]
+    assert all(e["ended"] == "stopped" for e in endings)
+    params = np.asarray(result.params, dtype=np.float64)
+    loss = model.loss_grad(params, X, y, np.empty_like(params)) / len(y)
+    assert result.steps == 200 and loss < 0.9 * np.log(2)
+
+
 @pytest.mark.slow
 def test_a_fit_uses_its_own_client_when_another_is_the_default(tmp_path, client):
     """A TLS client made after the session's TCP client becomes Dask's default;

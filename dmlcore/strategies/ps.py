@@ -8,7 +8,8 @@ twice as slowly (a slow worker would serve every loop slowly).
 *Workers*: each data worker's executor (``ExecutorPool``) hosts a loop, in a thread of its own, round-robin over its
 partitions: pull, SUM (loss, gradient) over a mini-batch, push. A push and
 the next pull are ONE call (``exchange``: ``Push`` in, ``Pull`` out; values
-only when changed; in-process on the server's own worker). Compression:
+only when changed; in-process on the server's own worker, over a socket of
+its own from the others, TLS on TLS clusters). Compression:
 ``"float16"`` sends values and MEAN gradients as float16; ``"int8"`` and
 ``{"topk": r}`` encode the pushed mean gradient (pulls stay exact).
 
@@ -39,7 +40,8 @@ import numpy as np
 
 from .. import compression as codecs
 from .. import local
-from ..executors import ExecutorPool, hosted
+from ..channel import Channel, ChannelServer
+from ..executors import ExecutorPool, hosted, message_cap, worker_tls
 from ..recovery import reassign
 from ..messages import Pull, Push, Snapshot, Update
 from .base import Strategy
@@ -50,6 +52,7 @@ CONSISTENCY = ("bsp", "ssp", "async")
 _WAIT = "wait"            # exchange's answer when a pull is not allowed yet: ask again
 _MAX_WAIT = 1.0           # seconds a pull waits inside one exchange call
 _LOCAL_CALLS = True       # the loop on the server's own worker calls it without the network
+_SOCKET_CALLS = True      # the other loops call it over a socket (else: Dask actor calls)
 _SERVERS: dict = {}       # run token -> the _Server living in this process (its worker)
 MOVE_AFTER_S = 0.5        # the server's worker is judged after this long (see faster_host)
 MOVE_SLOWER = 2.0         # ... and left when its loop's mini-batches take this much longer
@@ -267,6 +270,19 @@ class _Server:
                 self._cond.wait(remaining)
             return self._pull(slot, pid, have_version, into)
 
+    async def open_channel(self, tls, max_bytes):
+        """Serve ``exchange`` to ONE remote loop on a socket of this worker
+        (TLS with its certificate when ``tls``); returns the (host, port,
+        token) the loop's ``Channel`` connects with. ``max_bytes``: the
+        largest push accepted."""
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        served = ChannelServer(_SocketExchanges(self), get_address_host(get_worker().address),
+                               max_bytes=max_bytes,
+                               ssl_context=worker_tls()[0] if tls else None)
+        return served.address
+
     async def snapshot(self, wait):
         """A ``Snapshot``: the updates since the last one (waiting up to ``wait``
         s for one) and the whole state. Under BSP the clocks are those of the
@@ -311,23 +327,76 @@ class _Server:
         return self.count
 
 
+class _SocketExchanges:
+    """What one remote loop's socket serves (a ``ChannelServer`` target, in
+    that server's thread): ``exchange`` as ``_Server.exchange_here``, pulled
+    values copied into a buffer of this connection (each reply is sent
+    before the connection's next call is read)."""
+
+    CHANNEL_METHODS = ("exchange",)
+
+    def __init__(self, server):
+        self.server = server
+        self.values = np.empty_like(server.values) if server.transfer is None else None
+
+    def exchange(self, slot, push, pid, have_version):
+        return self.server.exchange_here(slot, push, pid, have_version, into=self.values)
+
+
+class _SocketExchange:
+    """A remote loop's ``exchange`` over a ``Channel`` to the server's worker:
+    wire frames on a socket of its own (TLS on TLS clusters), answered by a
+    thread there without the worker's event loop or Dask's serialization."""
+
+    def __init__(self, server, server_worker, timeout, worker, max_bytes):
+        tls = worker.address.startswith("tls://")
+        address = server.open_channel(tls, max_bytes).result(timeout=timeout)
+        self._channel = Channel(tuple(address), timeout=timeout, name=server_worker,
+                                max_bytes=max_bytes,
+                                ssl_context=worker_tls()[1] if tls else None)
+
+    def __call__(self, slot, push, pid, have_version, into=None):
+        return self._channel.submit("exchange", slot, push, pid, have_version).result()
+
+    def close(self):
+        self._channel.close()
+
+
+_logged_actor_calls: set = set()
+
+
 # ----------------------------------------------------------------------------
 # The worker loop (hosted by each data worker's executor, in a thread of its own)
 # ----------------------------------------------------------------------------
-def _exchange_function(server, token, server_worker, timeout, worker):
-    """``exchange(slot, push, pid, have_version, into=None) -> reply`` for the loop
-    on ``worker``; blocks until the server answers (``push`` consumed by then).
+def _exchange_function(server, token, server_worker, timeout, worker, max_bytes):
+    """``(exchange, via)``: ``exchange(slot, push, pid, have_version, into=None)
+    -> reply`` for the loop on ``worker``, which blocks until the server answers
+    (``push`` consumed by then), and how it reaches the server.
 
     On the server's own worker the loop thread calls ``exchange_here``
     directly (the server's lock orders it with the actor's calls), without
     serialising the vectors, a network round trip or a wait for the event
-    loop; elsewhere it is an actor call.
+    loop; elsewhere it calls it over a socket of its own (``_SocketExchange``),
+    or through actor calls where that socket cannot be opened (logged once).
+    ``max_bytes``: the largest message either way on that socket.
     """
     here = _SERVERS.get(token) if _LOCAL_CALLS and worker.address == server_worker else None
     if here is not None:
-        return here.exchange_here
+        return here.exchange_here, "in-process"
     getattr(server, "exchange")    # binds the handle to this worker while its context is set
-    return lambda *args, into=None: server.exchange(*args).result(timeout=timeout)
+    scheme = worker.address.split("://")[0]
+    if _SOCKET_CALLS and scheme in ("tcp", "tls"):
+        try:
+            return (_SocketExchange(server, server_worker, timeout, worker, max_bytes),
+                    "tls socket" if scheme == "tls" else "socket")
+        except (OSError, ValueError) as exc:        # ConnectionError, timeouts included
+            reason = f"{type(exc).__name__}: {exc}"
+            if reason not in _logged_actor_calls:
+                _logged_actor_calls.add(reason)
+                logger.warning("dmlcore: the parameter server's exchanges from %s use Dask "
+                               "actor calls (its socket to %s failed: %s)",
+                               worker.address, server_worker, reason)
+    return lambda *args, into=None: server.exchange(*args).result(timeout=timeout), "actor calls"
 
 
 class _Loop:
@@ -337,12 +406,15 @@ class _Loop:
         self.done = threading.Event()
         self.ending = self.error = None
 
-    def run(self, *args):
+    def run(self, executor, exchange, via, *args):
         try:
-            self.ending = _worker_loop(*args)
+            self.ending = {**_worker_loop(executor, exchange, *args), "via": via}
         except BaseException as exc:  # noqa: BLE001 - reported by ps_ending
             self.error = exc
         finally:
+            close = getattr(exchange, "close", None)
+            if close is not None:
+                close()
             self.done.set()
 
 
@@ -354,20 +426,22 @@ def ps_start(executor, server, token, server_worker, slot, batch_size, seed, tra
     "int8" or {"topk": r} (the pushes' encoding), else None."""
     from distributed import get_worker
 
-    exchange = _exchange_function(server, token, server_worker, timeout, get_worker())
+    exchange, via = _exchange_function(server, token, server_worker, timeout, get_worker(),
+                                       message_cap(executor.model, len(executor.parts)))
     loop = executor.run_state = _Loop()
     # the thread runs in this call's context, so code in it knows its worker
     threading.Thread(target=contextvars.copy_context().run, daemon=True,
                      name=f"dmlcore-ps-loop-{slot}",
-                     args=(loop.run, executor, exchange, slot, batch_size, seed, transfer,
-                           slow, compression)).start()
+                     args=(loop.run, executor, exchange, via, slot, batch_size, seed,
+                           transfer, slow, compression)).start()
     return True
 
 
 @hosted
 def ps_ending(executor, wait=0.0):
     """None while the loop runs (after ``wait`` s at most); then its ending
-    ``{"slot", "pushes", "ended"}``, or the error it raised."""
+    ``{"slot", "pushes", "ended", "via"}`` (``via``: "in-process", "socket",
+    "tls socket" or "actor calls"), or the error it raised."""
     loop = executor.run_state
     if not isinstance(loop, _Loop):
         raise RuntimeError("no parameter-server loop was started on this executor")

@@ -87,15 +87,20 @@ def test_a_dead_server_raises_connection_error():
     channel.close()
 
 
-def _connected_meshes(n):
-    meshes = [PeerMesh("127.0.0.1") for _ in range(n)]
-    addresses = [m.address for m in meshes]
-    threads = [threading.Thread(target=m.connect, args=(i, addresses)) for i, m in enumerate(meshes)]
+def connect_all(meshes, addresses=None):
+    """``connect`` every mesh at once (each in a thread); returns ``meshes``."""
+    addresses = addresses or [m.address for m in meshes]
+    threads = [threading.Thread(target=m.connect, args=(i, addresses))
+               for i, m in enumerate(meshes)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     return meshes
+
+
+def _connected_meshes(n):
+    return connect_all([PeerMesh("127.0.0.1") for _ in range(n)])
 
 
 def test_mesh_exchange_gives_everyone_the_same_ordered_list():

@@ -11,6 +11,7 @@ import pytest
 
 from dmlcore import lanes
 from dmlcore.channel import PeerLost, PeerMesh
+from test_channel import connect_all
 
 pytestmark = pytest.mark.skipif(not lanes.lanes_available(), reason="needs /dev/shm (Linux)")
 
@@ -20,15 +21,7 @@ def _lane_files():
 
 
 def _connected(options):
-    meshes = [PeerMesh("127.0.0.1", timeout=10, **kw) for kw in options]
-    addresses = [m.address for m in meshes]
-    threads = [threading.Thread(target=m.connect, args=(i, addresses))
-               for i, m in enumerate(meshes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return meshes
+    return connect_all([PeerMesh("127.0.0.1", timeout=10, **kw) for kw in options])
 
 
 def _exchange_all(meshes, make, rounds):

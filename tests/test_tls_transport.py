@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dmlcore.channel import Channel, ChannelServer, PeerLost, PeerMesh
-from test_channel import Target
+from test_channel import Target, connect_all
 from tls_certs import cluster_security, tls_local_cluster
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -99,13 +99,7 @@ def test_tls_mesh_exchanges_in_lockstep(security):
     waits and resumes; a regression fails with PeerLost or times out in 5 s."""
     contexts = _contexts(security, "worker")
     meshes = [PeerMesh("127.0.0.1", timeout=5, ssl_contexts=contexts) for _ in range(3)]
-    addresses = [m.address for m in meshes]
-    threads = [threading.Thread(target=m.connect, args=(i, addresses))
-               for i, m in enumerate(meshes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    connect_all(meshes)
     errors, results = [], [[] for _ in range(3)]
 
     def run(i):
@@ -137,13 +131,7 @@ def test_a_tls_mesh_on_one_host_sends_its_arrays_through_lanes(security):
     contexts = _contexts(security, "worker")
     meshes = [PeerMesh("127.0.0.1", timeout=10, ssl_contexts=contexts) for _ in range(2)]
     relay = _Relay(meshes[0].address)
-    addresses = [relay.address, meshes[1].address]      # executor 1 dials 0 via the relay
-    threads = [threading.Thread(target=m.connect, args=(i, addresses))
-               for i, m in enumerate(meshes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    connect_all(meshes, [relay.address, meshes[1].address])   # 1 dials 0 via the relay
     marker = np.frombuffer(b"GRADIENT-IN-CLEAR!" * 20_000, dtype=np.uint8).copy()
     results = [None, None]
 

@@ -99,6 +99,15 @@ def connect_all(meshes, addresses=None):
     return meshes
 
 
+def run_all(target, args_list, timeout=30):
+    """``target(*args)`` for every ``args`` of ``args_list``, each in a thread, joined."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def _connected_meshes(n):
     return connect_all([PeerMesh("127.0.0.1") for _ in range(n)])
 

@@ -4,14 +4,13 @@ bit for bit, a lane is offered and mapped only where it checks out, and no
 lane file outlives the mesh's set-up."""
 import glob
 import os
-import threading
 
 import numpy as np
 import pytest
 
 from dmlcore import lanes
 from dmlcore.channel import PeerLost, PeerMesh
-from test_channel import connect_all
+from test_channel import connect_all, run_all
 
 pytestmark = pytest.mark.skipif(not lanes.lanes_available(), reason="needs /dev/shm (Linux)")
 
@@ -37,11 +36,7 @@ def _exchange_all(meshes, make, rounds):
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(meshes))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_all(run, [(i,) for i in range(len(meshes))], timeout=60)
     assert not errors, errors
     return got
 
@@ -97,11 +92,7 @@ def test_a_lane_message_on_a_connection_without_a_lane_closes_it():
             finally:
                 m.close()
 
-        threads = [threading.Thread(target=run, args=(m,)) for m in meshes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        run_all(run, [(m,) for m in meshes])
         assert any(isinstance(e, PeerLost) and "without one" in str(e) for e in errors), errors
     finally:
         for m in meshes:

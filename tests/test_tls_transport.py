@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dmlcore.channel import Channel, ChannelServer, PeerLost, PeerMesh
-from test_channel import Target, connect_all
+from test_channel import Target, connect_all, run_all
 from tls_certs import cluster_security, tls_local_cluster
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -141,11 +141,7 @@ def test_a_tls_mesh_on_one_host_sends_its_arrays_through_lanes(security):
 
     try:
         assert [m.lane_peers for m in meshes] == [[1], [0]]
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        run_all(run, [(0,), (1,)])
         for i in range(2):
             assert [loss for loss, _ in results[i]] == [0.0, 1.0]
             np.testing.assert_array_equal(results[i][0][1], marker)

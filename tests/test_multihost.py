@@ -69,7 +69,7 @@ def test_replicated_sgd_across_two_hosts(two_hosts):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(2000, 20)).astype(np.float32)
     y = (X[:, :4].sum(1) > 0).astype(np.int64) + (X[:, 4] > 0.8)
-    model = dml.models.MLP([20, 64, 3])
+    model = dml.models.MLP([20, 4096, 3])      # 393 kB: two hosts keep the full exchange
     with Client(address, timeout=30) as client:
         hosts = sorted(w.split("//")[1].split(":")[0] for w in client.scheduler_info()["workers"])
         assert hosts == [f"{subnet}.2", f"{subnet}.3"]
@@ -80,5 +80,6 @@ def test_replicated_sgd_across_two_hosts(two_hosts):
                 for apply_on in ("driver", "workers")}
     a, b = runs["driver"], runs["workers"]
     np.testing.assert_array_equal(a.params, b.params)
+    assert b.info["replica_exchange"] == "full"         # one round trip across the link
     assert_payload(b.history.bytes_sent.values[1], 2 * model.n_params * 4, 2)   # the peer exchange
     assert float(b.history.eval_accuracy.dropna("step")[-1]) > 0.8

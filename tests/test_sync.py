@@ -277,25 +277,34 @@ def test_updating_slices_gives_the_bits_of_the_whole_update(optimizer):
                 assert getattr(merged, name) == value
 
 
-def test_sharded_replicas_on_four_workers_equal_the_driver_path():
-    """Four workers (reduce-scatter + all-gather): same bits as the driver, and
-    2(n-1) vectors per step instead of n(n-1). The model is large enough for
-    ``sharded_exchange``; a tiny one uses the full exchange, same bits."""
+def test_when_the_replicas_shard_their_exchange():
     from dmlcore.strategies.sync import sharded_exchange
 
+    big, tiny = 328_012, 11 * 4
+    assert sharded_exchange(4, big) and sharded_exchange(4, big, one_host=True)
+    assert not sharded_exchange(4, tiny)
+    assert not sharded_exchange(2, big)                 # across hosts: one round trip
+    assert sharded_exchange(2, big, one_host=True)      # one host: half the adding
+    assert not sharded_exchange(2, tiny, one_host=True)
+    assert not sharded_exchange(2, big, "float16", one_host=True)
+    assert not sharded_exchange(1, big, one_host=True)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_sharded_replicas_equal_the_driver_path(n):
+    """n workers of one host (reduce-scatter + all-gather): same bits as the
+    driver, and 2(n-1) vectors per step; a tiny model uses the full exchange
+    (n(n-1) vectors), same bits."""
     from distributed import Client, LocalCluster
 
     rng = np.random.default_rng(4)
-    X = rng.normal(size=(1000, 9)).astype(np.float32)
+    X = rng.normal(size=(1000, 64)).astype(np.float32)
     y = (X[:, 0] - X[:, 1] > 0).astype(np.int64) + (X[:, 2] > 0.5)
-    model = dml.models.MLP([9, 1200, 3])
-    assert sharded_exchange(4, model.n_params * 4)
-    assert not sharded_exchange(2, model.n_params * 4)
-    assert not sharded_exchange(4, 11 * 4)
-    with LocalCluster(n_workers=4, threads_per_worker=1, processes=True,
+    model = dml.models.MLP([64, 1200, 3])               # 328 kB: sharded on 2 workers too
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                       dashboard_address=":0") as cluster, Client(cluster) as c:
         data = dml.partition(X, y, n_partitions=4, seed=0, client=c)
-        assert len(set(data.workers())) == 4
+        assert len(set(data.workers())) == n
         runs = {}
         for apply_on in ("driver", "workers"):
             runs[apply_on] = dml.fit(
@@ -303,7 +312,7 @@ def test_sharded_replicas_on_four_workers_equal_the_driver_path():
                 dml.optim.Adam(lr=0.02, schedule=dml.optim.Cosine()), epochs=2,
                 checkpoint_every=3, checkpoint_dir=None, eval_data=(X, y), eval_every=4,
                 client=c, progress=False)
-        tiny = dml.models.Logistic(9)                   # full exchange on 4 workers
+        tiny = dml.models.Logistic(64)
         small = {apply_on: dml.fit(tiny, dml.partition(X, (y > 0).astype(float), 4, seed=0,
                                                        client=c),
                                    dml.SyncSGD(batch_size=25, apply_on=apply_on),
@@ -311,16 +320,20 @@ def test_sharded_replicas_on_four_workers_equal_the_driver_path():
                                    progress=False)
                  for apply_on in ("driver", "workers")}
     np.testing.assert_array_equal(small["driver"].params, small["workers"].params)
-    assert_payload(small["workers"].history.bytes_sent.values[1], 4 * 3 * tiny.n_params * 4, 12)
+    assert small["workers"].info["replica_exchange"] == "full"
+    assert_payload(small["workers"].history.bytes_sent.values[1],
+                   n * (n - 1) * tiny.n_params * 4, n * (n - 1))
     a, b = runs["driver"], runs["workers"]
+    assert b.info["replica_exchange"] == "reduce-scatter + all-gather"
+    assert "replica_exchange" not in a.info
     np.testing.assert_array_equal(a.params, b.params)
     np.testing.assert_array_equal(a.opt_state.m, b.opt_state.m)
     np.testing.assert_array_equal(a.opt_state.v, b.opt_state.v)
     np.testing.assert_array_equal(a.history.loss.values, b.history.loss.values)
     vector = model.n_params * 4
-    # steps 2, 3: no sync point; reduce-scatter + all-gather: 2 x 12 messages
-    assert_payload(b.history.bytes_sent.values[1], 2 * 3 * vector, 24)
-    assert_payload(a.history.bytes_sent.values[1], 2 * 4 * vector, 8)
+    # steps 2, 3: no sync point; reduce-scatter + all-gather: 2 n(n-1) messages
+    assert_payload(b.history.bytes_sent.values[1], 2 * (n - 1) * vector, 2 * n * (n - 1))
+    assert_payload(a.history.bytes_sent.values[1], 2 * n * vector, 2 * n)
 
 
 def test_the_driver_runs_one_blas_thread_during_a_cluster_fit(client):

@@ -245,6 +245,45 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
 
 
 @pytest.mark.slow                   # a fresh 3-process cluster each
+@pytest.mark.parametrize("whose", ["server", "loop"])
+def test_a_worker_lost_after_the_last_update_leaves_the_fit_whole(three_workers, whose):
+    """Killed at the last step (the server's worker, or the other loop's): the
+    driver holds every update already, so the fit returns them all, and the
+    killed worker's loop ending says it was lost."""
+    client = three_workers
+    X, y = logistic_problem(n=1200, d=5, seed=3)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
+    model = dml.models.Logistic(X.shape[1])
+    strategy = ParameterServer("async", batch_size=16, slow_partitions={0: 0.005, 1: 0.005})
+    killed = {}
+
+    def kill_at_the_end(step, record, params):
+        if step == 60:
+            server = _server_worker(client)
+            address = server if whose == "server" else next(
+                w for w in data.workers() if w != server)
+            pid = client.run(os.getpid, workers=[address])[address]
+            os.kill(pid, signal.SIGKILL)
+            killed["address"] = address
+
+    result = fit_within(120, model, data, strategy, dml.optim.SGD(lr=0.2), steps=60,
+                        client=client, callbacks=[kill_at_the_end], progress=False, timeout=20)
+    assert killed and result.steps == 60 and len(result.history.step) == 60
+    assert not _events(result.history)
+    endings = result.info["loop_endings"]
+    assert len(endings) == 2
+    lost = [e for e in endings if e["ended"] == "worker lost after the last update"]
+    if whose == "loop":
+        assert len(lost) == 1 and lost[0]["pushes"] is None
+        assert [e["ended"] for e in endings if e not in lost] == ["stopped"]
+    else:                           # on the third worker, which holds no partition
+        assert not lost and killed["address"] not in data.workers()
+        assert all(e["ended"] == "stopped" or e["ended"].startswith("server unreachable")
+                   for e in endings)
+    assert full_loss(model, result.params, X, y) < full_loss(model, model.init(0), X, y)
+
+
+@pytest.mark.slow                   # a fresh 3-process cluster each
 @pytest.mark.parametrize("source", ["kept", "none"])
 def test_partitions_of_a_dead_data_worker_are_rebuilt_or_dropped_and_bsp_goes_on(
         three_workers, source):

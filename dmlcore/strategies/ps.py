@@ -947,12 +947,45 @@ class _Run:
 
     def finish(self):
         """Stop the server and wait for every loop's ending (within the
-        deadline); raises a loop's error, naming its worker."""
+        deadline); raises a loop's error, naming its worker. The driver holds
+        every update by now, so a worker that left since (the server's or a
+        loop's) costs the fit nothing: it is logged, and its loop's ending
+        says "worker lost after the last update"."""
         timeout = self.ctx.timeout
-        self.server.stop().result(timeout=timeout)
+        try:
+            self.server.stop().result(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - decided by whether its worker left
+            if not self.server_lost():
+                raise
+            logger.warning("parameter server: its worker %s left after the last update (%r); "
+                           "the fit has every update", self.server_worker, exc)
         self.server = None
-        self.ctx.outputs["loop_endings"] = self.pool.call("ps_ending", timeout,
-                                                          wait=timeout + 5)
+        pool = self.pool
+        futures = [pool.submit_one(i, "ps_ending", timeout) for i in range(len(pool))]
+        endings = []
+        for i, (future, worker) in enumerate(zip(futures, pool.workers)):
+            try:
+                [ending] = pool.results([future], wait=timeout + 5, indices=[i])
+            except Exception:
+                if not self.left(worker):
+                    raise
+                logger.warning("parameter server: loop worker %s left after the last update",
+                               worker)
+                ending = {"slot": max(s for s, w in enumerate(self.slots) if w == worker),
+                          "pushes": None, "ended": "worker lost after the last update",
+                          "via": None}
+            endings.append(ending)
+        self.ctx.outputs["loop_endings"] = endings
+
+    def left(self, worker, within=10.0):
+        """Whether ``worker`` is no longer in the cluster (waiting up to
+        ``within`` s for the scheduler to notice a death)."""
+        deadline = time.monotonic() + within
+        while worker in self.client.nthreads():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
 
     def shutdown(self):
         """Stop the server and release everything (after ``finish``, or an error)."""

@@ -60,6 +60,12 @@ def fit_within(seconds, *args, **kwargs):
     return out["result"]
 
 
+def _kill(client, address):
+    """SIGKILL the process of worker ``address``; returns ``address``."""
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+    return address
+
+
 def full_loss(model, params, X, y):
     grad = np.empty_like(params)
     return model.loss_grad(params, X, y, grad) / len(y)
@@ -223,10 +229,7 @@ def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
 
     def kill_server(step, record, params):
         if step == 50:
-            address = _server_worker(client)
-            pid = client.run(os.getpid, workers=[address])[address]
-            os.kill(pid, signal.SIGKILL)
-            killed["address"] = address
+            killed["address"] = _kill(client, _server_worker(client))
 
     result = fit_within(120, model, data, strategy, dml.optim.SGD(lr=0.2), steps=120,
                         client=client, callbacks=[kill_server], progress=False, timeout=20)
@@ -262,9 +265,7 @@ def test_a_worker_lost_after_the_last_update_leaves_the_fit_whole(three_workers,
             server = _server_worker(client)
             address = server if whose == "server" else next(
                 w for w in data.workers() if w != server)
-            pid = client.run(os.getpid, workers=[address])[address]
-            os.kill(pid, signal.SIGKILL)
-            killed["address"] = address
+            killed["address"] = _kill(client, address)
 
     result = fit_within(120, model, data, strategy, dml.optim.SGD(lr=0.2), steps=60,
                         client=client, callbacks=[kill_at_the_end], progress=False, timeout=20)
@@ -305,9 +306,7 @@ def test_partitions_of_a_dead_data_worker_are_rebuilt_or_dropped_and_bsp_goes_on
             placement = data.workers()
             address = next(w for w in placement if w != _server_worker(client))
             killed["partitions"] = [p for p, w in enumerate(placement) if w == address]
-            pid = client.run(os.getpid, workers=[address])[address]
-            os.kill(pid, signal.SIGKILL)
-            killed["address"] = address
+            killed["address"] = _kill(client, address)
 
     result = fit_within(120, model, data, strategy, dml.optim.SGD(lr=0.2), steps=40,
                         client=client, callbacks=[kill_data_worker], progress=False,

@@ -217,14 +217,19 @@ def three_workers():
         cluster.close()
 
 
+def _paced_async_problem(client, seed):
+    """(X, y, data on 2 of the workers, a logistic model, async PS paced at
+    5 ms a mini-batch, so that a kill lands while the server still trains)."""
+    X, y = logistic_problem(n=1200, d=5, seed=seed)
+    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)
+    strategy = ParameterServer("async", batch_size=16, slow_partitions={0: 0.005, 1: 0.005})
+    return X, y, data, dml.models.Logistic(X.shape[1]), strategy
+
+
 @pytest.mark.slow                   # a fresh 3-process cluster each
 def test_server_recreated_after_its_worker_is_killed(three_workers, tmp_path):
     client = three_workers
-    X, y = logistic_problem(n=1200, d=5, seed=2)
-    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
-    model = dml.models.Logistic(X.shape[1])
-    # paced (5 ms a mini-batch), so the kill lands while the server still trains
-    strategy = ParameterServer("async", batch_size=16, slow_partitions={0: 0.005, 1: 0.005})
+    X, y, data, model, strategy = _paced_async_problem(client, seed=2)
     killed = {}
 
     def kill_server(step, record, params):
@@ -254,10 +259,7 @@ def test_a_worker_lost_after_the_last_update_leaves_the_fit_whole(three_workers,
     driver holds every update already, so the fit returns them all, and the
     killed worker's loop ending says it was lost."""
     client = three_workers
-    X, y = logistic_problem(n=1200, d=5, seed=3)
-    data = dml.partition(X, y, n_partitions=2, seed=0, client=client)  # workers 0 and 1
-    model = dml.models.Logistic(X.shape[1])
-    strategy = ParameterServer("async", batch_size=16, slow_partitions={0: 0.005, 1: 0.005})
+    X, y, data, model, strategy = _paced_async_problem(client, seed=3)
     killed = {}
 
     def kill_at_the_end(step, record, params):

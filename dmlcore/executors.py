@@ -35,12 +35,17 @@ logger = logging.getLogger("dmlcore")
 _logged_fallbacks: set = set()
 
 
+def log_once(key, message, *args):
+    """``logger.warning(message, *args)`` the first time ``key`` is seen."""
+    if key not in _logged_fallbacks:
+        _logged_fallbacks.add(key)
+        logger.warning(message, *args)
+
+
 def _log_fallback(reason):
     """Log once per reason that the per-step calls take Dask actor calls."""
-    if reason not in _logged_fallbacks:
-        _logged_fallbacks.add(reason)
-        logger.warning("dmlcore: per-step calls use Dask actor calls (no direct sockets, "
-                       "driver-side updates): %s", reason)
+    log_once(reason, "dmlcore: per-step calls use Dask actor calls (no direct sockets, "
+                     "driver-side updates): %s", reason)
 
 
 def worker_tls():

@@ -40,8 +40,8 @@ import numpy as np
 
 from .. import compression as codecs
 from .. import local
-from ..channel import Channel, ChannelServer
-from ..executors import ExecutorPool, hosted, message_cap, worker_tls
+from ..channel import Channel, ChannelServer, first_error, wait_all
+from ..executors import ExecutorPool, hosted, log_once, message_cap, worker_tls
 from ..recovery import reassign
 from ..messages import Pull, Push, Snapshot, Update
 from .base import Strategy
@@ -362,9 +362,6 @@ class _SocketExchange:
         self._channel.close()
 
 
-_logged_actor_calls: set = set()
-
-
 # ----------------------------------------------------------------------------
 # The worker loop (hosted by each data worker's executor, in a thread of its own)
 # ----------------------------------------------------------------------------
@@ -391,11 +388,9 @@ def _exchange_function(server, token, server_worker, timeout, worker, max_bytes)
                     "tls socket" if scheme == "tls" else "socket")
         except (OSError, ValueError) as exc:        # ConnectionError, timeouts included
             reason = f"{type(exc).__name__}: {exc}"
-            if reason not in _logged_actor_calls:
-                _logged_actor_calls.add(reason)
-                logger.warning("dmlcore: the parameter server's exchanges from %s use Dask "
-                               "actor calls (its socket to %s failed: %s)",
-                               worker.address, server_worker, reason)
+            log_once(("parameter server", reason),
+                     "dmlcore: the parameter server's exchanges from %s use Dask actor calls "
+                     "(its socket to %s failed: %s)", worker.address, server_worker, reason)
     return lambda *args, into=None: server.exchange(*args).result(timeout=timeout), "actor calls"
 
 
@@ -849,15 +844,8 @@ class _Run:
 
     def server_lost(self):
         """True when the server's worker is gone (its actor with it)."""
-        deadline = time.monotonic() + 10.0
-        while True:
-            if self.actor_future.status in ("error", "lost", "cancelled"):
-                return True
-            if self.server_worker not in self.client.nthreads():
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
+        return self.left(self.server_worker, also=lambda: self.actor_future.status
+                         in ("error", "lost", "cancelled"))
 
     # ---- recovery -----------------------------------------------------------------
     def recover(self, yielded, dead, exc):
@@ -961,27 +949,25 @@ class _Run:
                            "the fit has every update", self.server_worker, exc)
         self.server = None
         pool = self.pool
-        futures = [pool.submit_one(i, "ps_ending", timeout) for i in range(len(pool))]
-        endings = []
-        for i, (future, worker) in enumerate(zip(futures, pool.workers)):
-            try:
-                [ending] = pool.results([future], wait=timeout + 5, indices=[i])
-            except Exception:
-                if not self.left(worker):
-                    raise
+        outcomes = wait_all([pool.submit_one(i, "ps_ending", timeout) for i in range(len(pool))],
+                            timeout + 5, grace=min(timeout, 2.0))
+        for i, ((ok, _), worker) in enumerate(zip(outcomes, pool.workers)):
+            if not ok and self.left(worker):
                 logger.warning("parameter server: loop worker %s left after the last update",
                                worker)
-                ending = {"slot": max(s for s, w in enumerate(self.slots) if w == worker),
-                          "pushes": None, "ended": "worker lost after the last update",
-                          "via": None}
-            endings.append(ending)
-        self.ctx.outputs["loop_endings"] = endings
+                slot = max(s for s, w in enumerate(self.slots) if w == worker)
+                outcomes[i] = (True, {"slot": slot, "pushes": None, "via": None,
+                                      "ended": "worker lost after the last update"})
+        error = first_error(outcomes, pool.workers)
+        if error is not None:
+            raise error
+        self.ctx.outputs["loop_endings"] = [ending for _, ending in outcomes]
 
-    def left(self, worker, within=10.0):
-        """Whether ``worker`` is no longer in the cluster (waiting up to
-        ``within`` s for the scheduler to notice a death)."""
+    def left(self, worker, within=10.0, also=lambda: False):
+        """Whether ``worker`` is no longer in the cluster, or ``also()`` holds
+        (waiting up to ``within`` s for the scheduler to notice a death)."""
         deadline = time.monotonic() + within
-        while worker in self.client.nthreads():
+        while not also() and worker in self.client.nthreads():
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.2)

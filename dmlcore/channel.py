@@ -25,6 +25,7 @@ Dask stays the control plane (placement, actors, failures).
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import select
 import socket
@@ -46,6 +47,25 @@ _TOKEN_BYTES = 16
 DEFAULT_TIMEOUT = 60.0
 # a non-blocking socket that cannot go on now (plain, or TLS waiting for a record)
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# How long an exchange polls without sleeping before it blocks: a peer that
+# arrives within it is read without the wake-up of a core gone idle
+# (benchmarks/HISTORY.md, 2026-12-08); only where each executor of the host can
+# have a core of its own (``spin_seconds``), so that no spinner takes a peer's.
+SPIN_SECONDS = 200e-6
+
+
+def spin_seconds(executors_here, cores):
+    """The exchanges' spin (``SPIN_SECONDS``) for an executor sharing its host
+    with ``executors_here - 1`` others on ``cores`` cores, else 0."""
+    return SPIN_SECONDS if executors_here <= cores else 0.0
+
+
+def _cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class PeerLost(ConnectionError):
@@ -478,6 +498,9 @@ class PeerMesh:
     memory (``dmlcore.lanes``), each lane's slot holding ``lane_bytes``;
     None (default) = on TLS meshes, where they spare both ends the cipher.
     Headers still cross the socket; messages larger than a slot go by socket.
+
+    ``spin``: seconds an exchange polls before it sleeps on its sockets, set
+    by ``connect`` (``spin_seconds`` of the executors on this host).
     """
 
     def __init__(self, host, timeout=DEFAULT_TIMEOUT, max_bytes=None, ssl_contexts=None,
@@ -495,6 +518,7 @@ class PeerMesh:
         self._names = {}
         self._inbox = {}
         self.bytes_sent = self.bytes_received = 0     # message frames, all peers
+        self.spin = 0.0                 # seconds an exchange polls before it blocks
 
     def connect(self, index, addresses, timeout=None):
         timeout = self.timeout if timeout is None else float(timeout)
@@ -531,6 +555,8 @@ class PeerMesh:
         for sock in self._socks.values():
             _tune(sock, timeout)
             sock.setblocking(False)
+        here = sum(a[0] == addresses[self.index][0] for a in addresses)
+        self.spin = spin_seconds(here, _cores())
         return True
 
     def _open_lanes(self):
@@ -621,8 +647,10 @@ class PeerMesh:
                         (select.POLLOUT if s in outgoing else 0)
                     if mask:
                         poller.register(fd, mask)
-                left = deadline - time.monotonic()
-                events = poller.poll(max(0, int(left * 1000) + 1)) if left > 0 else []
+                events = self._spin(poller)
+                if not events:
+                    left = deadline - time.monotonic()
+                    events = poller.poll(max(0, int(left * 1000) + 1)) if left > 0 else []
                 if not events:
                     late = sorted({by_sock[s] for s in (*outgoing, *incoming)})
                     raise DataPlaneTimeout(
@@ -646,6 +674,15 @@ class PeerMesh:
             raise PeerLost(f"executor {self.index}: {who} failed or closed the exchange "
                            f"({exc})") from exc
         return [got[j] for j in range(self.size)]
+
+    def _spin(self, poller):
+        """``poller``'s events, polled without sleeping for up to ``spin`` s."""
+        events = poller.poll(0)
+        if not events and self.spin:
+            until = time.perf_counter() + self.spin
+            while not events and time.perf_counter() < until:
+                events = poller.poll(0)
+        return events
 
     def _received(self, message):
         self.bytes_received += message.nbytes

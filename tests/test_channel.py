@@ -1,10 +1,12 @@
 """The executors' data plane: driver channels and the peer mesh, over real sockets."""
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from dmlcore import channel
 from dmlcore.channel import Channel, ChannelServer, PeerMesh
 
 
@@ -134,6 +136,37 @@ def test_mesh_exchange_gives_everyone_the_same_ordered_list():
                 assert [g[2] for g in got[i]] == [0, 1, 2]
                 for j in range(3):
                     np.testing.assert_array_equal(got[i][j][1], sent[j][1])
+    finally:
+        for m in meshes:
+            m.close()
+
+
+def test_exchanges_spin_only_where_each_executor_of_the_host_has_a_core():
+    assert channel.spin_seconds(2, 2) == channel.SPIN_SECONDS > 0
+    assert channel.spin_seconds(1, 1) == channel.SPIN_SECONDS
+    assert channel.spin_seconds(3, 2) == 0.0
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+def test_a_mesh_spins_by_the_executors_of_its_host(monkeypatch, cores):
+    """Two executors on 127.0.0.1: they spin on 2 cores, not on 1; either way a
+    peer that comes before the spin ends and one that comes long after it are
+    both read."""
+    monkeypatch.setattr(channel, "_cores", lambda: cores)
+    meshes = _connected_meshes(2)
+    try:
+        assert [m.spin for m in meshes] == [channel.spin_seconds(2, cores)] * 2
+        for late in (0.0, 0.05):                    # seconds the second peer waits
+            got = [None, None]
+
+            def run(i):
+                if i == 1:
+                    time.sleep(late)
+                got[i] = [v.copy() for v in meshes[i].exchange(np.full(50_000, i, np.float32))]
+
+            run_all(run, [(0,), (1,)])
+            for i in range(2):
+                assert [float(v[0]) for v in got[i]] == [0.0, 1.0]
     finally:
         for m in meshes:
             m.close()

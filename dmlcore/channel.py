@@ -722,7 +722,8 @@ def wait_all(futures, timeout, grace=2.0):
             outcomes[i] = (True, futures[i].result(wait))
         except TimeoutError as exc:
             if not isinstance(exc, DataPlaneTimeout):     # a Dask actor future's
-                exc = DataPlaneTimeout(f"executor {i}: no reply within {timeout:g} s")
+                exc = DataPlaneTimeout(f"executor {i}: no reply within {timeout:g} s"
+                                       + (f" ({exc})" if str(exc) else ""))
             outcomes[i] = (False, exc)
         except Exception as exc:  # noqa: BLE001 — sorted out by the caller
             outcomes[i] = (False, exc)
@@ -732,11 +733,22 @@ def wait_all(futures, timeout, grace=2.0):
         deadline = min(deadline, time.monotonic() + (timeout if ok else grace))
 
     answered = False
-    for i in other:                     # actor futures: one by one, same deadline
-        settle(i, max(0.0, deadline - time.monotonic()))
-        if not answered:
-            answered = True
-            first_answer(outcomes[i][0])
+    waiting = list(other)           # actor futures: each as soon as it is done, so that
+    while waiting:                  # one stuck on a dead worker delays none of the others
+        done = [i for i in waiting if getattr(futures[i], "done", lambda: True)()]
+        if not done and time.monotonic() >= deadline:
+            for i in waiting:
+                outcomes[i] = (False, DataPlaneTimeout(
+                    f"executor {i}: no reply within {timeout:g} s"))
+            break
+        if not done:
+            time.sleep(0.002)
+        for i in done:
+            settle(i, 1.0)
+            waiting.remove(i)
+            if not answered:
+                answered = True
+                first_answer(outcomes[i][0])
     pending = {i: futures[i] for i in channel}
     while pending:
         left = deadline - time.monotonic()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dmlcore import channel
-from dmlcore.channel import Channel, ChannelServer, PeerMesh
+from dmlcore.channel import Channel, ChannelServer, DataPlaneTimeout, PeerMesh, wait_all
 
 
 class Target:
@@ -317,3 +317,41 @@ def test_mesh_refuses_a_message_above_its_cap():
     finally:
         for m in meshes:
             m.close()
+
+
+class _ActorFuture:
+    """A Dask actor future's shape: done after ``after`` s, then its value or
+    error; ``result(timeout)`` waits on an event loop, as ``distributed``'s does."""
+
+    def __init__(self, after, value=None, error=None):
+        self.at, self.value, self.error = time.monotonic() + after, value, error
+
+    def done(self):
+        return time.monotonic() >= self.at
+
+    def result(self, timeout=None):
+        if timeout is not None and timeout <= 0:    # asyncio.wait_for(coroutine, 0): even
+            raise TimeoutError()                    # a done one has not run yet
+        if not self.done():
+            if timeout is not None and time.monotonic() + timeout < self.at:
+                time.sleep(timeout)
+                raise TimeoutError()
+            time.sleep(max(0.0, self.at - time.monotonic()))
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def test_wait_all_takes_each_actor_future_when_it_is_done():
+    """An actor call stuck on a dead worker (it fails only after the deadline)
+    no longer leaves the executors after it with no time: their answers, in
+    already, come back; a future never done times out."""
+    stuck = _ActorFuture(after=1.0, error=ConnectionError("worker gone"))
+    answered = _ActorFuture(after=0.0, value="stopped")
+    silent = _ActorFuture(after=60.0, value="never")
+    started = time.monotonic()
+    (s_ok, s_val), (a_ok, a_val), (n_ok, n_val) = wait_all([stuck, answered, silent], 0.3)
+    assert time.monotonic() - started < 0.9
+    assert (a_ok, a_val) == (True, "stopped")
+    assert not s_ok and isinstance(s_val, DataPlaneTimeout)
+    assert not n_ok and isinstance(n_val, DataPlaneTimeout)

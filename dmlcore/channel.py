@@ -676,12 +676,11 @@ class PeerMesh:
         return [got[j] for j in range(self.size)]
 
     def _spin(self, poller):
-        """``poller``'s events, polled without sleeping for up to ``spin`` s."""
-        events = poller.poll(0)
-        if not events and self.spin:
-            until = time.perf_counter() + self.spin
-            while not events and time.perf_counter() < until:
-                events = poller.poll(0)
+        """``poller``'s events, polled without sleeping for up to ``spin`` s
+        (none when ``spin`` is 0: the caller's blocking poll does it all)."""
+        events, until = [], time.perf_counter() + self.spin
+        while not events and time.perf_counter() < until:
+            events = poller.poll(0)
         return events
 
     def _received(self, message):
@@ -715,40 +714,41 @@ def wait_all(futures, timeout, grace=2.0):
     channel = [i for i, f in enumerate(futures) if isinstance(f, _Reply)]
     other = [i for i, f in enumerate(futures) if not isinstance(f, _Reply)]
     start = time.monotonic()
-    deadline = start + timeout
+    deadline, answered = start + timeout, False
+
+    def silent(i, exc=None):            # a Dask actor future's timeout
+        return DataPlaneTimeout(f"executor {i}: no reply within {timeout:g} s"
+                                + (f" ({exc})" if exc is not None and str(exc) else ""))
 
     def settle(i, wait):
+        """``outcomes[i]`` from future i; the first outcome sets the others' deadline."""
+        nonlocal answered, deadline
         try:
             outcomes[i] = (True, futures[i].result(wait))
         except TimeoutError as exc:
-            if not isinstance(exc, DataPlaneTimeout):     # a Dask actor future's
-                exc = DataPlaneTimeout(f"executor {i}: no reply within {timeout:g} s"
-                                       + (f" ({exc})" if str(exc) else ""))
-            outcomes[i] = (False, exc)
+            outcomes[i] = (False, exc if isinstance(exc, DataPlaneTimeout) else silent(i, exc))
         except Exception as exc:  # noqa: BLE001 — sorted out by the caller
             outcomes[i] = (False, exc)
+        if not answered:
+            answered = True
+            ok = outcomes[i][0]
+            deadline = min(deadline, time.monotonic() + (timeout if ok else grace))
 
-    def first_answer(ok):
-        nonlocal deadline
-        deadline = min(deadline, time.monotonic() + (timeout if ok else grace))
-
-    answered = False
-    waiting = list(other)           # actor futures: each as soon as it is done, so that
-    while waiting:                  # one stuck on a dead worker delays none of the others
+    # actor futures: each as soon as it is done, so that one stuck on a dead
+    # worker delays none of the others
+    waiting = list(other)
+    while waiting:
         done = [i for i in waiting if getattr(futures[i], "done", lambda: True)()]
-        if not done and time.monotonic() >= deadline:
-            for i in waiting:
-                outcomes[i] = (False, DataPlaneTimeout(
-                    f"executor {i}: no reply within {timeout:g} s"))
-            break
         if not done:
+            if time.monotonic() >= deadline:
+                for i in waiting:
+                    outcomes[i] = (False, silent(i))
+                break
             time.sleep(0.002)
+            continue
         for i in done:
             settle(i, 1.0)
             waiting.remove(i)
-            if not answered:
-                answered = True
-                first_answer(outcomes[i][0])
     pending = {i: futures[i] for i in channel}
     while pending:
         left = deadline - time.monotonic()
@@ -771,9 +771,6 @@ def wait_all(futures, timeout, grace=2.0):
         for i in ready:
             settle(i, max(1.0, deadline - time.monotonic()))
             del pending[i]
-            if not answered:
-                answered = True
-                first_answer(outcomes[i][0])
     return outcomes
 
 
